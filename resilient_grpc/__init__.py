@@ -1,0 +1,72 @@
+"""resilient-grpc: make gRPC calls safe to retry.
+
+Client side: capped exponential backoff with jitter (:class:`RetryPolicy`), a shared retry budget
+(:class:`RetryBudget`), a circuit breaker (:class:`CircuitBreaker`) and idempotency keys
+(:class:`IdempotencyKeys`, :func:`idempotency_key`), attached with :func:`client_interceptors` or
+:func:`resilient_channel`. Server side: :class:`DedupInterceptor` replays the stored outcome of a
+key instead of executing the handler again, over :class:`MemoryStore`, :class:`SQLiteStore` or
+:class:`RedisStore`. The ``grpc.aio`` flavours live in :mod:`resilient_grpc.aio`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from resilient_grpc.core.budget import RetryBudget
+from resilient_grpc.core.keys import IdempotencyKeys, InvalidKeyError, idempotency_key
+from resilient_grpc.core.policy import RetryPolicy
+
+if TYPE_CHECKING:
+    from resilient_grpc.breaker import CircuitBreaker
+    from resilient_grpc.client import client_interceptors, resilient_channel
+    from resilient_grpc.errors import BreakerOpenError, RetryError
+    from resilient_grpc.server import DedupInterceptor
+    from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, StoreUnavailableError
+
+__version__ = "0.1.0"
+
+# Loaded on first use: keeps `import resilient_grpc` light and `redis` optional.
+_LAZY = {
+    "CircuitBreaker": "resilient_grpc.breaker",
+    "client_interceptors": "resilient_grpc.client",
+    "resilient_channel": "resilient_grpc.client",
+    "BreakerOpenError": "resilient_grpc.errors",
+    "RetryError": "resilient_grpc.errors",
+    "DedupInterceptor": "resilient_grpc.server",
+    "MemoryStore": "resilient_grpc.stores",
+    "SQLiteStore": "resilient_grpc.stores",
+    "RedisStore": "resilient_grpc.stores",
+    "StoreUnavailableError": "resilient_grpc.stores",
+}
+
+__all__ = [
+    "BreakerOpenError",
+    "CircuitBreaker",
+    "DedupInterceptor",
+    "IdempotencyKeys",
+    "InvalidKeyError",
+    "MemoryStore",
+    "RedisStore",
+    "RetryBudget",
+    "RetryError",
+    "RetryPolicy",
+    "SQLiteStore",
+    "StoreUnavailableError",
+    "client_interceptors",
+    "idempotency_key",
+    "resilient_channel",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'resilient_grpc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,110 @@
+"""``RetryBudget``: a Finagle-style cap on retries as a fraction of recent traffic."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+Clock = Callable[[], float]
+
+
+class RetryBudget:
+    """Retries allowed = ``ratio`` x logical calls in the last ``window`` seconds
+    + ``min_retries_per_second`` x ``window``, minus the retries already made in that window.
+
+    Every logical call deposits (:meth:`deposit`), every retry withdraws (:meth:`try_withdraw`);
+    with nothing left the retry is refused and counted (:attr:`refused`). One budget is meant to
+    be shared by every call to a backend, so when the backend fails wholesale the extra load
+    from retries is bounded by ``ratio`` (10% by default) instead of multiplying it by
+    ``max_attempts``. The minimum keeps a trickle of retries possible at low traffic.
+
+    The window slides exactly (timestamps, not buckets). Thread-safe; the lock is held for a few
+    microseconds and never across I/O, so asyncio code may call it from the event loop.
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.1,
+        min_retries_per_second: float = 10.0,
+        window: float = 10.0,
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
+        if not (math.isfinite(ratio) and 0.0 <= ratio <= 1.0):
+            raise ValueError(f"ratio must be in [0, 1], got {ratio!r}")
+        if (
+            isinstance(min_retries_per_second, bool)
+            or not isinstance(min_retries_per_second, (int, float))
+            or not math.isfinite(min_retries_per_second)
+            or min_retries_per_second < 0
+        ):
+            raise ValueError(
+                f"min_retries_per_second must be a finite number >= 0, got {min_retries_per_second!r}"
+            )
+        if (
+            isinstance(window, bool)
+            or not isinstance(window, (int, float))
+            or not math.isfinite(window)
+            or window <= 0
+        ):
+            raise ValueError(f"window must be a finite number of seconds > 0, got {window!r}")
+        self.ratio = float(ratio)
+        self.min_retries_per_second = float(min_retries_per_second)
+        self.window = float(window)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._deposits: deque[float] = deque()
+        self._withdrawals: deque[float] = deque()
+        self._refused = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"RetryBudget(ratio={self.ratio!r}, min_retries_per_second="
+            f"{self.min_retries_per_second!r}, window={self.window!r})"
+        )
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.window
+        for times in (self._deposits, self._withdrawals):
+            while times and times[0] <= horizon:
+                times.popleft()
+
+    def _allowance(self) -> float:
+        return self.ratio * len(self._deposits) + self.min_retries_per_second * self.window
+
+    def deposit(self) -> None:
+        """Record one logical call (call it once per call, not per attempt)."""
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            self._deposits.append(now)
+
+    def try_withdraw(self) -> bool:
+        """Take one retry from the budget; ``False`` (and counted as refused) if none is left."""
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            # Small epsilon: 0.1 * 30 must allow 3 retries despite binary floating point.
+            if len(self._withdrawals) + 1 <= self._allowance() + 1e-9:
+                self._withdrawals.append(now)
+                return True
+            self._refused += 1
+            return False
+
+    @property
+    def balance(self) -> float:
+        """Retries still allowed right now (may be fractional)."""
+        with self._lock:
+            self._expire(self._clock())
+            return self._allowance() - len(self._withdrawals)
+
+    @property
+    def refused(self) -> int:
+        """How many retries this budget has refused since it was made."""
+        with self._lock:
+            return self._refused

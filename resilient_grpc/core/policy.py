@@ -1,0 +1,125 @@
+"""``RetryPolicy``: what is retried, how often, and how long to wait between attempts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from resilient_grpc.core.codes import DEFAULT_RETRYABLE_CODES, code_names
+from resilient_grpc.core.methods import method_matches, method_patterns
+
+Jitter = Literal["full", "equal", "decorrelated", "none"]
+JITTER_KINDS: tuple[str, ...] = get_args(Jitter)
+
+
+def _positive_finite(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter, in the shape of gRPC's own retry policy.
+
+    Retry ``n`` (``n >= 1``) waits ``b = min(max_backoff, initial_backoff * multiplier**(n-1))``
+    shaped by ``jitter``: ``"full"`` uniform(0, b), ``"equal"`` b/2 + uniform(0, b/2),
+    ``"decorrelated"`` min(max_backoff, uniform(initial_backoff, 3 * previous delay)),
+    ``"none"`` b. Only ``retryable_codes`` are retried (default: UNAVAILABLE only), and a method
+    not listed in ``idempotent_methods`` is retried only when the call carries an idempotency
+    key. ``per_attempt_timeout`` (seconds) bounds each attempt inside the call's deadline.
+
+    ``idempotent_methods`` holds full method names (``"/pkg.Service/Method"``) or whole
+    services (``"/pkg.Service/*"``). Every value is checked here: a bad one raises
+    ``ValueError`` naming the field.
+    """
+
+    max_attempts: int = 3
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+    jitter: Jitter = "full"
+    retryable_codes: frozenset[str] = DEFAULT_RETRYABLE_CODES
+    per_attempt_timeout: float | None = None
+    idempotent_methods: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or self.max_attempts < 1
+        ):
+            raise ValueError(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
+        _positive_finite("initial_backoff", self.initial_backoff)
+        _positive_finite("max_backoff", self.max_backoff)
+        if self.max_backoff < self.initial_backoff:
+            raise ValueError(
+                f"max_backoff ({self.max_backoff!r}) must be >= initial_backoff "
+                f"({self.initial_backoff!r})"
+            )
+        multiplier = _positive_finite("multiplier", self.multiplier)
+        if multiplier < 1:
+            raise ValueError(f"multiplier must be >= 1, got {self.multiplier!r}")
+        if self.jitter not in JITTER_KINDS:
+            raise ValueError(
+                f"jitter must be one of {', '.join(JITTER_KINDS)}; got {self.jitter!r}"
+            )
+        object.__setattr__(
+            self,
+            "retryable_codes",
+            code_names(self.retryable_codes, field="retryable_codes"),
+        )
+        if "OK" in self.retryable_codes:
+            raise ValueError("retryable_codes: OK is not an error and cannot be retried")
+        if self.per_attempt_timeout is not None:
+            _positive_finite("per_attempt_timeout", self.per_attempt_timeout)
+        object.__setattr__(
+            self,
+            "idempotent_methods",
+            method_patterns(self.idempotent_methods, field="idempotent_methods"),
+        )
+
+    def is_idempotent(self, method: str) -> bool:
+        """Whether ``method`` (``"/pkg.Service/Method"``) may be retried without a key."""
+        return method_matches(self.idempotent_methods, method)
+
+    def base_backoff(self, retry_number: int) -> float:
+        """The un-jittered delay before retry ``retry_number`` (1 for the first retry)."""
+        if retry_number < 1:
+            raise ValueError(f"retry_number must be >= 1, got {retry_number!r}")
+        # Compare exponents instead of computing a huge power: no overflow for large n.
+        exponent = retry_number - 1
+        if self.multiplier > 1 and exponent * math.log(self.multiplier) > math.log(
+            self.max_backoff / self.initial_backoff
+        ):
+            return self.max_backoff
+        return min(self.max_backoff, self.initial_backoff * self.multiplier**exponent)
+
+    def with_changes(self, **changes: Any) -> RetryPolicy:
+        """A copy with some fields replaced (validated like the constructor)."""
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        values.update(changes)
+        return RetryPolicy(**values)
+
+    @classmethod
+    def from_service_config(
+        cls, config: str | bytes | dict[str, Any], *, method: str | None = None
+    ) -> RetryPolicy:
+        """Build a policy from gRPC service-config JSON (gRFC A6 ``retryPolicy``).
+
+        ``method`` (``"/pkg.Service/Method"``) picks the ``methodConfig`` entry that applies
+        to it; without it the config must have exactly one ``retryPolicy``.
+        """
+        from resilient_grpc.service_config import retry_policy_from_service_config
+
+        return retry_policy_from_service_config(config, method=method)
+
+    def to_service_config(self, methods: Iterable[str], *, budget: Any = None) -> dict[str, Any]:
+        """The gRPC service config (a dict, ``json.dumps`` it) for the subset native gRPC supports."""
+        from resilient_grpc.service_config import service_config_from_policy
+
+        return service_config_from_policy(self, methods, budget=budget)

@@ -1,0 +1,143 @@
+"""The retry decision for one logical call: retry or give up, after how long, and why.
+
+:class:`RetryState` is a small sans-IO state machine: the shell reports each attempt's
+outcome and gets back a :class:`RetryDecision`; it never sleeps or touches the network.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from resilient_grpc.core.backoff import Uniform, default_uniform, jittered_backoff
+from resilient_grpc.core.budget import RetryBudget
+from resilient_grpc.core.policy import RetryPolicy
+from resilient_grpc.core.pushback import Pushback
+
+Clock = Callable[[], float]
+
+
+class Reason(str, Enum):
+    """Why a decision was taken; shows up in telemetry and logs."""
+
+    RETRY = "retry"
+    SUCCESS = "success"
+    NOT_RETRYABLE_CODE = "not_retryable_code"
+    NOT_IDEMPOTENT = "not_idempotent"
+    MAX_ATTEMPTS = "max_attempts"
+    PUSHBACK_STOP = "pushback_stop"
+    DEADLINE = "deadline"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    BREAKER_OPEN = "breaker_open"
+
+
+class DelaySource(str, Enum):
+    """Where the chosen delay came from."""
+
+    COMPUTED = "computed"
+    PUSHBACK = "pushback"
+    RETRY_INFO = "retry_info"
+
+
+@dataclass(frozen=True)
+class RetryDecision:
+    """The answer to "an attempt failed with this code: what now?"."""
+
+    retry: bool
+    reason: Reason
+    delay: float = 0.0
+    source: DelaySource | None = None
+    attempt: int = 0
+
+
+class RetryState:
+    """Retry bookkeeping for one logical call (all its attempts).
+
+    ``deadline`` is an absolute time on ``clock`` (``None``: no deadline). Making the state
+    deposits once into ``budget``; each retry it grants withdraws once. Not thread-safe: one
+    logical call is driven by one thread or task.
+    """
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        *,
+        method: str,
+        has_key: bool,
+        deadline: float | None = None,
+        budget: RetryBudget | None = None,
+        clock: Clock = time.monotonic,
+        uniform: Uniform | None = None,
+    ) -> None:
+        self.policy = policy
+        self.method = method
+        self.has_key = has_key
+        self.deadline = deadline
+        self.budget = budget
+        self._clock = clock
+        self._uniform = uniform or default_uniform()
+        self.attempts = 0
+        self._previous_delay: float | None = None
+        if budget is not None:
+            budget.deposit()
+
+    def begin_attempt(self) -> float | None:
+        """Start the next attempt; return its timeout in seconds (``None``: unbounded).
+
+        The timeout is the smaller of ``per_attempt_timeout`` and the time left to the deadline.
+        """
+        self.attempts += 1
+        timeout = self.policy.per_attempt_timeout
+        if self.deadline is not None:
+            remaining = max(self.deadline - self._clock(), 0.0)
+            timeout = remaining if timeout is None else min(timeout, remaining)
+        return timeout
+
+    def remaining(self) -> float | None:
+        """Seconds left before the call's deadline (``None``: no deadline)."""
+        if self.deadline is None:
+            return None
+        return self.deadline - self._clock()
+
+    def on_failure(
+        self,
+        code: str,
+        *,
+        pushback: Pushback | None = None,
+        retry_info_delay: float | None = None,
+    ) -> RetryDecision:
+        """Decide what follows a failed attempt with status ``code`` (its name).
+
+        ``pushback`` is the parsed ``grpc-retry-pushback-ms`` trailer and ``retry_info_delay``
+        the delay from a ``google.rpc.RetryInfo`` detail; either overrides the computed backoff.
+        """
+        attempt = self.attempts
+        if code not in self.policy.retryable_codes:
+            return RetryDecision(False, Reason.NOT_RETRYABLE_CODE, attempt=attempt)
+        if not self.has_key and not self.policy.is_idempotent(self.method):
+            return RetryDecision(False, Reason.NOT_IDEMPOTENT, attempt=attempt)
+        if attempt >= self.policy.max_attempts:
+            return RetryDecision(False, Reason.MAX_ATTEMPTS, attempt=attempt)
+        if pushback is not None and pushback.stop:
+            return RetryDecision(False, Reason.PUSHBACK_STOP, attempt=attempt)
+        if pushback is not None and pushback.delay is not None:
+            delay, source = pushback.delay, DelaySource.PUSHBACK
+        elif retry_info_delay is not None:
+            if retry_info_delay < 0:
+                return RetryDecision(False, Reason.PUSHBACK_STOP, attempt=attempt)
+            delay, source = retry_info_delay, DelaySource.RETRY_INFO
+        else:
+            delay = jittered_backoff(self.policy, attempt, self._previous_delay, self._uniform)
+            source = DelaySource.COMPUTED
+        if self.deadline is not None and self._clock() + delay >= self.deadline:
+            return RetryDecision(False, Reason.DEADLINE, delay, source, attempt)
+        if self.budget is not None and not self.budget.try_withdraw():
+            return RetryDecision(False, Reason.BUDGET_EXHAUSTED, delay, source, attempt)
+        self._previous_delay = delay
+        return RetryDecision(True, Reason.RETRY, delay, source, attempt)
+
+    def breaker_open(self) -> RetryDecision:
+        """The decision when the circuit breaker is (or just went) open: stop now."""
+        return RetryDecision(False, Reason.BREAKER_OPEN, attempt=self.attempts)

@@ -1,0 +1,62 @@
+"""Shared fixtures: real ledger servers on loopback and a real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+
+from protos import ledger_pb2_grpc
+from protos.ledger_service import AioLedger, SyncLedger, serve, serve_aio
+from tests.redis_server import ExternalRedis, RedisServer, make_redis_server, redis_unavailable
+
+
+@pytest.fixture
+def ledger() -> Iterator[tuple[SyncLedger, int]]:
+    """A sync ledger server with no interceptors: (servicer, port)."""
+    server, port, servicer = serve()
+    yield servicer, port
+    server.stop(None)
+
+
+@pytest.fixture
+async def aio_ledger() -> AsyncIterator[tuple[AioLedger, int]]:
+    """A grpc.aio ledger server with no interceptors: (servicer, port)."""
+    server, port, servicer = await serve_aio()
+    yield servicer, port
+    await server.stop(None)
+
+
+@pytest.fixture
+def plain_stub(ledger: tuple[SyncLedger, int]) -> Iterator[ledger_pb2_grpc.LedgerStub]:
+    """A stub on a bare channel to the sync ledger (no resilience)."""
+    with grpc.insecure_channel(f"127.0.0.1:{ledger[1]}") as channel:
+        yield ledger_pb2_grpc.LedgerStub(channel)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer | ExternalRedis]:
+    """A real Redis for the whole session (started by us unless REDIS_URL is set)."""
+    server = make_redis_server()
+    if server is None:
+        redis_unavailable("redis-server is not on PATH and REDIS_URL is not set")
+        raise AssertionError("unreachable")
+    yield server
+    if isinstance(server, RedisServer):
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer | ExternalRedis) -> Iterator[str]:
+    """The URL of a running Redis, flushed before each test; restarted if a test stopped it."""
+    import redis
+
+    if isinstance(redis_server, RedisServer) and redis_server.process is None:
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    client.close()
+    yield redis_server.url
+    if isinstance(redis_server, RedisServer) and redis_server.process is None:
+        redis_server.start()
