@@ -1,0 +1,160 @@
+"""RetryState: the retry decision of one logical call, driven with a fake clock and random source."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from resilient_grpc import RetryBudget, RetryPolicy
+from resilient_grpc.core.policy import JITTER_KINDS
+from resilient_grpc.core.pushback import Pushback, parse_pushback_ms, pushback_from_metadata
+from resilient_grpc.core.retry import DelaySource, Reason, RetryState
+
+TRANSFER = "/ledger.v1.Ledger/Transfer"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def state(policy: RetryPolicy | None = None, **kwargs: object) -> RetryState:
+    kwargs.setdefault("has_key", True)
+    return RetryState(policy or RetryPolicy(), method=TRANSFER, **kwargs)  # type: ignore[arg-type]
+
+
+@given(
+    jitter=st.sampled_from(JITTER_KINDS),
+    initial=st.floats(0.001, 2.0),
+    factor=st.floats(1.0, 50.0),
+    multiplier=st.floats(1.0, 5.0),
+    max_attempts=st.integers(1, 20),
+    timeout=st.floats(0.001, 30.0),
+    rng=st.randoms(use_true_random=False),
+    attempt_durations=st.lists(st.floats(0.0, 2.0), min_size=20, max_size=20),
+)
+def test_never_schedules_past_the_deadline_nor_beyond_max_attempts(
+    jitter: str,
+    initial: float,
+    factor: float,
+    multiplier: float,
+    max_attempts: int,
+    timeout: float,
+    rng: random.Random,
+    attempt_durations: list[float],
+) -> None:
+    clock = FakeClock()
+    policy = RetryPolicy(
+        max_attempts=max_attempts,
+        initial_backoff=initial,
+        max_backoff=initial * factor,
+        multiplier=multiplier,
+        jitter=jitter,  # type: ignore[arg-type]
+    )
+    deadline = clock.now + timeout
+    retry = state(policy, deadline=deadline, clock=clock, uniform=rng.uniform)
+    for duration in attempt_durations:
+        attempt_timeout = retry.begin_attempt()
+        assert attempt_timeout is not None and 0 <= attempt_timeout <= timeout + 1e-9
+        clock.now += min(duration, attempt_timeout)
+        decision = retry.on_failure("UNAVAILABLE")
+        if not decision.retry:
+            assert decision.reason in {Reason.MAX_ATTEMPTS, Reason.DEADLINE}
+            break
+        assert 0 <= decision.delay <= policy.max_backoff
+        assert clock.now + decision.delay < deadline
+        clock.now += decision.delay
+    assert retry.attempts <= max_attempts
+
+
+def test_only_retryable_codes_are_retried() -> None:
+    for code in ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED"):
+        retry = state()
+        retry.begin_attempt()
+        assert retry.on_failure(code).reason is Reason.NOT_RETRYABLE_CODE
+    retry = state(RetryPolicy(retryable_codes={"UNAVAILABLE", "RESOURCE_EXHAUSTED"}))
+    retry.begin_attempt()
+    assert retry.on_failure("RESOURCE_EXHAUSTED").retry
+
+
+def test_non_idempotent_call_without_key_is_not_retried() -> None:
+    retry = state(has_key=False)
+    retry.begin_attempt()
+    assert retry.on_failure("UNAVAILABLE").reason is Reason.NOT_IDEMPOTENT
+    idempotent = state(RetryPolicy(idempotent_methods={TRANSFER}), has_key=False)
+    idempotent.begin_attempt()
+    assert idempotent.on_failure("UNAVAILABLE").retry
+
+
+def test_pushback_overrides_backoff_and_negative_or_malformed_stops() -> None:
+    retry = state()
+    retry.begin_attempt()
+    decision = retry.on_failure("UNAVAILABLE", pushback=parse_pushback_ms("1500"))
+    assert (decision.retry, decision.delay, decision.source) == (True, 1.5, DelaySource.PUSHBACK)
+    for bad in ("-1", "soon", "", "1.5", b"\xff"):
+        retry = state()
+        retry.begin_attempt()
+        assert retry.on_failure("UNAVAILABLE", pushback=parse_pushback_ms(bad)).reason is (
+            Reason.PUSHBACK_STOP
+        )
+
+
+def test_retry_info_overrides_backoff() -> None:
+    retry = state()
+    retry.begin_attempt()
+    decision = retry.on_failure("UNAVAILABLE", retry_info_delay=0.75)
+    assert (decision.delay, decision.source) == (0.75, DelaySource.RETRY_INFO)
+    retry = state()
+    retry.begin_attempt()
+    assert retry.on_failure("UNAVAILABLE", retry_info_delay=-1.0).reason is Reason.PUSHBACK_STOP
+
+
+def test_pushback_past_the_deadline_gives_up() -> None:
+    clock = FakeClock()
+    retry = state(deadline=clock.now + 0.3, clock=clock)
+    retry.begin_attempt()
+    decision = retry.on_failure("UNAVAILABLE", pushback=Pushback(1.0, "pushback"))
+    assert decision.reason is Reason.DEADLINE
+
+
+def test_budget_deposit_per_call_and_withdraw_per_retry() -> None:
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.5, min_retries_per_second=0.0, window=10.0, clock=clock)
+    first = state(budget=budget, clock=clock, uniform=lambda a, b: 0.0)
+    first.begin_attempt()
+    assert first.on_failure("UNAVAILABLE").reason is Reason.BUDGET_EXHAUSTED  # 0.5 < 1
+    second = state(budget=budget, clock=clock, uniform=lambda a, b: 0.0)
+    second.begin_attempt()
+    assert second.on_failure("UNAVAILABLE").retry  # 1.0 >= 1
+    second.begin_attempt()
+    assert second.on_failure("UNAVAILABLE").reason is Reason.BUDGET_EXHAUSTED
+    assert budget.refused == 2
+
+
+def test_refusals_that_are_not_about_the_budget_do_not_spend_it() -> None:
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, window=10.0)
+    retry = state(RetryPolicy(max_attempts=1), budget=budget)
+    retry.begin_attempt()
+    assert retry.on_failure("UNAVAILABLE").reason is Reason.MAX_ATTEMPTS
+    assert budget.balance == 1.0
+
+
+def test_per_attempt_timeout_is_bounded_by_the_deadline() -> None:
+    clock = FakeClock()
+    retry = state(RetryPolicy(per_attempt_timeout=0.5), deadline=clock.now + 0.2, clock=clock)
+    assert retry.begin_attempt() == pytest.approx(0.2)
+    assert state(RetryPolicy(per_attempt_timeout=0.5)).begin_attempt() == 0.5
+    assert state().begin_attempt() is None
+
+
+def test_pushback_is_read_from_trailing_metadata() -> None:
+    assert pushback_from_metadata(None) is None
+    assert pushback_from_metadata([("other", "1")]) is None
+    found = pushback_from_metadata([("grpc-retry-pushback-ms", "20")])
+    assert found is not None and found.delay == 0.02
