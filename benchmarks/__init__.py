@@ -1,0 +1,1 @@
+"""Benchmarks for resilient-grpc: `python -m benchmarks` runs the retry-policy comparison."""
