@@ -1,0 +1,302 @@
+"""``CircuitBreaker``: stop calling a backend that keeps failing, probe it once in a while.
+
+Built on ``pybreaker``: its storage (memory, or ``CircuitRedisStorage`` shared by many
+processes), its closed/open/half-open states, its failure counter and its transitions are
+used as they are. What this module adds:
+
+* one pybreaker breaker per target (by default), made on first use;
+* only unhealthy-backend status codes count as failures (``UNHEALTHY_CODES`` by default);
+  any other answer, business errors included, proves the backend is up and counts as a success;
+* admission is split from the outcome, so the breaker's lock is never held across an RPC
+  (``pybreaker.CircuitBreaker.call`` holds it for the whole call, which would serialize every
+  call to a target): :meth:`TargetBreaker.admit` says whether an attempt may go out,
+  :meth:`TargetBreaker.record` replays its outcome through pybreaker's own state machine;
+* in half-open state exactly one probe is in flight per process; other calls fail fast;
+* transitions are reported to :func:`resilient_grpc.telemetry.breaker_state_changed`.
+
+With Redis storage every admission and outcome is a Redis round trip: the aio shell runs
+them off the event loop (``TargetBreaker.blocking``). pybreaker stores the opening time in
+whole seconds in Redis, so a shared breaker may probe up to a second before ``reset_timeout``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pybreaker
+
+from resilient_grpc import telemetry
+from resilient_grpc.core.codes import UNHEALTHY_CODES, code_names
+
+StorageFactory = Callable[[str], pybreaker.CircuitBreakerStorage]
+
+_UTC = datetime.timezone.utc
+
+#: Admission results.
+ADMITTED = 1
+PROBE = 2
+
+
+class _Unhealthy(Exception):
+    """The outcome replayed into pybreaker for an attempt that failed with an unhealthy code."""
+
+
+def _succeed() -> None:
+    return None
+
+
+def _fail() -> None:
+    raise _Unhealthy
+
+
+class _TelemetryListener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+    """Forwards pybreaker's state changes to the telemetry facade."""
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
+        old = old_state.name if old_state is not None else pybreaker.STATE_CLOSED
+        telemetry.breaker_state_changed(cb.name or "", old, new_state.name)
+
+
+_LISTENER = _TelemetryListener()
+
+
+class TargetBreaker:
+    """The breaker of one target: a pybreaker breaker plus a per-process probe slot."""
+
+    __slots__ = (
+        "_breaker",
+        "_fast_success",
+        "_lock",
+        "_probing",
+        "blocking",
+        "name",
+        "reset_timeout",
+    )
+
+    def __init__(
+        self,
+        breaker: pybreaker.CircuitBreaker,
+        *,
+        blocking: bool,
+        reset_timeout: float,
+        fast_success: bool = True,
+    ) -> None:
+        self._breaker = breaker
+        self._fast_success = fast_success
+        self._lock = threading.Lock()
+        self._probing = False
+        #: True when the storage does I/O (Redis): aio code must not call it on the loop.
+        self.blocking = blocking
+        self.name: str = breaker.name or ""
+        self.reset_timeout = reset_timeout
+
+    @property
+    def pybreaker(self) -> pybreaker.CircuitBreaker:
+        """The underlying ``pybreaker.CircuitBreaker`` (state, counters, listeners)."""
+        return self._breaker
+
+    @property
+    def state(self) -> str:
+        """``"closed"``, ``"open"`` or ``"half-open"`` (notices changes made by other processes)."""
+        with self._lock:
+            return str(self._breaker.state.name)
+
+    def retry_at(self) -> datetime.datetime | None:
+        """When an open breaker lets the next probe through (UTC), if it is open."""
+        opened_at = self._breaker._state_storage.opened_at
+        if opened_at is None:
+            return None
+        return opened_at + datetime.timedelta(seconds=self._breaker.reset_timeout)
+
+    def admit(self) -> int:
+        """May an attempt go out now? :data:`ADMITTED`, :data:`PROBE`, or 0 (fail fast).
+
+        An open breaker whose ``reset_timeout`` has elapsed moves to half-open and admits this
+        attempt as its single probe; the caller must then :meth:`record` (or :meth:`release`).
+        """
+        breaker = self._breaker
+        with self._lock:
+            state = breaker.state.name  # reads the storage; notifies listeners of remote changes
+            if state == pybreaker.STATE_CLOSED:
+                return ADMITTED
+            if self._probing:
+                return 0
+            if state == pybreaker.STATE_OPEN:
+                opened_at = breaker._state_storage.opened_at
+                now = datetime.datetime.now(_UTC)
+                if opened_at is not None and now < opened_at + datetime.timedelta(
+                    seconds=breaker.reset_timeout
+                ):
+                    return 0
+                breaker.half_open()
+            self._probing = True
+            return PROBE
+
+    def record(self, admission: int, failed: bool) -> bool:
+        """Feed one attempt's outcome to pybreaker; return True if the breaker is open now.
+
+        ``failed`` means the attempt ended with an unhealthy code. An outcome that arrives while
+        the breaker is open (another call opened it meanwhile) is ignored, as pybreaker would.
+        """
+        breaker = self._breaker
+        with self._lock:
+            if admission == PROBE:
+                self._probing = False
+            if breaker.current_state == pybreaker.STATE_OPEN:
+                return True
+            if (
+                not failed
+                and admission == ADMITTED
+                and self._fast_success
+                and breaker.fail_counter == 0
+            ):
+                return False  # nothing to reset, nobody to tell: skip pybreaker's bookkeeping
+            with contextlib.suppress(_Unhealthy, pybreaker.CircuitBreakerError):
+                breaker.call(_fail if failed else _succeed)
+            return bool(breaker.current_state == pybreaker.STATE_OPEN)
+
+    def release(self, admission: int) -> None:
+        """Give the probe slot back without an outcome (the attempt was cancelled locally)."""
+        if admission == PROBE:
+            with self._lock:
+                self._probing = False
+
+
+class CircuitBreaker:
+    """Fail fast while a backend is unhealthy, then let one probe call test it.
+
+    After ``fail_max`` consecutive attempts failing with one of ``codes`` (default
+    :data:`~resilient_grpc.core.codes.UNHEALTHY_CODES`: UNAVAILABLE, DEADLINE_EXCEEDED,
+    RESOURCE_EXHAUSTED, INTERNAL) the breaker of that target opens: calls raise
+    :class:`~resilient_grpc.errors.BreakerOpenError` at once, without touching the network.
+    After ``reset_timeout`` seconds one probe goes through; ``success_threshold`` successful
+    probes close it, a failed probe opens it again. Any answer with another code (OK or a
+    business error such as NOT_FOUND) counts as a success.
+
+    ``per_target=True`` keeps one breaker per channel target (named ``f"{name}:{target}"``);
+    ``False`` shares one breaker by every target. ``storage`` is where state lives: ``None``
+    (process memory), a ``pybreaker`` storage instance (then one breaker for all targets, e.g.
+    ``pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, redis.Redis(...), namespace=...)``
+    to share it across processes), or a function ``target -> storage`` for per-target shared
+    state (see :meth:`redis`).
+    """
+
+    def __init__(
+        self,
+        fail_max: int = 5,
+        reset_timeout: float = 30.0,
+        *,
+        success_threshold: int = 1,
+        codes: Iterable[object] = UNHEALTHY_CODES,
+        per_target: bool = True,
+        storage: pybreaker.CircuitBreakerStorage | StorageFactory | None = None,
+        name: str = "resilient_grpc",
+        listeners: Iterable[pybreaker.CircuitBreakerListener] = (),
+    ) -> None:
+        if isinstance(fail_max, bool) or not isinstance(fail_max, int) or fail_max < 1:
+            raise ValueError(f"fail_max must be an integer >= 1, got {fail_max!r}")
+        if (
+            isinstance(reset_timeout, bool)
+            or not isinstance(reset_timeout, (int, float))
+            or not math.isfinite(reset_timeout)
+            or reset_timeout <= 0
+        ):
+            raise ValueError(
+                f"reset_timeout must be a finite number of seconds > 0, got {reset_timeout!r}"
+            )
+        if (
+            isinstance(success_threshold, bool)
+            or not isinstance(success_threshold, int)
+            or success_threshold < 1
+        ):
+            raise ValueError(
+                f"success_threshold must be an integer >= 1, got {success_threshold!r}"
+            )
+        self.codes: frozenset[str] = code_names(codes, field="codes")
+        if "OK" in self.codes:
+            raise ValueError("codes: OK is a success and cannot count as a failure")
+        if not isinstance(per_target, bool):
+            raise ValueError(f"per_target must be True or False, got {per_target!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if storage is not None and not (
+            isinstance(storage, pybreaker.CircuitBreakerStorage) or callable(storage)
+        ):
+            raise ValueError(
+                "storage must be None, a pybreaker.CircuitBreakerStorage or a function "
+                f"target -> storage; got {storage!r}"
+            )
+        self.fail_max = fail_max
+        self.reset_timeout = float(reset_timeout)
+        self.success_threshold = success_threshold
+        self.per_target = per_target and not isinstance(storage, pybreaker.CircuitBreakerStorage)
+        self.name = name
+        self._storage = storage
+        self._user_listeners = tuple(listeners)
+        self._listeners = (*self._user_listeners, _LISTENER)
+        self._lock = threading.Lock()
+        self._targets: dict[str, TargetBreaker] = {}
+
+    @classmethod
+    def redis(
+        cls, client: Any, *, namespace: str = "resilient_grpc", **kwargs: Any
+    ) -> CircuitBreaker:
+        """A breaker whose per-target state lives in Redis (``client``: a sync ``redis.Redis``).
+
+        Every process that builds it with the same ``namespace`` shares the state of each target.
+        """
+
+        def factory(target: str) -> pybreaker.CircuitBreakerStorage:
+            return pybreaker.CircuitRedisStorage(
+                pybreaker.STATE_CLOSED, client, namespace=f"{namespace}:{target}"
+            )
+
+        return cls(storage=factory, name=namespace, **kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"CircuitBreaker(fail_max={self.fail_max!r}, reset_timeout={self.reset_timeout!r}, "
+            f"per_target={self.per_target!r}, codes={sorted(self.codes)!r})"
+        )
+
+    def counts(self, code: str) -> bool:
+        """Whether an attempt ending with status ``code`` (a name) counts as a failure."""
+        return code in self.codes
+
+    def for_target(self, target: str | None) -> TargetBreaker:
+        """The breaker of ``target`` (made on first use; shared by every call to it)."""
+        key = (target or "default") if self.per_target else "*"
+        found = self._targets.get(key)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._targets.get(key)
+            if found is None:
+                found = self._make(key)
+                self._targets[key] = found
+            return found
+
+    def _make(self, key: str) -> TargetBreaker:
+        storage = self._storage
+        if storage is not None and not isinstance(storage, pybreaker.CircuitBreakerStorage):
+            storage = storage(key)
+        breaker = pybreaker.CircuitBreaker(
+            fail_max=self.fail_max,
+            reset_timeout=self.reset_timeout,
+            success_threshold=self.success_threshold,
+            listeners=list(self._listeners),
+            state_storage=storage,
+            name=self.name if key == "*" else f"{self.name}:{key}",
+        )
+        blocking = storage is not None and not isinstance(storage, pybreaker.CircuitMemoryStorage)
+        return TargetBreaker(
+            breaker,
+            blocking=blocking,
+            reset_timeout=self.reset_timeout,
+            fast_success=not self._user_listeners,
+        )

@@ -1,0 +1,256 @@
+"""One logical client call as a sans-IO driver shared by the sync and ``grpc.aio`` shells.
+
+:meth:`ClientStack.begin` fixes what belongs to the logical call when the stub is invoked (the
+idempotency key, the metadata carrying it, the absolute deadline, the :class:`RetryState`).
+:meth:`LogicalCall.steps` is a generator that yields what the shell must do next:
+
+* :class:`Attempt`: make one attempt with this timeout/metadata/wait_for_ready and send back
+  ``None`` (it succeeded: the response or first stream message arrived) or the error it failed with;
+* :class:`Pause`: sleep this long (``time.sleep`` or ``asyncio.sleep``), send back ``None``;
+* :class:`BreakerIO`: run this breaker operation and send back its result (only for breakers whose
+  storage does I/O, so the aio shell can run it off the event loop; memory breakers are inline).
+
+The generator returns after a success and raises the error to give the caller when it gives up:
+the last real error (with :func:`~resilient_grpc.errors.attempts_of` set) or
+:class:`~resilient_grpc.errors.BreakerOpenError`. Every retry decision comes from
+:class:`~resilient_grpc.core.retry.RetryState`; telemetry goes through :mod:`resilient_grpc.telemetry`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, NoReturn
+
+from resilient_grpc import telemetry
+from resilient_grpc.breaker import ADMITTED, CircuitBreaker, TargetBreaker
+from resilient_grpc.call_outcome import (
+    metadata_value,
+    pushback_of,
+    retry_info_delay,
+    status_name,
+)
+from resilient_grpc.core.budget import RetryBudget
+from resilient_grpc.core.keys import IdempotencyKeys, key_for_call
+from resilient_grpc.core.policy import RetryPolicy
+from resilient_grpc.core.retry import Reason, RetryDecision, RetryState
+from resilient_grpc.errors import BreakerOpenError, mark_gave_up
+
+Metadata = tuple[tuple[str, Any], ...]
+
+#: Used when the stack has no retry policy: one attempt, no retries.
+_SINGLE_ATTEMPT = RetryPolicy(max_attempts=1)
+
+#: Default bound of a retry attempt's wait for a reconnect when the call has no deadline.
+DEFAULT_RECONNECT_WAIT = 5.0
+
+
+class Attempt:
+    """Make attempt ``number`` with these call parameters; send back ``None`` or its error."""
+
+    __slots__ = ("metadata", "number", "timeout", "wait_for_ready")
+
+    def __init__(
+        self, number: int, timeout: float | None, metadata: Metadata, wait_for_ready: bool | None
+    ) -> None:
+        self.number = number
+        self.timeout = timeout
+        self.metadata = metadata
+        self.wait_for_ready = wait_for_ready
+
+
+class Pause:
+    """Sleep ``seconds`` before the next attempt (never past the call's deadline)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
+class BreakerIO:
+    """Run a breaker operation that does I/O (Redis storage); send back its result."""
+
+    __slots__ = ("args", "function")
+
+    def __init__(self, function: Callable[..., Any], *args: Any) -> None:
+        self.function = function
+        self.args = args
+
+    def run(self) -> Any:
+        return self.function(*self.args)
+
+
+Step = Attempt | Pause | BreakerIO
+Steps = Generator[Step, Any, None]
+
+
+def _check_instance(field: str, value: object, kind: type, name: str) -> None:
+    if value is not None and not isinstance(value, kind):
+        raise ValueError(f"{field} must be a {name} or None, got {value!r}")
+
+
+class ClientStack:
+    """What every call through one set of client interceptors shares (validated once).
+
+    ``reconnect_wait``: after a dropped connection a gRPC channel fails new RPCs at once while
+    it waits to reconnect (TRANSIENT_FAILURE), which would burn every retry in that window. So
+    retry attempts (not the first attempt) use gRPC's ``wait_for_ready``: they wait for the
+    channel to become ready, bounded by the call's deadline and the per-attempt timeout; a call
+    with neither gets ``reconnect_wait`` seconds as the timeout of each retry attempt.
+    ``None`` turns this off (retries fail fast like the first attempt). A ``wait_for_ready``
+    the caller set explicitly is always respected.
+    """
+
+    def __init__(
+        self,
+        *,
+        retry: RetryPolicy | None = None,
+        budget: RetryBudget | None = None,
+        breaker: CircuitBreaker | None = None,
+        idempotency: IdempotencyKeys | None = None,
+        target: str | None = None,
+        reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
+    ) -> None:
+        _check_instance("retry", retry, RetryPolicy, "RetryPolicy")
+        _check_instance("budget", budget, RetryBudget, "RetryBudget")
+        _check_instance("breaker", breaker, CircuitBreaker, "CircuitBreaker")
+        _check_instance("idempotency", idempotency, IdempotencyKeys, "IdempotencyKeys")
+        if target is not None and (not isinstance(target, str) or not target):
+            raise ValueError(f"target must be a non-empty string or None, got {target!r}")
+        if reconnect_wait is not None and (
+            isinstance(reconnect_wait, bool)
+            or not isinstance(reconnect_wait, (int, float))
+            or not math.isfinite(reconnect_wait)
+            or reconnect_wait <= 0
+        ):
+            raise ValueError(
+                f"reconnect_wait must be a finite number of seconds > 0 or None, got {reconnect_wait!r}"
+            )
+        self.policy = retry if retry is not None else _SINGLE_ATTEMPT
+        self.budget = budget if retry is not None else None
+        self.breaker = breaker
+        self.idempotency = idempotency
+        self.target = target
+        self.reconnect_wait = None if reconnect_wait is None else float(reconnect_wait)
+        self.target_breaker: TargetBreaker | None = (
+            breaker.for_target(target) if breaker is not None else None
+        )
+        self.breaker_codes: frozenset[str] = breaker.codes if breaker is not None else frozenset()
+
+    def begin(
+        self,
+        method: str,
+        timeout: float | None,
+        metadata: Sequence[tuple[str, Any]] | None,
+        wait_for_ready: bool | None,
+    ) -> LogicalCall:
+        """Fix the key, metadata, deadline and retry state of a call made now."""
+        key: str | None = None
+        call_metadata: Metadata = tuple(metadata) if metadata else ()
+        idempotency = self.idempotency
+        if idempotency is not None:
+            header = idempotency.header
+            present = metadata_value(call_metadata, header)
+            key = key_for_call(method, present, generate=idempotency.applies_to(method))
+            if key is not None and present is None:
+                call_metadata = (*call_metadata, (header, key))
+        state = RetryState(
+            self.policy,
+            method=method,
+            has_key=key is not None,
+            deadline=None if timeout is None else time.monotonic() + timeout,
+            budget=self.budget,
+        )
+        return LogicalCall(self, method, key, call_metadata, wait_for_ready, state)
+
+
+class LogicalCall:
+    """One logical call: its fixed parts and the driver of its attempts (:meth:`steps`)."""
+
+    __slots__ = ("key", "metadata", "method", "stack", "state", "wait_for_ready")
+
+    def __init__(
+        self,
+        stack: ClientStack,
+        method: str,
+        key: str | None,
+        metadata: Metadata,
+        wait_for_ready: bool | None,
+        state: RetryState,
+    ) -> None:
+        self.stack = stack
+        self.method = method
+        self.key = key
+        self.metadata = metadata
+        self.wait_for_ready = wait_for_ready
+        self.state = state
+
+    def steps(self) -> Steps:
+        """Drive the attempts (see the module docstring for the protocol)."""
+        stack = self.stack
+        breaker = stack.target_breaker
+        state = self.state
+        with telemetry.client_call(self.method, target=stack.target) as tel:
+            last_error: BaseException | None = None
+            while True:
+                admission = ADMITTED
+                if breaker is not None:
+                    admission = (
+                        (yield BreakerIO(breaker.admit)) if breaker.blocking else breaker.admit()
+                    )
+                    if not admission:
+                        tel.breaker_rejected()
+                        if last_error is None:
+                            rejected = BreakerOpenError(
+                                stack.target or "default", breaker.retry_at()
+                            )
+                            tel.end("UNAVAILABLE", attempts=0, reason=Reason.BREAKER_OPEN)
+                            raise rejected
+                        self._give_up(tel, last_error, state.breaker_open())
+                timeout = state.begin_attempt()
+                wait_for_ready = self.wait_for_ready
+                if state.attempts > 1 and wait_for_ready is None and stack.reconnect_wait:
+                    wait_for_ready = True
+                    if timeout is None:
+                        timeout = stack.reconnect_wait
+                error = yield Attempt(state.attempts, timeout, self.metadata, wait_for_ready)
+                if error is None:
+                    if breaker is not None:
+                        if breaker.blocking:
+                            yield BreakerIO(breaker.record, admission, False)
+                        else:
+                            breaker.record(admission, False)
+                    tel.attempt(state.attempts, "OK", None)
+                    tel.end("OK", attempts=state.attempts, reason=Reason.SUCCESS)
+                    return
+                last_error = error
+                code = status_name(error)
+                opened = False
+                if breaker is not None:
+                    failed = code in stack.breaker_codes
+                    opened = (
+                        (yield BreakerIO(breaker.record, admission, failed))
+                        if breaker.blocking
+                        else breaker.record(admission, failed)
+                    )
+                decision = state.breaker_open() if opened else self._decide(code, error)
+                tel.attempt(state.attempts, code, decision)
+                if not decision.retry:
+                    self._give_up(tel, error, decision)
+                yield Pause(decision.delay)
+
+    def _decide(self, code: str, error: BaseException) -> RetryDecision:
+        if code not in self.state.policy.retryable_codes:
+            return self.state.on_failure(code)
+        return self.state.on_failure(
+            code, pushback=pushback_of(error), retry_info_delay=retry_info_delay(error)
+        )
+
+    def _give_up(
+        self, tel: telemetry.CallTelemetry, error: BaseException, decision: RetryDecision
+    ) -> NoReturn:
+        tel.end(status_name(error), attempts=self.state.attempts, reason=decision.reason)
+        mark_gave_up(error, self.state.attempts, decision.reason)
+        raise error
