@@ -1,73 +1,586 @@
-"""OpenTelemetry spans and metrics for client calls, breakers and dedup (API only; no-op without an SDK).
+"""OpenTelemetry spans and metrics, and log lines, for client calls, breakers and dedup.
 
-The interceptors call this module and nothing else for telemetry, so the sync and aio shells
-report identically. Attributes follow the RPC semantic conventions and never carry keys.
+The interceptors call this module and nothing else for telemetry (it also writes the log lines,
+through :mod:`resilient_grpc.logs`), so the sync and aio shells report identically. Only
+``opentelemetry-api`` is used: without an SDK every call here is a cheap no-op.
+
+**Spans.** One span per *logical* client call (all its attempts), named
+``"pkg.Service/Method"``, started as a child of the application's current span and made
+current while the call runs (so spans started below it, e.g. by
+``opentelemetry-instrumentation-grpc``, nest under it). Attributes follow the RPC semantic
+conventions that ``opentelemetry-instrumentation-grpc`` emits on its spans: ``rpc.system`` =
+``"grpc"``, ``rpc.service``, ``rpc.method`` (the short name), ``server.address`` /
+``server.port`` (from the channel target) and, at the end, ``rpc.grpc.status_code`` as the
+*numeric* code (the conventions type it ``int``: 0 = OK, 14 = UNAVAILABLE); plus
+``resilient_grpc.attempts`` and ``resilient_grpc.outcome`` (a :class:`Reason` value). The span
+status is ERROR for any code other than OK. Events:
+
+* ``attempt`` per attempt: ``resilient_grpc.attempt`` (1-based), ``rpc.grpc.status_code``,
+  ``resilient_grpc.status`` (the code's name), ``resilient_grpc.retry`` (bool),
+  ``resilient_grpc.reason``, and when a backoff was chosen ``resilient_grpc.backoff_s`` with
+  ``resilient_grpc.backoff_source`` = ``computed`` / ``pushback`` / ``retry_info``;
+* ``retry_budget_exhausted`` when the budget refused a retry;
+* ``breaker_open`` when an open breaker failed the call fast (or stopped its retries);
+* ``breaker_state_change`` on the current span when a call's outcome moved a breaker;
+* ``dedup`` (server side, on the current span, e.g. the SERVER span of the gRPC
+  instrumentation) with ``resilient_grpc.dedup.outcome``.
+
+**Span kind, beside opentelemetry-instrumentation-grpc.** That instrumentation starts one
+CLIENT span per call it sees. Its sync instrumentor wraps ``grpc.insecure_channel`` /
+``secure_channel``, so its interceptor sits *under* ours and sees every attempt: one CLIENT
+span per attempt, nested in our logical-call span. Two nested CLIENT spans for one RPC would
+double-count it in every backend (service maps, RPC latency), so our span is a CLIENT span only
+when nothing below it makes one: with ``span_kind="auto"`` (the default) it is INTERNAL while
+``GrpcInstrumentorClient`` or ``GrpcAioInstrumentorClient`` is instrumenting, CLIENT otherwise.
+The result is the layout OpenTelemetry recommends for retries (one span for the logical
+operation, one CLIENT span per try). The aio instrumentor instead *prepends* its interceptors,
+so its CLIENT span wraps the whole logical call and ours (INTERNAL) nests inside it. If you add
+the instrumentation's interceptors by hand (``client_interceptor()`` /
+``aio_client_interceptors()``), auto-detection cannot see them: call
+``configure(span_kind="internal")``.
+
+**Metrics** (meter ``resilient_grpc``; attributes are method, status code and outcome only):
+
+==========================================  =========  =========================================
+instrument                                   kind       attributes
+==========================================  =========  =========================================
+``resilient_grpc.client.calls``              counter    rpc.service, rpc.method,
+                                                        rpc.grpc.status_code,
+                                                        resilient_grpc.outcome
+``resilient_grpc.client.attempts``           counter    rpc.service, rpc.method,
+                                                        rpc.grpc.status_code
+``resilient_grpc.client.retries``            counter    rpc.service, rpc.method,
+                                                        rpc.grpc.status_code (that was retried),
+                                                        resilient_grpc.backoff_source
+``resilient_grpc.client.budget_refusals``    counter    rpc.service, rpc.method
+``resilient_grpc.client.breaker_rejections`` counter    rpc.service, rpc.method
+``resilient_grpc.client.backoff``            histogram  rpc.service, rpc.method,
+                                                        resilient_grpc.backoff_source (unit s)
+``resilient_grpc.breaker.transitions``       counter    resilient_grpc.breaker.name,
+                                                        resilient_grpc.breaker.from,
+                                                        resilient_grpc.breaker.to
+``resilient_grpc.breaker.state``             gauge      resilient_grpc.breaker.name,
+                                                        resilient_grpc.breaker.state: 1 for the
+                                                        current state, 0 for the other two
+``resilient_grpc.server.dedup``              counter    rpc.service, rpc.method,
+                                                        resilient_grpc.dedup.outcome
+==========================================  =========  =========================================
+
+Dedup outcomes: ``executed``, ``replayed``, ``conflict``, ``waited``, ``store_error``,
+``fail_open`` (plus whatever short outcome names the server interceptors report, such as
+``invalid_key``). Breakers appear in the state gauge once registered with
+:func:`register_breaker`.
+
+**Providers.** The tracer and meter are looked up on first use, from the global providers
+unless :func:`configure` was given explicit ones. ``opentelemetry-api`` hands out proxy
+tracers, meters and instruments before an SDK is installed and redirects them once it is, so an
+SDK installed after ``import resilient_grpc`` still receives everything.
+
+Nothing here ever receives an idempotency key, metadata or a message: keys cannot leak into
+spans, metrics or logs.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import re
+import sys
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal, Protocol
 
-from opentelemetry import trace
+import grpc
+from opentelemetry import metrics, trace
+from opentelemetry.util.types import AttributeValue
 
+from resilient_grpc import logs
+from resilient_grpc.core.codes import code_name
 from resilient_grpc.core.methods import split_method
 from resilient_grpc.core.retry import Reason, RetryDecision
 
-_tracer = trace.get_tracer("resilient_grpc")
+SCOPE = "resilient_grpc"
+
+SpanKindSetting = Literal["auto", "client", "internal"]
+
+#: The dedup outcomes the server interceptors report (others are accepted if short identifiers).
+DEDUP_OUTCOMES: frozenset[str] = frozenset(
+    {"executed", "replayed", "conflict", "waited", "store_error", "fail_open"}
+)
+
+#: Breaker states as pybreaker names them.
+BREAKER_STATES: tuple[str, ...] = ("closed", "open", "half-open")
+
+#: Bucket boundaries (seconds) suggested for the backoff histogram.
+BACKOFF_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+
+_OUTCOME_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_TARGET_SCHEME = re.compile(r"^(?:dns|ipv4|ipv6|xds|google-c2p):(?://[^/]*/)?")
+
+
+class _Settings:
+    """Where telemetry goes: explicit providers (``None``: the global ones) and the span kind."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tracer_provider: trace.TracerProvider | None = None
+        self.meter_provider: metrics.MeterProvider | None = None
+        self.span_kind: SpanKindSetting = "auto"
+        self.tracer: trace.Tracer | None = None
+        self.instruments: _Instruments | None = None
+
+
+_settings = _Settings()
+
+
+def configure(
+    *,
+    tracer_provider: trace.TracerProvider | None = None,
+    meter_provider: metrics.MeterProvider | None = None,
+    span_kind: SpanKindSetting = "auto",
+) -> None:
+    """Choose where spans and metrics go and which kind the logical-call span has.
+
+    ``None`` providers mean the global ones (``trace.set_tracer_provider`` /
+    ``metrics.set_meter_provider``). ``span_kind``: ``"auto"`` (CLIENT unless
+    ``opentelemetry-instrumentation-grpc``'s client instrumentor is active, then INTERNAL),
+    ``"client"`` or ``"internal"``. Calling it again replaces the previous settings.
+    """
+    if span_kind not in ("auto", "client", "internal"):
+        raise ValueError(f"span_kind must be 'auto', 'client' or 'internal', got {span_kind!r}")
+    with _settings.lock:
+        _settings.tracer_provider = tracer_provider
+        _settings.meter_provider = meter_provider
+        _settings.span_kind = span_kind
+        _settings.tracer = None
+        _settings.instruments = None
+
+
+def _tracer() -> trace.Tracer:
+    tracer = _settings.tracer
+    if tracer is None:
+        with _settings.lock:
+            tracer = _settings.tracer
+            if tracer is None:
+                tracer = trace.get_tracer(SCOPE, tracer_provider=_settings.tracer_provider)
+                _settings.tracer = tracer
+    return tracer
+
+
+class _Instruments:
+    """Every instrument of the meter, made once per provider."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.calls = meter.create_counter(
+            "resilient_grpc.client.calls", unit="{call}", description="Logical client calls, by final status and outcome."
+        )
+        self.attempts = meter.create_counter(
+            "resilient_grpc.client.attempts", unit="{attempt}", description="Attempts sent, by status."
+        )
+        self.retries = meter.create_counter(
+            "resilient_grpc.client.retries", unit="{retry}", description="Retries granted, by the status retried and the backoff source."
+        )
+        self.budget_refusals = meter.create_counter(
+            "resilient_grpc.client.budget_refusals", unit="{retry}", description="Retries refused because the retry budget was exhausted."
+        )
+        self.breaker_rejections = meter.create_counter(
+            "resilient_grpc.client.breaker_rejections", unit="{call}", description="Calls failed fast by an open circuit breaker."
+        )
+        self.backoff = meter.create_histogram(
+            "resilient_grpc.client.backoff",
+            unit="s",
+            description="Backoff delays chosen before retries.",
+            explicit_bucket_boundaries_advisory=BACKOFF_BUCKETS,
+        )
+        self.breaker_transitions = meter.create_counter(
+            "resilient_grpc.breaker.transitions", unit="{transition}", description="Circuit breaker state changes."
+        )
+        self.breaker_state = meter.create_observable_gauge(
+            "resilient_grpc.breaker.state",
+            callbacks=[_observe_breakers],
+            unit="1",
+            description="1 for the current state of each registered circuit breaker, 0 for the others.",
+        )
+        self.dedup = meter.create_counter(
+            "resilient_grpc.server.dedup", unit="{call}", description="Server-side dedup outcomes."
+        )
+
+
+def _instruments() -> _Instruments:
+    instruments = _settings.instruments
+    if instruments is None:
+        with _settings.lock:
+            instruments = _settings.instruments
+            if instruments is None:
+                meter = metrics.get_meter(SCOPE, meter_provider=_settings.meter_provider)
+                instruments = _Instruments(meter)
+                _settings.instruments = instruments
+    return instruments
+
+
+# --- breakers registry (for the state gauge) ---------------------------------------------
+
+
+class ObservableBreaker(Protocol):
+    """What the state gauge needs of a breaker: its name and current state."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+
+_breakers_lock = threading.Lock()
+_weak_breakers: weakref.WeakSet[Any] = weakref.WeakSet()
+_strong_breakers: dict[int, ObservableBreaker] = {}
+
+
+def register_breaker(breaker: ObservableBreaker) -> None:
+    """Report ``breaker`` (``.name``, ``.state`` in closed/open/half-open) in the state gauge.
+
+    Held by a weak reference when the object supports one (it then leaves the gauge when it is
+    garbage collected), otherwise strongly until :func:`unregister_breaker`.
+    """
+    with _breakers_lock:
+        try:
+            _weak_breakers.add(breaker)
+        except TypeError:
+            _strong_breakers[id(breaker)] = breaker
+
+
+def unregister_breaker(breaker: ObservableBreaker) -> None:
+    """Remove ``breaker`` from the state gauge (a no-op if it is not there)."""
+    with _breakers_lock:
+        _weak_breakers.discard(breaker)
+        _strong_breakers.pop(id(breaker), None)
+
+
+def registered_breakers() -> list[ObservableBreaker]:
+    """The breakers the state gauge currently reports."""
+    with _breakers_lock:
+        return [*_weak_breakers, *_strong_breakers.values()]
+
+
+def _observe_breakers(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    observations: list[metrics.Observation] = []
+    for breaker in registered_breakers():
+        try:
+            name, current = str(breaker.name), str(breaker.state)
+        except Exception:  # a storage outage (Redis) must not break the metric export
+            continue
+        for state in BREAKER_STATES:
+            observations.append(
+                metrics.Observation(
+                    1 if state == current else 0,
+                    {"resilient_grpc.breaker.name": name, "resilient_grpc.breaker.state": state},
+                )
+            )
+    return observations
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def code_number(code: object) -> int:
+    """The numeric gRPC status code of a name, number or ``grpc.StatusCode`` (2 = UNKNOWN if odd)."""
+    try:
+        name = code_name(code)
+    except ValueError:
+        return int(grpc.StatusCode.UNKNOWN.value[0])
+    return int(grpc.StatusCode[name].value[0])
+
+
+def _safe_code_name(code: object) -> str:
+    try:
+        return code_name(code)
+    except ValueError:
+        return "UNKNOWN"
+
+
+def server_attributes(target: str | None) -> dict[str, AttributeValue]:
+    """``server.address`` / ``server.port`` from a channel target (``host:port``, ``dns:///...``)."""
+    if not target:
+        return {}
+    rest = _TARGET_SCHEME.sub("", target, count=1)
+    if rest.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return {"server.address": rest}
+    host, port = rest, ""
+    if rest.startswith("["):
+        host, _, after = rest[1:].partition("]")
+        port = after[1:] if after.startswith(":") else ""
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    attributes: dict[str, AttributeValue] = {"server.address": host}
+    if port.isdigit():
+        attributes["server.port"] = int(port)
+    return attributes
+
+
+def _method_attributes(method: str) -> dict[str, AttributeValue]:
+    service, name = split_method(method)
+    return {"rpc.service": service, "rpc.method": name}
+
+
+def _instrumentation_active(transport: Literal["sync", "aio"] | None) -> bool:
+    """Whether ``opentelemetry-instrumentation-grpc`` instruments client channels right now."""
+    module = sys.modules.get("opentelemetry.instrumentation.grpc")
+    if module is None:
+        return False
+    names = {
+        "sync": ("GrpcInstrumentorClient",),
+        "aio": ("GrpcAioInstrumentorClient",),
+        None: ("GrpcInstrumentorClient", "GrpcAioInstrumentorClient"),
+    }[transport]
+    for name in names:
+        # BaseInstrumentor is a singleton kept in ``_instance``; calling the class again would
+        # re-run __init__ and reset the user's filter and hooks, so read the instance instead.
+        instance = getattr(getattr(module, name, None), "_instance", None)
+        if instance is not None and getattr(instance, "is_instrumented_by_opentelemetry", False):
+            return True
+    return False
+
+
+def _span_kind(transport: Literal["sync", "aio"] | None) -> trace.SpanKind:
+    setting = _settings.span_kind
+    if setting == "client":
+        return trace.SpanKind.CLIENT
+    if setting == "internal" or _instrumentation_active(transport):
+        return trace.SpanKind.INTERNAL
+    return trace.SpanKind.CLIENT
+
+
+def _current_span_event(name: str, attributes: dict[str, AttributeValue]) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.add_event(name, attributes)
+
+
+# --- client calls ---------------------------------------------------------------------------
 
 
 class CallTelemetry:
-    """The telemetry of one logical client call: its span, attempt events and counters."""
+    """The telemetry of one logical client call: its span, attempt events, counters and logs."""
 
-    def __init__(self, method: str, span: trace.Span) -> None:
+    def __init__(self, method: str, span: trace.Span, *, target: str | None = None) -> None:
         self.method = method
         self.span = span
+        self.target = target
+        self.ended = False
+        self._attributes = _method_attributes(method)
 
     def attempt(self, attempt: int, code: str, decision: RetryDecision | None) -> None:
         """Record one finished attempt: its status ``code`` and what was decided after it."""
-        attributes: dict[str, str | int | float | bool] = {
-            "attempt": attempt,
-            "rpc.grpc.status_code": code,
+        name = _safe_code_name(code)
+        number = code_number(name)
+        instruments = _instruments()
+        instruments.attempts.add(1, {**self._attributes, "rpc.grpc.status_code": number})
+        event: dict[str, AttributeValue] = {
+            "resilient_grpc.attempt": attempt,
+            "rpc.grpc.status_code": number,
+            "resilient_grpc.status": name,
         }
-        if decision is not None:
-            attributes["retry"] = decision.retry
-            attributes["reason"] = decision.reason.value
+        if decision is None:
+            if name == "OK":
+                event["resilient_grpc.retry"] = False
+                event["resilient_grpc.reason"] = Reason.SUCCESS.value
+        else:
+            event["resilient_grpc.retry"] = decision.retry
+            event["resilient_grpc.reason"] = decision.reason.value
+            if decision.source is not None:
+                event["resilient_grpc.backoff_s"] = decision.delay
+                event["resilient_grpc.backoff_source"] = decision.source.value
             if decision.retry:
-                attributes["backoff_s"] = decision.delay
-                if decision.source is not None:
-                    attributes["backoff_source"] = decision.source.value
-        self.span.add_event("attempt", attributes)
+                source = (decision.source.value if decision.source is not None else "computed")
+                instruments.retries.add(
+                    1,
+                    {
+                        **self._attributes,
+                        "rpc.grpc.status_code": number,
+                        "resilient_grpc.backoff_source": source,
+                    },
+                )
+                instruments.backoff.record(
+                    decision.delay, {**self._attributes, "resilient_grpc.backoff_source": source}
+                )
+        self.span.add_event("attempt", event)
+        if decision is not None and decision.reason is Reason.BUDGET_EXHAUSTED:
+            self.budget_refused(attempt)
+        elif decision is not None and decision.reason is Reason.BREAKER_OPEN:
+            self.span.add_event("breaker_open", {"resilient_grpc.attempt": attempt})
+        logs.attempt_finished(self.method, attempt, name, decision)
+
+    def budget_refused(self, attempt: int) -> None:
+        """The retry budget refused the retry after ``attempt`` (called by :meth:`attempt`)."""
+        _instruments().budget_refusals.add(1, self._attributes)
+        self.span.add_event("retry_budget_exhausted", {"resilient_grpc.attempt": attempt})
 
     def breaker_rejected(self) -> None:
         """The breaker was open: the call failed fast without touching the network."""
+        _instruments().breaker_rejections.add(1, self._attributes)
         self.span.add_event("breaker_open")
+        logs.breaker_rejected(self.method, self.target)
 
     def end(self, code: str, *, attempts: int, reason: Reason) -> None:
-        """Finish the call with its final status."""
-        self.span.set_attribute("rpc.grpc.status_code", code)
+        """Finish the call with its final status; ends the span (later calls are ignored)."""
+        if self.ended:
+            return
+        self.ended = True
+        name = _safe_code_name(code)
+        number = code_number(name)
+        self.span.set_attribute("rpc.grpc.status_code", number)
         self.span.set_attribute("resilient_grpc.attempts", attempts)
         self.span.set_attribute("resilient_grpc.outcome", reason.value)
-        if code != "OK":
-            self.span.set_status(trace.Status(trace.StatusCode.ERROR, code))
+        if name != "OK":
+            self.span.set_status(trace.Status(trace.StatusCode.ERROR, name))
+        _instruments().calls.add(
+            1,
+            {**self._attributes, "rpc.grpc.status_code": number, "resilient_grpc.outcome": reason.value},
+        )
+        logs.call_finished(self.method, name, attempts=attempts, reason=reason, target=self.target)
+        self.span.end()
+
+    def abandon(self, error: BaseException) -> None:
+        """End the span of a call that stopped by an exception before :meth:`end` was called.
+
+        ``GeneratorExit`` (the driver of the call was closed or dropped, e.g. a response
+        stream the caller stopped reading) ends it as ``abandoned``, not as an error.
+        """
+        if self.ended:
+            return
+        self.ended = True
+        if isinstance(error, GeneratorExit):
+            self.span.set_attribute("resilient_grpc.outcome", "abandoned")
+            self.span.end()
+            return
+        code = getattr(error, "code", None)
+        if isinstance(error, grpc.RpcError) and callable(code):
+            with contextlib.suppress(Exception):
+                self.span.set_attribute("rpc.grpc.status_code", code_number(code()))
+        self.span.set_attribute("error.type", type(error).__qualname__)
+        self.span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__qualname__))
+        self.span.end()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[CallTelemetry]:
+        """Make the call's span current inside the block (for spans of its attempts)."""
+        with trace.use_span(
+            self.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+        ):
+            yield self
+
+
+def start_client_call(
+    method: str,
+    *,
+    target: str | None = None,
+    transport: Literal["sync", "aio"] | None = None,
+) -> CallTelemetry:
+    """Start the span of a logical call without making it current; :meth:`CallTelemetry.end` ends it.
+
+    For calls whose life outlasts one block (a response stream consumed later): wrap each
+    attempt in :meth:`CallTelemetry.use`. Most callers want :func:`client_call`.
+    """
+    attributes: dict[str, AttributeValue] = {"rpc.system": "grpc", **_method_attributes(method)}
+    attributes.update(server_attributes(target))
+    service, name = split_method(method)
+    span = _tracer().start_span(
+        f"{service}/{name}",
+        kind=_span_kind(transport),
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+    return CallTelemetry(method, span, target=target)
 
 
 @contextlib.contextmanager
-def client_call(method: str, *, target: str | None = None) -> Iterator[CallTelemetry]:
-    """A CLIENT span around one logical call, current while the block runs."""
-    service, name = split_method(method)
-    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
-    if target:
-        attributes["server.address"] = target
-    with _tracer.start_as_current_span(
-        f"{service}/{name}", kind=trace.SpanKind.CLIENT, attributes=attributes, end_on_exit=True
-    ) as span:
-        yield CallTelemetry(method, span)
+def client_call(
+    method: str,
+    *,
+    target: str | None = None,
+    transport: Literal["sync", "aio"] | None = None,
+) -> Iterator[CallTelemetry]:
+    """The span of one logical call, current while the block runs (a child of the current span).
+
+    The block should call :meth:`CallTelemetry.end`; if it leaves by an exception first, the
+    span ends with ERROR and the exception's type (never its message).
+    """
+    call = start_client_call(method, target=target, transport=transport)
+    try:
+        with call.use():
+            yield call
+    except BaseException as error:
+        call.abandon(error)
+        raise
+    finally:
+        if not call.ended:
+            call.ended = True
+            call.span.end()
+
+
+# --- breakers and dedup ---------------------------------------------------------------------
 
 
 def breaker_state_changed(name: str, old: str, new: str) -> None:
     """Record a circuit breaker transition (``closed``/``open``/``half-open``)."""
+    _instruments().breaker_transitions.add(
+        1,
+        {
+            "resilient_grpc.breaker.name": name,
+            "resilient_grpc.breaker.from": old,
+            "resilient_grpc.breaker.to": new,
+        },
+    )
+    _current_span_event(
+        "breaker_state_change",
+        {
+            "resilient_grpc.breaker.name": name,
+            "resilient_grpc.breaker.from": old,
+            "resilient_grpc.breaker.to": new,
+        },
+    )
+    logs.breaker_changed(name, old, new)
 
 
 def dedup_outcome(method: str, outcome: str) -> None:
-    """Record one dedup outcome: executed, replayed, conflict, waited or store_error."""
+    """Record one server-side dedup outcome (see :data:`DEDUP_OUTCOMES`) for ``method``.
+
+    Call it only for methods the server implements: ``method`` becomes a metric attribute.
+    An outcome that is not a short lower-case identifier is recorded as ``other``.
+    """
+    if outcome not in DEDUP_OUTCOMES and not _OUTCOME_NAME.match(outcome):
+        outcome = "other"
+    _instruments().dedup.add(1, {**_method_attributes(method), "resilient_grpc.dedup.outcome": outcome})
+    _current_span_event("dedup", {"resilient_grpc.dedup.outcome": outcome})
+    logs.dedup_outcome(method, outcome)
+
+
+def _reset_for_tests() -> None:
+    """Forget providers, instruments, registered breakers and log throttling (tests only)."""
+    configure()
+    with _breakers_lock:
+        _weak_breakers.clear()
+        _strong_breakers.clear()
+    logs._server_throttle.reset()
+
+
+__all__ = [
+    "BACKOFF_BUCKETS",
+    "BREAKER_STATES",
+    "DEDUP_OUTCOMES",
+    "CallTelemetry",
+    "ObservableBreaker",
+    "breaker_state_changed",
+    "client_call",
+    "code_number",
+    "configure",
+    "dedup_outcome",
+    "register_breaker",
+    "registered_breakers",
+    "server_attributes",
+    "start_client_call",
+    "unregister_breaker",
+]

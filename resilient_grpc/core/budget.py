@@ -7,6 +7,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 Clock = Callable[[], float]
 
@@ -102,6 +103,20 @@ class RetryBudget:
         with self._lock:
             self._expire(self._clock())
             return self._allowance() - len(self._withdrawals)
+
+    @classmethod
+    def from_service_config(
+        cls, config: str | bytes | dict[str, Any], *, window: float = 10.0
+    ) -> RetryBudget | None:
+        """The budget equivalent to a gRPC service config's ``retryThrottling`` (gRFC A6).
+
+        ``None`` when the config has none. ``ratio`` = ``tokenRatio`` and the reserve of
+        ``min_retries_per_second`` x ``window`` retries = ``maxTokens / 2`` (see
+        :mod:`resilient_grpc.service_config` for why).
+        """
+        from resilient_grpc.service_config import budget_from_service_config
+
+        return budget_from_service_config(config, window=window)
 
     @property
     def refused(self) -> int:

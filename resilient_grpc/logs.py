@@ -1,0 +1,197 @@
+"""The log lines of the resilience stack: stdlib ``logging`` under the ``resilient_grpc`` logger.
+
+Only :mod:`resilient_grpc.telemetry` calls this module, so the interceptors never log on their
+own and the sync and aio shells say exactly the same things. What is logged, and where:
+
+* ``resilient_grpc.client``: WARNING once when a call gives up on a failure it would have
+  retried (attempts made, last status, why it stopped, method, target); DEBUG for every attempt
+  and for every other end of a call.
+* ``resilient_grpc.breaker``: WARNING when a circuit breaker opens, INFO for its other
+  transitions, DEBUG for each call it fails fast.
+* ``resilient_grpc.server``: DEBUG for each dedup outcome; WARNING (at most one line per
+  outcome per :data:`SERVER_WARNING_INTERVAL` seconds, with the count of lines held back) when
+  the dedup store is unreachable, so a store outage cannot flood the log.
+
+Lines carry only method names, status codes, counts, delays, reasons and breaker names or
+targets: never idempotency keys, metadata or request/response bodies (the facade is never given
+them). Each record also has structured fields in ``extra`` (``rpc_method``, ``grpc_code``,
+``attempts``, ``retry_reason``, ...) for JSON formatters. As a library we attach only a
+``NullHandler``; the application decides where lines go.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from resilient_grpc.core.retry import Reason, RetryDecision
+
+logger = logging.getLogger("resilient_grpc")
+logger.addHandler(logging.NullHandler())
+
+client_logger = logging.getLogger("resilient_grpc.client")
+breaker_logger = logging.getLogger("resilient_grpc.breaker")
+server_logger = logging.getLogger("resilient_grpc.server")
+
+#: Reasons for which a failed call counts as "gave up" (a WARNING): the failure was retryable
+#: but the stack stopped. Business errors (not retryable) and non-idempotent calls without a
+#: key end at DEBUG: retrying them was never an option.
+GIVE_UP_REASONS: frozenset[Reason] = frozenset(
+    {
+        Reason.MAX_ATTEMPTS,
+        Reason.DEADLINE,
+        Reason.BUDGET_EXHAUSTED,
+        Reason.PUSHBACK_STOP,
+        Reason.BREAKER_OPEN,
+    }
+)
+
+#: Dedup outcomes logged at WARNING (throttled): the store could not be used.
+SERVER_WARNING_OUTCOMES: frozenset[str] = frozenset({"store_error", "fail_open"})
+
+#: Minimum seconds between two WARNING lines for the same server outcome.
+SERVER_WARNING_INTERVAL = 10.0
+
+
+def attempt_finished(
+    method: str, attempt: int, code: str, decision: RetryDecision | None
+) -> None:
+    """DEBUG: one attempt ended with ``code``, and what the stack decided next."""
+    if not client_logger.isEnabledFor(logging.DEBUG):
+        return
+    extra = {"rpc_method": method, "attempt": attempt, "grpc_code": code}
+    if decision is None:
+        client_logger.debug("%s attempt %d: %s", method, attempt, code, extra=extra)
+    elif decision.retry:
+        source = decision.source.value if decision.source is not None else "computed"
+        client_logger.debug(
+            "%s attempt %d: %s; retrying in %.3f s (%s backoff)",
+            method,
+            attempt,
+            code,
+            decision.delay,
+            source,
+            extra={**extra, "retry_reason": decision.reason.value, "backoff_s": decision.delay},
+        )
+    else:
+        client_logger.debug(
+            "%s attempt %d: %s; not retrying (%s)",
+            method,
+            attempt,
+            code,
+            decision.reason.value,
+            extra={**extra, "retry_reason": decision.reason.value},
+        )
+
+
+def call_finished(
+    method: str, code: str, *, attempts: int, reason: Reason, target: str | None
+) -> None:
+    """WARNING when the call gave up on a retryable failure; DEBUG for any other end."""
+    extra = {
+        "rpc_method": method,
+        "grpc_code": code,
+        "attempts": attempts,
+        "retry_reason": reason.value,
+        "target": target,
+    }
+    where = f" to {target}" if target else ""
+    # A call the breaker refused before any attempt is not a give-up: the breaker's opening was
+    # already logged once, and one WARNING per refused call would flood the log.
+    if code != "OK" and reason in GIVE_UP_REASONS and attempts > 0:
+        client_logger.warning(
+            "%s%s gave up after %d attempt%s: last status %s (%s)",
+            method,
+            where,
+            attempts,
+            "" if attempts == 1 else "s",
+            code,
+            reason.value,
+            extra=extra,
+        )
+    elif client_logger.isEnabledFor(logging.DEBUG):
+        client_logger.debug(
+            "%s%s finished after %d attempt%s: %s (%s)",
+            method,
+            where,
+            attempts,
+            "" if attempts == 1 else "s",
+            code,
+            reason.value,
+            extra=extra,
+        )
+
+
+def breaker_rejected(method: str, target: str | None) -> None:
+    """DEBUG: an open breaker failed a call fast."""
+    if breaker_logger.isEnabledFor(logging.DEBUG):
+        breaker_logger.debug(
+            "%s%s: circuit breaker open, failing fast",
+            method,
+            f" to {target}" if target else "",
+            extra={"rpc_method": method, "target": target},
+        )
+
+
+def breaker_changed(name: str, old: str, new: str) -> None:
+    """WARNING when a breaker opens; INFO for its other transitions."""
+    extra = {"breaker": name, "breaker_from": old, "breaker_to": new}
+    if new == "open":
+        breaker_logger.warning(
+            "circuit breaker %s opened (was %s): calls fail fast until a probe succeeds",
+            name,
+            old,
+            extra=extra,
+        )
+    else:
+        breaker_logger.info("circuit breaker %s: %s -> %s", name, old, new, extra=extra)
+
+
+class _Throttle:
+    """At most one line per key per ``interval`` seconds; counts the lines held back."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def admit(self, key: str) -> int | None:
+        """``None``: hold this line back; else the number of lines held back since the last one."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                self._held[key] = self._held.get(key, 0) + 1
+                return None
+            self._last[key] = now
+            return self._held.pop(key, 0)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._last.clear()
+            self._held.clear()
+
+
+_server_throttle = _Throttle(SERVER_WARNING_INTERVAL)
+
+
+def dedup_outcome(method: str, outcome: str) -> None:
+    """DEBUG per dedup outcome; a throttled WARNING when the store could not be used."""
+    extra = {"rpc_method": method, "dedup_outcome": outcome}
+    if outcome in SERVER_WARNING_OUTCOMES:
+        held = _server_throttle.admit(outcome)
+        if held is not None:
+            what = (
+                "running the handler without deduplication"
+                if outcome == "fail_open"
+                else "refusing the call"
+            )
+            more = f" ({held} more since the last line)" if held else ""
+            server_logger.warning(
+                "%s: dedup store unavailable, %s%s", method, what, more, extra=extra
+            )
+            return
+    if server_logger.isEnabledFor(logging.DEBUG):
+        server_logger.debug("%s: dedup %s", method, outcome, extra=extra)
