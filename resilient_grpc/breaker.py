@@ -66,52 +66,60 @@ _LISTENER = _TelemetryListener()
 
 
 class TargetBreaker:
-    """The breaker of one target: a pybreaker breaker plus a per-process probe slot."""
+    """The breaker of one target: a pybreaker breaker plus a per-process probe slot.
+
+    The pybreaker breaker is made on first use, inside :meth:`admit` (so with Redis storage
+    even its setup round trips run where the caller runs blocking breaker I/O).
+    """
 
     __slots__ = (
         "_breaker",
         "_fast_success",
         "_lock",
+        "_make",
         "_probing",
         "blocking",
         "name",
-        "reset_timeout",
+        "rejected_until",
     )
 
     def __init__(
         self,
-        breaker: pybreaker.CircuitBreaker,
+        make: Callable[[], pybreaker.CircuitBreaker],
         *,
+        name: str,
         blocking: bool,
-        reset_timeout: float,
         fast_success: bool = True,
     ) -> None:
-        self._breaker = breaker
+        self._make = make
+        self._breaker: pybreaker.CircuitBreaker | None = None
         self._fast_success = fast_success
         self._lock = threading.Lock()
         self._probing = False
         #: True when the storage does I/O (Redis): aio code must not call it on the loop.
         self.blocking = blocking
-        self.name: str = breaker.name or ""
-        self.reset_timeout = reset_timeout
+        self.name = name
+        #: When the last refused admission said the next probe may go (UTC; ``None``: a probe
+        #: is in flight). Read by the caller to explain the refusal without more I/O.
+        self.rejected_until: datetime.datetime | None = None
 
     @property
     def pybreaker(self) -> pybreaker.CircuitBreaker:
         """The underlying ``pybreaker.CircuitBreaker`` (state, counters, listeners)."""
-        return self._breaker
+        with self._lock:
+            return self._get()
+
+    def _get(self) -> pybreaker.CircuitBreaker:
+        breaker = self._breaker
+        if breaker is None:
+            breaker = self._breaker = self._make()
+        return breaker
 
     @property
     def state(self) -> str:
         """``"closed"``, ``"open"`` or ``"half-open"`` (notices changes made by other processes)."""
         with self._lock:
-            return str(self._breaker.state.name)
-
-    def retry_at(self) -> datetime.datetime | None:
-        """When an open breaker lets the next probe through (UTC), if it is open."""
-        opened_at = self._breaker._state_storage.opened_at
-        if opened_at is None:
-            return None
-        return opened_at + datetime.timedelta(seconds=self._breaker.reset_timeout)
+            return str(self._get().state.name)
 
     def admit(self) -> int:
         """May an attempt go out now? :data:`ADMITTED`, :data:`PROBE`, or 0 (fail fast).
@@ -119,20 +127,21 @@ class TargetBreaker:
         An open breaker whose ``reset_timeout`` has elapsed moves to half-open and admits this
         attempt as its single probe; the caller must then :meth:`record` (or :meth:`release`).
         """
-        breaker = self._breaker
         with self._lock:
+            breaker = self._get()
             state = breaker.state.name  # reads the storage; notifies listeners of remote changes
             if state == pybreaker.STATE_CLOSED:
                 return ADMITTED
             if self._probing:
+                self.rejected_until = None
                 return 0
             if state == pybreaker.STATE_OPEN:
                 opened_at = breaker._state_storage.opened_at
-                now = datetime.datetime.now(_UTC)
-                if opened_at is not None and now < opened_at + datetime.timedelta(
-                    seconds=breaker.reset_timeout
-                ):
-                    return 0
+                if opened_at is not None:
+                    retry_at = opened_at + datetime.timedelta(seconds=breaker.reset_timeout)
+                    if datetime.datetime.now(_UTC) < retry_at:
+                        self.rejected_until = retry_at
+                        return 0
                 breaker.half_open()
             self._probing = True
             return PROBE
@@ -143,8 +152,8 @@ class TargetBreaker:
         ``failed`` means the attempt ended with an unhealthy code. An outcome that arrives while
         the breaker is open (another call opened it meanwhile) is ignored, as pybreaker would.
         """
-        breaker = self._breaker
         with self._lock:
+            breaker = self._get()
             if admission == PROBE:
                 self._probing = False
             if breaker.current_state == pybreaker.STATE_OPEN:
@@ -161,7 +170,7 @@ class TargetBreaker:
             return bool(breaker.current_state == pybreaker.STATE_OPEN)
 
     def release(self, admission: int) -> None:
-        """Give the probe slot back without an outcome (the attempt was cancelled locally)."""
+        """Give the probe slot back without an outcome (the attempt was abandoned locally)."""
         if admission == PROBE:
             with self._lock:
                 self._probing = False
@@ -282,21 +291,27 @@ class CircuitBreaker:
             return found
 
     def _make(self, key: str) -> TargetBreaker:
+        name = self.name if key == "*" else f"{self.name}:{key}"
         storage = self._storage
-        if storage is not None and not isinstance(storage, pybreaker.CircuitBreakerStorage):
-            storage = storage(key)
-        breaker = pybreaker.CircuitBreaker(
-            fail_max=self.fail_max,
-            reset_timeout=self.reset_timeout,
-            success_threshold=self.success_threshold,
-            listeners=list(self._listeners),
-            state_storage=storage,
-            name=self.name if key == "*" else f"{self.name}:{key}",
-        )
+
+        def make() -> pybreaker.CircuitBreaker:
+            state_storage = storage
+            if state_storage is not None and not isinstance(
+                state_storage, pybreaker.CircuitBreakerStorage
+            ):
+                state_storage = state_storage(key)
+            return pybreaker.CircuitBreaker(
+                fail_max=self.fail_max,
+                reset_timeout=self.reset_timeout,
+                success_threshold=self.success_threshold,
+                listeners=list(self._listeners),
+                state_storage=state_storage,
+                name=name,
+            )
+
+        # A storage function is assumed to do I/O (it exists to share state); an instance is
+        # blocking unless it is pybreaker's memory storage.
         blocking = storage is not None and not isinstance(storage, pybreaker.CircuitMemoryStorage)
         return TargetBreaker(
-            breaker,
-            blocking=blocking,
-            reset_timeout=self.reset_timeout,
-            fast_success=not self._user_listeners,
+            make, name=name, blocking=blocking, fast_success=not self._user_listeners
         )

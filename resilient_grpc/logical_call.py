@@ -201,45 +201,52 @@ class LogicalCall:
                         (yield BreakerIO(breaker.admit)) if breaker.blocking else breaker.admit()
                     )
                     if not admission:
-                        tel.breaker_rejected()
-                        if last_error is None:
-                            rejected = BreakerOpenError(
-                                stack.target or "default", breaker.retry_at()
-                            )
-                            tel.end("UNAVAILABLE", attempts=0, reason=Reason.BREAKER_OPEN)
-                            raise rejected
-                        self._give_up(tel, last_error, state.breaker_open())
+                        self._refused(tel, breaker, last_error)
                 timeout = state.begin_attempt()
                 wait_for_ready = self.wait_for_ready
                 if state.attempts > 1 and wait_for_ready is None and stack.reconnect_wait:
                     wait_for_ready = True
                     if timeout is None:
                         timeout = stack.reconnect_wait
-                error = yield Attempt(state.attempts, timeout, self.metadata, wait_for_ready)
-                if error is None:
+                try:
+                    error = yield Attempt(state.attempts, timeout, self.metadata, wait_for_ready)
+                    code = "OK" if error is None else status_name(error)
+                    opened = False
                     if breaker is not None:
-                        if breaker.blocking:
-                            yield BreakerIO(breaker.record, admission, False)
-                        else:
-                            breaker.record(admission, False)
-                    tel.attempt(state.attempts, "OK", None)
-                    tel.end("OK", attempts=state.attempts, reason=Reason.SUCCESS)
+                        failed = code in stack.breaker_codes
+                        opened = (
+                            (yield BreakerIO(breaker.record, admission, failed))
+                            if breaker.blocking
+                            else breaker.record(admission, failed)
+                        )
+                except GeneratorExit:  # abandoned mid-attempt: free the probe slot
+                    if breaker is not None:
+                        breaker.release(admission)
+                    raise
+                if error is None:
+                    tel.attempt(state.attempts, code, None)
+                    tel.end(code, attempts=state.attempts, reason=Reason.SUCCESS)
                     return
                 last_error = error
-                code = status_name(error)
-                opened = False
-                if breaker is not None:
-                    failed = code in stack.breaker_codes
-                    opened = (
-                        (yield BreakerIO(breaker.record, admission, failed))
-                        if breaker.blocking
-                        else breaker.record(admission, failed)
-                    )
                 decision = state.breaker_open() if opened else self._decide(code, error)
                 tel.attempt(state.attempts, code, decision)
                 if not decision.retry:
                     self._give_up(tel, error, decision)
                 yield Pause(decision.delay)
+
+    def _refused(
+        self,
+        tel: telemetry.CallTelemetry,
+        breaker: TargetBreaker,
+        last_error: BaseException | None,
+    ) -> NoReturn:
+        """The breaker refused an attempt: fail fast, or give up with the last real error."""
+        tel.breaker_rejected()
+        if last_error is not None:
+            self._give_up(tel, last_error, self.state.breaker_open())
+        rejected = BreakerOpenError(self.stack.target or "default", breaker.rejected_until)
+        tel.end("UNAVAILABLE", attempts=0, reason=Reason.BREAKER_OPEN)
+        raise rejected
 
     def _decide(self, code: str, error: BaseException) -> RetryDecision:
         if code not in self.state.policy.retryable_codes:

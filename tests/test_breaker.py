@@ -1,0 +1,352 @@
+"""CircuitBreaker (on pybreaker) through the client stack, against real ledger servers and Redis."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pybreaker
+import pytest
+import redis
+
+from protos import ledger_pb2, ledger_pb2_grpc
+from protos.ledger_service import GET_BALANCE, Fault, SyncLedger, serve, serve_aio
+from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryPolicy, telemetry
+from resilient_grpc.aio.client import resilient_channel as aio_resilient_channel
+from resilient_grpc.client import resilient_channel
+from resilient_grpc.errors import BreakerOpenError, attempts_of
+
+BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ledger_target(ledger: tuple[SyncLedger, int]) -> str:
+    return f"127.0.0.1:{ledger[1]}"
+
+
+@pytest.fixture
+def transitions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
+    """Breaker transitions reported to telemetry (recorded, then passed on to the real function)."""
+    seen: list[tuple[str, str, str]] = []
+    original = telemetry.breaker_state_changed
+
+    def record(name: str, old: str, new: str) -> None:
+        seen.append((name, old, new))
+        original(name, old, new)
+
+    monkeypatch.setattr(telemetry, "breaker_state_changed", record)
+    return seen
+
+
+def call_outcome(stub: ledger_pb2_grpc.LedgerStub) -> str:
+    """``"ok"``, ``"breaker"`` (refused locally) or the status code name of a real failure."""
+    try:
+        stub.GetBalance(BALANCE_REQUEST, timeout=5)
+    except BreakerOpenError:
+        return "breaker"
+    except grpc.RpcError as error:
+        return str(error.code().name)
+    return "ok"
+
+
+def wait_for_reset(breaker: CircuitBreaker, target: str, limit: float = 3.0) -> None:
+    """Wait (bounded) until the open breaker of ``target`` would let a probe through."""
+    target_breaker = breaker.for_target(target)
+    storage = target_breaker.pybreaker._state_storage
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        opened_at = storage.opened_at
+        if opened_at is not None and datetime.datetime.now(
+            datetime.timezone.utc
+        ) >= opened_at + datetime.timedelta(seconds=breaker.reset_timeout):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"breaker of {target} did not reach its reset time within {limit} s")
+
+
+def test_opens_after_threshold_then_no_requests_then_exactly_one_probe(
+    ledger, ledger_target, transitions
+) -> None:
+    servicer, _ = ledger
+    breaker = CircuitBreaker(fail_max=3, reset_timeout=0.3)
+    with resilient_channel(ledger_target, breaker=breaker) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        servicer.state.faults.fail_times(GET_BALANCE, 3)
+
+        assert [call_outcome(stub) for _ in range(3)] == ["UNAVAILABLE"] * 3
+        assert breaker.for_target(ledger_target).state == "open"
+
+        # While open: fail fast, the server sees nothing at all.
+        assert [call_outcome(stub) for _ in range(50)] == ["breaker"] * 50
+        assert len(servicer.state.calls_to(GET_BALANCE)) == 3
+
+        # After the reset timeout, 10 concurrent calls: exactly one probe reaches the server.
+        # The probe is slow and fails, so the others arrive while it is in flight.
+        servicer.state.faults.add(GET_BALANCE, Fault(delay=0.3))
+        wait_for_reset(breaker, ledger_target)
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            outcomes = list(pool.map(lambda _: call_outcome(stub), range(10)))
+        assert sorted(outcomes) == ["UNAVAILABLE"] + ["breaker"] * 9
+        assert len(servicer.state.calls_to(GET_BALANCE)) == 4
+        assert breaker.for_target(ledger_target).state == "open"  # the failed probe reopened it
+
+        # Next reset: a successful probe closes the breaker and traffic flows again.
+        wait_for_reset(breaker, ledger_target)
+        assert call_outcome(stub) == "ok"
+        assert breaker.for_target(ledger_target).state == "closed"
+        assert [call_outcome(stub) for _ in range(5)] == ["ok"] * 5
+        assert len(servicer.state.calls_to(GET_BALANCE)) == 10
+
+    name = f"resilient_grpc:{ledger_target}"
+    assert [t for t in transitions if t[0] == name] == [
+        (name, "closed", "open"),
+        (name, "open", "half-open"),
+        (name, "half-open", "open"),
+        (name, "open", "half-open"),
+        (name, "half-open", "closed"),
+    ]
+
+
+def test_business_errors_are_never_counted(ledger, ledger_target) -> None:
+    servicer, _ = ledger
+    breaker = CircuitBreaker(fail_max=2, reset_timeout=30)
+    with resilient_channel(ledger_target, breaker=breaker) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        for code in (
+            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.PERMISSION_DENIED,
+        ):
+            servicer.state.faults.fail_times(GET_BALANCE, 3, Fault(code=code))
+            assert [call_outcome(stub) for _ in range(3)] == [code.name] * 3
+        assert breaker.for_target(ledger_target).state == "closed"
+        assert breaker.for_target(ledger_target).pybreaker.fail_counter == 0
+
+        # A business error proves the backend answers: it resets the consecutive count.
+        servicer.state.faults.add(
+            GET_BALANCE, Fault(), Fault(code=grpc.StatusCode.NOT_FOUND), Fault()
+        )
+        assert [call_outcome(stub) for _ in range(3)] == ["UNAVAILABLE", "NOT_FOUND", "UNAVAILABLE"]
+        assert breaker.for_target(ledger_target).state == "closed"
+
+
+def test_counted_codes_are_configurable(ledger, ledger_target) -> None:
+    servicer, _ = ledger
+    breaker = CircuitBreaker(fail_max=2, reset_timeout=30, codes=[grpc.StatusCode.UNAVAILABLE])
+    with resilient_channel(ledger_target, breaker=breaker) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        servicer.state.faults.fail_times(GET_BALANCE, 4, Fault(code=grpc.StatusCode.INTERNAL))
+        assert [call_outcome(stub) for _ in range(4)] == ["INTERNAL"] * 4
+        assert breaker.for_target(ledger_target).state == "closed"
+        servicer.state.faults.fail_times(GET_BALANCE, 2)
+        assert [call_outcome(stub) for _ in range(3)] == ["UNAVAILABLE", "UNAVAILABLE", "breaker"]
+
+
+def test_deadline_exceeded_counts_as_unhealthy(ledger, ledger_target) -> None:
+    servicer, _ = ledger
+    breaker = CircuitBreaker(fail_max=2, reset_timeout=30)
+    with resilient_channel(ledger_target, breaker=breaker) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        servicer.state.faults.fail_times(GET_BALANCE, 2, Fault(delay=0.3))
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetBalance(BALANCE_REQUEST, timeout=0.05)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert breaker.for_target(ledger_target).state == "open"
+
+
+def test_one_breaker_per_target(ledger, ledger_target) -> None:
+    servicer, _ = ledger
+    other_server, other_port, other = serve()
+    breaker = CircuitBreaker(fail_max=2, reset_timeout=30)
+    try:
+        with (
+            resilient_channel(ledger_target, breaker=breaker) as first,
+            resilient_channel(f"127.0.0.1:{other_port}", breaker=breaker) as second,
+        ):
+            servicer.state.faults.fail_times(GET_BALANCE, 2)
+            stub = ledger_pb2_grpc.LedgerStub(first)
+            assert [call_outcome(stub) for _ in range(3)] == ["UNAVAILABLE"] * 2 + ["breaker"]
+            assert call_outcome(ledger_pb2_grpc.LedgerStub(second)) == "ok"
+            assert len(other.state.calls_to(GET_BALANCE)) == 1
+    finally:
+        other_server.stop(None)
+
+
+def test_shared_breaker_with_per_target_false(ledger, ledger_target) -> None:
+    servicer, _ = ledger
+    other_server, other_port, other = serve()
+    breaker = CircuitBreaker(fail_max=2, reset_timeout=30, per_target=False)
+    try:
+        with (
+            resilient_channel(ledger_target, breaker=breaker) as first,
+            resilient_channel(f"127.0.0.1:{other_port}", breaker=breaker) as second,
+        ):
+            servicer.state.faults.fail_times(GET_BALANCE, 2)
+            stub = ledger_pb2_grpc.LedgerStub(first)
+            assert [call_outcome(stub) for _ in range(2)] == ["UNAVAILABLE"] * 2
+            assert call_outcome(ledger_pb2_grpc.LedgerStub(second)) == "breaker"
+            assert other.state.calls_to(GET_BALANCE) == []
+    finally:
+        other_server.stop(None)
+
+
+def test_breaker_open_error_is_an_rpc_error_with_code_unavailable() -> None:
+    retry_at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=2)
+    error = BreakerOpenError("ledger.example:443", retry_at)
+
+    assert isinstance(error, grpc.RpcError)
+    assert isinstance(error, grpc.Call)
+    assert isinstance(error, grpc.Future)
+    assert isinstance(error, grpc.aio.AioRpcError)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "circuit breaker for ledger.example:443 is open" in error.details()
+    assert "next probe after" in error.details()
+    assert not error.trailing_metadata()
+    assert not error.initial_metadata()
+    assert error.done() and not error.is_active()
+    assert error.exception() is error
+    with pytest.raises(BreakerOpenError):
+        error.result()
+    assert attempts_of(error) == 0
+    copy = pickle.loads(pickle.dumps(error))
+    assert copy.code() == grpc.StatusCode.UNAVAILABLE and copy.target == "ledger.example:443"
+
+
+def test_breaker_open_error_while_a_probe_is_in_flight() -> None:
+    error = BreakerOpenError("t", None)
+    assert "probe call is already in flight" in error.details()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"fail_max": 0}, "fail_max"),
+        ({"fail_max": "5"}, "fail_max"),
+        ({"fail_max": True}, "fail_max"),
+        ({"reset_timeout": 0}, "reset_timeout"),
+        ({"reset_timeout": -1.0}, "reset_timeout"),
+        ({"reset_timeout": float("inf")}, "reset_timeout"),
+        ({"success_threshold": 0}, "success_threshold"),
+        ({"codes": "UNAVAILABLE"}, "codes"),
+        ({"codes": ["NOPE"]}, "codes"),
+        ({"codes": ["OK"]}, "codes"),
+        ({"per_target": "yes"}, "per_target"),
+        ({"name": ""}, "name"),
+        ({"storage": 42}, "storage"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        CircuitBreaker(**kwargs)
+
+
+# Shared state in Redis --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+PEER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import grpc, redis
+    from protos import ledger_pb2, ledger_pb2_grpc
+    from resilient_grpc import CircuitBreaker
+    from resilient_grpc.client import resilient_channel
+    from resilient_grpc.errors import BreakerOpenError
+
+    url, namespace, target = sys.argv[1:4]
+    breaker = CircuitBreaker.redis(redis.Redis.from_url(url), namespace=namespace, fail_max=2)
+    with resilient_channel(target, breaker=breaker) as channel:
+        try:
+            ledger_pb2_grpc.LedgerStub(channel).GetBalance(
+                ledger_pb2.BalanceRequest(account="alice"), timeout=5
+            )
+        except BreakerOpenError as error:
+            print("refused:", error.details())
+        else:
+            print("called")
+    """
+)
+
+
+def test_redis_storage_shares_an_open_breaker_across_processes(
+    ledger, ledger_target, redis_url, redis_client
+) -> None:
+    servicer, _ = ledger
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    breaker = CircuitBreaker.redis(redis_client, namespace=namespace, fail_max=2, reset_timeout=30)
+    with resilient_channel(ledger_target, breaker=breaker) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        servicer.state.faults.fail_times(GET_BALANCE, 2)
+        assert [call_outcome(stub) for _ in range(3)] == ["UNAVAILABLE"] * 2 + ["breaker"]
+
+    state_key = f"{namespace}:{ledger_target}:pybreaker:state"
+    assert redis_client.get(state_key) == b"open"
+
+    # Another process, its own breaker object, same Redis namespace: refused without calling.
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    peer = subprocess.run(
+        [sys.executable, "-c", PEER_SCRIPT, redis_url, namespace, ledger_target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    assert peer.returncode == 0, peer.stderr
+    assert peer.stdout.startswith("refused: circuit breaker for"), peer.stdout
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 2
+
+
+async def test_redis_storage_with_aio_runs_breaker_io_off_the_loop(redis_client) -> None:
+    server, port, servicer = await serve_aio()
+    target = f"127.0.0.1:{port}"
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    breaker = CircuitBreaker.redis(redis_client, namespace=namespace, fail_max=2, reset_timeout=30)
+    assert breaker.for_target(target).blocking
+    try:
+        async with aio_resilient_channel(
+            target,
+            retry=RetryPolicy(max_attempts=5, initial_backoff=0.01),
+            breaker=breaker,
+            idempotency=IdempotencyKeys(),
+        ) as channel:
+            stub = ledger_pb2_grpc.LedgerStub(channel)
+            servicer.state.faults.fail_times(GET_BALANCE, 5)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetBalance(BALANCE_REQUEST, timeout=5)
+            assert attempts_of(caught.value) == 2  # retries stopped when the breaker opened
+            with pytest.raises(BreakerOpenError):
+                await stub.GetBalance(BALANCE_REQUEST, timeout=5)
+        assert redis_client.get(f"{namespace}:{target}:pybreaker:state") == b"open"
+        assert len(servicer.state.calls_to(GET_BALANCE)) == 2
+    finally:
+        await server.stop(None)
+
+
+def test_a_pybreaker_storage_instance_is_one_breaker_for_every_target(redis_client) -> None:
+    storage = pybreaker.CircuitRedisStorage(
+        pybreaker.STATE_CLOSED, redis_client, namespace=f"test-{uuid.uuid4().hex[:8]}"
+    )
+    breaker = CircuitBreaker(storage=storage)
+    assert breaker.for_target("a:1") is breaker.for_target("b:2")
+    assert breaker.for_target("a:1").blocking
