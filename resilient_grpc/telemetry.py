@@ -254,8 +254,8 @@ def register_breaker(breaker: ObservableBreaker) -> None:
 def unregister_breaker(breaker: ObservableBreaker) -> None:
     """Remove ``breaker`` from the state gauge (a no-op if it is not there)."""
     with _breakers_lock:
-        _weak_breakers.discard(breaker)
-        _strong_breakers.pop(id(breaker), None)
+        if _strong_breakers.pop(id(breaker), None) is None:
+            _weak_breakers.discard(breaker)
 
 
 def registered_breakers() -> list[ObservableBreaker]:
