@@ -1,0 +1,261 @@
+"""Compare retry policies under an outage, an overload spike and lost responses, on real gRPC.
+
+Run ``python -m benchmarks`` (or ``python benchmarks/compare_policies.py``); ``--quick`` for a
+short look. Each policy meets each scenario in a fresh model server (see
+:mod:`benchmarks.server_model`: fixed workers, bounded queue, handlers that keep executing
+abandoned work) running in its own process, driven by an open-loop Poisson load
+(:mod:`benchmarks.load`) from a ``grpc.aio`` client. Output: a table per scenario, JSON at
+``benchmarks/results/compare_policies.json`` and a plot at
+``benchmarks/results/compare_policies.png``. Metric definitions: :mod:`benchmarks.metrics`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `protos` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from benchmarks import metrics as metrics_module
+from benchmarks import report
+from benchmarks.load import poisson_schedule, run_open_loop
+from benchmarks.policies import POLICIES, POLICY_NAMES, ClientSettings, Policy
+from benchmarks.scenarios import SCENARIO_NAMES, Scenario, build_scenarios
+from benchmarks.server_model import PROXY_COUNTERS, CapacityConfig, ServerProcess
+from protos import ledger_pb2
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICK_SCALE = 0.4
+QUICK_POLICIES = ("no-retry", "naive-x3", "exp-full-jitter", "budget", "full-stack", "grpc-native")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=(
+            "Compare retry policies (no retry, naive x3, exponential with/without jitter, "
+            "retry budget, circuit breaker, the full resilient-grpc stack with server dedup, "
+            "gRPC native retry, tenacity) under an outage, an overload spike and lost responses."
+        ),
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help=f"shorter scenarios (x{QUICK_SCALE}) and fewer policies "
+                        f"({', '.join(QUICK_POLICIES)}) unless --policies is given")
+    parser.add_argument("--policies", help=f"comma-separated subset of: {', '.join(POLICY_NAMES)}")
+    parser.add_argument("--scenarios",
+                        help=f"comma-separated subset of: {', '.join(SCENARIO_NAMES)}")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="multiply scenario durations (default 1, or the --quick value)")
+    parser.add_argument("--rate", type=float, default=180.0, help="normal arrival rate (req/s)")
+    parser.add_argument("--spike-rate", type=float, default=450.0,
+                        help="arrival rate during the overload spike (req/s)")
+    parser.add_argument("--lost-rate", type=float, default=100.0,
+                        help="arrival rate of the lost-responses scenario (req/s)")
+    parser.add_argument("--workers", type=int, default=8, help="server workers")
+    parser.add_argument("--queue", type=int, default=128, help="server queue bound")
+    parser.add_argument("--service-time", type=float, default=0.028,
+                        help="server work per call, seconds (capacity = workers / service time)")
+    parser.add_argument("--cut-probability", type=float, default=0.02,
+                        help="fraction of responses the proxy cuts in the lost-responses scenario")
+    parser.add_argument("--seed", type=int, default=1, help="seed of arrivals and cuts")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
+                        help="where compare_policies.json / .png go")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--markdown", action="store_true",
+                        help="also print the tables as markdown (for the README)")
+    args = parser.parse_args(argv)
+    args.policy_list = _pick(args.policies, POLICY_NAMES, "--policies") if args.policies else (
+        list(QUICK_POLICIES) if args.quick else list(POLICY_NAMES)
+    )
+    args.scenario_list = (
+        _pick(args.scenarios, SCENARIO_NAMES, "--scenarios") if args.scenarios
+        else list(SCENARIO_NAMES)
+    )
+    if args.scale is None:
+        args.scale = QUICK_SCALE if args.quick else 1.0
+    if not args.scale > 0:
+        parser.error(f"--scale must be > 0, got {args.scale}")
+    return args
+
+
+def _pick(value: str, known: Sequence[str], flag: str) -> list[str]:
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in known]
+    if unknown or not chosen:
+        raise SystemExit(f"{flag}: unknown {', '.join(unknown) or 'empty list'}; "
+                         f"choose from {', '.join(known)}")
+    return chosen
+
+
+async def run_trial(
+    server: ServerProcess,
+    proxy: ServerProcess,
+    scenario: Scenario,
+    policy: Policy,
+    *,
+    settings: ClientSettings,
+    capacity: CapacityConfig,
+    seed: int,
+    on_tick: Callable[[float], None],
+) -> metrics_module.TrialMetrics:
+    """One policy against one scenario on a fresh server; returns its metrics."""
+    start = server.request(
+        cmd="start",
+        workers=capacity.workers,
+        queue=capacity.queue,
+        service_time=capacity.service_time,
+        dedup=policy.server_dedup,
+        outage=list(scenario.trigger) if scenario.outage else None,
+    )
+    port = start["port"]
+    if scenario.cut_probability:
+        port = proxy.request(
+            cmd="proxy", upstream=port, cut_probability=scenario.cut_probability, seed=seed
+        )["port"]
+    offsets = poisson_schedule(scenario.phases, random.Random(seed))
+    keys = [f"{scenario.name}-{policy.name}-{index}" for index in range(len(offsets))]
+    client = policy.connect(f"127.0.0.1:{port}", settings)
+    try:
+        await asyncio.wait_for(client.channel.channel_ready(), timeout=10)
+        origin = time.monotonic() + 0.05
+        server.request(cmd="go", origin=origin)
+
+        async def one(index: int) -> None:
+            await client.call(
+                ledger_pb2.TransferRequest(
+                    from_account=f"acct-{index % 64}", to_account="sink", amount=1,
+                    memo=keys[index],
+                )
+            )
+
+        records = await run_open_loop(
+            one, offsets, origin, drain_timeout=settings.deadline + 1.0, on_tick=on_tick
+        )
+    finally:
+        await client.close()
+    counters = proxy.request(cmd="proxy_stop") if scenario.cut_probability else None
+    logs = server.request(cmd="stop", drain_timeout=3.0)
+    result = metrics_module.compute(
+        records,
+        keys,
+        [(float(t), str(code)) for t, code in logs["attempts"]],
+        [(float(t), str(key), bool(late)) for t, key, late in logs["executions"]],
+        origin=origin,
+        trigger=scenario.trigger,
+        duration=scenario.duration,
+    )
+    if counters is not None:
+        result.proxy = {name: counters[name] for name in PROXY_COUNTERS}
+    return result
+
+
+def scenario_document(scenario: Scenario) -> dict[str, Any]:
+    return {
+        "name": scenario.name,
+        "label": scenario.label,
+        "description": scenario.describe(),
+        "phases": [asdict(phase) for phase in scenario.phases],
+        "trigger": list(scenario.trigger),
+        "duration": scenario.duration,
+        "has_after": scenario.trigger[1] < scenario.duration,
+        "cut_probability": scenario.cut_probability,
+    }
+
+
+async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    """Every selected policy against every selected scenario; returns the JSON document."""
+    settings = ClientSettings()
+    capacity = CapacityConfig(args.workers, args.queue, args.service_time)
+    scenarios = [
+        s for s in build_scenarios(rate=args.rate, spike_rate=args.spike_rate, lost_rate=args.lost_rate,
+                                   scale=args.scale,
+                                   cut_probability=args.cut_probability)
+        if s.name in args.scenario_list
+    ]
+    policies = [p for p in POLICIES if p.name in args.policy_list]
+    results: dict[str, dict[str, metrics_module.TrialMetrics]] = {}
+    began = time.monotonic()
+    total = sum(s.duration for s in scenarios) * len(policies)
+    with ServerProcess() as server, ServerProcess() as proxy, Progress(
+        TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as progress:
+        bar = progress.add_task("starting", total=total)
+        done = 0.0
+        for scenario in scenarios:
+            results[scenario.name] = {}
+            for policy in policies:
+                progress.update(bar, description=f"{scenario.name}: {policy.label}")
+
+                def tick(elapsed: float, base: float = done) -> None:
+                    progress.update(bar, completed=base + elapsed)
+
+                results[scenario.name][policy.name] = await run_trial(
+                    server, proxy, scenario, policy, settings=settings, capacity=capacity,
+                    seed=args.seed, on_tick=tick,
+                )
+                done += scenario.duration
+                progress.update(bar, completed=done)
+        progress.update(bar, description="done")
+    return {
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+        "elapsed_s": round(time.monotonic() - began, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+            "platform": platform.platform(),
+        },
+        "settings": asdict(settings),
+        "server": {**asdict(capacity), "capacity_per_s": round(capacity.capacity, 1)},
+        "scenarios": [scenario_document(s) for s in scenarios],
+        "policies": {p.name: {"label": p.label, "description": p.description,
+                              "server_dedup": p.server_dedup} for p in policies},
+        "definitions": metrics_module.__doc__,
+        "results": {
+            scenario: {name: m.to_json() for name, m in trials.items()}
+            for scenario, trials in results.items()
+        },
+        "_metrics": results,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console()
+    if console.width < 132:  # the tables need 132 columns; wider output beats wrapped cells
+        console = Console(width=132)
+    document = asyncio.run(run(args, console))
+    results = document.pop("_metrics")
+    labels = {name: document["policies"][name]["label"] for name in document["policies"]}
+    report.print_tables(console, document["scenarios"], results, labels)
+    json_path = args.output_dir / "compare_policies.json"
+    report.write_json(json_path, document)
+    console.print(f"JSON: {json_path}")
+    if not args.no_plot:
+        png_path = args.output_dir / "compare_policies.png"
+        report.write_plot(png_path, document["scenarios"], results, labels)
+        console.print(f"plot: {png_path}")
+    if args.markdown:
+        console.print(report.markdown(document["scenarios"], results, labels), markup=False,
+                      highlight=False, soft_wrap=True)
+    console.print(f"finished in {document['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

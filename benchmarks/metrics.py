@@ -1,0 +1,168 @@
+"""Turn one trial's raw logs (client records, server attempts and executions) into metrics.
+
+Definitions (also printed under the table):
+
+* goodput: logical requests that succeeded, as a fraction of those offered;
+* amplification: attempts that reached the server per logical request, counted by arrival time
+  during the trigger window and after it (attempts after the trigger, tail included, over the
+  requests that arrived after it);
+* latency: p50 / p99 of successful logical requests, from their scheduled arrival;
+* duplicates: executions of a logical request beyond its first;
+* lost: requests that failed and were never applied; failed-but-applied is the other kind
+  of failure (the client saw an error, the server executed it);
+* time to recover: the first 1 s window after the trigger (sliding in 0.1 s steps) in which the
+  requests arriving succeed at >= 95 % (goodput back within 5 % of offered load); ``None`` if
+  that never happens before the run ends.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from benchmarks.load import RequestRecord
+
+RECOVERY_WINDOW = 1.0
+RECOVERY_STEP = 0.1
+RECOVERY_LEVEL = 0.95
+SERIES_BIN = 0.25
+
+
+@dataclass
+class TrialMetrics:
+    """The numbers of one policy in one scenario."""
+
+    requests: int
+    succeeded: int
+    goodput: float
+    amplification_during: float | None
+    amplification_after: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    duplicates: int
+    lost: int
+    failed_applied: int
+    time_to_recover: float | None
+    recovered: bool
+    server_attempts: int
+    executions: int
+    late_executions: int
+    failures: dict[str, int]
+    server_status: dict[str, int]
+    series: dict[str, list[float]] = field(default_factory=dict)
+    proxy: dict[str, int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-quantile (0..1) by linear interpolation; ``None`` for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def time_to_recover(
+    records: Sequence[RequestRecord], origin: float, trigger_end: float, run_end: float
+) -> float | None:
+    """Seconds from the trigger's end to the first 1 s window whose arrivals succeed >= 95 %."""
+    offset = 0.0
+    while trigger_end + offset + RECOVERY_WINDOW <= run_end + 1e-9:
+        low = origin + trigger_end + offset
+        high = low + RECOVERY_WINDOW
+        window = [r for r in records if low <= r.start < high]
+        if window and sum(r.ok for r in window) >= RECOVERY_LEVEL * len(window):
+            return round(offset, 3)
+        offset += RECOVERY_STEP
+    return None
+
+
+def _series(
+    records: Sequence[RequestRecord],
+    attempts: Sequence[tuple[float, str]],
+    executions: Sequence[tuple[float, str, bool]],
+    origin: float,
+    span: float,
+) -> dict[str, list[float]]:
+    """Per-second rates in ``SERIES_BIN`` bins: offered, goodput, server attempts, wasted work."""
+    bins = max(1, math.ceil(span / SERIES_BIN))
+
+    def rate(times: Sequence[float]) -> list[float]:
+        counts = [0] * bins
+        for t in times:
+            index = int((t - origin) / SERIES_BIN)
+            if 0 <= index < bins:
+                counts[index] += 1
+        return [round(c / SERIES_BIN, 1) for c in counts]
+
+    return {
+        "t": [round((i + 0.5) * SERIES_BIN, 3) for i in range(bins)],
+        "offered": rate([r.start for r in records]),
+        "goodput": rate([r.end for r in records if r.ok]),
+        "server_attempts": rate([t for t, _code in attempts]),
+        "late_executions": rate([t for t, _key, late in executions if late]),
+    }
+
+
+def compute(
+    records: Sequence[RequestRecord],
+    keys: Sequence[str],
+    attempts: Sequence[tuple[float, str]],
+    executions: Sequence[tuple[float, str, bool]],
+    *,
+    origin: float,
+    trigger: tuple[float, float],
+    duration: float,
+) -> TrialMetrics:
+    """Metrics of one trial; ``keys[i]`` is the logical id of request ``i``; times are monotonic."""
+    start, end = origin + trigger[0], origin + trigger[1]
+    runs_on = end < origin + duration - 1e-9
+    executed = collections.Counter(key for _t, key, _late in executions)
+    succeeded = [r for r in records if r.ok]
+    failed = [r for r in records if not r.ok]
+    latencies = [r.latency * 1000 for r in succeeded]
+    during_requests = sum(1 for r in records if start <= r.start < end)
+    during_attempts = sum(1 for t, _code in attempts if start <= t < end)
+    after_requests = sum(1 for r in records if r.start >= end)
+    after_attempts = sum(1 for t, _code in attempts if t >= end)
+    recover = (
+        time_to_recover(records, origin, trigger[1], duration) if runs_on else None
+    )
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    span = max([duration, *((r.end - origin) for r in records)]) if records else duration
+    return TrialMetrics(
+        requests=len(records),
+        succeeded=len(succeeded),
+        goodput=round(len(succeeded) / len(records), 4) if records else 0.0,
+        amplification_during=_round(_ratio(during_attempts, during_requests)),
+        amplification_after=_round(_ratio(after_attempts, after_requests)) if runs_on else None,
+        p50_ms=_round(p50, 1),
+        p99_ms=_round(p99, 1),
+        duplicates=sum(n - 1 for n in executed.values() if n > 1),
+        lost=sum(1 for r in failed if executed[keys[r.index]] == 0),
+        failed_applied=sum(1 for r in failed if executed[keys[r.index]] > 0),
+        time_to_recover=recover,
+        recovered=recover is not None,
+        server_attempts=len(attempts),
+        executions=len(executions),
+        late_executions=sum(1 for _t, _key, late in executions if late),
+        failures=dict(collections.Counter(r.code for r in failed)),
+        server_status=dict(collections.Counter(code for _t, code in attempts)),
+        series=_series(records, attempts, executions, origin, span),
+    )
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)

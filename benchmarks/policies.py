@@ -1,0 +1,279 @@
+"""The retry policies compared by the benchmark, each as a ``grpc.aio`` client for the ledger.
+
+Every policy gets the same knobs (:class:`ClientSettings`): at most 3 attempts, each bounded by
+a 250 ms attempt timeout, inside a 1 s deadline for the logical request; backoffs start at 50 ms
+and double. Policies that can retry timed-out attempts do (``UNAVAILABLE`` and
+``DEADLINE_EXCEEDED``), which is what a per-attempt timeout is for. The policies built from this
+toolkit use its public API (``resilient_grpc.aio.client_interceptors``, ``RetryPolicy``,
+``RetryBudget``, ``CircuitBreaker``; the server's ``DedupInterceptor``), not a re-implementation.
+
+gRPC's native retry has no per-attempt timeout, so its call deadline is the attempt timeout and
+its retries happen inside it; its ``retryThrottling`` is ``{maxTokens 10, tokenRatio 0.1}``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from protos import ledger_pb2, ledger_pb2_grpc
+
+RETRIED_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """The retry knobs every policy shares (seconds)."""
+
+    max_attempts: int = 3
+    attempt_timeout: float = 0.25
+    deadline: float = 1.0
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    multiplier: float = 2.0
+    budget_ratio: float = 0.1
+    breaker_fail_max: int = 5
+    breaker_reset_timeout: float = 0.5
+
+
+Call = Callable[[ledger_pb2.TransferRequest], Awaitable[ledger_pb2.TransferReply]]
+
+
+@dataclass
+class Client:
+    """An open channel and the coroutine function that makes one logical ``Transfer``."""
+
+    channel: grpc.aio.Channel
+    call: Call
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One contender: its name in the output, what it is, whether the server dedups, its client."""
+
+    name: str
+    label: str
+    description: str
+    server_dedup: bool
+    connect: Callable[[str, ClientSettings], Client]
+
+
+def _code_name(error: grpc.RpcError) -> str:
+    code = error.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+def _no_retry(target: str, settings: ClientSettings) -> Client:
+    channel = grpc.aio.insecure_channel(target)
+    stub = ledger_pb2_grpc.LedgerStub(channel)
+
+    async def call(request: ledger_pb2.TransferRequest) -> ledger_pb2.TransferReply:
+        reply: ledger_pb2.TransferReply = await stub.Transfer(
+            request, timeout=settings.attempt_timeout
+        )
+        return reply
+
+    return Client(channel, call)
+
+
+def _naive(target: str, settings: ClientSettings) -> Client:
+    """Retry any error at once, up to ``max_attempts``, while the deadline allows."""
+    channel = grpc.aio.insecure_channel(target)
+    stub = ledger_pb2_grpc.LedgerStub(channel)
+
+    async def call(request: ledger_pb2.TransferRequest) -> ledger_pb2.TransferReply:
+        deadline = time.monotonic() + settings.deadline
+        for attempt in range(1, settings.max_attempts + 1):
+            remaining = deadline - time.monotonic()
+            try:
+                reply: ledger_pb2.TransferReply = await stub.Transfer(
+                    request, timeout=max(min(settings.attempt_timeout, remaining), 0.001)
+                )
+                return reply
+            except grpc.RpcError:
+                if attempt == settings.max_attempts or deadline - time.monotonic() <= 0:
+                    raise
+        raise AssertionError("unreachable")
+
+    return Client(channel, call)
+
+
+def _tenacity(target: str, settings: ClientSettings) -> Client:
+    """The usual ``tenacity`` wrapper: stop after 3 attempts or the deadline, random exponential wait."""
+    import tenacity
+
+    channel = grpc.aio.insecure_channel(target)
+    stub = ledger_pb2_grpc.LedgerStub(channel)
+
+    def retryable(error: BaseException) -> bool:
+        return isinstance(error, grpc.RpcError) and _code_name(error) in RETRIED_CODES
+
+    async def call(request: ledger_pb2.TransferRequest) -> ledger_pb2.TransferReply:
+        deadline = time.monotonic() + settings.deadline
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(settings.max_attempts)
+            | tenacity.stop_after_delay(settings.deadline),
+            wait=tenacity.wait_random_exponential(
+                multiplier=settings.initial_backoff, max=settings.max_backoff
+            ),
+            retry=tenacity.retry_if_exception(retryable),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                remaining = deadline - time.monotonic()
+                reply: ledger_pb2.TransferReply = await stub.Transfer(
+                    request, timeout=max(min(settings.attempt_timeout, remaining), 0.001)
+                )
+                return reply
+        raise AssertionError("unreachable")
+
+    return Client(channel, call)
+
+
+def native_service_config(settings: ClientSettings) -> dict[str, Any]:
+    """gRPC's own retry (gRFC A6) for the ledger, with ``retryThrottling`` as in the issue."""
+    return {
+        "methodConfig": [
+            {
+                "name": [{"service": "ledger.v1.Ledger"}],
+                "retryPolicy": {
+                    "maxAttempts": settings.max_attempts,
+                    "initialBackoff": f"{settings.initial_backoff}s",
+                    "maxBackoff": f"{settings.max_backoff}s",
+                    "backoffMultiplier": settings.multiplier,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }
+
+
+def _native(target: str, settings: ClientSettings) -> Client:
+    channel = grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(native_service_config(settings))),
+        ],
+    )
+    stub = ledger_pb2_grpc.LedgerStub(channel)
+
+    async def call(request: ledger_pb2.TransferRequest) -> ledger_pb2.TransferReply:
+        reply: ledger_pb2.TransferReply = await stub.Transfer(
+            request, timeout=settings.attempt_timeout
+        )
+        return reply
+
+    return Client(channel, call)
+
+
+def _ours(*, jitter: str, budget: bool, breaker: bool) -> Callable[[str, ClientSettings], Client]:
+    """A client built with ``resilient_grpc.aio.client_interceptors`` configured as asked."""
+
+    def connect(target: str, settings: ClientSettings) -> Client:
+        from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
+        from resilient_grpc.aio import client_interceptors
+
+        policy = RetryPolicy(
+            max_attempts=settings.max_attempts,
+            initial_backoff=settings.initial_backoff,
+            max_backoff=settings.max_backoff,
+            multiplier=settings.multiplier,
+            jitter=jitter,  # type: ignore[arg-type]
+            retryable_codes=RETRIED_CODES,
+            per_attempt_timeout=settings.attempt_timeout,
+        )
+        interceptors = client_interceptors(
+            retry=policy,
+            budget=RetryBudget(ratio=settings.budget_ratio) if budget else None,
+            breaker=(
+                CircuitBreaker(
+                    fail_max=settings.breaker_fail_max,
+                    reset_timeout=settings.breaker_reset_timeout,
+                )
+                if breaker
+                else None
+            ),
+            idempotency=IdempotencyKeys(),
+            target=target,
+        )
+        channel = grpc.aio.insecure_channel(target, interceptors=interceptors)
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+
+        async def call(request: ledger_pb2.TransferRequest) -> ledger_pb2.TransferReply:
+            reply: ledger_pb2.TransferReply = await stub.Transfer(
+                request, timeout=settings.deadline
+            )
+            return reply
+
+        return Client(channel, call)
+
+    return connect
+
+
+POLICIES: tuple[Policy, ...] = (
+    Policy("no-retry", "no retry", "one attempt, 250 ms timeout", False, _no_retry),
+    Policy("naive-x3", "naive retry x3", "retry any error at once, 3 attempts", False, _naive),
+    Policy(
+        "exp-no-jitter",
+        "exponential, no jitter",
+        "ours: RetryPolicy(jitter='none'), no budget, no breaker",
+        False,
+        _ours(jitter="none", budget=False, breaker=False),
+    ),
+    Policy(
+        "exp-full-jitter",
+        "exponential + full jitter",
+        "ours: RetryPolicy(jitter='full'), no budget, no breaker",
+        False,
+        _ours(jitter="full", budget=False, breaker=False),
+    ),
+    Policy(
+        "budget",
+        "+ retry budget 10%",
+        "ours: full jitter + RetryBudget(ratio=0.1)",
+        False,
+        _ours(jitter="full", budget=True, breaker=False),
+    ),
+    Policy(
+        "breaker",
+        "+ circuit breaker",
+        "ours: full jitter + budget + CircuitBreaker(fail_max=5, reset_timeout=0.5)",
+        False,
+        _ours(jitter="full", budget=True, breaker=True),
+    ),
+    Policy(
+        "full-stack",
+        "full stack + server dedup",
+        "ours: full jitter + budget + breaker + idempotency keys; server DedupInterceptor(MemoryStore())",
+        True,
+        _ours(jitter="full", budget=True, breaker=True),
+    ),
+    Policy(
+        "grpc-native",
+        "gRPC native retry",
+        "service config retryPolicy (3 attempts) + retryThrottling {maxTokens 10, tokenRatio 0.1}",
+        False,
+        _native,
+    ),
+    Policy(
+        "tenacity",
+        "tenacity",
+        "tenacity.AsyncRetrying: 3 attempts, random exponential wait, retry UNAVAILABLE/DEADLINE_EXCEEDED",
+        False,
+        _tenacity,
+    ),
+)
+
+POLICY_NAMES: tuple[str, ...] = tuple(policy.name for policy in POLICIES)
