@@ -257,7 +257,16 @@ async def test_aio_breaker_open_is_visible(
 
 # --- beside opentelemetry-instrumentation-grpc --------------------------------------------
 
-INSTRUMENTATION = importlib.util.find_spec("opentelemetry.instrumentation.grpc") is not None
+
+
+def _instrumentation_installed() -> bool:
+    try:
+        return importlib.util.find_spec("opentelemetry.instrumentation.grpc") is not None
+    except ModuleNotFoundError:  # not even opentelemetry-instrumentation
+        return False
+
+
+INSTRUMENTATION = _instrumentation_installed()
 
 BESIDE_SCRIPT = textwrap.dedent(
     """
@@ -346,3 +355,71 @@ def test_beside_opentelemetry_instrumentation_grpc_there_is_one_client_span_per_
     (client,) = [s for s in out["aio"] if s["kind"] == "CLIENT"]
     assert ours["kind"] == "INTERNAL"
     assert ours["parent"] == client["id"]
+
+
+# --- server side: dedup outcomes ----------------------------------------------------------
+
+
+def check_dedup(otel: Otel, caplog: pytest.LogCaptureFixture) -> None:
+    def count(outcome: str) -> float:
+        return otel.total(
+            "resilient_grpc.server.dedup",
+            rpc__method="Transfer",
+            resilient_grpc__dedup__outcome=outcome,
+        )
+
+    assert (count("executed"), count("replayed")) == (1, 1)
+    for point in otel.points("resilient_grpc.server.dedup"):
+        assert set(point.attributes) == {
+            "rpc.service",
+            "rpc.method",
+            "resilient_grpc.dedup.outcome",
+        }
+    assert_no_key_anywhere(otel, caplog, SECRET_KEY)
+
+
+def test_sync_dedup_replay_increments_the_replay_counter(
+    otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    from protos.ledger_service import serve
+    from resilient_grpc.server import DedupInterceptor
+
+    caplog.set_level(logging.DEBUG, logger="resilient_grpc")
+    server, port, servicer = serve(interceptors=[DedupInterceptor()])
+    try:
+        with resilient_channel(
+            f"127.0.0.1:{port}", retry=FAST, idempotency=IdempotencyKeys()
+        ) as channel:
+            stub = ledger_pb2_grpc.LedgerStub(channel)
+            with idempotency_key(SECRET_KEY):
+                first = stub.Transfer(REQUEST, timeout=5)
+                second = stub.Transfer(REQUEST, timeout=5)
+    finally:
+        server.stop(None)
+    assert first == second
+    assert servicer.state.executions[SECRET_KEY] == 1
+    check_dedup(otel, caplog)
+
+
+async def test_aio_dedup_replay_increments_the_replay_counter(
+    otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    aio_server = pytest.importorskip("resilient_grpc.aio.server")
+    from protos.ledger_service import serve_aio
+
+    caplog.set_level(logging.DEBUG, logger="resilient_grpc")
+    server, port, servicer = await serve_aio(interceptors=[aio_server.DedupInterceptor()])
+    channel = rg_aio.resilient_channel(
+        f"127.0.0.1:{port}", retry=FAST, idempotency=IdempotencyKeys()
+    )
+    try:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        with idempotency_key(SECRET_KEY):
+            first = await stub.Transfer(REQUEST, timeout=5)
+            second = await stub.Transfer(REQUEST, timeout=5)
+    finally:
+        await channel.close()
+        await server.stop(None)
+    assert first == second
+    assert servicer.state.executions[SECRET_KEY] == 1
+    check_dedup(otel, caplog)
