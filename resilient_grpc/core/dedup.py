@@ -1,0 +1,519 @@
+"""The server-side dedup state machine: records, store transitions and the per-call flow (sans-IO).
+
+A key lives in a store as one :class:`Entry`: ``IN_PROGRESS`` (claimed by one executor, holding a
+random fencing token, until its lease lapses) or ``COMPLETED`` (the :class:`Outcome`: response
+bytes or a status, until its TTL lapses). :func:`claim_entry`, :func:`complete_entry` and
+:func:`release_allowed` are the only transitions; the in-process stores apply them under a lock
+or inside one SQLite transaction, the Redis store mirrors them in Lua. :func:`dedup_flow` is the
+whole decision procedure of one call as a generator of effects, so the sync and ``grpc.aio``
+interceptors only perform the effects (claim, run, complete, release, wait) and never decide.
+
+Nothing here imports grpc, sleeps or does I/O; clocks are passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, replace
+from enum import Enum
+
+from resilient_grpc.core.codes import STATUS_CODE_NAMES
+from resilient_grpc.core.keys import key_problem
+from resilient_grpc.core.pushback import PUSHBACK_HEADER
+
+#: Trailer added to every replayed answer.
+REPLAYED_HEADER = "idempotency-replayed"
+
+#: Handler outcomes that are a property of the request, so a repeat must get the same answer:
+#: they are stored and replayed. Everything else (UNAVAILABLE, an unexpected exception = UNKNOWN,
+#: INTERNAL, DEADLINE_EXCEEDED, CANCELLED, ABORTED, RESOURCE_EXHAUSTED, DATA_LOSS, and
+#: PERMISSION_DENIED / UNAUTHENTICATED, which change when credentials or grants do) releases the
+#: claim so a retry may execute again.
+CACHEABLE_CODES: frozenset[str] = frozenset(
+    {
+        "OK",
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "FAILED_PRECONDITION",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+    }
+)
+
+Metadata = tuple[tuple[str, "str | bytes"], ...]
+Clock = Callable[[], float]
+
+
+class RecordState(str, Enum):
+    """Where a key stands."""
+
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A handler's answer as it goes on the wire: status, trailers and serialized responses.
+
+    ``responses`` holds one message for a unary response, every message for a stream, none for
+    an error without messages. ``omitted_bytes`` > 0 marks an outcome whose responses were too
+    large to store: only the fact that the call completed is kept.
+    """
+
+    code: str = "OK"
+    details: str = ""
+    trailing_metadata: Metadata = ()
+    responses: tuple[bytes, ...] = ()
+    omitted_bytes: int = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes this outcome occupies when stored (responses, details and trailers)."""
+        total = len(self.details) + sum(len(r) for r in self.responses)
+        for key, value in self.trailing_metadata:
+            total += len(key) + len(value)
+        return total
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether this outcome is stored and replayed (see :data:`CACHEABLE_CODES`)."""
+        return self.code in CACHEABLE_CODES
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stored record. Times are absolute on the owning store's clock.
+
+    ``lease_until`` matters only while ``IN_PROGRESS``; ``expires_at`` is when the record may be
+    dropped (the lease end for a claim, the TTL end for a completed outcome).
+    """
+
+    state: RecordState
+    fingerprint: bytes
+    token: int
+    lease_until: float
+    expires_at: float
+    outcome: Outcome | None = None
+
+    def live(self, now: float) -> bool:
+        """Whether the record still binds the key at ``now`` (not expired, lease not lapsed)."""
+        if self.expires_at <= now:
+            return False
+        return self.state is RecordState.COMPLETED or self.lease_until > now
+
+    def view(self, now: float) -> Record:
+        """What a caller sees: the record with its remaining lease in seconds."""
+        left = self.lease_until - now if self.state is RecordState.IN_PROGRESS else 0.0
+        return Record(self.state, self.fingerprint, self.outcome, max(left, 0.0))
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A live record as returned by a store: state, request fingerprint, outcome, lease left."""
+
+    state: RecordState
+    fingerprint: bytes
+    outcome: Outcome | None = None
+    lease_left: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """A store's answer to a claim: our fencing ``token`` if we own the key, else the live ``record``."""
+
+    token: int | None
+    record: Record | None = None
+
+
+# ---------------------------------------------------------------------------- keys and hashes
+
+
+def scoped_key(method: str, identity: str, key: str) -> str:
+    """The store key of ``key`` sent by ``identity`` to ``method``: a SHA-256 hex digest.
+
+    Length-prefixed fields, so no two (method, identity, key) triples share an encoding; stores
+    keep only this hash, never the raw key.
+    """
+    digest = hashlib.sha256()
+    for field in (method, identity, key):
+        data = field.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(4, "big"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def fingerprint(request: bytes) -> bytes:
+    """The fingerprint of a serialized request: its SHA-256 digest (32 bytes)."""
+    return hashlib.sha256(request).digest()
+
+
+def admission_problem(
+    key: str | None, *, required: bool, method: str, header: str
+) -> str | None:
+    """Why a call must be refused with INVALID_ARGUMENT before anything runs, or ``None``."""
+    if key is None:
+        if required:
+            return f"{method} requires an idempotency key in the {header!r} metadata header"
+        return None
+    problem = key_problem(key)
+    if problem is not None:
+        return f"invalid {header!r} metadata: {problem}"
+    return None
+
+
+# ---------------------------------------------------------------------------- store transitions
+
+
+def claim_entry(
+    existing: Entry | None, fingerprint: bytes, token: int, *, now: float, lease: float
+) -> Entry | None:
+    """The entry to write if a claim at ``now`` succeeds, or ``None`` if ``existing`` still binds.
+
+    A claim succeeds on a free key, an expired record or an IN_PROGRESS record whose lease
+    lapsed (its executor is presumed dead; the new token fences it out).
+    """
+    if existing is not None and existing.live(now):
+        return None
+    until = now + lease
+    return Entry(RecordState.IN_PROGRESS, fingerprint, token, until, until)
+
+
+def complete_entry(
+    existing: Entry | None, token: int, outcome: Outcome, *, now: float, ttl: float
+) -> Entry | None:
+    """The COMPLETED entry to write, or ``None`` if ``token`` no longer owns a live claim.
+
+    Fencing: only the holder of the current, unexpired claim may complete; a stale executor
+    (lease lapsed, maybe taken over) is refused and cannot overwrite anything.
+    """
+    if (
+        existing is None
+        or existing.state is not RecordState.IN_PROGRESS
+        or existing.token != token
+        or existing.lease_until <= now
+    ):
+        return None
+    return Entry(RecordState.COMPLETED, existing.fingerprint, token, now, now + ttl, outcome)
+
+
+def release_allowed(existing: Entry | None, token: int) -> bool:
+    """Whether ``token`` may delete ``existing`` (its own IN_PROGRESS claim) after a retryable failure."""
+    return (
+        existing is not None
+        and existing.state is RecordState.IN_PROGRESS
+        and existing.token == token
+    )
+
+
+# ---------------------------------------------------------------------------- decisions
+
+
+class Decision(str, Enum):
+    """What a call does with the record it found."""
+
+    EXECUTE = "execute"
+    REPLAY = "replay"
+    CONFLICT = "conflict"
+    WAIT = "wait"
+    REJECT = "reject"
+
+
+def decide(claim: ClaimResult, fingerprint: bytes) -> Decision:
+    """Classify a claim answer for a request with ``fingerprint``."""
+    if claim.token is not None:
+        return Decision.EXECUTE
+    record = claim.record
+    if record is None:
+        # The store neither granted the claim nor showed a record: treat as a lost race.
+        return Decision.WAIT
+    if record.fingerprint != fingerprint:
+        return Decision.CONFLICT
+    if record.state is RecordState.IN_PROGRESS:
+        return Decision.WAIT
+    assert record.outcome is not None
+    if record.outcome.omitted_bytes:
+        return Decision.REJECT
+    return Decision.REPLAY
+
+
+# ---------------------------------------------------------------------------- the per-call flow
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Effect: claim the key for a request with ``fingerprint`` (answer: :class:`ClaimResult` or :class:`StoreDown`)."""
+
+    fingerprint: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    """Effect: run the handler (answer: :class:`Execution`). ``token`` is ``None`` when failing open."""
+
+    token: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """Effect: store ``outcome`` under our claim (answer: ``bool`` accepted, or :class:`StoreDown`)."""
+
+    token: int
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Effect: drop our claim so a retry may execute (answer: ``bool`` or :class:`StoreDown`)."""
+
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Effect: wait up to ``timeout`` s for the in-flight attempt (answer: ``Record | None`` or :class:`StoreDown`)."""
+
+    timeout: float
+
+
+Effect = Claim | Execute | Complete | Release | Wait
+
+
+@dataclass(frozen=True, slots=True)
+class StoreDown:
+    """Sent back instead of an effect's answer when the store could not be reached."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """What running the handler produced: its outcome, or ``None`` for an unexpected exception."""
+
+    outcome: Outcome | None
+
+
+class Action(str, Enum):
+    """How the shell ends the call."""
+
+    #: deliver what the handler produced (its response or its exception), unchanged
+    EXECUTED = "executed"
+    #: send :attr:`Verdict.outcome` (a stored outcome, or a refusal status)
+    ANSWER = "answer"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The end of the flow: what to send and the telemetry outcomes to report."""
+
+    action: Action
+    outcome: Outcome | None = None
+    events: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FlowSettings:
+    """The knobs of one interceptor that the flow needs."""
+
+    max_response_bytes: int
+    fail_open: bool
+    lease: float
+    min_pushback: float = 0.01
+
+
+def _pushback_ms(settings: FlowSettings, lease_left: float) -> str:
+    seconds = min(max(lease_left, settings.min_pushback), settings.lease)
+    return str(max(1, int(seconds * 1000)))
+
+
+def _replay(outcome: Outcome) -> Outcome:
+    return replace(
+        outcome, trailing_metadata=(*outcome.trailing_metadata, (REPLAYED_HEADER, "true"))
+    )
+
+
+def _stored_form(outcome: Outcome, limit: int) -> Outcome:
+    if outcome.omitted_bytes:
+        return outcome
+    size = outcome.size
+    if size <= limit:
+        return outcome
+    return Outcome(outcome.code, omitted_bytes=size)
+
+
+def dedup_flow(
+    request_fingerprint: bytes,
+    settings: FlowSettings,
+    *,
+    clock: Clock,
+    wait_until: float,
+) -> Generator[Effect, object, Verdict]:
+    """Drive one call: yields effects, receives their answers, returns the :class:`Verdict`.
+
+    ``wait_until`` (on ``clock``) is the last moment a concurrent duplicate may keep waiting for
+    the in-flight attempt; the shell derives it from the caller's deadline.
+    """
+    events: list[str] = []
+    last_lease_left = settings.lease
+    while True:
+        answer = yield Claim(request_fingerprint)
+        if isinstance(answer, StoreDown):
+            if settings.fail_open and not events:
+                run = yield Execute(None)
+                assert isinstance(run, Execution)
+                return Verdict(Action.EXECUTED, events=("fail_open",))
+            return Verdict(
+                Action.ANSWER,
+                Outcome("UNAVAILABLE", f"idempotency store unavailable: {answer.message}"),
+                (*events, "store_error"),
+            )
+        assert isinstance(answer, ClaimResult)
+        decision = decide(answer, request_fingerprint)
+        if decision is Decision.EXECUTE:
+            assert answer.token is not None
+            return (yield from _execute(answer.token, settings, events))
+        if decision is Decision.CONFLICT:
+            return Verdict(Action.ANSWER, CONFLICT_OUTCOME, (*events, "conflict"))
+        record = answer.record
+        if decision is Decision.REPLAY:
+            assert record is not None and record.outcome is not None
+            return Verdict(Action.ANSWER, _replay(record.outcome), (*events, "replayed"))
+        if decision is Decision.REJECT:
+            assert record is not None and record.outcome is not None
+            return Verdict(Action.ANSWER, _too_large(record.outcome), (*events, "replayed"))
+        # WAIT: another attempt holds the key.
+        if record is not None:
+            last_lease_left = record.lease_left
+        remaining = wait_until - clock()
+        if remaining <= 0:
+            pushback = _pushback_ms(settings, last_lease_left)
+            return Verdict(
+                Action.ANSWER,
+                Outcome(
+                    "ABORTED",
+                    "another attempt with this idempotency key is still in progress; "
+                    f"retry after {pushback} ms",
+                    ((PUSHBACK_HEADER, pushback),),
+                ),
+                tuple(events) if events else ("waited",),
+            )
+        if "waited" not in events:
+            events.append("waited")
+        seen = yield Wait(remaining)
+        if isinstance(seen, StoreDown):
+            return Verdict(
+                Action.ANSWER,
+                Outcome("UNAVAILABLE", f"idempotency store unavailable: {seen.message}"),
+                (*events, "store_error"),
+            )
+        if isinstance(seen, Record) and seen.state is RecordState.COMPLETED:
+            if seen.fingerprint != request_fingerprint:
+                return Verdict(Action.ANSWER, CONFLICT_OUTCOME, (*events, "conflict"))
+            assert seen.outcome is not None
+            if seen.outcome.omitted_bytes:
+                return Verdict(Action.ANSWER, _too_large(seen.outcome), (*events, "replayed"))
+            return Verdict(Action.ANSWER, _replay(seen.outcome), (*events, "replayed"))
+        # Released, lapsed or still running: claim again (or give up at wait_until).
+
+
+def _execute(
+    token: int, settings: FlowSettings, events: list[str]
+) -> Generator[Effect, object, Verdict]:
+    run = yield Execute(token)
+    assert isinstance(run, Execution)
+    outcome = run.outcome
+    if outcome is None or not outcome.cacheable:
+        released = yield Release(token)
+        extra = ("store_error",) if isinstance(released, StoreDown) else ()
+        return Verdict(Action.EXECUTED, events=(*events, "executed", *extra))
+    stored = yield Complete(token, _stored_form(outcome, settings.max_response_bytes))
+    extra = ("store_error",) if isinstance(stored, StoreDown) else ()
+    return Verdict(Action.EXECUTED, events=(*events, "executed", *extra))
+
+
+CONFLICT_OUTCOME = Outcome(
+    "FAILED_PRECONDITION",
+    "idempotency key reused with a different request: the key was first used with a request "
+    "whose bytes differ from this one",
+)
+
+
+def _too_large(outcome: Outcome) -> Outcome:
+    return Outcome(
+        "FAILED_PRECONDITION",
+        "the call with this idempotency key already executed, but its response "
+        f"({outcome.omitted_bytes} bytes) exceeded max_response_bytes and was not stored, "
+        "so it cannot be replayed; it will not be executed again",
+        ((REPLAYED_HEADER, "true"),),
+    )
+
+
+# ---------------------------------------------------------------------------- wire encoding
+
+_VERSION = 1
+_CODES = sorted(STATUS_CODE_NAMES)
+_CODE_INDEX = {name: index for index, name in enumerate(_CODES)}
+_HEAD = struct.Struct(">BBQI")  # version, code index, omitted bytes, details length
+_LEN = struct.Struct(">I")
+
+
+def encode_outcome(outcome: Outcome) -> bytes:
+    """Serialize an outcome for a store that keeps bytes (SQLite, Redis)."""
+    details = outcome.details.encode("utf-8")
+    parts = [
+        _HEAD.pack(_VERSION, _CODE_INDEX[outcome.code], outcome.omitted_bytes, len(details)),
+        details,
+        _LEN.pack(len(outcome.trailing_metadata)),
+    ]
+    for key, value in outcome.trailing_metadata:
+        raw_key = key.encode("ascii")
+        is_bytes = isinstance(value, bytes)
+        raw_value = value if isinstance(value, bytes) else value.encode("utf-8")
+        parts += [
+            _LEN.pack(len(raw_key)),
+            raw_key,
+            b"\x01" if is_bytes else b"\x00",
+            _LEN.pack(len(raw_value)),
+            raw_value,
+        ]
+    parts.append(_LEN.pack(len(outcome.responses)))
+    for response in outcome.responses:
+        parts += [_LEN.pack(len(response)), response]
+    return b"".join(parts)
+
+
+def decode_outcome(data: bytes) -> Outcome:
+    """Inverse of :func:`encode_outcome`; raises ``ValueError`` on bytes it did not write."""
+    try:
+        version, code, omitted, details_length = _HEAD.unpack_from(data, 0)
+        if version != _VERSION:
+            raise ValueError(f"stored outcome has format version {version}, expected {_VERSION}")
+        offset = _HEAD.size
+        details = data[offset : offset + details_length].decode("utf-8")
+        offset += details_length
+        (count,) = _LEN.unpack_from(data, offset)
+        offset += 4
+        trailers: list[tuple[str, str | bytes]] = []
+        for _ in range(count):
+            (length,) = _LEN.unpack_from(data, offset)
+            key = data[offset + 4 : offset + 4 + length].decode("ascii")
+            offset += 4 + length
+            is_bytes = data[offset] == 1
+            (length,) = _LEN.unpack_from(data, offset + 1)
+            raw = data[offset + 5 : offset + 5 + length]
+            offset += 5 + length
+            trailers.append((key, bytes(raw) if is_bytes else raw.decode("utf-8")))
+        (count,) = _LEN.unpack_from(data, offset)
+        offset += 4
+        responses: list[bytes] = []
+        for _ in range(count):
+            (length,) = _LEN.unpack_from(data, offset)
+            responses.append(bytes(data[offset + 4 : offset + 4 + length]))
+            offset += 4 + length
+        if offset != len(data):
+            raise ValueError(f"stored outcome has {len(data) - offset} trailing bytes")
+        return Outcome(_CODES[code], details, tuple(trailers), tuple(responses), omitted)
+    except (struct.error, IndexError, UnicodeDecodeError) as error:
+        raise ValueError(f"stored outcome is corrupt: {error}") from error

@@ -1,0 +1,499 @@
+"""Server-side replay deduplication for ``grpc.server``: :class:`DedupInterceptor`.
+
+A call that carries an idempotency key executes at most once per (method, caller identity, key)
+while its record lives; every repeat gets the stored answer (exact response bytes, or the stored
+status code, details and trailing metadata) plus the trailer ``idempotency-replayed: true``.
+The decisions are taken by :func:`resilient_grpc.core.dedup.dedup_flow`; this module only
+performs its effects with blocking calls. The ``grpc.aio`` flavour is
+:class:`resilient_grpc.aio.DedupInterceptor`; both share :class:`DedupSettings`.
+
+Rules the design leaves open, chosen here:
+
+* Methods: ``methods=None`` dedups every unary-request method (unary-unary and unary-stream)
+  whose call carries a key; stream-request methods always pass through. A call without a key
+  passes through unless its method is in ``require_key_methods`` (then INVALID_ARGUMENT).
+* The request is read as raw bytes (the handler's deserializer runs inside the interceptor), so
+  the fingerprint is the SHA-256 of the exact bytes on the wire, and the response is serialized
+  by the interceptor, so a replay sends the exact stored bytes.
+* unary-stream: messages go to the client as they are produced and are also collected; the
+  whole stream (messages and final status) is stored when it fits in ``max_response_bytes``.
+* An outcome larger than ``max_response_bytes`` is not stored, but the key stays completed: a
+  repeat gets FAILED_PRECONDITION saying so, never a second execution.
+* A concurrent duplicate waits for the in-flight attempt (in-process: on an event; across
+  processes: by polling the store) until shortly before the caller's deadline (``max_wait`` s
+  without one), then gets ABORTED with a ``grpc-retry-pushback-ms`` trailer (the lease left).
+* Store down: ``fail_open=False`` answers UNAVAILABLE without running the handler; with
+  ``fail_open=True`` the handler runs without dedup. If the store fails *after* the handler ran,
+  the live answer is still returned (the record stays claimed until its lease lapses).
+* Initial metadata sent by a handler is not stored; only the trailing metadata is replayed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from resilient_grpc import telemetry
+from resilient_grpc.core.dedup import (
+    Action,
+    Claim,
+    ClaimResult,
+    Complete,
+    Effect,
+    Execute,
+    Execution,
+    FlowSettings,
+    Outcome,
+    Release,
+    StoreDown,
+    Verdict,
+    Wait,
+    admission_problem,
+    dedup_flow,
+    fingerprint,
+    scoped_key,
+)
+from resilient_grpc.core.keys import DEFAULT_HEADER, IdempotencyKeys, derivation_scope
+from resilient_grpc.core.methods import method_matches, method_patterns
+from resilient_grpc.stores.base import Store, StoreUnavailableError, check_positive
+from resilient_grpc.stores.memory import MemoryStore
+
+__all__ = ["DedupInterceptor", "DedupSettings", "ScopeFunction"]
+
+ScopeFunction = Callable[[Any], str]
+MethodSelection = Iterable[str] | Callable[[str], bool] | None
+T = TypeVar("T")
+
+if TYPE_CHECKING:  # generic only in grpc-stubs
+    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.ServerInterceptor
+
+#: Without a client deadline, a duplicate waits at most this long by default (seconds).
+DEFAULT_MAX_WAIT = 10.0
+_NO_DEADLINE = 1e8
+
+
+@dataclass(frozen=True, slots=True)
+class CallPlan:
+    """What one incoming call is, decided from its method and metadata before it runs."""
+
+    method: str
+    key: str | None
+    problem: str | None
+
+
+class DedupSettings:
+    """The configuration and per-call bookkeeping shared by the sync and aio interceptors."""
+
+    def __init__(
+        self,
+        *,
+        scope: ScopeFunction | None,
+        methods: MethodSelection,
+        require_key_methods: MethodSelection,
+        ttl: float | None,
+        lease: float,
+        max_response_bytes: int,
+        fail_open: bool,
+        header: str,
+        max_wait: float,
+        store_ttl: float,
+    ) -> None:
+        if scope is not None and not callable(scope):
+            raise ValueError(f"scope must be a function of the servicer context, got {scope!r}")
+        if ttl is not None:
+            check_positive("ttl", ttl)
+        check_positive("lease", lease)
+        check_positive("max_response_bytes", max_response_bytes, integer=True)
+        check_positive("max_wait", max_wait)
+        if not isinstance(fail_open, bool):
+            raise ValueError(f"fail_open must be True or False, got {fail_open!r}")
+        self.header = IdempotencyKeys(header=header).header  # validates the header name
+        self.scope = scope
+        self.ttl = float(ttl) if ttl is not None else store_ttl
+        self.lease = float(lease)
+        self.max_wait = float(max_wait)
+        self.flow = FlowSettings(max_response_bytes, fail_open, self.lease)
+        self._selected = _selector(methods, "methods", default=True)
+        self._required = _selector(require_key_methods, "require_key_methods", default=False)
+
+    def plan(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> CallPlan | None:
+        """``None`` to pass the call through untouched, else what to do with it."""
+        required = self._required(method)
+        if not required and not self._selected(method):
+            return None
+        key = None
+        for name, value in metadata or ():
+            if name == self.header:
+                key = value if isinstance(value, str) else value.decode("latin-1")
+                break
+        if key is None and not required:
+            return None
+        problem = admission_problem(key, required=required, method=method, header=self.header)
+        return CallPlan(method, key, problem)
+
+    def start(
+        self, plan: CallPlan, request: bytes, context: Any, remaining: float | None
+    ) -> tuple[str, Generator[Effect, object, Verdict]]:
+        """The store key and the flow of a call that passed admission."""
+        assert plan.key is not None
+        identity = self.scope(context) if self.scope is not None else ""
+        if not isinstance(identity, str):
+            raise TypeError(f"scope() must return a string, got {type(identity).__name__}")
+        key = scoped_key(plan.method, identity, plan.key)
+        now = time.monotonic()
+        budget = self.max_wait
+        if remaining is not None and remaining < _NO_DEADLINE:
+            budget = min(budget, remaining - min(0.1, 0.2 * remaining))
+        flow = dedup_flow(fingerprint(request), self.flow, clock=time.monotonic, wait_until=now + budget)
+        return key, flow
+
+
+def _selector(selection: MethodSelection, field: str, *, default: bool) -> Callable[[str], bool]:
+    if selection is None:
+        return lambda method: default
+    if callable(selection):
+        return selection
+    patterns = method_patterns(selection, field=field)
+    return lambda method: method_matches(patterns, method)
+
+
+def report(method: str, verdict: Verdict) -> None:
+    """Send the verdict's dedup outcomes to telemetry."""
+    for event in verdict.events:
+        telemetry.dedup_outcome(method, event)
+
+
+def status_code(name: str) -> grpc.StatusCode:
+    """``"NOT_FOUND"`` -> ``grpc.StatusCode.NOT_FOUND``."""
+    return grpc.StatusCode[name]
+
+
+def text(details: str | bytes | None) -> str:
+    """Status details as ``str`` (sync contexts hold bytes, aio contexts str)."""
+    if details is None:
+        return ""
+    return details.decode("utf-8", "replace") if isinstance(details, bytes) else details
+
+
+def error_outcome(
+    context: Any, responses: tuple[bytes, ...] = (), *, omitted: int = 0
+) -> Outcome | None:
+    """The status a handler ended with (from its context), or ``None`` if it set none."""
+    code = context.code()
+    if code is None or code == grpc.StatusCode.OK:
+        return None
+    trailers = tuple((k, v) for k, v in context.trailing_metadata() or ())
+    if omitted:
+        return Outcome(code.name, omitted_bytes=omitted)
+    return Outcome(code.name, text(context.details()), trailers, responses)
+
+
+def ok_outcome(context: Any, responses: tuple[bytes, ...], *, omitted: int = 0) -> Outcome:
+    """The outcome of a handler that returned normally."""
+    if omitted:
+        return Outcome("OK", omitted_bytes=omitted)
+    trailers = tuple((k, v) for k, v in context.trailing_metadata() or ())
+    return Outcome("OK", "", trailers, responses)
+
+
+class Collector:
+    """Collects a stream's serialized messages up to ``limit`` bytes (then only counts them)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.messages: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size <= self.limit:
+            self.messages.append(data)
+
+    @property
+    def omitted(self) -> int:
+        return self.size if self.size > self.limit else 0
+
+
+class _Flights:
+    """In-process single flight: the keys this process is executing, each with an event."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, threading.Event] = {}
+
+    def begin(self, key: str) -> None:
+        with self._lock:
+            self._events[key] = threading.Event()
+
+    def end(self, key: str) -> None:
+        with self._lock:
+            event = self._events.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def get(self, key: str) -> threading.Event | None:
+        return self._events.get(key)
+
+
+class DedupInterceptor(_ServerInterceptor):
+    """Replays the stored outcome of an idempotency key instead of running the handler again.
+
+    ``store``: where records live (default: a new :class:`MemoryStore`). ``scope(context)``
+    returns the caller's identity (e.g. the authenticated principal) so tenants never share
+    records. ``methods``: which methods are deduplicated (``None``: all unary-request methods;
+    names, ``"/pkg.Service/*"`` patterns or a predicate). ``require_key_methods``: methods whose
+    calls must carry a key. ``ttl``: record lifetime (default: the store's). ``lease``: how long
+    a claim lasts if its executor dies (make it longer than your slowest handler).
+    ``max_response_bytes``: larger outcomes are not stored. ``fail_open``: run handlers without
+    dedup while the store is down. ``max_wait``: how long a duplicate waits for the in-flight
+    attempt when the caller set no deadline. See the module docstring for the exact rules.
+    """
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        scope: ScopeFunction | None = None,
+        *,
+        methods: MethodSelection = None,
+        require_key_methods: MethodSelection = (),
+        ttl: float | None = None,
+        lease: float = 30.0,
+        max_response_bytes: int = 256 * 1024,
+        fail_open: bool = False,
+        header: str = DEFAULT_HEADER,
+        max_wait: float = DEFAULT_MAX_WAIT,
+    ) -> None:
+        if store is None:
+            store = MemoryStore()
+        if not isinstance(store, Store):
+            raise ValueError(f"store must be a resilient_grpc.stores.Store, got {store!r}")
+        self.store = store
+        self.settings = DedupSettings(
+            scope=scope,
+            methods=methods,
+            require_key_methods=require_key_methods,
+            ttl=ttl,
+            lease=lease,
+            max_response_bytes=max_response_bytes,
+            fail_open=fail_open,
+            header=header,
+            max_wait=max_wait,
+            store_ttl=store.ttl,
+        )
+        self._flights = _Flights()
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method = handler_call_details.method
+        plan = self.settings.plan(method, handler_call_details.invocation_metadata)
+        if plan is None:
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(method, handler))
+            self._wrapped[method] = cached
+        return cached[1]
+
+    # -- handler wrappers
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        deserialize = handler.request_deserializer or _identity
+        serialize = handler.response_serializer or _identity
+        if handler.response_streaming:
+            stream = handler.unary_stream
+            assert stream is not None
+
+            def unary_stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+                plan = self._admit(method, context)
+                key, flow = self.settings.start(plan, raw, context, context.time_remaining())
+                live = _Live()
+
+                def execute(_: int | None) -> Generator[bytes, None, Execution]:
+                    collected = Collector(self.settings.flow.max_response_bytes)
+                    with derivation_scope(_key(plan)):
+                        try:
+                            for message in stream(deserialize(raw), context):
+                                data = serialize(message)
+                                collected.add(data)
+                                yield data
+                        except Exception as error:
+                            live.error = error
+                            return Execution(
+                                _aborted_outcome(
+                                    context, tuple(collected.messages), collected.omitted
+                                )
+                            )
+                    outcome = error_outcome(
+                        context, tuple(collected.messages), omitted=collected.omitted
+                    ) or ok_outcome(context, tuple(collected.messages), omitted=collected.omitted)
+                    return Execution(outcome)
+
+                verdict = yield from self._drive(method, key, flow, execute)
+                if verdict.action is Action.EXECUTED:
+                    live.reraise()
+                    return
+                assert verdict.outcome is not None
+                yield from verdict.outcome.responses
+                self._finish(context, verdict.outcome)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream)
+
+        unary = handler.unary_unary
+        assert unary is not None
+
+        def unary_unary(raw: bytes, context: grpc.ServicerContext) -> bytes | None:
+            plan = self._admit(method, context)
+            key, flow = self.settings.start(plan, raw, context, context.time_remaining())
+            live = _Live()
+
+            def execute(_: int | None) -> Generator[bytes, None, Execution]:
+                with derivation_scope(_key(plan)):
+                    try:
+                        response = unary(deserialize(raw), context)
+                    except Exception as error:
+                        live.error = error
+                        return Execution(_aborted_outcome(context, (), 0))
+                if response is None:  # the handler set an error code and returned nothing
+                    return Execution(error_outcome(context))
+                data = serialize(response)
+                live.response = data
+                return Execution(error_outcome(context) or ok_outcome(context, (data,)))
+                yield  # a generator like the stream's, producing no messages
+
+            verdict = _exhaust(self._drive(method, key, flow, execute))
+            if verdict.action is Action.EXECUTED:
+                live.reraise()
+                return live.response
+            assert verdict.outcome is not None
+            self._finish(context, verdict.outcome)
+            return verdict.outcome.responses[0]
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary)
+
+    def _admit(self, method: str, context: grpc.ServicerContext) -> CallPlan:
+        """Refuse a call before anything runs (expired deadline, bad or missing key)."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the deadline expired before the call could start; nothing was executed",
+            )
+        plan = self.settings.plan(method, context.invocation_metadata())
+        assert plan is not None  # intercept_service saw the same metadata
+        if plan.problem is not None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, plan.problem)
+        return plan
+
+    @staticmethod
+    def _finish(context: grpc.ServicerContext, outcome: Outcome) -> None:
+        """Send a stored or refusal outcome's trailers and, for an error, its status."""
+        context.set_trailing_metadata(outcome.trailing_metadata)
+        if outcome.code != "OK":
+            context.abort(status_code(outcome.code), outcome.details)
+
+    # -- the effect loop
+
+    def _drive(
+        self,
+        method: str,
+        key: str,
+        flow: Generator[Effect, object, Verdict],
+        execute: Callable[[int | None], Generator[bytes, None, Execution]],
+    ) -> Generator[bytes, None, Verdict]:
+        claimed = False
+        try:
+            effect = next(flow)
+            while True:
+                answer: object
+                if isinstance(effect, Execute):
+                    answer = yield from execute(effect.token)
+                else:
+                    answer = self._perform(key, effect)
+                    if isinstance(answer, ClaimResult) and answer.token is not None:
+                        claimed = True
+                        self._flights.begin(key)
+                    elif isinstance(effect, (Complete, Release)):
+                        claimed = False
+                        self._flights.end(key)
+                try:
+                    effect = flow.send(answer)
+                except StopIteration as stop:
+                    verdict: Verdict = stop.value
+                    report(method, verdict)
+                    return verdict
+        finally:
+            if claimed:
+                self._flights.end(key)
+
+    def _perform(self, key: str, effect: Effect) -> object:
+        store = self.store
+        try:
+            if isinstance(effect, Claim):
+                return store.claim(key, effect.fingerprint, lease=self.settings.lease)
+            if isinstance(effect, Complete):
+                return store.complete(key, effect.token, effect.outcome, ttl=self.settings.ttl)
+            if isinstance(effect, Release):
+                return store.release(key, effect.token)
+            assert isinstance(effect, Wait)
+            event = self._flights.get(key)
+            if event is not None:
+                event.wait(effect.timeout)
+                return store.get(key)
+            return store.wait(key, effect.timeout)
+        except StoreUnavailableError as error:
+            return StoreDown(str(error))
+
+
+def _key(plan: CallPlan) -> str:
+    assert plan.key is not None
+    return plan.key
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _aborted_outcome(context: Any, responses: tuple[bytes, ...], omitted: int) -> Outcome | None:
+    """After a handler raised: its status if it aborted, ``None`` for an unexpected exception."""
+    state = getattr(context, "_state", None)
+    if state is not None and not getattr(state, "aborted", False):
+        return None
+    return error_outcome(context, responses, omitted=omitted)
+
+
+class _Live:
+    """The live result of the execution in this call: the response, or the handler's exception."""
+
+    __slots__ = ("error", "response")
+
+    def __init__(self) -> None:
+        self.response: bytes | None = None
+        self.error: Exception | None = None
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _exhaust(steps: Generator[bytes, None, T]) -> T:
+    """Run a driver that yields no messages (unary) and return its result."""
+    try:
+        next(steps)
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+    raise AssertionError("a unary handler produced stream messages")

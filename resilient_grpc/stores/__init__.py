@@ -1,0 +1,30 @@
+"""Dedup stores: :class:`MemoryStore` (embedded default), :class:`SQLiteStore` (durable, one host),
+:class:`RedisStore` (shared by many replicas; needs the ``redis`` extra, imported on first use)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from resilient_grpc.stores.base import AsyncStore, Store, StoreUnavailableError
+from resilient_grpc.stores.memory import MemoryStore
+from resilient_grpc.stores.sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from resilient_grpc.stores.redis import RedisStore
+
+__all__ = [
+    "AsyncStore",
+    "MemoryStore",
+    "RedisStore",
+    "SQLiteStore",
+    "Store",
+    "StoreUnavailableError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisStore":
+        from resilient_grpc.stores.redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module 'resilient_grpc.stores' has no attribute {name!r}")

@@ -1,0 +1,229 @@
+"""MemoryStore: the embedded default, bounded in entries and bytes, with TTL; thread- and asyncio-safe."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Callable
+
+from resilient_grpc.core.dedup import (
+    ClaimResult,
+    Clock,
+    Entry,
+    Outcome,
+    Record,
+    RecordState,
+    claim_entry,
+    complete_entry,
+    release_allowed,
+)
+from resilient_grpc.stores.base import DEFAULT_TTL, AsyncStore, Store, check_positive, new_token
+
+#: Accounted bytes per record besides its outcome: the dict slot and link, the 64-character key,
+#: the record object, fingerprint and token (measured with tracemalloc, rounded up).
+ENTRY_OVERHEAD = 512
+
+
+class MemoryStore(Store):
+    """Records in a dict, in one process: the default store.
+
+    Bounded: when a new record would exceed ``max_entries`` or ``max_bytes`` (accounted as
+    :data:`ENTRY_OVERHEAD` + the outcome's size), the oldest records are evicted first, so a flood
+    of unique keys costs a fixed amount of memory (and forgets the oldest keys). Expired records
+    are dropped as they are met and evicted first. All operations take one short lock and never
+    do I/O, so the same store serves threads and the event loop (:meth:`as_async`). Waiters are
+    woken when a key completes or is released, without polling.
+    """
+
+    def __init__(
+        self,
+        ttl: float = DEFAULT_TTL,
+        max_entries: int = 100_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        check_positive("ttl", ttl)
+        check_positive("max_entries", max_entries, integer=True)
+        check_positive("max_bytes", max_bytes, integer=True)
+        if max_bytes < ENTRY_OVERHEAD:
+            raise ValueError(f"max_bytes must be at least {ENTRY_OVERHEAD}, got {max_bytes}")
+        self.ttl = float(ttl)
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[str, tuple[Entry, int]] = (
+            collections.OrderedDict()
+        )
+        self._bytes = 0
+        self._waiters: dict[str, list[Callable[[], None]]] = {}
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes_used(self) -> int:
+        """Accounted bytes of all records (never above ``max_bytes``)."""
+        return self._bytes
+
+    def claim(self, key: str, fingerprint: bytes, *, lease: float) -> ClaimResult:
+        token = new_token()
+        now = self._clock()
+        with self._lock:
+            found = self._entries.get(key)
+            existing = found[0] if found is not None else None
+            entry = claim_entry(existing, fingerprint, token, now=now, lease=lease)
+            if entry is None:
+                assert existing is not None
+                return ClaimResult(None, existing.view(now))
+            self._put(key, entry, now)
+        return ClaimResult(token)
+
+    def complete(
+        self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
+    ) -> bool:
+        now = self._clock()
+        with self._lock:
+            found = self._entries.get(key)
+            entry = complete_entry(
+                found[0] if found is not None else None,
+                token,
+                outcome,
+                now=now,
+                ttl=self.ttl if ttl is None else ttl,
+            )
+            if entry is None:
+                return False
+            self._put(key, entry, now)
+            self._wake(key)
+        return True
+
+    def release(self, key: str, token: int) -> bool:
+        with self._lock:
+            found = self._entries.get(key)
+            if not release_allowed(found[0] if found is not None else None, token):
+                return False
+            self._drop(key)
+            self._wake(key)
+        return True
+
+    def get(self, key: str) -> Record | None:
+        now = self._clock()
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None or not found[0].live(now):
+                return None
+            return found[0].view(now)
+
+    def wait(self, key: str, timeout: float) -> Record | None:
+        deadline = self._clock() + timeout
+        while True:
+            woken = threading.Event()
+            record, pause = self._wait_step(key, deadline, woken.set)
+            if pause <= 0:
+                return record
+            woken.wait(pause)
+            self._unsubscribe(key, woken.set)
+
+    def as_async(self) -> AsyncStore:
+        return _AsyncMemoryStore(self)
+
+    # -- internals (called with the lock held unless said otherwise)
+
+    def _wait_step(
+        self, key: str, deadline: float, wake: Callable[[], None]
+    ) -> tuple[Record | None, float]:
+        """One round of a wait (takes the lock): ``(record, 0)`` to stop, or subscribe ``wake`` and pause."""
+        now = self._clock()
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None or not found[0].live(now):
+                return None, 0.0
+            entry = found[0]
+            if entry.state is RecordState.COMPLETED or deadline <= now:
+                return entry.view(now), 0.0
+            self._waiters.setdefault(key, []).append(wake)
+            return None, min(deadline, entry.lease_until) - now
+
+    def _unsubscribe(self, key: str, wake: Callable[[], None]) -> None:
+        with self._lock:
+            waiters = self._waiters.get(key)
+            if waiters is not None and wake in waiters:
+                waiters.remove(wake)
+                if not waiters:
+                    del self._waiters[key]
+
+    def _wake(self, key: str) -> None:
+        for wake in self._waiters.pop(key, ()):
+            wake()
+
+    def _drop(self, key: str) -> None:
+        _, size = self._entries.pop(key)
+        self._bytes -= size
+
+    def _put(self, key: str, entry: Entry, now: float) -> None:
+        size = ENTRY_OVERHEAD + (entry.outcome.size if entry.outcome is not None else 0)
+        if key in self._entries:
+            self._drop(key)
+        entries = self._entries
+        while entries and (
+            len(entries) >= self.max_entries or self._bytes + size > self.max_bytes
+        ):
+            oldest, (old_entry, old_size) = entries.popitem(last=False)
+            self._bytes -= old_size
+            if old_entry.live(now):
+                self.evictions += 1
+            if oldest in self._waiters:
+                self._wake(oldest)
+        entries[key] = (entry, size)
+        self._bytes += size
+
+
+class _AsyncMemoryStore(AsyncStore):
+    """The asyncio view of a :class:`MemoryStore`: same records, waits on loop futures."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self.ttl = store.ttl
+
+    async def claim(self, key: str, fingerprint: bytes, *, lease: float) -> ClaimResult:
+        return self.store.claim(key, fingerprint, lease=lease)
+
+    async def complete(
+        self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
+    ) -> bool:
+        return self.store.complete(key, token, outcome, ttl=ttl)
+
+    async def release(self, key: str, token: int) -> bool:
+        return self.store.release(key, token)
+
+    async def get(self, key: str) -> Record | None:
+        return self.store.get(key)
+
+    async def wait(self, key: str, timeout: float) -> Record | None:
+        loop = asyncio.get_running_loop()
+        deadline = self.store._clock() + timeout
+        while True:
+            woken: asyncio.Future[None] = loop.create_future()
+
+            def wake(future: asyncio.Future[None] = woken) -> None:
+                loop.call_soon_threadsafe(_resolve, future)
+
+            record, pause = self.store._wait_step(key, deadline, wake)
+            if pause <= 0:
+                return record
+            try:
+                await asyncio.wait_for(woken, pause)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self.store._unsubscribe(key, wake)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
