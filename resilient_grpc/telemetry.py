@@ -36,7 +36,8 @@ The result is the layout OpenTelemetry recommends for retries (one span for the 
 operation, one CLIENT span per try). The aio instrumentor instead *prepends* its interceptors,
 so its CLIENT span wraps the whole logical call and ours (INTERNAL) nests inside it. If you add
 the instrumentation's interceptors by hand (``client_interceptor()`` /
-``aio_client_interceptors()``), auto-detection cannot see them: call
+``aio_client_interceptors()``) below the stack, the stack can say so with
+``client_call(..., attempt_spans=True)`` (see :func:`makes_attempt_spans`); otherwise call
 ``configure(span_kind="internal")``.
 
 **Metrics** (meter ``resilient_grpc``; attributes are method, status code and outcome only):
@@ -343,13 +344,26 @@ def _instrumentation_active(transport: Literal["sync", "aio"] | None) -> bool:
     return False
 
 
-def _span_kind(transport: Literal["sync", "aio"] | None) -> trace.SpanKind:
+def _span_kind(transport: Literal["sync", "aio"] | None, attempt_spans: bool) -> trace.SpanKind:
     setting = _settings.span_kind
     if setting == "client":
         return trace.SpanKind.CLIENT
-    if setting == "internal" or _instrumentation_active(transport):
+    if setting == "internal" or attempt_spans or _instrumentation_active(transport):
         return trace.SpanKind.INTERNAL
     return trace.SpanKind.CLIENT
+
+
+def makes_attempt_spans(interceptors: Iterable[object]) -> bool:
+    """Whether ``interceptors`` include ``opentelemetry-instrumentation-grpc``'s client ones.
+
+    A channel that puts them *after* the resilience stack gets one CLIENT span per attempt from
+    them; pass the answer as ``attempt_spans`` to :func:`client_call` so the logical-call span
+    is INTERNAL (under ``span_kind="auto"``).
+    """
+    return any(
+        type(interceptor).__module__.startswith("opentelemetry.instrumentation.grpc")
+        for interceptor in interceptors
+    )
 
 
 def _current_span_event(name: str, attributes: dict[str, AttributeValue]) -> None:
@@ -477,18 +491,22 @@ def start_client_call(
     *,
     target: str | None = None,
     transport: Literal["sync", "aio"] | None = None,
+    attempt_spans: bool = False,
 ) -> CallTelemetry:
     """Start the span of a logical call without making it current; :meth:`CallTelemetry.end` ends it.
 
     For calls whose life outlasts one block (a response stream consumed later): wrap each
     attempt in :meth:`CallTelemetry.use`. Most callers want :func:`client_call`.
+    ``transport`` (``"sync"``/``"aio"``) narrows the instrumentor check to that flavour;
+    ``attempt_spans=True`` says something below makes a CLIENT span per attempt (see
+    :func:`makes_attempt_spans`), so under ``span_kind="auto"`` this span is INTERNAL.
     """
     attributes: dict[str, AttributeValue] = {"rpc.system": "grpc", **_method_attributes(method)}
     attributes.update(server_attributes(target))
     service, name = split_method(method)
     span = _tracer().start_span(
         f"{service}/{name}",
-        kind=_span_kind(transport),
+        kind=_span_kind(transport, attempt_spans),
         attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
@@ -502,13 +520,16 @@ def client_call(
     *,
     target: str | None = None,
     transport: Literal["sync", "aio"] | None = None,
+    attempt_spans: bool = False,
 ) -> Iterator[CallTelemetry]:
     """The span of one logical call, current while the block runs (a child of the current span).
 
     The block should call :meth:`CallTelemetry.end`; if it leaves by an exception first, the
     span ends with ERROR and the exception's type (never its message).
     """
-    call = start_client_call(method, target=target, transport=transport)
+    call = start_client_call(
+        method, target=target, transport=transport, attempt_spans=attempt_spans
+    )
     try:
         with call.use():
             yield call
@@ -578,6 +599,7 @@ __all__ = [
     "code_number",
     "configure",
     "dedup_outcome",
+    "makes_attempt_spans",
     "register_breaker",
     "registered_breakers",
     "server_attributes",

@@ -368,3 +368,22 @@ def test_sdk_installed_after_import_still_receives_spans_and_metrics() -> None:
     assert out["spans"] == ["a.B/C"]
     assert "resilient_grpc.client.attempts" in out["metrics"]
     assert "resilient_grpc.client.calls" in out["metrics"]
+
+
+def test_attempt_spans_hint_makes_the_logical_span_internal(otel: Otel) -> None:
+    class Ours:
+        pass
+
+    class TheirClientInterceptor:
+        pass
+
+    TheirClientInterceptor.__module__ = "opentelemetry.instrumentation.grpc._aio_client"
+    assert telemetry.makes_attempt_spans([Ours(), TheirClientInterceptor()])
+    assert not telemetry.makes_attempt_spans([Ours()])
+
+    with telemetry.client_call(TRANSFER, attempt_spans=True) as call:
+        call.end("OK", attempts=1, reason=Reason.SUCCESS)
+    telemetry.configure(tracer_provider=otel.tracer_provider, span_kind="client")
+    with telemetry.client_call(TRANSFER, attempt_spans=True) as call:  # explicit setting wins
+        call.end("OK", attempts=1, reason=Reason.SUCCESS)
+    assert [s.kind for s in otel.spans()] == [SpanKind.INTERNAL, SpanKind.CLIENT]
