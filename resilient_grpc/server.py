@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import grpc
 
@@ -60,14 +60,21 @@ from resilient_grpc.core.dedup import (
 )
 from resilient_grpc.core.keys import DEFAULT_HEADER, IdempotencyKeys, derivation_scope
 from resilient_grpc.core.methods import method_matches, method_patterns
-from resilient_grpc.stores.base import Store, StoreUnavailableError, check_positive
+from resilient_grpc.stores.base import AsyncStore, Store, StoreUnavailableError, check_positive
 from resilient_grpc.stores.memory import MemoryStore
 
-__all__ = ["DedupInterceptor", "DedupSettings", "ScopeFunction"]
+__all__ = ["DedupBase", "DedupInterceptor", "DedupSettings", "ScopeFunction"]
 
 ScopeFunction = Callable[[Any], str]
 MethodSelection = Iterable[str] | Callable[[str], bool] | None
 T = TypeVar("T")
+
+
+class _Settable(Protocol):
+    def set(self) -> None: ...
+
+
+E = TypeVar("E", bound=_Settable)
 
 if TYPE_CHECKING:  # generic only in grpc-stubs
     _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
@@ -151,7 +158,9 @@ class DedupSettings:
         budget = self.max_wait
         if remaining is not None and remaining < _NO_DEADLINE:
             budget = min(budget, remaining - min(0.1, 0.2 * remaining))
-        flow = dedup_flow(fingerprint(request), self.flow, clock=time.monotonic, wait_until=now + budget)
+        flow = dedup_flow(
+            fingerprint(request), self.flow, clock=time.monotonic, wait_until=now + budget
+        )
         return key, flow
 
 
@@ -221,16 +230,31 @@ class Collector:
         return self.size if self.size > self.limit else 0
 
 
-class _Flights:
-    """In-process single flight: the keys this process is executing, each with an event."""
+class Flights(Generic[E]):
+    """In-process single flight: the keys this process is executing, each with an event to wait on.
 
-    def __init__(self) -> None:
+    ``make_event`` is ``threading.Event`` (sync) or ``asyncio.Event`` (aio). :meth:`note` sees
+    every effect answer of a call and opens or closes its flight.
+    """
+
+    def __init__(self, make_event: Callable[[], E]) -> None:
+        self._make_event = make_event
         self._lock = threading.Lock()
-        self._events: dict[str, threading.Event] = {}
+        self._events: dict[str, E] = {}
 
-    def begin(self, key: str) -> None:
-        with self._lock:
-            self._events[key] = threading.Event()
+    def get(self, key: str) -> E | None:
+        return self._events.get(key)
+
+    def note(self, key: str, effect: Effect, answer: object) -> bool | None:
+        """Track a claim we won (``True``) or a completion/release (``False``); else ``None``."""
+        if isinstance(answer, ClaimResult) and answer.token is not None:
+            with self._lock:
+                self._events[key] = self._make_event()
+            return True
+        if isinstance(effect, (Complete, Release)):
+            self.end(key)
+            return False
+        return None
 
     def end(self, key: str) -> None:
         with self._lock:
@@ -238,27 +262,13 @@ class _Flights:
         if event is not None:
             event.set()
 
-    def get(self, key: str) -> threading.Event | None:
-        return self._events.get(key)
 
-
-class DedupInterceptor(_ServerInterceptor):
-    """Replays the stored outcome of an idempotency key instead of running the handler again.
-
-    ``store``: where records live (default: a new :class:`MemoryStore`). ``scope(context)``
-    returns the caller's identity (e.g. the authenticated principal) so tenants never share
-    records. ``methods``: which methods are deduplicated (``None``: all unary-request methods;
-    names, ``"/pkg.Service/*"`` patterns or a predicate). ``require_key_methods``: methods whose
-    calls must carry a key. ``ttl``: record lifetime (default: the store's). ``lease``: how long
-    a claim lasts if its executor dies (make it longer than your slowest handler).
-    ``max_response_bytes``: larger outcomes are not stored. ``fail_open``: run handlers without
-    dedup while the store is down. ``max_wait``: how long a duplicate waits for the in-flight
-    attempt when the caller set no deadline. See the module docstring for the exact rules.
-    """
+class DedupBase:
+    """Arguments, validation and admission shared by the sync and aio interceptors."""
 
     def __init__(
         self,
-        store: Store | None = None,
+        store: Store | AsyncStore | None = None,
         scope: ScopeFunction | None = None,
         *,
         methods: MethodSelection = None,
@@ -272,9 +282,8 @@ class DedupInterceptor(_ServerInterceptor):
     ) -> None:
         if store is None:
             store = MemoryStore()
-        if not isinstance(store, Store):
+        if not isinstance(store, (Store, AsyncStore)):
             raise ValueError(f"store must be a resilient_grpc.stores.Store, got {store!r}")
-        self.store = store
         self.settings = DedupSettings(
             scope=scope,
             methods=methods,
@@ -287,8 +296,59 @@ class DedupInterceptor(_ServerInterceptor):
             max_wait=max_wait,
             store_ttl=store.ttl,
         )
-        self._flights = _Flights()
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+        self._attach(store)
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
+    def _attach(self, store: Store | AsyncStore) -> None:
+        raise NotImplementedError
+
+    def _cached(self, method: str, handler: Any, wrap: Callable[[str, Any], Any]) -> Any:
+        """The wrapped handler of ``method`` (built once per handler object)."""
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, wrap(method, handler))
+            self._wrapped[method] = cached
+        return cached[1]
+
+    def admit(self, method: str, context: Any) -> CallPlan | tuple[grpc.StatusCode, str]:
+        """The plan of a call, or the status refusing it before anything runs."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the deadline expired before the call could start; nothing was executed",
+            )
+        plan = self.settings.plan(method, context.invocation_metadata())
+        assert plan is not None  # intercept_service saw the same metadata
+        if plan.problem is not None:
+            return grpc.StatusCode.INVALID_ARGUMENT, plan.problem
+        return plan
+
+
+class DedupInterceptor(DedupBase, _ServerInterceptor):
+    """Replays the stored outcome of an idempotency key instead of running the handler again.
+
+    ``store``: where records live (default: a new :class:`MemoryStore`). ``scope(context)``
+    returns the caller's identity (e.g. the authenticated principal) so tenants never share
+    records. ``methods``: which methods are deduplicated (``None``: all unary-request methods;
+    names, ``"/pkg.Service/*"`` patterns or a predicate). ``require_key_methods``: methods whose
+    calls must carry a key. ``ttl``: record lifetime (default: the store's). ``lease``: how long
+    a claim lasts if its executor dies (make it longer than your slowest handler).
+    ``max_response_bytes``: larger outcomes are not stored. ``fail_open``: run handlers without
+    dedup while the store is down. ``max_wait``: how long a duplicate waits for the in-flight
+    attempt when the caller set no deadline. See the module docstring for the exact rules.
+    """
+
+    store: Store
+
+    def _attach(self, store: Store | AsyncStore) -> None:
+        if not isinstance(store, Store):
+            raise ValueError(
+                f"{type(store).__name__} is an asyncio store: use it with "
+                "resilient_grpc.aio.DedupInterceptor"
+            )
+        self.store = store
+        self._flights = Flights(threading.Event)
 
     def intercept_service(
         self,
@@ -302,17 +362,16 @@ class DedupInterceptor(_ServerInterceptor):
         plan = self.settings.plan(method, handler_call_details.invocation_metadata)
         if plan is None:
             return handler
-        cached = self._wrapped.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = (handler, self._wrap(method, handler))
-            self._wrapped[method] = cached
-        return cached[1]
+        wrapped: grpc.RpcMethodHandler[Any, Any] = self._cached(method, handler, self._wrap)
+        return wrapped
 
     # -- handler wrappers
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        deserialize = handler.request_deserializer or _identity
-        serialize = handler.response_serializer or _identity
+    def _wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        deserialize = handler.request_deserializer or unchanged
+        serialize = handler.response_serializer or unchanged
         if handler.response_streaming:
             stream = handler.unary_stream
             assert stream is not None
@@ -320,11 +379,11 @@ class DedupInterceptor(_ServerInterceptor):
             def unary_stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
                 plan = self._admit(method, context)
                 key, flow = self.settings.start(plan, raw, context, context.time_remaining())
-                live = _Live()
+                live = LiveResult()
 
                 def execute(_: int | None) -> Generator[bytes, None, Execution]:
                     collected = Collector(self.settings.flow.max_response_bytes)
-                    with derivation_scope(_key(plan)):
+                    with derivation_scope(call_key(plan)):
                         try:
                             for message in stream(deserialize(raw), context):
                                 data = serialize(message)
@@ -358,10 +417,10 @@ class DedupInterceptor(_ServerInterceptor):
         def unary_unary(raw: bytes, context: grpc.ServicerContext) -> bytes | None:
             plan = self._admit(method, context)
             key, flow = self.settings.start(plan, raw, context, context.time_remaining())
-            live = _Live()
+            live = LiveResult()
 
             def execute(_: int | None) -> Generator[bytes, None, Execution]:
-                with derivation_scope(_key(plan)):
+                with derivation_scope(call_key(plan)):
                     try:
                         response = unary(deserialize(raw), context)
                     except Exception as error:
@@ -386,16 +445,10 @@ class DedupInterceptor(_ServerInterceptor):
 
     def _admit(self, method: str, context: grpc.ServicerContext) -> CallPlan:
         """Refuse a call before anything runs (expired deadline, bad or missing key)."""
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "the deadline expired before the call could start; nothing was executed",
-            )
-        plan = self.settings.plan(method, context.invocation_metadata())
-        assert plan is not None  # intercept_service saw the same metadata
-        if plan.problem is not None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, plan.problem)
+        plan = self.admit(method, context)
+        if isinstance(plan, tuple):
+            context.abort(*plan)
+        assert isinstance(plan, CallPlan)
         return plan
 
     @staticmethod
@@ -423,12 +476,8 @@ class DedupInterceptor(_ServerInterceptor):
                     answer = yield from execute(effect.token)
                 else:
                     answer = self._perform(key, effect)
-                    if isinstance(answer, ClaimResult) and answer.token is not None:
-                        claimed = True
-                        self._flights.begin(key)
-                    elif isinstance(effect, (Complete, Release)):
-                        claimed = False
-                        self._flights.end(key)
+                    noted = self._flights.note(key, effect, answer)
+                    claimed = claimed if noted is None else noted
                 try:
                     effect = flow.send(answer)
                 except StopIteration as stop:
@@ -458,12 +507,12 @@ class DedupInterceptor(_ServerInterceptor):
             return StoreDown(str(error))
 
 
-def _key(plan: CallPlan) -> str:
+def call_key(plan: CallPlan) -> str:
     assert plan.key is not None
     return plan.key
 
 
-def _identity(value: Any) -> Any:
+def unchanged(value: Any) -> Any:
     return value
 
 
@@ -475,7 +524,7 @@ def _aborted_outcome(context: Any, responses: tuple[bytes, ...], omitted: int) -
     return error_outcome(context, responses, omitted=omitted)
 
 
-class _Live:
+class LiveResult:
     """The live result of the execution in this call: the response, or the handler's exception."""
 
     __slots__ = ("error", "response")

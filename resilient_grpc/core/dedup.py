@@ -150,9 +150,7 @@ def fingerprint(request: bytes) -> bytes:
     return hashlib.sha256(request).digest()
 
 
-def admission_problem(
-    key: str | None, *, required: bool, method: str, header: str
-) -> str | None:
+def admission_problem(key: str | None, *, required: bool, method: str, header: str) -> str | None:
     """Why a call must be refused with INVALID_ARGUMENT before anything runs, or ``None``."""
     if key is None:
         if required:

@@ -67,9 +67,7 @@ class Store(ABC):
         """Atomically claim ``key`` for ``lease`` seconds, or return the live record that binds it."""
 
     @abstractmethod
-    def complete(
-        self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
-    ) -> bool:
+    def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
         """Store ``outcome`` if ``token`` still owns a live claim (fenced); ``False`` if it does not."""
 
     @abstractmethod

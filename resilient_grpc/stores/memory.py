@@ -55,9 +55,7 @@ class MemoryStore(Store):
         self.max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: collections.OrderedDict[str, tuple[Entry, int]] = (
-            collections.OrderedDict()
-        )
+        self._entries: collections.OrderedDict[str, tuple[Entry, int]] = collections.OrderedDict()
         self._bytes = 0
         self._waiters: dict[str, list[Callable[[], None]]] = {}
         self.evictions = 0
@@ -83,9 +81,7 @@ class MemoryStore(Store):
             self._put(key, entry, now)
         return ClaimResult(token)
 
-    def complete(
-        self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
-    ) -> bool:
+    def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
         now = self._clock()
         with self._lock:
             found = self._entries.get(key)
@@ -170,9 +166,7 @@ class MemoryStore(Store):
         if key in self._entries:
             self._drop(key)
         entries = self._entries
-        while entries and (
-            len(entries) >= self.max_entries or self._bytes + size > self.max_bytes
-        ):
+        while entries and (len(entries) >= self.max_entries or self._bytes + size > self.max_bytes):
             oldest, (old_entry, old_size) = entries.popitem(last=False)
             self._bytes -= old_size
             if old_entry.live(now):

@@ -54,6 +54,8 @@ local record = redis.call('GET', KEYS[1])
 if record then return {record, redis.call('PTTL', KEYS[1])} end
 return 0
 """
+
+
 def _token(token: int) -> bytes:
     return token.to_bytes(8, "big")
 
@@ -216,9 +218,7 @@ class RedisStore(Store):
         token = new_token()
         return _claimed(token, self._call("claim", key, _claim_args(fingerprint, token, lease)))
 
-    def complete(
-        self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
-    ) -> bool:
+    def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
         return bool(self._call("complete", key, self.layout.complete_args(token, outcome, ttl)))
 
     def release(self, key: str, token: int) -> bool:

@@ -111,9 +111,7 @@ class SQLiteStore(Store):
 
         return self._transaction(claim)
 
-    def complete(
-        self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
-    ) -> bool:
+    def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
         def complete(connection: sqlite3.Connection) -> bool:
             existing = _entry(connection.execute(_SELECT, (key,)).fetchone())
             entry = complete_entry(

@@ -1,0 +1,250 @@
+"""Server-side replay deduplication for ``grpc.aio.server``: :class:`DedupInterceptor`.
+
+The same rules, arguments and decisions as :class:`resilient_grpc.server.DedupInterceptor`
+(see that module's docstring); this shell performs the flow's effects with ``await``: store calls
+through an :class:`~resilient_grpc.stores.base.AsyncStore` (blocking stores are offloaded to
+worker threads, Redis uses ``redis.asyncio``), in-process waits on ``asyncio.Event``.
+
+aio specifics: unary-stream handlers are deduplicated when they are async generators (their
+messages are sent with ``context.write`` as they come); unary-stream handlers written against
+``context.write`` themselves, and handlers that are not coroutines, pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import Awaitable, Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+from resilient_grpc.core.dedup import (
+    Action,
+    Claim,
+    Complete,
+    Effect,
+    Execute,
+    Execution,
+    Outcome,
+    Release,
+    StoreDown,
+    Verdict,
+    Wait,
+)
+from resilient_grpc.core.keys import derivation_scope
+from resilient_grpc.server import (
+    CallPlan,
+    Collector,
+    DedupBase,
+    Flights,
+    LiveResult,
+    call_key,
+    error_outcome,
+    ok_outcome,
+    report,
+    status_code,
+    unchanged,
+)
+from resilient_grpc.stores.base import AsyncStore, Store, StoreUnavailableError
+
+__all__ = ["DedupInterceptor"]
+
+if TYPE_CHECKING:  # generic only in grpc-stubs
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+    _Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+    _Handler = grpc.RpcMethodHandler
+
+Execute_ = Callable[[int | None], Awaitable[Execution]]
+
+
+class DedupInterceptor(DedupBase, _ServerInterceptor):
+    """Replays the stored outcome of an idempotency key instead of running the handler again (aio).
+
+    Takes the same arguments as :class:`resilient_grpc.server.DedupInterceptor`; ``store`` may be
+    a blocking :class:`~resilient_grpc.stores.base.Store` (its async view is used) or an
+    :class:`~resilient_grpc.stores.base.AsyncStore`.
+    """
+
+    store: AsyncStore
+
+    def _attach(self, store: Store | AsyncStore) -> None:
+        self.store = store.as_async() if isinstance(store, Store) else store
+        self._flights: Flights[asyncio.Event] = Flights(asyncio.Event)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        if handler.response_streaming:
+            if not inspect.isasyncgenfunction(handler.unary_stream):
+                return handler
+        elif not inspect.iscoroutinefunction(handler.unary_unary):
+            return handler
+        method = handler_call_details.method
+        plan = self.settings.plan(method, handler_call_details.invocation_metadata)
+        if plan is None:
+            return handler
+        wrapped: _Handler = self._cached(method, handler, self._wrap)
+        return wrapped
+
+    # -- handler wrappers
+
+    def _wrap(self, method: str, handler: _Handler) -> _Handler:
+        deserialize = handler.request_deserializer or unchanged
+        serialize = handler.response_serializer or unchanged
+        if handler.response_streaming:
+            stream: Any = handler.unary_stream  # an async generator function (checked above)
+
+            async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+                plan = await self._admit(method, context)
+                key, flow = self.settings.start(plan, raw, context, context.time_remaining())
+                live = LiveResult()
+
+                async def execute(_: int | None) -> Execution:
+                    collected = Collector(self.settings.flow.max_response_bytes)
+                    with derivation_scope(call_key(plan)):
+                        try:
+                            async for message in stream(deserialize(raw), context):
+                                data = serialize(message)
+                                collected.add(data)
+                                await context.write(data)
+                        except Exception as error:
+                            live.error = error
+                            return Execution(
+                                _aborted_outcome(
+                                    error, context, tuple(collected.messages), collected.omitted
+                                )
+                            )
+                    messages = tuple(collected.messages)
+                    omitted = collected.omitted
+                    return Execution(
+                        error_outcome(context, messages, omitted=omitted)
+                        or ok_outcome(context, messages, omitted=omitted)
+                    )
+
+                verdict = await self._drive(method, key, flow, execute)
+                if verdict.action is Action.EXECUTED:
+                    live.reraise()
+                    return
+                assert verdict.outcome is not None
+                for data in verdict.outcome.responses:
+                    await context.write(data)
+                await self._finish(context, verdict.outcome)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream)
+
+        unary: Any = handler.unary_unary  # a coroutine function (checked above)
+
+        async def unary_unary(
+            raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> bytes | None:
+            plan = await self._admit(method, context)
+            key, flow = self.settings.start(plan, raw, context, context.time_remaining())
+            live = LiveResult()
+
+            async def execute(_: int | None) -> Execution:
+                with derivation_scope(call_key(plan)):
+                    try:
+                        response = await unary(deserialize(raw), context)
+                    except Exception as error:
+                        live.error = error
+                        return Execution(_aborted_outcome(error, context, (), 0))
+                if response is None:  # the handler set an error code and returned nothing
+                    return Execution(error_outcome(context))
+                data = serialize(response)
+                live.response = data
+                return Execution(error_outcome(context) or ok_outcome(context, (data,)))
+
+            verdict = await self._drive(method, key, flow, execute)
+            if verdict.action is Action.EXECUTED:
+                live.reraise()
+                return live.response
+            assert verdict.outcome is not None
+            await self._finish(context, verdict.outcome)
+            return verdict.outcome.responses[0]
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary)
+
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> CallPlan:
+        plan = self.admit(method, context)
+        if isinstance(plan, tuple):
+            await context.abort(*plan)
+        assert isinstance(plan, CallPlan)
+        return plan
+
+    @staticmethod
+    async def _finish(context: grpc.aio.ServicerContext[Any, Any], outcome: Outcome) -> None:
+        context.set_trailing_metadata(outcome.trailing_metadata)
+        if outcome.code != "OK":
+            await context.abort(
+                status_code(outcome.code), outcome.details, outcome.trailing_metadata
+            )
+
+    # -- the effect loop
+
+    async def _drive(
+        self,
+        method: str,
+        key: str,
+        flow: Generator[Effect, object, Verdict],
+        execute: Execute_,
+    ) -> Verdict:
+        claimed = False
+        try:
+            effect = next(flow)
+            while True:
+                answer: object
+                if isinstance(effect, Execute):
+                    answer = await execute(effect.token)
+                else:
+                    answer = await self._perform(key, effect)
+                    noted = self._flights.note(key, effect, answer)
+                    claimed = claimed if noted is None else noted
+                try:
+                    effect = flow.send(answer)
+                except StopIteration as stop:
+                    verdict: Verdict = stop.value
+                    report(method, verdict)
+                    return verdict
+        finally:
+            if claimed:
+                self._flights.end(key)
+
+    async def _perform(self, key: str, effect: Effect) -> object:
+        store = self.store
+        try:
+            if isinstance(effect, Claim):
+                return await store.claim(key, effect.fingerprint, lease=self.settings.lease)
+            if isinstance(effect, Complete):
+                return await store.complete(
+                    key, effect.token, effect.outcome, ttl=self.settings.ttl
+                )
+            if isinstance(effect, Release):
+                return await store.release(key, effect.token)
+            assert isinstance(effect, Wait)
+            event = self._flights.get(key)
+            if event is None:
+                return await store.wait(key, effect.timeout)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), effect.timeout)
+            return await store.get(key)
+        except StoreUnavailableError as error:
+            return StoreDown(str(error))
+
+
+def _aborted_outcome(
+    error: Exception, context: Any, responses: tuple[bytes, ...], omitted: int
+) -> Outcome | None:
+    """After a handler raised: its status if it aborted, ``None`` for an unexpected exception."""
+    if not isinstance(error, grpc.aio.AbortError):
+        return None
+    return error_outcome(context, responses, omitted=omitted)
