@@ -92,6 +92,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Literal, Protocol
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.util.types import AttributeValue
 
@@ -285,44 +286,79 @@ def _observe_breakers(options: metrics.CallbackOptions) -> Iterable[metrics.Obse
 # --- helpers --------------------------------------------------------------------------------
 
 
+_CODE_NUMBERS: dict[str, int] = {code.name: int(code.value[0]) for code in grpc.StatusCode}
+_CACHE_LIMIT = 4096  # methods and targets are few; past this, compute instead of caching
+
+
 def code_number(code: object) -> int:
     """The numeric gRPC status code of a name, number or ``grpc.StatusCode`` (2 = UNKNOWN if odd)."""
-    try:
-        name = code_name(code)
-    except ValueError:
-        return int(grpc.StatusCode.UNKNOWN.value[0])
-    return int(grpc.StatusCode[name].value[0])
+    if isinstance(code, str):
+        number = _CODE_NUMBERS.get(code)
+        if number is not None:
+            return number
+    return _CODE_NUMBERS[_safe_code_name(code)]
 
 
 def _safe_code_name(code: object) -> str:
+    if isinstance(code, str) and code in _CODE_NUMBERS:
+        return code
     try:
         return code_name(code)
     except ValueError:
         return "UNKNOWN"
 
 
+_server_cache: dict[str, dict[str, AttributeValue]] = {}
+
+
 def server_attributes(target: str | None) -> dict[str, AttributeValue]:
     """``server.address`` / ``server.port`` from a channel target (``host:port``, ``dns:///...``)."""
     if not target:
         return {}
+    cached = _server_cache.get(target)
+    if cached is not None:
+        return dict(cached)
     rest = _TARGET_SCHEME.sub("", target, count=1)
+    attributes: dict[str, AttributeValue]
     if rest.startswith(("unix:", "unix-abstract:", "vsock:")):
-        return {"server.address": rest}
-    host, port = rest, ""
-    if rest.startswith("["):
-        host, _, after = rest[1:].partition("]")
-        port = after[1:] if after.startswith(":") else ""
-    elif rest.count(":") == 1:
-        host, port = rest.split(":")
-    attributes: dict[str, AttributeValue] = {"server.address": host}
-    if port.isdigit():
-        attributes["server.port"] = int(port)
-    return attributes
+        attributes = {"server.address": rest}
+    else:
+        host, port = rest, ""
+        if rest.startswith("["):
+            host, _, after = rest[1:].partition("]")
+            port = after[1:] if after.startswith(":") else ""
+        elif rest.count(":") == 1:
+            host, port = rest.split(":")
+        attributes = {"server.address": host}
+        if port.isdigit():
+            attributes["server.port"] = int(port)
+    if len(_server_cache) < _CACHE_LIMIT:
+        _server_cache[target] = attributes
+    return dict(attributes)
 
 
-def _method_attributes(method: str) -> dict[str, AttributeValue]:
-    service, name = split_method(method)
-    return {"rpc.service": service, "rpc.method": name}
+class _Method:
+    """What telemetry derives from a full method name, computed once per method."""
+
+    __slots__ = ("attributes", "span_attributes", "span_name")
+
+    def __init__(self, method: str) -> None:
+        service, name = split_method(method)
+        self.span_name = f"{service}/{name}"
+        self.attributes: dict[str, AttributeValue] = {"rpc.service": service, "rpc.method": name}
+        self.span_attributes: dict[str, AttributeValue] = {"rpc.system": "grpc", **self.attributes}
+
+
+_method_cache: dict[str, _Method] = {}
+
+
+def _method_info(method: str) -> _Method:
+    info = _method_cache.get(method)
+    if info is None:
+        info = _Method(method)
+        if len(_method_cache) < _CACHE_LIMIT:
+            _method_cache[method] = info
+    return info
 
 
 def _instrumentation_active(transport: Literal["sync", "aio"] | None) -> bool:
@@ -383,7 +419,7 @@ class CallTelemetry:
         self.span = span
         self.target = target
         self.ended = False
-        self._attributes = _method_attributes(method)
+        self._attributes = _method_info(method).attributes
 
     def attempt(self, attempt: int, code: str, decision: RetryDecision | None) -> None:
         """Record one finished attempt: its status ``code`` and what was decided after it."""
@@ -444,9 +480,13 @@ class CallTelemetry:
         self.ended = True
         name = _safe_code_name(code)
         number = code_number(name)
-        self.span.set_attribute("rpc.grpc.status_code", number)
-        self.span.set_attribute("resilient_grpc.attempts", attempts)
-        self.span.set_attribute("resilient_grpc.outcome", reason.value)
+        self.span.set_attributes(
+            {
+                "rpc.grpc.status_code": number,
+                "resilient_grpc.attempts": attempts,
+                "resilient_grpc.outcome": reason.value,
+            }
+        )
         if name != "OK":
             self.span.set_status(trace.Status(trace.StatusCode.ERROR, name))
         _instruments().calls.add(
@@ -501,11 +541,10 @@ def start_client_call(
     ``attempt_spans=True`` says something below makes a CLIENT span per attempt (see
     :func:`makes_attempt_spans`), so under ``span_kind="auto"`` this span is INTERNAL.
     """
-    attributes: dict[str, AttributeValue] = {"rpc.system": "grpc", **_method_attributes(method)}
-    attributes.update(server_attributes(target))
-    service, name = split_method(method)
+    info = _method_info(method)
+    attributes = {**info.span_attributes, **server_attributes(target)} if target else info.span_attributes
     span = _tracer().start_span(
-        f"{service}/{name}",
+        info.span_name,
         kind=_span_kind(transport, attempt_spans),
         attributes=attributes,
         record_exception=False,
@@ -530,13 +569,14 @@ def client_call(
     call = start_client_call(
         method, target=target, transport=transport, attempt_spans=attempt_spans
     )
+    token = otel_context.attach(trace.set_span_in_context(call.span))
     try:
-        with call.use():
-            yield call
+        yield call
     except BaseException as error:
         call.abandon(error)
         raise
     finally:
+        otel_context.detach(token)
         if not call.ended:
             call.ended = True
             call.span.end()
@@ -574,7 +614,9 @@ def dedup_outcome(method: str, outcome: str) -> None:
     """
     if outcome not in DEDUP_OUTCOMES and not _OUTCOME_NAME.match(outcome):
         outcome = "other"
-    _instruments().dedup.add(1, {**_method_attributes(method), "resilient_grpc.dedup.outcome": outcome})
+    _instruments().dedup.add(
+        1, {**_method_info(method).attributes, "resilient_grpc.dedup.outcome": outcome}
+    )
     _current_span_event("dedup", {"resilient_grpc.dedup.outcome": outcome})
     logs.dedup_outcome(method, outcome)
 
