@@ -404,11 +404,11 @@ def test_sync_dedup_replay_increments_the_replay_counter(
 async def test_aio_dedup_replay_increments_the_replay_counter(
     otel: Otel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    aio_server = pytest.importorskip("resilient_grpc.aio.server")
     from protos.ledger_service import serve_aio
+    from resilient_grpc.aio.server import DedupInterceptor
 
     caplog.set_level(logging.DEBUG, logger="resilient_grpc")
-    server, port, servicer = await serve_aio(interceptors=[aio_server.DedupInterceptor()])
+    server, port, servicer = await serve_aio(interceptors=[DedupInterceptor()])
     channel = rg_aio.resilient_channel(
         f"127.0.0.1:{port}", retry=FAST, idempotency=IdempotencyKeys()
     )
