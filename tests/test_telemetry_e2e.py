@@ -275,12 +275,15 @@ BESIDE_SCRIPT = textwrap.dedent(
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from opentelemetry.instrumentation.grpc import GrpcInstrumentorClient, GrpcAioInstrumentorClient
+    from opentelemetry.instrumentation.grpc import (
+        GrpcAioInstrumentorClient, GrpcInstrumentorClient, GrpcInstrumentorServer,
+    )
     from protos import ledger_pb2, ledger_pb2_grpc
     from protos.ledger_service import TRANSFER, serve, serve_aio
     import resilient_grpc.aio
-    from resilient_grpc import IdempotencyKeys, RetryPolicy
+    from resilient_grpc import IdempotencyKeys, RetryPolicy, idempotency_key
     from resilient_grpc.client import resilient_channel
+    from resilient_grpc.server import DedupInterceptor
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -293,7 +296,8 @@ BESIDE_SCRIPT = textwrap.dedent(
         spans = [
             {"name": s.name, "kind": s.kind.name, "id": s.context.span_id,
              "parent": s.parent.span_id if s.parent else None,
-             "code": (s.attributes or {}).get("rpc.grpc.status_code")}
+             "code": (s.attributes or {}).get("rpc.grpc.status_code"),
+             "events": [[e.name, dict(e.attributes or {})] for e in s.events]}
             for s in exporter.get_finished_spans()
         ]
         exporter.clear()
@@ -308,6 +312,16 @@ BESIDE_SCRIPT = textwrap.dedent(
     server.stop(None)
     out["sync"] = dump()
     GrpcInstrumentorClient().uninstrument()
+
+    GrpcInstrumentorServer().instrument()
+    server, port, servicer = serve(interceptors=[DedupInterceptor()])
+    with resilient_channel(f"127.0.0.1:{port}", retry=policy, idempotency=IdempotencyKeys()) as ch:
+        with idempotency_key("k-beside-1"):
+            ledger_pb2_grpc.LedgerStub(ch).Transfer(request, timeout=5)
+            ledger_pb2_grpc.LedgerStub(ch).Transfer(request, timeout=5)
+    server.stop(None)
+    GrpcInstrumentorServer().uninstrument()
+    out["server"] = dump()
 
     async def aio_call():
         GrpcAioInstrumentorClient().instrument()
@@ -355,6 +369,14 @@ def test_beside_opentelemetry_instrumentation_grpc_there_is_one_client_span_per_
     (client,) = [s for s in out["aio"] if s["kind"] == "CLIENT"]
     assert ours["kind"] == "INTERNAL"
     assert ours["parent"] == client["id"]
+
+    # server: the dedup outcome is an event on the instrumentation's SERVER span of each call
+    server_spans = [s for s in out["server"] if s["kind"] == "SERVER"]
+    outcomes = [
+        [e[1]["resilient_grpc.dedup.outcome"] for e in s["events"] if e[0] == "dedup"]
+        for s in server_spans
+    ]
+    assert outcomes == [["executed"], ["replayed"]]
 
 
 # --- server side: dedup outcomes ----------------------------------------------------------
