@@ -372,31 +372,15 @@ def dedup_flow(
         if decision is Decision.EXECUTE:
             assert answer.token is not None
             return (yield from _execute(answer.token, settings, events))
-        if decision is Decision.CONFLICT:
-            return Verdict(Action.ANSWER, CONFLICT_OUTCOME, (*events, "conflict"))
         record = answer.record
-        if decision is Decision.REPLAY:
-            assert record is not None and record.outcome is not None
-            return Verdict(Action.ANSWER, _replay(record.outcome), (*events, "replayed"))
-        if decision is Decision.REJECT:
-            assert record is not None and record.outcome is not None
-            return Verdict(Action.ANSWER, _too_large(record.outcome), (*events, "replayed"))
-        # WAIT: another attempt holds the key.
+        if decision is not Decision.WAIT:
+            return _answer(decision, record, events)
+        # Another attempt holds the key: wait for it.
         if record is not None:
             last_lease_left = record.lease_left
         remaining = wait_until - clock()
         if remaining <= 0:
-            pushback = _pushback_ms(settings, last_lease_left)
-            return Verdict(
-                Action.ANSWER,
-                Outcome(
-                    "ABORTED",
-                    "another attempt with this idempotency key is still in progress; "
-                    f"retry after {pushback} ms",
-                    ((PUSHBACK_HEADER, pushback),),
-                ),
-                tuple(events) if events else ("waited",),
-            )
+            return _still_running(settings, last_lease_left, events)
         if "waited" not in events:
             events.append("waited")
         seen = yield Wait(remaining)
@@ -407,13 +391,37 @@ def dedup_flow(
                 (*events, "store_error"),
             )
         if isinstance(seen, Record) and seen.state is RecordState.COMPLETED:
-            if seen.fingerprint != request_fingerprint:
-                return Verdict(Action.ANSWER, CONFLICT_OUTCOME, (*events, "conflict"))
-            assert seen.outcome is not None
-            if seen.outcome.omitted_bytes:
-                return Verdict(Action.ANSWER, _too_large(seen.outcome), (*events, "replayed"))
-            return Verdict(Action.ANSWER, _replay(seen.outcome), (*events, "replayed"))
-        # Released, lapsed or still running: claim again (or give up at wait_until).
+            return _answer(decide(ClaimResult(None, seen), request_fingerprint), seen, events)
+        if isinstance(seen, Record):
+            last_lease_left = seen.lease_left
+            if wait_until - clock() <= 0:
+                return _still_running(settings, last_lease_left, events)
+        # Released, lapsed or still running: claim again.
+
+
+def _answer(decision: Decision, record: Record | None, events: list[str]) -> Verdict:
+    """The verdict for a record that settles the call: conflict, replay, or a too-large marker."""
+    if decision is Decision.CONFLICT:
+        return Verdict(Action.ANSWER, CONFLICT_OUTCOME, (*events, "conflict"))
+    assert record is not None and record.outcome is not None
+    if decision is Decision.REPLAY:
+        return Verdict(Action.ANSWER, _replay(record.outcome), (*events, "replayed"))
+    assert decision is Decision.REJECT
+    return Verdict(Action.ANSWER, _too_large(record.outcome), (*events, "replayed"))
+
+
+def _still_running(settings: FlowSettings, lease_left: float, events: list[str]) -> Verdict:
+    pushback = _pushback_ms(settings, lease_left)
+    return Verdict(
+        Action.ANSWER,
+        Outcome(
+            "ABORTED",
+            "another attempt with this idempotency key is still in progress; "
+            f"retry after {pushback} ms",
+            ((PUSHBACK_HEADER, pushback),),
+        ),
+        tuple(events) if events else ("waited",),
+    )
 
 
 def _execute(
