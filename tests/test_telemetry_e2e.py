@@ -445,3 +445,43 @@ async def test_aio_dedup_replay_increments_the_replay_counter(
     assert first == second
     assert servicer.state.executions[SECRET_KEY] == 1
     check_dedup(otel, caplog)
+
+
+# --- unary-stream: the span covers the stream until it is read to the end ----------------
+
+WATCH_SPAN = "ledger.v1.Ledger/Watch"
+WATCH_REQUEST = ledger_pb2.WatchRequest(account="alice", count=3)
+
+
+def check_stream_span(otel: Otel) -> None:
+    (span,) = otel.spans(WATCH_SPAN)
+    assert attempt_codes(span) == [14, 0]  # failed before its first message, then streamed
+    assert span.attributes["rpc.grpc.status_code"] == 0
+    assert span.attributes["resilient_grpc.attempts"] == 2
+    assert span.attributes["resilient_grpc.outcome"] == "success"
+
+
+def test_sync_stream_span_ends_after_the_last_message(
+    otel: Otel, sync_stub: Any, ledger: tuple[SyncLedger, int]
+) -> None:
+    from protos.ledger_service import WATCH
+
+    stub = sync_stub(retry=FAST, idempotency=IdempotencyKeys())
+    ledger[0].state.faults.fail_times(WATCH, 1)
+    stream = stub.Watch(WATCH_REQUEST, timeout=5)
+    first = next(stream)
+    assert otel.spans(WATCH_SPAN) == []  # still open: the caller is reading
+    assert len([first, *stream]) == 3
+    check_stream_span(otel)
+
+
+async def test_aio_stream_span_ends_after_the_last_message(
+    otel: Otel, aio_stub: Any, aio_ledger: tuple[AioLedger, int]
+) -> None:
+    from protos.ledger_service import WATCH
+
+    stub = aio_stub(retry=FAST, idempotency=IdempotencyKeys())
+    aio_ledger[0].state.faults.fail_times(WATCH, 1)
+    replies = [reply async for reply in stub.Watch(WATCH_REQUEST, timeout=5)]
+    assert len(replies) == 3
+    check_stream_span(otel)
