@@ -13,7 +13,10 @@ conventions that ``opentelemetry-instrumentation-grpc`` emits on its spans: ``rp
 ``server.port`` (from the channel target) and, at the end, ``rpc.grpc.status_code`` as the
 *numeric* code (the conventions type it ``int``: 0 = OK, 14 = UNAVAILABLE); plus
 ``resilient_grpc.attempts`` and ``resilient_grpc.outcome`` (a :class:`Reason` value). The span
-status is ERROR for any code other than OK. Events:
+status is ERROR for any code other than OK. (Newer, still experimental conventions rename these
+to ``rpc.system.name``, a fully qualified ``rpc.method`` and a string
+``rpc.response.status_code``; we keep the names the gRPC instrumentation still puts on its spans,
+so both kinds of spans agree.) Events:
 
 * ``attempt`` per attempt: ``resilient_grpc.attempt`` (1-based), ``rpc.grpc.status_code``,
   ``resilient_grpc.status`` (the code's name), ``resilient_grpc.retry`` (bool),
