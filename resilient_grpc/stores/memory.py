@@ -22,15 +22,28 @@ from resilient_grpc.core.dedup import (
 from resilient_grpc.stores.base import DEFAULT_TTL, AsyncStore, Store, check_positive, new_token
 
 #: Accounted bytes per record besides its outcome: the dict slot and link, the 64-character key,
-#: the record object, fingerprint and token (measured with tracemalloc, rounded up).
-ENTRY_OVERHEAD = 512
+#: the record object, fingerprint and token (about 410 measured with tracemalloc, rounded up).
+ENTRY_OVERHEAD = 448
+#: Accounted bytes of a stored outcome besides its payload: the object and its tuples (about 180).
+OUTCOME_OVERHEAD = 192
+#: Accounted bytes per response message or trailer besides its payload (object headers).
+ITEM_OVERHEAD = 64
+
+
+def accounted_size(entry: Entry) -> int:
+    """The bytes a record is charged against ``max_bytes`` (at least what it really occupies)."""
+    outcome = entry.outcome
+    if outcome is None:
+        return ENTRY_OVERHEAD
+    items = len(outcome.responses) + len(outcome.trailing_metadata)
+    return ENTRY_OVERHEAD + OUTCOME_OVERHEAD + ITEM_OVERHEAD * items + outcome.size
 
 
 class MemoryStore(Store):
     """Records in a dict, in one process: the default store.
 
-    Bounded: when a new record would exceed ``max_entries`` or ``max_bytes`` (accounted as
-    :data:`ENTRY_OVERHEAD` + the outcome's size), the oldest records are evicted first, so a flood
+    Bounded: when a new record would exceed ``max_entries`` or ``max_bytes`` (accounted by
+    :func:`accounted_size`, measured to cover the real Python objects), the oldest records are evicted first, so a flood
     of unique keys costs a fixed amount of memory (and forgets the oldest keys). Expired records
     are dropped as they are met and evicted first. All operations take one short lock and never
     do I/O, so the same store serves threads and the event loop (:meth:`as_async`). Waiters are
@@ -162,7 +175,7 @@ class MemoryStore(Store):
         self._bytes -= size
 
     def _put(self, key: str, entry: Entry, now: float) -> None:
-        size = ENTRY_OVERHEAD + (entry.outcome.size if entry.outcome is not None else 0)
+        size = accounted_size(entry)
         if key in self._entries:
             self._drop(key)
         entries = self._entries
