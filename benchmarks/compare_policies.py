@@ -39,8 +39,8 @@ from benchmarks.server_model import PROXY_COUNTERS, CapacityConfig, ServerProces
 from protos import ledger_pb2
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-QUICK_SCALE = 0.4
-QUICK_POLICIES = ("no-retry", "naive-x3", "exp-full-jitter", "budget", "full-stack", "grpc-native")
+QUICK_SCALE = 0.35
+QUICK_POLICIES = ("naive-x3", "exp-full-jitter", "budget", "full-stack", "grpc-native")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -52,37 +52,66 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "gRPC native retry, tenacity) under an outage, an overload spike and lost responses."
         ),
     )
-    parser.add_argument("--quick", action="store_true",
-                        help=f"shorter scenarios (x{QUICK_SCALE}) and fewer policies "
-                        f"({', '.join(QUICK_POLICIES)}) unless --policies is given")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"shorter scenarios (x{QUICK_SCALE}) and fewer policies "
+        f"({', '.join(QUICK_POLICIES)}) unless --policies is given",
+    )
     parser.add_argument("--policies", help=f"comma-separated subset of: {', '.join(POLICY_NAMES)}")
-    parser.add_argument("--scenarios",
-                        help=f"comma-separated subset of: {', '.join(SCENARIO_NAMES)}")
-    parser.add_argument("--scale", type=float, default=None,
-                        help="multiply scenario durations (default 1, or the --quick value)")
+    parser.add_argument(
+        "--scenarios", help=f"comma-separated subset of: {', '.join(SCENARIO_NAMES)}"
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="multiply scenario durations (default 1, or the --quick value)",
+    )
     parser.add_argument("--rate", type=float, default=180.0, help="normal arrival rate (req/s)")
-    parser.add_argument("--spike-rate", type=float, default=450.0,
-                        help="arrival rate during the overload spike (req/s)")
-    parser.add_argument("--lost-rate", type=float, default=100.0,
-                        help="arrival rate of the lost-responses scenario (req/s)")
+    parser.add_argument(
+        "--spike-rate",
+        type=float,
+        default=450.0,
+        help="arrival rate during the overload spike (req/s)",
+    )
+    parser.add_argument(
+        "--lost-rate",
+        type=float,
+        default=100.0,
+        help="arrival rate of the lost-responses scenario (req/s)",
+    )
     parser.add_argument("--workers", type=int, default=8, help="server workers")
     parser.add_argument("--queue", type=int, default=128, help="server queue bound")
-    parser.add_argument("--service-time", type=float, default=0.028,
-                        help="server work per call, seconds (capacity = workers / service time)")
-    parser.add_argument("--cut-probability", type=float, default=0.02,
-                        help="fraction of responses the proxy cuts in the lost-responses scenario")
+    parser.add_argument(
+        "--service-time",
+        type=float,
+        default=0.028,
+        help="server work per call, seconds (capacity = workers / service time)",
+    )
+    parser.add_argument(
+        "--cut-probability",
+        type=float,
+        default=0.02,
+        help="fraction of responses the proxy cuts in the lost-responses scenario",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of arrivals and cuts")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
-                        help="where compare_policies.json / .png go")
+    parser.add_argument(
+        "--output-dir", type=Path, default=RESULTS_DIR, help="where compare_policies.json / .png go"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    parser.add_argument("--markdown", action="store_true",
-                        help="also print the tables as markdown (for the README)")
+    parser.add_argument(
+        "--markdown", action="store_true", help="also print the tables as markdown (for the README)"
+    )
     args = parser.parse_args(argv)
-    args.policy_list = _pick(args.policies, POLICY_NAMES, "--policies") if args.policies else (
-        list(QUICK_POLICIES) if args.quick else list(POLICY_NAMES)
+    args.policy_list = (
+        _pick(args.policies, POLICY_NAMES, "--policies")
+        if args.policies
+        else (list(QUICK_POLICIES) if args.quick else list(POLICY_NAMES))
     )
     args.scenario_list = (
-        _pick(args.scenarios, SCENARIO_NAMES, "--scenarios") if args.scenarios
+        _pick(args.scenarios, SCENARIO_NAMES, "--scenarios")
+        if args.scenarios
         else list(SCENARIO_NAMES)
     )
     if args.scale is None:
@@ -96,8 +125,9 @@ def _pick(value: str, known: Sequence[str], flag: str) -> list[str]:
     chosen = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in known]
     if unknown or not chosen:
-        raise SystemExit(f"{flag}: unknown {', '.join(unknown) or 'empty list'}; "
-                         f"choose from {', '.join(known)}")
+        raise SystemExit(
+            f"{flag}: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(known)}"
+        )
     return chosen
 
 
@@ -137,7 +167,9 @@ async def run_trial(
         async def one(index: int) -> None:
             await client.call(
                 ledger_pb2.TransferRequest(
-                    from_account=f"acct-{index % 64}", to_account="sink", amount=1,
+                    from_account=f"acct-{index % 64}",
+                    to_account="sink",
+                    amount=1,
                     memo=keys[index],
                 )
             )
@@ -181,19 +213,32 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     settings = ClientSettings()
     capacity = CapacityConfig(args.workers, args.queue, args.service_time)
     scenarios = [
-        s for s in build_scenarios(rate=args.rate, spike_rate=args.spike_rate, lost_rate=args.lost_rate,
-                                   scale=args.scale,
-                                   cut_probability=args.cut_probability)
+        s
+        for s in build_scenarios(
+            rate=args.rate,
+            spike_rate=args.spike_rate,
+            lost_rate=args.lost_rate,
+            scale=args.scale,
+            cut_probability=args.cut_probability,
+        )
         if s.name in args.scenario_list
     ]
     policies = [p for p in POLICIES if p.name in args.policy_list]
     results: dict[str, dict[str, metrics_module.TrialMetrics]] = {}
     began = time.monotonic()
     total = sum(s.duration for s in scenarios) * len(policies)
-    with ServerProcess() as server, ServerProcess() as proxy, Progress(
-        TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(), console=console, transient=False,
-    ) as progress:
+    with (
+        ServerProcess() as server,
+        ServerProcess() as proxy,
+        Progress(
+            TextColumn("{task.description:<44}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress,
+    ):
         bar = progress.add_task("starting", total=total)
         done = 0.0
         for scenario in scenarios:
@@ -205,8 +250,14 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                     progress.update(bar, completed=base + elapsed)
 
                 results[scenario.name][policy.name] = await run_trial(
-                    server, proxy, scenario, policy, settings=settings, capacity=capacity,
-                    seed=args.seed, on_tick=tick,
+                    server,
+                    proxy,
+                    scenario,
+                    policy,
+                    settings=settings,
+                    capacity=capacity,
+                    seed=args.seed,
+                    on_tick=tick,
                 )
                 done += scenario.duration
                 progress.update(bar, completed=done)
@@ -223,8 +274,10 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "settings": asdict(settings),
         "server": {**asdict(capacity), "capacity_per_s": round(capacity.capacity, 1)},
         "scenarios": [scenario_document(s) for s in scenarios],
-        "policies": {p.name: {"label": p.label, "description": p.description,
-                              "server_dedup": p.server_dedup} for p in policies},
+        "policies": {
+            p.name: {"label": p.label, "description": p.description, "server_dedup": p.server_dedup}
+            for p in policies
+        },
         "definitions": metrics_module.__doc__,
         "results": {
             scenario: {name: m.to_json() for name, m in trials.items()}
@@ -251,8 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_plot(png_path, document["scenarios"], results, labels)
         console.print(f"plot: {png_path}")
     if args.markdown:
-        console.print(report.markdown(document["scenarios"], results, labels), markup=False,
-                      highlight=False, soft_wrap=True)
+        console.print(
+            report.markdown(document["scenarios"], results, labels),
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(f"finished in {document['elapsed_s']:.0f} s")
     return 0
 

@@ -2,10 +2,13 @@
 
 Definitions (also printed under the table):
 
-* goodput: logical requests that succeeded, as a fraction of those offered;
+* goodput: logical requests that succeeded, as a fraction of those offered (overall, and
+  "after": of those arriving after the trigger);
 * amplification: attempts that reached the server per logical request, counted by arrival time
   during the trigger window and after it (attempts after the trigger, tail included, over the
   requests that arrived after it);
+* late executions: transfers the server finished after their attempt's deadline (work
+  nobody waits for any more), per second after the trigger;
 * latency: p50 / p99 of successful logical requests, from their scheduled arrival;
 * duplicates: executions of a logical request beyond its first;
 * lost: requests that failed and were never applied; failed-but-applied is the other kind
@@ -38,6 +41,7 @@ class TrialMetrics:
     requests: int
     succeeded: int
     goodput: float
+    goodput_after: float | None
     amplification_during: float | None
     amplification_after: float | None
     p50_ms: float | None
@@ -50,6 +54,7 @@ class TrialMetrics:
     server_attempts: int
     executions: int
     late_executions: int
+    late_executions_per_s_after: float | None
     failures: dict[str, int]
     server_status: dict[str, int]
     series: dict[str, list[float]] = field(default_factory=dict)
@@ -78,15 +83,17 @@ def time_to_recover(
     records: Sequence[RequestRecord], origin: float, trigger_end: float, run_end: float
 ) -> float | None:
     """Seconds from the trigger's end to the first 1 s window whose arrivals succeed >= 95 %."""
-    offset = 0.0
-    while trigger_end + offset + RECOVERY_WINDOW <= run_end + 1e-9:
+    step = 0
+    while True:
+        offset = round(step * RECOVERY_STEP, 6)  # no accumulated float error
+        if trigger_end + offset + RECOVERY_WINDOW > run_end + 1e-9:
+            return None
         low = origin + trigger_end + offset
         high = low + RECOVERY_WINDOW
         window = [r for r in records if low <= r.start < high]
         if window and sum(r.ok for r in window) >= RECOVERY_LEVEL * len(window):
-            return round(offset, 3)
-        offset += RECOVERY_STEP
-    return None
+            return offset
+        step += 1
 
 
 def _series(
@@ -135,17 +142,21 @@ def compute(
     latencies = [r.latency * 1000 for r in succeeded]
     during_requests = sum(1 for r in records if start <= r.start < end)
     during_attempts = sum(1 for t, _code in attempts if start <= t < end)
-    after_requests = sum(1 for r in records if r.start >= end)
+    after = [r for r in records if r.start >= end]
+    after_requests = len(after)
+    after_seconds = duration - trigger[1]
+    late_after = sum(1 for t, _key, late in executions if late and end <= t < origin + duration)
     after_attempts = sum(1 for t, _code in attempts if t >= end)
-    recover = (
-        time_to_recover(records, origin, trigger[1], duration) if runs_on else None
-    )
+    recover = time_to_recover(records, origin, trigger[1], duration) if runs_on else None
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     span = max([duration, *((r.end - origin) for r in records)]) if records else duration
     return TrialMetrics(
         requests=len(records),
         succeeded=len(succeeded),
         goodput=round(len(succeeded) / len(records), 4) if records else 0.0,
+        goodput_after=(
+            _round(_ratio(sum(r.ok for r in after), after_requests), 4) if runs_on else None
+        ),
         amplification_during=_round(_ratio(during_attempts, during_requests)),
         amplification_after=_round(_ratio(after_attempts, after_requests)) if runs_on else None,
         p50_ms=_round(p50, 1),
@@ -158,6 +169,7 @@ def compute(
         server_attempts=len(attempts),
         executions=len(executions),
         late_executions=sum(1 for _t, _key, late in executions if late),
+        late_executions_per_s_after=_round(late_after / after_seconds, 1) if runs_on else None,
         failures=dict(collections.Counter(r.code for r in failed)),
         server_status=dict(collections.Counter(code for _t, code in attempts)),
         series=_series(records, attempts, executions, origin, span),

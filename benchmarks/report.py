@@ -15,6 +15,7 @@ from benchmarks.metrics import TrialMetrics
 COLUMNS = (
     "policy",
     "goodput",
+    "goodput after",
     "amp. during",
     "amp. after",
     "p50 ms",
@@ -40,6 +41,7 @@ def row(label: str, metrics: TrialMetrics, *, has_after: bool, run_after: float)
     return [
         label,
         f"{metrics.goodput:.1%}",
+        "-" if metrics.goodput_after is None else f"{metrics.goodput_after:.1%}",
         _num(metrics.amplification_during, ".2f") + ("x" if metrics.amplification_during else ""),
         _num(metrics.amplification_after, ".2f") + ("x" if metrics.amplification_after else ""),
         _num(metrics.p50_ms, ".0f"),
@@ -142,9 +144,22 @@ def write_plot(
             start, end = scenario["trigger"]
             ax.axvspan(start, end, color="tab:red", alpha=0.12, lw=0)
             ax.plot(series["t"], series["offered"], color="0.6", lw=1, ls="--", label="offered/s")
-            ax.plot(series["t"], series["server_attempts"], color="tab:orange", lw=1.3,
-                    label="server attempts/s")
+            ax.plot(
+                series["t"],
+                series["server_attempts"],
+                color="tab:orange",
+                lw=1.3,
+                label="server attempts/s",
+            )
             ax.plot(series["t"], series["goodput"], color="tab:green", lw=1.3, label="goodput/s")
+            ax.plot(
+                series["t"],
+                series["late_executions"],
+                color="tab:red",
+                lw=0.9,
+                ls=":",
+                label="executions after the deadline/s",
+            )
             ax.set_ylim(0, top * 1.05 + 1)
             ax.tick_params(labelsize=7)
             if col == 0:
@@ -154,7 +169,7 @@ def write_plot(
             if row_index == len(policies) - 1:
                 ax.set_xlabel("seconds", fontsize=8)
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper center", ncol=3, fontsize=8, frameon=False)
+    fig.legend(handles, names, loc="upper center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

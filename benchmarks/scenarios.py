@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from benchmarks.load import Phase
 
+#: Shortest time after a trigger, so a 1 s recovery window fits even in a shortened run.
+MIN_AFTER = 1.5
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -57,7 +60,7 @@ def build_scenarios(
         (
             Phase("before", warm, rate),
             Phase("outage", s(1.5), rate),
-            Phase("after", s(2.5), rate),
+            Phase("after", max(s(2.5), MIN_AFTER), rate),
         ),
         trigger=(warm, warm + s(1.5)),
         outage=True,
@@ -68,7 +71,7 @@ def build_scenarios(
         (
             Phase("before", warm, rate),
             Phase("spike", max(s(2.0), 1.0), spike_rate),
-            Phase("after", s(5.0), rate),
+            Phase("after", max(s(5.0), MIN_AFTER), rate),
         ),
         trigger=(warm, warm + max(s(2.0), 1.0)),
     )
