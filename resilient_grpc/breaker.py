@@ -73,10 +73,12 @@ class TargetBreaker:
     """
 
     __slots__ = (
+        "__weakref__",
         "_breaker",
         "_fast_success",
         "_lock",
         "_make",
+        "_memory",
         "_probing",
         "blocking",
         "name",
@@ -93,6 +95,8 @@ class TargetBreaker:
     ) -> None:
         self._make = make
         self._breaker: pybreaker.CircuitBreaker | None = None
+        #: The in-process storage, read without the lock on the hot path (``None``: I/O storage).
+        self._memory: pybreaker.CircuitMemoryStorage | None = None
         self._fast_success = fast_success
         self._lock = threading.Lock()
         self._probing = False
@@ -113,6 +117,9 @@ class TargetBreaker:
         breaker = self._breaker
         if breaker is None:
             breaker = self._breaker = self._make()
+            storage = breaker._state_storage
+            if isinstance(storage, pybreaker.CircuitMemoryStorage):
+                self._memory = storage
         return breaker
 
     @property
@@ -127,6 +134,9 @@ class TargetBreaker:
         An open breaker whose ``reset_timeout`` has elapsed moves to half-open and admits this
         attempt as its single probe; the caller must then :meth:`record` (or :meth:`release`).
         """
+        memory = self._memory
+        if memory is not None and memory.state == pybreaker.STATE_CLOSED:
+            return ADMITTED  # the common case, lock-free: one attribute read
         with self._lock:
             breaker = self._get()
             state = breaker.state.name  # reads the storage; notifies listeners of remote changes
@@ -152,19 +162,22 @@ class TargetBreaker:
         ``failed`` means the attempt ended with an unhealthy code. An outcome that arrives while
         the breaker is open (another call opened it meanwhile) is ignored, as pybreaker would.
         """
+        memory = self._memory
+        if (
+            not failed
+            and admission == ADMITTED
+            and self._fast_success
+            and memory is not None
+            and memory.counter == 0
+            and memory.state == pybreaker.STATE_CLOSED
+        ):
+            return False  # a success with nothing to reset and nobody to tell: lock-free
         with self._lock:
             breaker = self._get()
             if admission == PROBE:
                 self._probing = False
             if breaker.current_state == pybreaker.STATE_OPEN:
                 return True
-            if (
-                not failed
-                and admission == ADMITTED
-                and self._fast_success
-                and breaker.fail_counter == 0
-            ):
-                return False  # nothing to reset, nobody to tell: skip pybreaker's bookkeeping
             with contextlib.suppress(_Unhealthy, pybreaker.CircuitBreakerError):
                 breaker.call(_fail if failed else _succeed)
             return bool(breaker.current_state == pybreaker.STATE_OPEN)
@@ -312,6 +325,10 @@ class CircuitBreaker:
         # A storage function is assumed to do I/O (it exists to share state); an instance is
         # blocking unless it is pybreaker's memory storage.
         blocking = storage is not None and not isinstance(storage, pybreaker.CircuitMemoryStorage)
-        return TargetBreaker(
+        target = TargetBreaker(
             make, name=name, blocking=blocking, fast_success=not self._user_listeners
         )
+        if not blocking:
+            target.pybreaker  # noqa: B018  (made now: in-process, and the hot path needs it)
+        telemetry.register_breaker(target)  # reported in the breaker state gauge
+        return target

@@ -1,9 +1,14 @@
-"""Sync client interceptors: retries with backoff, budget, circuit breaker and idempotency keys.
+"""Sync client stack: retries with backoff, budget, circuit breaker and idempotency keys.
 
-``client_interceptors(...)`` returns interceptors for ``grpc.intercept_channel``;
-``resilient_channel(...)`` builds a channel with them attached. Every decision is taken by the
-shared driver (:mod:`resilient_grpc.logical_call`); this module only runs its steps with
-blocking calls (``continuation``, ``time.sleep``).
+Two ways to attach it, with the same behaviour:
+
+* ``client_interceptors(...)``: interceptors for ``grpc.intercept_channel`` (to compose with
+  other interceptors);
+* ``resilient_channel(...)``: a channel that runs the stack directly around the underlying
+  channel's calls, skipping the per-call work of ``grpc.intercept_channel`` (the fast path).
+
+Every decision is taken by the shared driver (:mod:`resilient_grpc.logical_call`); this module
+only runs its steps with blocking calls (the RPC, ``time.sleep``).
 
 * unary-unary calls are retried as a whole. ``stub.Method.future(...)`` works but runs the
   retry loop in the calling thread (the returned future is already done).
@@ -11,7 +16,7 @@ blocking calls (``continuation``, ``time.sleep``).
   is committed (gRFC A6) and a later error reaches the caller as is. The attempts start on the
   first ``next()`` (or the first ``code()``/metadata access), with the key and deadline fixed
   when the stub was called.
-* stream-unary and stream-stream calls are not intercepted (a request iterator cannot be replayed).
+* stream-unary and stream-stream calls pass through (a request iterator cannot be replayed).
 
 When the stack gives up it raises the last real error gRPC produced, with ``attempts`` and
 ``retry_reason`` attributes (see :mod:`resilient_grpc.errors`); an open breaker raises
@@ -24,6 +29,7 @@ import collections
 import contextlib
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -42,28 +48,10 @@ from resilient_grpc.logical_call import (
     Steps,
 )
 
-__all__ = ["client_interceptors", "resilient_channel"]
+__all__ = ["RetryingStream", "client_interceptors", "resilient_channel"]
 
-
-class _CallDetails(
-    collections.namedtuple(
-        "_CallDetails",
-        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
-    ),
-    grpc.ClientCallDetails,  # type: ignore[misc]
-):
-    """The call details of one attempt."""
-
-
-def _attempt_details(base: grpc.ClientCallDetails, attempt: Attempt) -> _CallDetails:
-    return _CallDetails(
-        base.method,
-        attempt.timeout,
-        attempt.metadata,
-        getattr(base, "credentials", None),
-        attempt.wait_for_ready,
-        getattr(base, "compression", None),
-    )
+#: Sends one attempt: returns what the transport returned for it.
+Send = Callable[[Attempt], Any]
 
 
 def _drive(steps: Steps, attempt: Callable[[Attempt], BaseException | None]) -> None:
@@ -86,39 +74,83 @@ def _drive(steps: Steps, attempt: Callable[[Attempt], BaseException | None]) -> 
         raise
 
 
-class _UnaryUnary(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Retries whole unary-unary calls."""
+def _run_unary(call: LogicalCall, send: Send) -> Any:
+    """Run a unary-unary logical call; return the last attempt's outcome (a Call-Future).
 
-    def __init__(self, stack: ClientStack) -> None:
-        self._stack = stack
+    ``send`` returns a finished Call-Future whose ``exception()`` is ``None`` on success (what
+    an interceptor's continuation returns, and what :class:`_Channel` builds). When the stack
+    gives up, the outcome returned is the failed one (its ``result()`` raises the error).
+    """
+    outcome: Any = None
 
-    def intercept_unary_unary(
-        self,
-        continuation: Callable[[grpc.ClientCallDetails, Any], Any],
-        client_call_details: grpc.ClientCallDetails,
-        request: Any,
-    ) -> Any:
-        call = self._stack.begin(
-            client_call_details.method,
-            client_call_details.timeout,
-            client_call_details.metadata,
-            getattr(client_call_details, "wait_for_ready", None),
-        )
-        outcome: Any = None
+    def attempt(step: Attempt) -> BaseException | None:
+        nonlocal outcome
+        outcome = send(step)
+        error: BaseException | None = outcome.exception()
+        return error
 
-        def attempt(step: Attempt) -> BaseException | None:
-            nonlocal outcome
-            outcome = continuation(_attempt_details(client_call_details, step), request)
-            error: BaseException | None = outcome.exception()
-            return error
+    try:
+        _drive(call.steps(), attempt)
+    except grpc.RpcError as error:
+        if isinstance(error, grpc.Future):
+            return error  # a finished Call-Future: result() raises it, exception() returns it
+        raise
+    return outcome
 
-        try:
-            _drive(call.steps(), attempt)
-        except grpc.RpcError as error:
-            if isinstance(error, grpc.Future):
-                return error  # a finished Call-Future: result() raises it, exception() returns it
-            raise
-        return outcome
+
+class _Outcome(grpc.Call, grpc.Future):  # type: ignore[misc]
+    """A finished successful unary call: its response and the gRPC call it came from."""
+
+    __slots__ = ("_call", "_response")
+
+    def __init__(self, response: Any, call: grpc.Call) -> None:
+        self._response = response
+        self._call = call
+
+    def initial_metadata(self) -> Any:
+        return self._call.initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._call.trailing_metadata()
+
+    def code(self) -> grpc.StatusCode:
+        return self._call.code()
+
+    def details(self) -> Any:
+        return self._call.details()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> Any:
+        return self._call.time_remaining()
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def running(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._response
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return None
+
+    def traceback(self, timeout: float | None = None) -> types.TracebackType | None:
+        return None
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        fn(self)
 
 
 _NOTHING: Any = object()
@@ -126,19 +158,11 @@ _END: Any = object()
 
 
 class RetryingStream(grpc.Call):  # type: ignore[misc]
-    """A unary-stream call that is retried until its first message arrives (a Call and an iterator)."""
+    """A unary-stream call retried until its first message arrives (a Call and an iterator)."""
 
-    def __init__(
-        self,
-        call: LogicalCall,
-        continuation: Callable[[grpc.ClientCallDetails, Any], Any],
-        details: grpc.ClientCallDetails,
-        request: Any,
-    ) -> None:
+    def __init__(self, call: LogicalCall, send: Send) -> None:
         self._logical = call
-        self._continuation = continuation
-        self._details = details
-        self._request = request
+        self._send = send
         self._lock = threading.Lock()
         self._started = False
         self._cancelled = False
@@ -150,8 +174,7 @@ class RetryingStream(grpc.Call):  # type: ignore[misc]
     # The retry phase ---------------------------------------------------------------------------
 
     def _attempt(self, step: Attempt) -> BaseException | None:
-        call = self._continuation(_attempt_details(self._details, step), self._request)
-        self._call = call
+        call = self._call = self._send(step)
         if self._cancelled:
             call.cancel()
         try:
@@ -200,13 +223,25 @@ class RetryingStream(grpc.Call):  # type: ignore[misc]
         first = self._first
         if first is not _NOTHING:
             if first is _END:
+                self._logical.finish_stream(None)
                 raise StopIteration
             self._first = _NOTHING
             return first
-        return next(self._call)
+        try:
+            return next(self._call)
+        except StopIteration:
+            self._first = _END
+            self._logical.finish_stream(None)
+            raise
+        except grpc.RpcError as error:  # committed: not retried
+            self._logical.finish_stream(error)
+            raise
 
     def next(self) -> Any:
         return self.__next__()
+
+    def __del__(self) -> None:
+        self._logical.finish_stream(GeneratorExit())
 
     # grpc.Call -----------------------------------------------------------------------------------
 
@@ -220,16 +255,15 @@ class RetryingStream(grpc.Call):  # type: ignore[misc]
         code: grpc.StatusCode = self._final().code()
         return code
 
-    def details(self) -> str | None:
-        details: str | None = self._final().details()
-        return details
+    def details(self) -> Any:
+        return self._final().details()
 
     def is_active(self) -> bool:
         if not self._started:
             return not self._cancelled
         return self._call is not None and self._error is None and bool(self._call.is_active())
 
-    def time_remaining(self) -> float | None:
+    def time_remaining(self) -> Any:
         return self._logical.state.remaining()
 
     def cancel(self) -> bool:
@@ -246,7 +280,70 @@ class RetryingStream(grpc.Call):  # type: ignore[misc]
         return True
 
 
-class _UnaryStream(grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+# Interceptors (for grpc.intercept_channel) -------------------------------------------------------
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,  # type: ignore[misc]
+):
+    """The call details of one attempt."""
+
+
+def _begin(stack: ClientStack, details: grpc.ClientCallDetails, *, stream: bool) -> LogicalCall:
+    return stack.begin(
+        details.method,
+        details.timeout,
+        details.metadata,
+        getattr(details, "wait_for_ready", None),
+        stream=stream,
+    )
+
+
+def _continuation_sender(
+    continuation: Callable[[grpc.ClientCallDetails, Any], Any],
+    details: grpc.ClientCallDetails,
+    request: Any,
+) -> Send:
+    credentials = getattr(details, "credentials", None)
+    compression = getattr(details, "compression", None)
+
+    def send(step: Attempt) -> Any:
+        return continuation(
+            _CallDetails(
+                details.method,
+                step.timeout,
+                step.metadata,
+                credentials,
+                step.wait_for_ready,
+                compression,
+            ),
+            request,
+        )
+
+    return send
+
+
+class _UnaryUnaryInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Retries whole unary-unary calls."""
+
+    def __init__(self, stack: ClientStack) -> None:
+        self._stack = stack
+
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Any], Any],
+        client_call_details: grpc.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        call = _begin(self._stack, client_call_details, stream=False)
+        return _run_unary(call, _continuation_sender(continuation, client_call_details, request))
+
+
+class _UnaryStreamInterceptor(grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
     """Retries unary-stream calls until their first response message."""
 
     def __init__(self, stack: ClientStack) -> None:
@@ -257,14 +354,185 @@ class _UnaryStream(grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.ClientCallDetails, Any], Any],
         client_call_details: grpc.ClientCallDetails,
         request: Any,
-    ) -> RetryingStream:
-        call = self._stack.begin(
-            client_call_details.method,
-            client_call_details.timeout,
-            client_call_details.metadata,
-            getattr(client_call_details, "wait_for_ready", None),
+    ) -> Any:
+        call = _begin(self._stack, client_call_details, stream=True)
+        return RetryingStream(
+            call, _continuation_sender(continuation, client_call_details, request)
         )
-        return RetryingStream(call, continuation, client_call_details, request)
+
+
+# The channel (resilient_channel) -------------------------------------------------------------
+
+
+class _UnaryUnaryCallable(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    """A unary-unary method of :class:`_Channel`: the stack around the underlying callable."""
+
+    def __init__(
+        self, stack: ClientStack, method: str, inner: grpc.UnaryUnaryMultiCallable
+    ) -> None:
+        self._stack = stack
+        self._method = method
+        self._inner = inner
+
+    def _invoke(
+        self,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+    ) -> Any:
+        inner = self._inner
+
+        def send(step: Attempt) -> Any:
+            try:
+                response, call = inner.with_call(
+                    request,
+                    timeout=step.timeout,
+                    metadata=step.metadata,
+                    credentials=credentials,
+                    wait_for_ready=step.wait_for_ready,
+                    compression=compression,
+                )
+            except grpc.RpcError as error:
+                return error  # a finished Call-Future whose exception() is itself
+            return _Outcome(response, call)
+
+        call = self._stack.begin(self._method, timeout, metadata, wait_for_ready)
+        return _run_unary(call, send)
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return self._invoke(
+            request, timeout, metadata, credentials, wait_for_ready, compression
+        ).result()
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        outcome = self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
+        return outcome.result(), outcome
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
+
+
+class _UnaryStreamCallable(grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
+    """A unary-stream method of :class:`_Channel`."""
+
+    def __init__(
+        self, stack: ClientStack, method: str, inner: grpc.UnaryStreamMultiCallable
+    ) -> None:
+        self._stack = stack
+        self._method = method
+        self._inner = inner
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> RetryingStream:
+        inner = self._inner
+
+        def send(step: Attempt) -> Any:
+            return inner(
+                request,
+                timeout=step.timeout,
+                metadata=step.metadata,
+                credentials=credentials,
+                wait_for_ready=step.wait_for_ready,
+                compression=compression,
+            )
+
+        call = self._stack.begin(self._method, timeout, metadata, wait_for_ready, stream=True)
+        return RetryingStream(call, send)
+
+
+class _Channel(grpc.Channel):  # type: ignore[misc]
+    """A channel running the stack around another channel's unary-request calls."""
+
+    def __init__(self, channel: grpc.Channel, stack: ClientStack) -> None:
+        self._channel = channel
+        self._stack = stack
+
+    def subscribe(
+        self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
+    ) -> None:
+        self._channel.subscribe(callback, try_to_connect=try_to_connect)
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        self._channel.unsubscribe(callback)
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> _UnaryUnaryCallable:
+        inner = self._channel.unary_unary(method, *args, **kwargs)
+        return _UnaryUnaryCallable(self._stack, method, inner)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> _UnaryStreamCallable:
+        inner = self._channel.unary_stream(method, *args, **kwargs)
+        return _UnaryStreamCallable(self._stack, method, inner)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_unary(method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_stream(method, *args, **kwargs)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> _Channel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# Public API ------------------------------------------------------------------------------------
+
+
+def _stack(
+    retry: RetryPolicy | None,
+    budget: RetryBudget | None,
+    breaker: CircuitBreaker | None,
+    idempotency: IdempotencyKeys | None,
+    target: str | None,
+    reconnect_wait: float | None,
+) -> ClientStack:
+    return ClientStack(
+        retry=retry,
+        budget=budget,
+        breaker=breaker,
+        idempotency=idempotency,
+        target=target,
+        reconnect_wait=reconnect_wait,
+        transport="sync",
+    )
 
 
 def client_interceptors(
@@ -275,7 +543,7 @@ def client_interceptors(
     *,
     target: str | None = None,
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
-) -> list[grpc.UnaryUnaryClientInterceptor | grpc.UnaryStreamClientInterceptor]:
+) -> list[Any]:
     """Interceptors for ``grpc.intercept_channel(channel, *client_interceptors(...))``.
 
     ``retry``: the :class:`RetryPolicy` (``None``: one attempt, no retries). ``budget``: a
@@ -286,15 +554,8 @@ def client_interceptors(
     idempotent are retried). ``reconnect_wait``: see :class:`~resilient_grpc.logical_call.ClientStack`.
     Bad arguments raise ``ValueError`` naming the argument.
     """
-    stack = ClientStack(
-        retry=retry,
-        budget=budget,
-        breaker=breaker,
-        idempotency=idempotency,
-        target=target,
-        reconnect_wait=reconnect_wait,
-    )
-    return [_UnaryUnary(stack), _UnaryStream(stack)]
+    stack = _stack(retry, budget, breaker, idempotency, target, reconnect_wait)
+    return [_UnaryUnaryInterceptor(stack), _UnaryStreamInterceptor(stack)]
 
 
 def resilient_channel(
@@ -310,23 +571,15 @@ def resilient_channel(
 ) -> grpc.Channel:
     """A channel to ``target`` (secure if ``credentials`` is given) with the stack attached.
 
-    The breaker (if any) is the one of ``target``. Closing the returned channel closes the
-    underlying one.
+    Same arguments as :func:`client_interceptors`; the breaker (if any) is the one of
+    ``target``. Closing the returned channel closes the underlying one.
     """
     if not isinstance(target, str) or not target:
         raise ValueError(f"target must be a non-empty string, got {target!r}")
-    interceptors = client_interceptors(
-        retry,
-        budget,
-        breaker,
-        idempotency,
-        target=target,
-        reconnect_wait=reconnect_wait,
-    )
-    options = list(options)
+    stack = _stack(retry, budget, breaker, idempotency, target, reconnect_wait)
     channel = (
-        grpc.secure_channel(target, credentials, options=options)
+        grpc.secure_channel(target, credentials, options=list(options))
         if credentials is not None
-        else grpc.insecure_channel(target, options=options)
+        else grpc.insecure_channel(target, options=list(options))
     )
-    return grpc.intercept_channel(channel, *interceptors)
+    return _Channel(channel, stack)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from resilient_grpc import telemetry
 from resilient_grpc.breaker import ADMITTED, CircuitBreaker, TargetBreaker
@@ -38,6 +38,7 @@ from resilient_grpc.core.retry import Reason, RetryDecision, RetryState
 from resilient_grpc.errors import BreakerOpenError, mark_gave_up
 
 Metadata = tuple[tuple[str, Any], ...]
+Transport = Literal["sync", "aio"]
 
 #: Used when the stack has no retry policy: one attempt, no retries.
 _SINGLE_ATTEMPT = RetryPolicy(max_attempts=1)
@@ -112,6 +113,7 @@ class ClientStack:
         idempotency: IdempotencyKeys | None = None,
         target: str | None = None,
         reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
+        transport: Transport = "sync",
     ) -> None:
         _check_instance("retry", retry, RetryPolicy, "RetryPolicy")
         _check_instance("budget", budget, RetryBudget, "RetryBudget")
@@ -134,6 +136,7 @@ class ClientStack:
         self.idempotency = idempotency
         self.target = target
         self.reconnect_wait = None if reconnect_wait is None else float(reconnect_wait)
+        self.transport: Transport = transport
         self.target_breaker: TargetBreaker | None = (
             breaker.for_target(target) if breaker is not None else None
         )
@@ -145,8 +148,14 @@ class ClientStack:
         timeout: float | None,
         metadata: Sequence[tuple[str, Any]] | None,
         wait_for_ready: bool | None,
+        *,
+        stream: bool = False,
     ) -> LogicalCall:
-        """Fix the key, metadata, deadline and retry state of a call made now."""
+        """Fix the key, metadata, deadline and retry state of a call made now.
+
+        ``stream``: a unary-stream call, whose span stays open after the first message until
+        the shell reports the end of the stream (:meth:`LogicalCall.finish_stream`).
+        """
         key: str | None = None
         call_metadata: Metadata = tuple(metadata) if metadata else ()
         idempotency = self.idempotency
@@ -163,13 +172,22 @@ class ClientStack:
             deadline=None if timeout is None else time.monotonic() + timeout,
             budget=self.budget,
         )
-        return LogicalCall(self, method, key, call_metadata, wait_for_ready, state)
+        return LogicalCall(self, method, key, call_metadata, wait_for_ready, state, stream)
 
 
 class LogicalCall:
     """One logical call: its fixed parts and the driver of its attempts (:meth:`steps`)."""
 
-    __slots__ = ("key", "metadata", "method", "stack", "state", "wait_for_ready")
+    __slots__ = (
+        "key",
+        "metadata",
+        "method",
+        "stack",
+        "state",
+        "stream",
+        "telemetry",
+        "wait_for_ready",
+    )
 
     def __init__(
         self,
@@ -179,8 +197,11 @@ class LogicalCall:
         metadata: Metadata,
         wait_for_ready: bool | None,
         state: RetryState,
+        stream: bool = False,
     ) -> None:
         self.stack = stack
+        self.stream = stream
+        self.telemetry: telemetry.CallTelemetry | None = None
         self.method = method
         self.key = key
         self.metadata = metadata
@@ -190,49 +211,82 @@ class LogicalCall:
     def steps(self) -> Steps:
         """Drive the attempts (see the module docstring for the protocol)."""
         stack = self.stack
+        if not self.stream:
+            with telemetry.client_call(
+                self.method, target=stack.target, transport=stack.transport
+            ) as tel:
+                yield from self._attempts(tel)
+            return
+        # A stream's span outlives this driver: it ends when the shell reports the stream's end.
+        tel = self.telemetry = telemetry.start_client_call(
+            self.method, target=stack.target, transport=stack.transport
+        )
+        try:
+            with tel.use():
+                yield from self._attempts(tel)
+        except BaseException as error:
+            tel.abandon(error)
+            raise
+
+    def finish_stream(self, error: BaseException | None) -> None:
+        """A committed stream ended: cleanly (``None``), with an error, or abandoned (GeneratorExit)."""
+        tel = self.telemetry
+        if tel is None or tel.ended:
+            return
+        if isinstance(error, GeneratorExit):
+            tel.abandon(error)
+        elif error is None:
+            tel.end("OK", attempts=self.state.attempts, reason=Reason.SUCCESS)
+        else:  # after the first message a call is committed: the error is not retried
+            tel.end(
+                status_name(error), attempts=self.state.attempts, reason=Reason.NOT_RETRYABLE_CODE
+            )
+
+    def _attempts(self, tel: telemetry.CallTelemetry) -> Steps:
+        stack = self.stack
         breaker = stack.target_breaker
         state = self.state
-        with telemetry.client_call(self.method, target=stack.target) as tel:
-            last_error: BaseException | None = None
-            while True:
-                admission = ADMITTED
+        last_error: BaseException | None = None
+        while True:
+            admission = ADMITTED
+            if breaker is not None:
+                admission = (
+                    (yield BreakerIO(breaker.admit)) if breaker.blocking else breaker.admit()
+                )
+                if not admission:
+                    self._refused(tel, breaker, last_error)
+            timeout = state.begin_attempt()
+            wait_for_ready = self.wait_for_ready
+            if state.attempts > 1 and wait_for_ready is None and stack.reconnect_wait:
+                wait_for_ready = True
+                if timeout is None:
+                    timeout = stack.reconnect_wait
+            try:
+                error = yield Attempt(state.attempts, timeout, self.metadata, wait_for_ready)
+                code = "OK" if error is None else status_name(error)
+                opened = False
                 if breaker is not None:
-                    admission = (
-                        (yield BreakerIO(breaker.admit)) if breaker.blocking else breaker.admit()
+                    failed = code in stack.breaker_codes
+                    opened = (
+                        (yield BreakerIO(breaker.record, admission, failed))
+                        if breaker.blocking
+                        else breaker.record(admission, failed)
                     )
-                    if not admission:
-                        self._refused(tel, breaker, last_error)
-                timeout = state.begin_attempt()
-                wait_for_ready = self.wait_for_ready
-                if state.attempts > 1 and wait_for_ready is None and stack.reconnect_wait:
-                    wait_for_ready = True
-                    if timeout is None:
-                        timeout = stack.reconnect_wait
-                try:
-                    error = yield Attempt(state.attempts, timeout, self.metadata, wait_for_ready)
-                    code = "OK" if error is None else status_name(error)
-                    opened = False
-                    if breaker is not None:
-                        failed = code in stack.breaker_codes
-                        opened = (
-                            (yield BreakerIO(breaker.record, admission, failed))
-                            if breaker.blocking
-                            else breaker.record(admission, failed)
-                        )
-                except GeneratorExit:  # abandoned mid-attempt: free the probe slot
-                    if breaker is not None:
-                        breaker.release(admission)
-                    raise
-                if error is None:
-                    tel.attempt(state.attempts, code, None)
+            except GeneratorExit:  # abandoned mid-attempt: free the probe slot
+                if breaker is not None:
+                    breaker.release(admission)
+                raise
+            if error is None:
+                tel.attempt(state.attempts, code, None)
+                if not self.stream:
                     tel.end(code, attempts=state.attempts, reason=Reason.SUCCESS)
-                    return
-                last_error = error
-                decision = state.breaker_open() if opened else self._decide(code, error)
-                tel.attempt(state.attempts, code, decision)
-                if not decision.retry:
-                    self._give_up(tel, error, decision)
-                yield Pause(decision.delay)
+                return
+            last_error = error
+            decision = state.breaker_open() if opened else self._decide(code, error)
+            tel.attempt(state.attempts, code, decision)
+            if not decision.retry:
+                self._give_up(tel, error, decision)
+            yield Pause(decision.delay)
 
     def _refused(
         self,

@@ -1,14 +1,24 @@
-"""``grpc.aio`` client interceptors: the same stack as :mod:`resilient_grpc.client`, never blocking the loop.
+"""``grpc.aio`` client stack: the same as :mod:`resilient_grpc.client`, never blocking the loop.
+
+Two ways to attach it, with the same behaviour:
+
+* ``client_interceptors(...)``: interceptors for ``grpc.aio.insecure_channel(interceptors=...)``
+  (to compose with other interceptors);
+* ``resilient_channel(...)``: a channel that runs the stack in the task that awaits the call,
+  around the underlying channel's calls. gRPC's interceptor machinery runs every intercepted
+  call in an extra task, and a retrying interceptor must await the outcome inside it: one more
+  task hop per call. The channel avoids both (the fast path).
 
 Every decision is taken by the shared driver (:mod:`resilient_grpc.logical_call`); this module
-runs its steps with ``await``: attempts through the continuation, pauses with ``asyncio.sleep``,
-and breaker operations that do I/O (Redis storage) in a worker thread.
+runs its steps with ``await``: attempts, pauses with ``asyncio.sleep``, and breaker operations
+that do I/O (Redis storage) in a worker thread.
 
-* unary-unary calls are retried as a whole;
+* unary-unary calls are retried as a whole. With ``resilient_channel`` the call starts when it
+  is first awaited (or when its ``code()``, metadata or ``details()`` is awaited); the key and
+  the deadline are fixed when the stub is called.
 * unary-stream calls are retried until the first response message arrives, then committed;
-  the attempts start on the first read (or the first ``code()``/metadata access), with the key
-  and deadline fixed when the stub was called;
-* stream-unary and stream-stream calls are not intercepted.
+  the attempts start on the first read (or the first ``code()``/metadata access).
+* stream-unary and stream-stream calls pass through.
 
 Giving up raises the last ``grpc.aio.AioRpcError`` with ``attempts``/``retry_reason`` set (see
 :mod:`resilient_grpc.errors`); an open breaker raises
@@ -19,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from typing import Any
 
 import grpc
@@ -38,33 +48,12 @@ from resilient_grpc.logical_call import (
     Steps,
 )
 
-__all__ = ["client_interceptors", "resilient_channel"]
+__all__ = ["ResilientUnaryCall", "RetryingAioStream", "client_interceptors", "resilient_channel"]
 
-_method_names: dict[bytes, str] = {}
+#: Starts one attempt and returns its ``grpc.aio`` call.
+Send = Callable[[Attempt], Awaitable[Any]]
 
-
-def _method_name(method: str | bytes) -> str:
-    """The full method name as text (``grpc.aio`` passes it as bytes)."""
-    if isinstance(method, str):
-        return method
-    name = _method_names.get(method)
-    if name is None:
-        name = _method_names[method] = method.decode("utf-8")
-    return name
-
-
-def _begin(stack: ClientStack, details: grpc.aio.ClientCallDetails) -> LogicalCall:
-    return stack.begin(
-        _method_name(details.method), details.timeout, details.metadata, details.wait_for_ready
-    )
-
-
-def _attempt_details(
-    base: grpc.aio.ClientCallDetails, attempt: Attempt, metadata: grpc.aio.Metadata
-) -> grpc.aio.ClientCallDetails:
-    return grpc.aio.ClientCallDetails(
-        base.method, attempt.timeout, metadata, base.credentials, attempt.wait_for_ready
-    )
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
 async def _drive(
@@ -89,62 +78,159 @@ async def _drive(
         raise
 
 
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    """Retries whole unary-unary calls."""
+class _FinishedCall:
+    """What both call types answer once settled: the last attempt's status, or the refusal's."""
 
-    def __init__(self, stack: ClientStack) -> None:
-        self._stack = stack
+    _call: Any
+    _error: BaseException | None
 
-    async def intercept_unary_unary(
-        self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Any,
-    ) -> Any:
-        call = _begin(self._stack, client_call_details)
-        metadata = grpc.aio.Metadata.from_tuple(call.metadata)
-        last: Any = None
+    async def _settled(self) -> None:
+        raise NotImplementedError
 
-        async def attempt(step: Attempt) -> BaseException | None:
-            nonlocal last
-            try:
-                last = await continuation(
-                    _attempt_details(client_call_details, step, metadata), request
-                )
-                await last
-            except grpc.aio.AioRpcError as error:
-                return error
-            return None
+    async def _final(self, name: str) -> Any:
+        await self._settled()
+        if self._call is not None:
+            return await getattr(self._call, name)()
+        error = self._error
+        if isinstance(error, grpc.aio.AioRpcError):  # refused by the breaker: nothing was sent
+            return getattr(error, name)()
+        if name == "code":
+            return grpc.StatusCode.CANCELLED
+        return None
 
-        await _drive(call.steps(), attempt)
-        return last
+    async def initial_metadata(self) -> Any:
+        return await self._final("initial_metadata")
+
+    async def trailing_metadata(self) -> Any:
+        return await self._final("trailing_metadata")
+
+    async def code(self) -> grpc.StatusCode:
+        code: grpc.StatusCode = await self._final("code")
+        return code
+
+    async def details(self) -> str:
+        return str(await self._final("details") or "")
+
+    async def debug_error_string(self) -> str:
+        return str(await self._final("debug_error_string") or "")
+
+
+class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
+    """A unary-unary call of :func:`resilient_channel`: its attempts run in the awaiting task."""
+
+    def __init__(self, call: LogicalCall, send: Send) -> None:
+        self._logical = call
+        self._send = send
+        self._started = False
+        self._finished = False
+        self._cancelled = False
+        self._call: Any = None
+        self._response: Any = None
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._callbacks: list[Callable[[Any], None]] = []
+
+    @property
+    def last_call(self) -> Any:
+        """The ``grpc.aio`` call of the last attempt (``None`` if nothing was sent)."""
+        return self._call
+
+    async def _attempt(self, step: Attempt) -> BaseException | None:
+        call = self._call = await self._send(step)
+        try:
+            self._response = await call
+        except grpc.aio.AioRpcError as error:
+            return error
+        except asyncio.CancelledError:
+            call.cancel()  # the caller's task was cancelled: cancel the RPC too
+            raise
+        return None
+
+    async def _run(self) -> Any:
+        self._started = True
+        try:
+            if self._cancelled:
+                raise asyncio.CancelledError
+            await _drive(self._logical.steps(), self._attempt)
+        except BaseException as error:
+            self._error = error
+            raise
+        finally:
+            self._finished = True
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+            callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
+                callback(self)
+        return self._response
+
+    async def _run_quietly(self) -> None:
+        with contextlib.suppress(BaseException):  # the outcome is kept on self
+            await self._run()
+
+    async def _settled(self) -> None:
+        """Wait for the outcome, starting the call in a task if nobody has awaited it yet."""
+        if not self._started:
+            self._started = True
+            asyncio.ensure_future(self._run_quietly())
+        if not self._finished:
+            if self._waiter is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._waiter)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if not self._started:
+            return (yield from self._run().__await__())
+        yield from self._settled().__await__()
+        if self._error is not None:
+            raise self._error
+        return self._response
+
+    async def wait_for_connection(self) -> None:
+        await self._settled()
+
+    def cancel(self) -> bool:
+        if self._finished:
+            return False
+        self._cancelled = True
+        if self._call is not None:
+            return bool(self._call.cancel())
+        return True
+
+    def cancelled(self) -> bool:
+        if self._call is not None:
+            return bool(self._call.cancelled())
+        return self._cancelled
+
+    def done(self) -> bool:
+        return self._finished
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        if self._finished:
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    def time_remaining(self) -> float | None:
+        return self._logical.state.remaining()
 
 
 _END: Any = object()
 _NOTHING: Any = object()
 
 
-class RetryingAioStream(grpc.aio.UnaryStreamCall):  # type: ignore[misc]
+class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignore[misc]
     """A ``grpc.aio`` unary-stream call retried until its first message arrives."""
 
-    def __init__(
-        self,
-        call: LogicalCall,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
-        details: grpc.aio.ClientCallDetails,
-        request: Any,
-    ) -> None:
+    def __init__(self, call: LogicalCall, send: Send) -> None:
         self._logical = call
-        self._continuation = continuation
-        self._details = details
-        self._metadata = grpc.aio.Metadata.from_tuple(call.metadata)
-        self._request = request
+        self._send = send
         self._lock = asyncio.Lock()
         self._started = False
         self._cancelled = False
         self._call: Any = None
         self._messages: Any = None
-        self._error: grpc.aio.AioRpcError | None = None
+        self._error: BaseException | None = None
         self._first: Any = _NOTHING
         self._done_callbacks: list[Callable[[Any], None]] = []
 
@@ -152,10 +238,7 @@ class RetryingAioStream(grpc.aio.UnaryStreamCall):  # type: ignore[misc]
 
     async def _attempt(self, step: Attempt) -> BaseException | None:
         try:
-            call = await self._continuation(
-                _attempt_details(self._details, step, self._metadata), self._request
-            )
-            self._call = call
+            call = self._call = await self._send(step)
             self._messages = call.__aiter__()
             if self._cancelled:
                 call.cancel()
@@ -179,24 +262,19 @@ class RetryingAioStream(grpc.aio.UnaryStreamCall):  # type: ignore[misc]
                 self._error = error
                 raise
             finally:
-                self._attach_done_callbacks()
+                callbacks, self._done_callbacks = self._done_callbacks, []
+                for callback in callbacks:
+                    self._add_done_callback_now(callback)
 
-    def _attach_done_callbacks(self) -> None:
-        callbacks, self._done_callbacks = self._done_callbacks, []
-        for callback in callbacks:
-            self._add_done_callback_now(callback)
+    async def _settled(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._start()
 
     def _add_done_callback_now(self, callback: Callable[[Any], None]) -> None:
         if self._call is None:
             callback(self)
         else:
             self._call.add_done_callback(lambda _call: callback(self))
-
-    async def _final_call(self) -> Any:
-        """The attempt the caller sees (``None`` if the breaker refused the call)."""
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await self._start()
-        return self._call
 
     # Reading -----------------------------------------------------------------------------------
 
@@ -206,55 +284,34 @@ class RetryingAioStream(grpc.aio.UnaryStreamCall):  # type: ignore[misc]
         first = self._first
         if first is not _NOTHING:
             if first is _END:
-                return grpc.aio.EOF
+                self._logical.finish_stream(None)
+                return _EOF
             self._first = _NOTHING
             return first
         try:
             return await self._messages.__anext__()
         except StopAsyncIteration:
             self._first = _END
-            return grpc.aio.EOF
+            self._logical.finish_stream(None)
+            return _EOF
+        except grpc.aio.AioRpcError as error:  # committed: not retried
+            self._logical.finish_stream(error)
+            raise
 
     async def _iterate(self) -> AsyncIterator[Any]:
         while True:
             message = await self.read()
-            if message is grpc.aio.EOF:
+            if message is _EOF:
                 return
             yield message
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
 
+    def __del__(self) -> None:
+        self._logical.finish_stream(GeneratorExit())
+
     # grpc.aio.Call -----------------------------------------------------------------------------
-
-    async def initial_metadata(self) -> Any:
-        call = await self._final_call()
-        return await call.initial_metadata() if call is not None else self._error.initial_metadata()  # type: ignore[union-attr]
-
-    async def trailing_metadata(self) -> Any:
-        call = await self._final_call()
-        return (
-            await call.trailing_metadata() if call is not None else self._error.trailing_metadata()
-        )  # type: ignore[union-attr]
-
-    async def code(self) -> grpc.StatusCode:
-        call = await self._final_call()
-        code: grpc.StatusCode = await call.code() if call is not None else self._error.code()  # type: ignore[union-attr]
-        return code
-
-    async def details(self) -> str:
-        call = await self._final_call()
-        details: str = await call.details() if call is not None else self._error.details()  # type: ignore[union-attr]
-        return details
-
-    async def debug_error_string(self) -> str:
-        call = await self._final_call()
-        text: str | None = (
-            await call.debug_error_string()
-            if call is not None
-            else self._error.debug_error_string()  # type: ignore[union-attr]
-        )
-        return text or ""
 
     async def wait_for_connection(self) -> None:
         await self._start()
@@ -282,7 +339,71 @@ class RetryingAioStream(grpc.aio.UnaryStreamCall):  # type: ignore[misc]
         return self._logical.state.remaining()
 
 
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+# Interceptors (for grpc.aio channels) ----------------------------------------------------------
+
+_method_names: dict[bytes, str] = {}
+
+
+def _method_name(method: str | bytes) -> str:
+    """The full method name as text (``grpc.aio`` passes it to interceptors as bytes)."""
+    if isinstance(method, str):
+        return method
+    name = _method_names.get(method)
+    if name is None:
+        name = _method_names[method] = method.decode("utf-8")
+    return name
+
+
+def _begin(stack: ClientStack, details: grpc.aio.ClientCallDetails, *, stream: bool) -> LogicalCall:
+    return stack.begin(
+        _method_name(details.method),
+        details.timeout,
+        details.metadata,  # type: ignore[arg-type]
+        details.wait_for_ready,
+        stream=stream,
+    )
+
+
+def _continuation_sender(
+    continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+    details: grpc.aio.ClientCallDetails,
+    call: LogicalCall,
+    request: Any,
+) -> Send:
+    metadata = grpc.aio.Metadata(*call.metadata)
+
+    def send(step: Attempt) -> Awaitable[Any]:
+        return continuation(
+            grpc.aio.ClientCallDetails(
+                details.method, step.timeout, metadata, details.credentials, step.wait_for_ready
+            ),
+            request,
+        )
+
+    return send
+
+
+class _UnaryUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Retries whole unary-unary calls."""
+
+    def __init__(self, stack: ClientStack) -> None:
+        self._stack = stack
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        call = _begin(self._stack, client_call_details, stream=False)
+        unary = ResilientUnaryCall(
+            call, _continuation_sender(continuation, client_call_details, call, request)
+        )
+        await unary
+        return unary.last_call
+
+
+class _UnaryStreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):
     """Retries unary-stream calls until their first response message."""
 
     def __init__(self, stack: ClientStack) -> None:
@@ -294,8 +415,142 @@ class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> RetryingAioStream:
-        call = _begin(self._stack, client_call_details)
-        return RetryingAioStream(call, continuation, client_call_details, request)
+        call = _begin(self._stack, client_call_details, stream=True)
+        return RetryingAioStream(
+            call, _continuation_sender(continuation, client_call_details, call, request)
+        )
+
+
+# The channel (resilient_channel) -------------------------------------------------------------
+
+
+def _callable_sender(
+    inner: Any,
+    request: Any,
+    credentials: grpc.CallCredentials | None,
+    compression: grpc.Compression | None,
+) -> Send:
+    async def send(step: Attempt) -> Any:
+        return inner(
+            request,
+            timeout=step.timeout,
+            metadata=step.metadata,
+            credentials=credentials,
+            wait_for_ready=step.wait_for_ready,
+            compression=compression,
+        )
+
+    return send
+
+
+class _UnaryUnaryCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    """A unary-unary method of :class:`_Channel`."""
+
+    def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
+        self._stack = stack
+        self._method = method
+        self._inner = inner
+
+    def __call__(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> ResilientUnaryCall:
+        call = self._stack.begin(self._method, timeout, metadata, wait_for_ready)
+        return ResilientUnaryCall(
+            call, _callable_sender(self._inner, request, credentials, compression)
+        )
+
+
+class _UnaryStreamCallable(grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
+    """A unary-stream method of :class:`_Channel`."""
+
+    def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
+        self._stack = stack
+        self._method = method
+        self._inner = inner
+
+    def __call__(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> RetryingAioStream:
+        call = self._stack.begin(self._method, timeout, metadata, wait_for_ready, stream=True)
+        return RetryingAioStream(
+            call, _callable_sender(self._inner, request, credentials, compression)
+        )
+
+
+class _Channel(grpc.aio.Channel):  # type: ignore[misc]
+    """A ``grpc.aio`` channel running the stack around another channel's unary-request calls."""
+
+    def __init__(self, channel: grpc.aio.Channel, stack: ClientStack) -> None:
+        self._channel = channel
+        self._stack = stack
+
+    async def __aenter__(self) -> _Channel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._channel.close(None)
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._channel.close(grace)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._channel.channel_ready()
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> _UnaryUnaryCallable:
+        inner = self._channel.unary_unary(method, *args, **kwargs)
+        return _UnaryUnaryCallable(self._stack, _method_name(method), inner)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> _UnaryStreamCallable:
+        inner = self._channel.unary_stream(method, *args, **kwargs)
+        return _UnaryStreamCallable(self._stack, _method_name(method), inner)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_unary(method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_stream(method, *args, **kwargs)
+
+
+# Public API ------------------------------------------------------------------------------------
+
+
+def _stack(
+    retry: RetryPolicy | None,
+    budget: RetryBudget | None,
+    breaker: CircuitBreaker | None,
+    idempotency: IdempotencyKeys | None,
+    target: str | None,
+    reconnect_wait: float | None,
+) -> ClientStack:
+    return ClientStack(
+        retry=retry,
+        budget=budget,
+        breaker=breaker,
+        idempotency=idempotency,
+        target=target,
+        reconnect_wait=reconnect_wait,
+        transport="aio",
+    )
 
 
 def client_interceptors(
@@ -306,20 +561,13 @@ def client_interceptors(
     *,
     target: str | None = None,
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
-) -> list[grpc.aio.ClientInterceptor]:
+) -> list[Any]:
     """Interceptors for ``grpc.aio.insecure_channel(target, interceptors=...)``.
 
     Same arguments and meaning as :func:`resilient_grpc.client.client_interceptors`.
     """
-    stack = ClientStack(
-        retry=retry,
-        budget=budget,
-        breaker=breaker,
-        idempotency=idempotency,
-        target=target,
-        reconnect_wait=reconnect_wait,
-    )
-    return [_UnaryUnary(stack), _UnaryStream(stack)]
+    stack = _stack(retry, budget, breaker, idempotency, target, reconnect_wait)
+    return [_UnaryUnaryInterceptor(stack), _UnaryStreamInterceptor(stack)]
 
 
 def resilient_channel(
@@ -334,15 +582,20 @@ def resilient_channel(
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """A ``grpc.aio`` channel to ``target`` with the stack attached (outermost), then ``interceptors``."""
+    """A ``grpc.aio`` channel to ``target`` with the stack attached (outside ``interceptors``).
+
+    Same arguments as :func:`resilient_grpc.client.resilient_channel`; ``interceptors`` are
+    attached to the underlying channel, so they see every attempt.
+    """
     if not isinstance(target, str) or not target:
         raise ValueError(f"target must be a non-empty string, got {target!r}")
-    stack = client_interceptors(
-        retry, budget, breaker, idempotency, target=target, reconnect_wait=reconnect_wait
-    )
-    all_interceptors = [*stack, *interceptors]
+    stack = _stack(retry, budget, breaker, idempotency, target, reconnect_wait)
     if credentials is not None:
-        return grpc.aio.secure_channel(
-            target, credentials, options=list(options), interceptors=all_interceptors
+        channel = grpc.aio.secure_channel(
+            target, credentials, options=list(options), interceptors=list(interceptors) or None
         )
-    return grpc.aio.insecure_channel(target, options=list(options), interceptors=all_interceptors)
+    else:
+        channel = grpc.aio.insecure_channel(
+            target, options=list(options), interceptors=list(interceptors) or None
+        )
+    return _Channel(channel, stack)
