@@ -1,0 +1,189 @@
+"""Helpers for the dedup server tests: slow and failing ledgers, and a raw HTTP/2 gRPC call that can
+send header values the grpc client refuses to send (non-ASCII idempotency keys)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+import urllib.parse
+from typing import Any
+
+import grpc
+
+from protos import ledger_pb2
+from protos.ledger_service import TRANSFER, AioLedger, SyncLedger
+
+KEY = "idempotency-key"
+
+
+class SlowLedger(SyncLedger):
+    """A sync ledger whose Transfer sleeps ``delay`` s first, or raises on the next ``crashes`` calls."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
+        self.delay = delay
+        self.crashes = 0
+        self.started = threading.Event()
+        self.seen_scopes: list[tuple[str, str]] = []
+
+    def Transfer(
+        self, request: ledger_pb2.TransferRequest, context: grpc.ServicerContext
+    ) -> ledger_pb2.TransferReply:
+        from resilient_grpc.core.keys import current_scope
+
+        scope = current_scope()
+        if scope is not None:
+            self.seen_scopes.append((scope.parent_key, scope.next_key(TRANSFER)))
+        self.started.set()
+        if self.crashes:
+            self.crashes -= 1
+            self.state.record(TRANSFER, context.invocation_metadata())
+            raise RuntimeError("handler bug")
+        if self.delay:
+            time.sleep(self.delay)
+        return super().Transfer(request, context)
+
+
+class AioSlowLedger(AioLedger):
+    """The aio twin of :class:`SlowLedger` (sleeps with ``asyncio.sleep``)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
+        self.delay = delay
+        self.crashes = 0
+
+    async def Transfer(
+        self, request: ledger_pb2.TransferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ledger_pb2.TransferReply:
+        if self.crashes:
+            self.crashes -= 1
+            self.state.record(TRANSFER, context.invocation_metadata() or ())
+            raise RuntimeError("handler bug")
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return await super().Transfer(request, context)
+
+
+def transfer(amount: int = 1, memo: str = "") -> ledger_pb2.TransferRequest:
+    return ledger_pb2.TransferRequest(from_account="a", to_account="b", amount=amount, memo=memo)
+
+
+# ---------------------------------------------------------------------------- raw HTTP/2
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """An HPACK literal header field without indexing, no Huffman coding."""
+    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
+
+
+def _hpack_int(value: int, bits: int, flags: int = 0) -> bytes:
+    limit = (1 << bits) - 1
+    if value < limit:
+        return bytes([flags | value])
+    out = [flags | limit]
+    value -= limit
+    while value >= 128:
+        out.append(value % 128 + 128)
+        value //= 128
+    out.append(value)
+    return bytes(out)
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def _read_int(data: bytes, offset: int, bits: int) -> tuple[int, int]:
+    limit = (1 << bits) - 1
+    value = data[offset] & limit
+    offset += 1
+    if value < limit:
+        return value, offset
+    shift = 0
+    while True:
+        byte = data[offset]
+        offset += 1
+        value += (byte & 127) << shift
+        shift += 7
+        if not byte & 128:
+            return value, offset
+
+
+def _literal_headers(block: bytes) -> dict[str, str]:
+    """The literal (non-Huffman) headers of an HPACK block; indexed fields are skipped."""
+    headers: dict[str, str] = {}
+    offset = 0
+    while offset < len(block):
+        first = block[offset]
+        if first & 0x80:  # indexed field (":status 200" and the like)
+            _, offset = _read_int(block, offset, 7)
+            continue
+        if first & 0x20:  # dynamic table size update
+            _, offset = _read_int(block, offset, 5)
+            continue
+        bits = 6 if first & 0x40 else 4
+        index, offset = _read_int(block, offset, bits)
+        if index:
+            raise AssertionError("indexed header names are not supported by this tiny decoder")
+        strings = []
+        for _ in range(2):
+            huffman = block[offset] & 0x80
+            length, offset = _read_int(block, offset, 7)
+            if huffman:
+                raise AssertionError("Huffman-coded headers are not supported by this tiny decoder")
+            strings.append(block[offset : offset + length].decode("latin-1"))
+            offset += length
+        headers[strings[0]] = strings[1]
+    return headers
+
+
+def raw_unary_call(
+    port: int, method: str, request: bytes, metadata: list[tuple[bytes, bytes]]
+) -> tuple[str, str]:
+    """Send one unary call over a bare HTTP/2 connection; return (grpc-status, grpc-message).
+
+    Header values go out as given (e.g. UTF-8 bytes), which the grpc client would refuse.
+    """
+    headers = b"".join(
+        _literal(name, value)
+        for name, value in [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", method.encode()),
+            (b":authority", b"127.0.0.1"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            *metadata,
+        ]
+    )
+    body = b"\x00" + len(request).to_bytes(4, "big") + request
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + _frame(4, 0, 0, b"")
+            + _frame(1, 4, 1, headers)
+            + _frame(0, 1, 1, body)
+        )
+        buffer = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            offset = 0
+            while offset + 9 <= len(buffer):
+                length = int.from_bytes(buffer[offset : offset + 3], "big")
+                kind, flags = buffer[offset + 3], buffer[offset + 4]
+                stream = int.from_bytes(buffer[offset + 5 : offset + 9], "big")
+                payload = buffer[offset + 9 : offset + 9 + length]
+                if len(payload) < length:
+                    break
+                if kind == 1 and stream == 1 and flags & 1:
+                    found = _literal_headers(payload)
+                    return found["grpc-status"], urllib.parse.unquote(found["grpc-message"])
+                offset += 9 + length
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+    raise AssertionError("no trailers received on the raw HTTP/2 connection")
