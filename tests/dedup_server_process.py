@@ -1,0 +1,157 @@
+"""A ledger server *process* behind DedupInterceptor, and a controller for it (multi-process tests).
+
+Run: ``python -m tests.dedup_server_process --store sqlite:/path/db | redis:redis://... [--delay S]
+[--lease S] [--hang-first]``. The process prints ``PORT <n>``, then ``START <key>`` when a Transfer
+handler begins and ``EXEC <key> <transfer_id>`` when it applied one, ``BALANCE`` per GetBalance, and exits when stdin closes.
+``--hang-once FILE`` makes the first handler of any process sharing FILE hang (to be killed
+mid-handler): the one that creates FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ServerProcess:
+    """Starts the script in a child process and collects its output lines."""
+
+    def __init__(
+        self, store: str, *, delay: float = 0.0, lease: float = 30.0, hang_once: str = ""
+    ) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "tests.dedup_server_process",
+            "--store",
+            store,
+            "--delay",
+            str(delay),
+            "--lease",
+            str(lease),
+        ]
+        if hang_once:
+            command += ["--hang-once", hang_once]
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        assert self.process.stdout is not None
+        threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
+        self.port = int(self.wait_for("PORT ").split()[1])
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line.strip())
+            self._queue.put(line.strip())
+
+    def wait_for(self, prefix: str, timeout: float = 30.0) -> str:
+        """The first output line starting with ``prefix`` (waits up to ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        for line in list(self.lines):
+            if line.startswith(prefix):
+                return line
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"server process printed no {prefix!r} line: {self.lines}")
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line.startswith(prefix):
+                return line
+
+    def executions(self) -> list[str]:
+        """The keys of the transfers this process applied, in order."""
+        return [line.split()[1] for line in self.lines if line.startswith("EXEC ")]
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Close stdin (the server exits), then collect the rest of its output."""
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        time.sleep(0.05)  # let the reader thread drain the pipe
+
+
+def _main() -> None:
+    import grpc
+
+    from protos import ledger_pb2
+    from protos.ledger_service import SyncLedger, serve
+    from resilient_grpc.server import DedupInterceptor
+    from resilient_grpc.stores import RedisStore, SQLiteStore
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--lease", type=float, default=30.0)
+    parser.add_argument("--hang-once", default="")
+    args = parser.parse_args()
+    kind, _, where = args.store.partition(":")
+    store = SQLiteStore(where) if kind == "sqlite" else RedisStore.from_url(where)
+    lock = threading.Lock()
+
+    def say(text: str) -> None:
+        with lock:
+            print(text, flush=True)
+
+    def first_to_hang() -> bool:
+        if not args.hang_once:
+            return False
+        try:
+            os.close(os.open(args.hang_once, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return False
+        return True
+
+    class Ledger(SyncLedger):
+        def Transfer(self, request: ledger_pb2.TransferRequest, context: Any) -> Any:
+            key = dict(context.invocation_metadata()).get("idempotency-key")
+            say(f"START {key}")
+            if first_to_hang():
+                time.sleep(600)  # killed by the test long before
+            if args.delay:
+                time.sleep(args.delay)
+            reply = super().Transfer(request, context)
+            say(f"EXEC {key} {reply.transfer_id}")
+            return reply
+
+        def GetBalance(self, request: ledger_pb2.BalanceRequest, context: Any) -> Any:
+            say("BALANCE")
+            return super().GetBalance(request, context)
+
+    server: grpc.Server
+    server, port, _ = serve(
+        Ledger(), interceptors=[DedupInterceptor(store, lease=args.lease)], max_workers=64
+    )
+    say(f"PORT {port}")
+    sys.stdin.read()
+    server.stop(None)
+
+
+if __name__ == "__main__":
+    _main()
