@@ -153,6 +153,21 @@ class _Outcome(grpc.Call, grpc.Future):  # type: ignore[misc]
         fn(self)
 
 
+class _Response:
+    """A successful plain call (``stub.Method(request)``): only its response is needed."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+
+    def exception(self) -> None:
+        return None
+
+    def result(self) -> Any:
+        return self._response
+
+
 _NOTHING: Any = object()
 _END: Any = object()
 
@@ -382,22 +397,36 @@ class _UnaryUnaryCallable(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         credentials: grpc.CallCredentials | None,
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
+        *,
+        with_call: bool,
     ) -> Any:
         inner = self._inner
 
         def send(step: Attempt) -> Any:
             try:
-                response, call = inner.with_call(
-                    request,
-                    timeout=step.timeout,
-                    metadata=step.metadata,
-                    credentials=credentials,
-                    wait_for_ready=step.wait_for_ready,
-                    compression=compression,
+                if with_call:
+                    response, call = inner.with_call(
+                        request,
+                        timeout=step.timeout,
+                        metadata=step.metadata,
+                        credentials=credentials,
+                        wait_for_ready=step.wait_for_ready,
+                        compression=compression,
+                    )
+                    return _Outcome(response, call)
+                # Plain calls need only the response: skip building a Call object for it.
+                return _Response(
+                    inner(
+                        request,
+                        timeout=step.timeout,
+                        metadata=step.metadata,
+                        credentials=credentials,
+                        wait_for_ready=step.wait_for_ready,
+                        compression=compression,
+                    )
                 )
             except grpc.RpcError as error:
                 return error  # a finished Call-Future whose exception() is itself
-            return _Outcome(response, call)
 
         call = self._stack.begin(self._method, timeout, metadata, wait_for_ready)
         return _run_unary(call, send)
@@ -412,7 +441,7 @@ class _UnaryUnaryCallable(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         compression: grpc.Compression | None = None,
     ) -> Any:
         return self._invoke(
-            request, timeout, metadata, credentials, wait_for_ready, compression
+            request, timeout, metadata, credentials, wait_for_ready, compression, with_call=False
         ).result()
 
     def with_call(
@@ -424,7 +453,9 @@ class _UnaryUnaryCallable(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        outcome = self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
+        outcome = self._invoke(
+            request, timeout, metadata, credentials, wait_for_ready, compression, with_call=True
+        )
         return outcome.result(), outcome
 
     def future(
@@ -436,7 +467,9 @@ class _UnaryUnaryCallable(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
+        return self._invoke(
+            request, timeout, metadata, credentials, wait_for_ready, compression, with_call=True
+        )
 
 
 class _UnaryStreamCallable(grpc.UnaryStreamMultiCallable):  # type: ignore[misc]

@@ -19,13 +19,13 @@ the last real error (with :func:`~resilient_grpc.errors.attempts_of` set) or
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, Literal, NoReturn
 
 from resilient_grpc import telemetry
 from resilient_grpc.breaker import ADMITTED, CircuitBreaker, TargetBreaker
 from resilient_grpc.call_outcome import (
+    deadline_from_timeout,
     metadata_value,
     pushback_of,
     retry_info_delay,
@@ -169,7 +169,7 @@ class ClientStack:
             self.policy,
             method=method,
             has_key=key is not None,
-            deadline=None if timeout is None else time.monotonic() + timeout,
+            deadline=deadline_from_timeout(timeout),
             budget=self.budget,
         )
         return LogicalCall(self, method, key, call_metadata, wait_for_ready, state, stream)

@@ -33,13 +33,23 @@ def servicer(aio_ledger: tuple[AioLedger, int]) -> AioLedger:
     return aio_ledger[0]
 
 
-@pytest.fixture
-async def make_stub(aio_ledger: tuple[AioLedger, int]) -> AsyncIterator[object]:
-    """Build stubs on resilient aio channels to the test ledger; closes them afterwards."""
+@pytest.fixture(params=["channel", "interceptors"])
+async def make_stub(
+    request: pytest.FixtureRequest, aio_ledger: tuple[AioLedger, int]
+) -> AsyncIterator[object]:
+    """Build stubs with the stack attached both ways (resilient_channel, or client_interceptors
+    on a grpc.aio channel) to the test ledger; closes them afterwards."""
     channels: list[grpc.aio.Channel] = []
+    target = f"127.0.0.1:{aio_ledger[1]}"
 
     def make(**stack: object) -> ledger_pb2_grpc.LedgerStub:
-        channel = resilient_channel(f"127.0.0.1:{aio_ledger[1]}", **stack)  # type: ignore[arg-type]
+        if request.param == "channel":
+            channel = resilient_channel(target, **stack)  # type: ignore[arg-type]
+        else:
+            channel = grpc.aio.insecure_channel(
+                target,
+                interceptors=client_interceptors(target=target, **stack),  # type: ignore[arg-type]
+            )
         channels.append(channel)
         return ledger_pb2_grpc.LedgerStub(channel)
 

@@ -41,13 +41,20 @@ def stub_for(channel: grpc.Channel) -> ledger_pb2_grpc.LedgerStub:
     return ledger_pb2_grpc.LedgerStub(channel)
 
 
-@pytest.fixture
-def make_stub(target: str) -> Iterator[object]:
-    """Build stubs on resilient channels to the test ledger; closes them afterwards."""
+@pytest.fixture(params=["channel", "interceptors"])
+def make_stub(request: pytest.FixtureRequest, target: str) -> Iterator[object]:
+    """Build stubs with the stack attached both ways (resilient_channel, or client_interceptors
+    on grpc.intercept_channel) to the test ledger; closes them afterwards."""
     channels: list[grpc.Channel] = []
 
     def make(**stack: object) -> ledger_pb2_grpc.LedgerStub:
-        channel = resilient_channel(target, **stack)  # type: ignore[arg-type]
+        if request.param == "channel":
+            channel = resilient_channel(target, **stack)  # type: ignore[arg-type]
+        else:
+            channel = grpc.intercept_channel(
+                grpc.insecure_channel(target),
+                *client_interceptors(target=target, **stack),  # type: ignore[arg-type]
+            )
         channels.append(channel)
         return stub_for(channel)
 

@@ -50,8 +50,8 @@ from resilient_grpc.logical_call import (
 
 __all__ = ["ResilientUnaryCall", "RetryingAioStream", "client_interceptors", "resilient_channel"]
 
-#: Starts one attempt and returns its ``grpc.aio`` call.
-Send = Callable[[Attempt], Awaitable[Any]]
+#: Starts one attempt and returns its ``grpc.aio`` call (or an awaitable of it).
+Send = Callable[[Attempt], Any]
 
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
@@ -118,9 +118,10 @@ class _FinishedCall:
 class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
     """A unary-unary call of :func:`resilient_channel`: its attempts run in the awaiting task."""
 
-    def __init__(self, call: LogicalCall, send: Send) -> None:
+    def __init__(self, call: LogicalCall, send: Send, *, send_is_async: bool = True) -> None:
         self._logical = call
         self._send = send
+        self._send_is_async = send_is_async
         self._started = False
         self._finished = False
         self._cancelled = False
@@ -128,6 +129,7 @@ class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignor
         self._response: Any = None
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Future[None] | None = None
         self._callbacks: list[Callable[[Any], None]] = []
 
     @property
@@ -136,7 +138,10 @@ class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignor
         return self._call
 
     async def _attempt(self, step: Attempt) -> BaseException | None:
-        call = self._call = await self._send(step)
+        call = self._send(step)
+        if self._send_is_async:
+            call = await call
+        self._call = call
         try:
             self._response = await call
         except grpc.aio.AioRpcError as error:
@@ -172,7 +177,7 @@ class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignor
         """Wait for the outcome, starting the call in a task if nobody has awaited it yet."""
         if not self._started:
             self._started = True
-            asyncio.ensure_future(self._run_quietly())
+            self._task = asyncio.ensure_future(self._run_quietly())
         if not self._finished:
             if self._waiter is None:
                 self._waiter = asyncio.get_running_loop().create_future()
@@ -222,9 +227,10 @@ _NOTHING: Any = object()
 class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignore[misc]
     """A ``grpc.aio`` unary-stream call retried until its first message arrives."""
 
-    def __init__(self, call: LogicalCall, send: Send) -> None:
+    def __init__(self, call: LogicalCall, send: Send, *, send_is_async: bool = True) -> None:
         self._logical = call
         self._send = send
+        self._send_is_async = send_is_async
         self._lock = asyncio.Lock()
         self._started = False
         self._cancelled = False
@@ -238,7 +244,10 @@ class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignor
 
     async def _attempt(self, step: Attempt) -> BaseException | None:
         try:
-            call = self._call = await self._send(step)
+            call = self._send(step)
+            if self._send_is_async:
+                call = await call
+            self._call = call
             self._messages = call.__aiter__()
             if self._cancelled:
                 call.cancel()
@@ -430,7 +439,7 @@ def _callable_sender(
     credentials: grpc.CallCredentials | None,
     compression: grpc.Compression | None,
 ) -> Send:
-    async def send(step: Attempt) -> Any:
+    def send(step: Attempt) -> Any:  # the call starts at once: nothing to await
         return inner(
             request,
             timeout=step.timeout,
@@ -462,9 +471,8 @@ class _UnaryUnaryCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[mis
         compression: grpc.Compression | None = None,
     ) -> ResilientUnaryCall:
         call = self._stack.begin(self._method, timeout, metadata, wait_for_ready)
-        return ResilientUnaryCall(
-            call, _callable_sender(self._inner, request, credentials, compression)
-        )
+        send = _callable_sender(self._inner, request, credentials, compression)
+        return ResilientUnaryCall(call, send, send_is_async=False)
 
 
 class _UnaryStreamCallable(grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
@@ -486,9 +494,8 @@ class _UnaryStreamCallable(grpc.aio.UnaryStreamMultiCallable):  # type: ignore[m
         compression: grpc.Compression | None = None,
     ) -> RetryingAioStream:
         call = self._stack.begin(self._method, timeout, metadata, wait_for_ready, stream=True)
-        return RetryingAioStream(
-            call, _callable_sender(self._inner, request, credentials, compression)
-        )
+        send = _callable_sender(self._inner, request, credentials, compression)
+        return RetryingAioStream(call, send, send_is_async=False)
 
 
 class _Channel(grpc.aio.Channel):  # type: ignore[misc]
