@@ -54,7 +54,7 @@ def _fail() -> None:
     raise _Unhealthy
 
 
-class _TelemetryListener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+class _TelemetryListener(pybreaker.CircuitBreakerListener):
     """Forwards pybreaker's state changes to the telemetry facade."""
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
@@ -108,7 +108,7 @@ class TargetBreaker:
         self.rejected_until: datetime.datetime | None = None
 
     @property
-    def pybreaker(self) -> pybreaker.CircuitBreaker:
+    def circuit(self) -> pybreaker.CircuitBreaker:
         """The underlying ``pybreaker.CircuitBreaker`` (state, counters, listeners)."""
         with self._lock:
             return self._get()
@@ -329,6 +329,6 @@ class CircuitBreaker:
             make, name=name, blocking=blocking, fast_success=not self._user_listeners
         )
         if not blocking:
-            target.pybreaker  # noqa: B018  (made now: in-process, and the hot path needs it)
+            target.circuit  # noqa: B018  (made now: in-process, and the hot path needs it)
         telemetry.register_breaker(target)  # reported in the breaker state gauge
         return target

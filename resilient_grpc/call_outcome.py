@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
+import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -52,7 +53,7 @@ def retry_info_delay(error: BaseException | Any) -> float | None:
     delay is returned as is: the retry decision treats it as "do not retry".
     """
     try:
-        status = rpc_status.from_call(error)
+        status = rpc_status.from_call(cast(grpc.Call, error))  # any finished call or error
     except (ValueError, AttributeError, TypeError):
         return None
     except Exception:  # a corrupt grpc-status-details-bin trailer (protobuf DecodeError)
@@ -64,7 +65,7 @@ def retry_info_delay(error: BaseException | Any) -> float | None:
             info = error_details_pb2.RetryInfo()
             detail.Unpack(info)
             delay = info.retry_delay
-            return float(delay.seconds) + delay.nanos / 1e9
+            return float(delay.seconds) + float(delay.nanos) / 1e9
     return None
 
 

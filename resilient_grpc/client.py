@@ -31,7 +31,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -42,6 +42,7 @@ from resilient_grpc.core.policy import RetryPolicy
 from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
     Attempt,
+    BreakerIO,
     ClientStack,
     LogicalCall,
     Pause,
@@ -60,12 +61,12 @@ def _drive(steps: Steps, attempt: Callable[[Attempt], BaseException | None]) -> 
         step = next(steps)
         while True:
             if step.__class__ is Attempt:
-                result: Any = attempt(step)  # type: ignore[arg-type]
+                result: Any = attempt(step)
             elif step.__class__ is Pause:
-                time.sleep(step.seconds)  # type: ignore[union-attr]
+                time.sleep(step.seconds)
                 result = None
             else:
-                result = step.run()  # type: ignore[union-attr]
+                result = cast(BreakerIO, step).run()
             step = steps.send(result)
     except StopIteration:
         return
@@ -98,7 +99,7 @@ def _run_unary(call: LogicalCall, send: Send) -> Any:
     return outcome
 
 
-class _Outcome(grpc.Call, grpc.Future):  # type: ignore[misc]
+class _Outcome(grpc.Call, grpc.Future):  # type: ignore[type-arg]
     """A finished successful unary call: its response and the gRPC call it came from."""
 
     __slots__ = ("_call", "_response")
@@ -143,7 +144,7 @@ class _Outcome(grpc.Call, grpc.Future):  # type: ignore[misc]
     def result(self, timeout: float | None = None) -> Any:
         return self._response
 
-    def exception(self, timeout: float | None = None) -> BaseException | None:
+    def exception(self, timeout: float | None = None) -> Exception | None:
         return None
 
     def traceback(self, timeout: float | None = None) -> types.TracebackType | None:
@@ -172,7 +173,7 @@ _NOTHING: Any = object()
 _END: Any = object()
 
 
-class RetryingStream(grpc.Call):  # type: ignore[misc]
+class RetryingStream(grpc.Call):
     """A unary-stream call retried until its first message arrives (a Call and an iterator)."""
 
     def __init__(self, call: LogicalCall, send: Send) -> None:
@@ -303,7 +304,7 @@ class _CallDetails(
         "_CallDetails",
         ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
     ),
-    grpc.ClientCallDetails,  # type: ignore[misc]
+    grpc.ClientCallDetails,
 ):
     """The call details of one attempt."""
 
@@ -342,7 +343,7 @@ def _continuation_sender(
     return send
 
 
-class _UnaryUnaryInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class _UnaryUnaryInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     """Retries whole unary-unary calls."""
 
     def __init__(self, stack: ClientStack) -> None:
@@ -358,7 +359,7 @@ class _UnaryUnaryInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[
         return _run_unary(call, _continuation_sender(continuation, client_call_details, request))
 
 
-class _UnaryStreamInterceptor(grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+class _UnaryStreamInterceptor(grpc.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     """Retries unary-stream calls until their first response message."""
 
     def __init__(self, stack: ClientStack) -> None:
@@ -379,11 +380,11 @@ class _UnaryStreamInterceptor(grpc.UnaryStreamClientInterceptor):  # type: ignor
 # The channel (resilient_channel) -------------------------------------------------------------
 
 
-class _UnaryUnaryCallable(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
+class _UnaryUnaryCallable(grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
     """A unary-unary method of :class:`_Channel`: the stack around the underlying callable."""
 
     def __init__(
-        self, stack: ClientStack, method: str, inner: grpc.UnaryUnaryMultiCallable
+        self, stack: ClientStack, method: str, inner: grpc.UnaryUnaryMultiCallable[Any, Any]
     ) -> None:
         self._stack = stack
         self._method = method
@@ -472,17 +473,17 @@ class _UnaryUnaryCallable(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
         )
 
 
-class _UnaryStreamCallable(grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
+class _UnaryStreamCallable(grpc.UnaryStreamMultiCallable):  # type: ignore[type-arg]
     """A unary-stream method of :class:`_Channel`."""
 
     def __init__(
-        self, stack: ClientStack, method: str, inner: grpc.UnaryStreamMultiCallable
+        self, stack: ClientStack, method: str, inner: grpc.UnaryStreamMultiCallable[Any, Any]
     ) -> None:
         self._stack = stack
         self._method = method
         self._inner = inner
 
-    def __call__(
+    def __call__(  # type: ignore[override]
         self,
         request: Any,
         timeout: float | None = None,
@@ -507,7 +508,7 @@ class _UnaryStreamCallable(grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
         return RetryingStream(call, send)
 
 
-class _Channel(grpc.Channel):  # type: ignore[misc]
+class _Channel(grpc.Channel):
     """A channel running the stack around another channel's unary-request calls."""
 
     def __init__(self, channel: grpc.Channel, stack: ClientStack) -> None:

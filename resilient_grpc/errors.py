@@ -55,7 +55,7 @@ def mark_gave_up(error: BaseException, attempts: int, reason: Reason) -> None:
         pass
 
 
-class BreakerOpenError(grpc.aio.AioRpcError, grpc.Call, grpc.Future):  # type: ignore[misc]
+class BreakerOpenError(grpc.aio.AioRpcError, grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
     """The circuit breaker of ``target`` is open: the call failed fast, nothing was sent.
 
     It is a ``grpc.RpcError`` with ``code()`` UNAVAILABLE, a ``grpc.Call`` and a ``grpc.Future``
@@ -103,7 +103,7 @@ class BreakerOpenError(grpc.aio.AioRpcError, grpc.Call, grpc.Future):  # type: i
     def is_active(self) -> bool:
         return False
 
-    def time_remaining(self) -> float | None:
+    def time_remaining(self) -> float | None:  # type: ignore[override]
         return None
 
     def cancel(self) -> bool:

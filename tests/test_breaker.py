@@ -64,7 +64,7 @@ def call_outcome(stub: ledger_pb2_grpc.LedgerStub) -> str:
 def wait_for_reset(breaker: CircuitBreaker, target: str, limit: float = 3.0) -> None:
     """Wait (bounded) until the open breaker of ``target`` would let a probe through."""
     target_breaker = breaker.for_target(target)
-    storage = target_breaker.pybreaker._state_storage
+    storage = target_breaker.circuit._state_storage
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         opened_at = storage.opened_at
@@ -133,7 +133,7 @@ def test_business_errors_are_never_counted(ledger, ledger_target) -> None:
             servicer.state.faults.fail_times(GET_BALANCE, 3, Fault(code=code))
             assert [call_outcome(stub) for _ in range(3)] == [code.name] * 3
         assert breaker.for_target(ledger_target).state == "closed"
-        assert breaker.for_target(ledger_target).pybreaker.fail_counter == 0
+        assert breaker.for_target(ledger_target).circuit.fail_counter == 0
 
         # A business error proves the backend answers: it resets the consecutive count.
         servicer.state.faults.add(

@@ -221,7 +221,7 @@ async def test_business_errors_are_never_retried_nor_counted(
     assert len(servicer.state.calls_to(GET_BALANCE)) == 5
     target = breaker.for_target(f"127.0.0.1:{aio_ledger[1]}")
     assert target.state == "closed"
-    assert target.pybreaker.fail_counter == 0
+    assert target.circuit.fail_counter == 0
 
 
 async def test_breaker_opens_and_fails_fast_without_calling(make_stub, servicer) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -42,6 +42,7 @@ from resilient_grpc.core.policy import RetryPolicy
 from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
     Attempt,
+    BreakerIO,
     ClientStack,
     LogicalCall,
     Pause,
@@ -64,12 +65,12 @@ async def _drive(
         step = next(steps)
         while True:
             if step.__class__ is Attempt:
-                result: Any = await attempt(step)  # type: ignore[arg-type]
+                result: Any = await attempt(step)
             elif step.__class__ is Pause:
-                await asyncio.sleep(step.seconds)  # type: ignore[union-attr]
+                await asyncio.sleep(step.seconds)
                 result = None
             else:  # breaker storage I/O (Redis): off the event loop
-                result = await asyncio.to_thread(step.run)  # type: ignore[union-attr]
+                result = await asyncio.to_thread(cast(BreakerIO, step).run)
             step = steps.send(result)
     except StopIteration:
         return
@@ -115,7 +116,7 @@ class _FinishedCall:
         return str(await self._final("debug_error_string") or "")
 
 
-class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
+class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignore[type-arg]
     """A unary-unary call of :func:`resilient_channel`: its attempts run in the awaiting task."""
 
     def __init__(self, call: LogicalCall, send: Send, *, send_is_async: bool = True) -> None:
@@ -224,7 +225,7 @@ _END: Any = object()
 _NOTHING: Any = object()
 
 
-class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignore[misc]
+class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignore[type-arg]
     """A ``grpc.aio`` unary-stream call retried until its first message arrives."""
 
     def __init__(self, call: LogicalCall, send: Send, *, send_is_async: bool = True) -> None:
@@ -392,7 +393,7 @@ def _continuation_sender(
     return send
 
 
-class _UnaryUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+class _UnaryUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     """Retries whole unary-unary calls."""
 
     def __init__(self, stack: ClientStack) -> None:
@@ -412,7 +413,7 @@ class _UnaryUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         return unary.last_call
 
 
-class _UnaryStreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):
+class _UnaryStreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     """Retries unary-stream calls until their first response message."""
 
     def __init__(self, stack: ClientStack) -> None:
@@ -452,7 +453,7 @@ def _callable_sender(
     return send
 
 
-class _UnaryUnaryCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
+class _UnaryUnaryCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
     """A unary-unary method of :class:`_Channel`."""
 
     def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
@@ -463,7 +464,6 @@ class _UnaryUnaryCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[mis
     def __call__(
         self,
         request: Any,
-        *,
         timeout: float | None = None,
         metadata: Any = None,
         credentials: grpc.CallCredentials | None = None,
@@ -475,7 +475,7 @@ class _UnaryUnaryCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[mis
         return ResilientUnaryCall(call, send, send_is_async=False)
 
 
-class _UnaryStreamCallable(grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
+class _UnaryStreamCallable(grpc.aio.UnaryStreamMultiCallable):  # type: ignore[type-arg]
     """A unary-stream method of :class:`_Channel`."""
 
     def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
@@ -486,7 +486,6 @@ class _UnaryStreamCallable(grpc.aio.UnaryStreamMultiCallable):  # type: ignore[m
     def __call__(
         self,
         request: Any,
-        *,
         timeout: float | None = None,
         metadata: Any = None,
         credentials: grpc.CallCredentials | None = None,
@@ -498,7 +497,7 @@ class _UnaryStreamCallable(grpc.aio.UnaryStreamMultiCallable):  # type: ignore[m
         return RetryingAioStream(call, send, send_is_async=False)
 
 
-class _Channel(grpc.aio.Channel):  # type: ignore[misc]
+class _Channel(grpc.aio.Channel):
     """A ``grpc.aio`` channel running the stack around another channel's unary-request calls."""
 
     def __init__(self, channel: grpc.aio.Channel, stack: ClientStack) -> None:
