@@ -104,6 +104,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--markdown", action="store_true", help="also print the tables as markdown (for the README)"
     )
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.policy_list = (
         _pick(args.policies, POLICY_NAMES, "--policies")
         if args.policies
@@ -208,8 +209,11 @@ def scenario_document(scenario: Scenario) -> dict[str, Any]:
     }
 
 
-async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    """Every selected policy against every selected scenario; returns the JSON document."""
+Results = dict[str, dict[str, metrics_module.TrialMetrics]]
+
+
+async def run(args: argparse.Namespace, console: Console) -> tuple[dict[str, Any], Results]:
+    """Every selected policy against every selected scenario: the JSON document and the metrics."""
     settings = ClientSettings()
     capacity = CapacityConfig(args.workers, args.queue, args.service_time)
     scenarios = [
@@ -224,7 +228,8 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         if s.name in args.scenario_list
     ]
     policies = [p for p in POLICIES if p.name in args.policy_list]
-    results: dict[str, dict[str, metrics_module.TrialMetrics]] = {}
+    results: Results = {}
+    console.print(setup_line(settings, capacity))
     began = time.monotonic()
     total = sum(s.duration for s in scenarios) * len(policies)
     with (
@@ -262,8 +267,8 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 done += scenario.duration
                 progress.update(bar, completed=done)
         progress.update(bar, description="done")
-    return {
-        "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+    document = {
+        "command": " ".join(["python -m benchmarks", *args.argv]),
         "elapsed_s": round(time.monotonic() - began, 1),
         "machine": {
             "cpus": os.cpu_count(),
@@ -283,8 +288,19 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             scenario: {name: m.to_json() for name, m in trials.items()}
             for scenario, trials in results.items()
         },
-        "_metrics": results,
     }
+    return document, results
+
+
+def setup_line(settings: ClientSettings, capacity: CapacityConfig) -> str:
+    """One line saying what the server can do and what every client is allowed."""
+    return (
+        f"server: {capacity.workers} workers x {capacity.service_time * 1000:g} ms = "
+        f"{capacity.capacity:.0f} calls/s, queue {capacity.queue}, keeps executing abandoned "
+        f"work; clients: {settings.max_attempts} attempts x {settings.attempt_timeout * 1000:g} ms, "
+        f"deadline {settings.deadline * 1000:g} ms, backoff {settings.initial_backoff * 1000:g} ms "
+        f"x{settings.multiplier:g}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -292,8 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     if console.width < 132:  # the tables need 132 columns; wider output beats wrapped cells
         console = Console(width=132)
-    document = asyncio.run(run(args, console))
-    results = document.pop("_metrics")
+    document, results = asyncio.run(run(args, console))
     labels = {name: document["policies"][name]["label"] for name in document["policies"]}
     report.print_tables(console, document["scenarios"], results, labels)
     json_path = args.output_dir / "compare_policies.json"
