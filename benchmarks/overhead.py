@@ -21,7 +21,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,29 @@ def _summary(samples: Samples) -> dict[str, dict[str, float]]:
     return out
 
 
+#: The same retry shape for tenacity as the default RetryPolicy (only the no-fault path runs).
+TENACITY_SETTINGS: dict[str, Any] = {
+    "stop": tenacity.stop_after_attempt(3),
+    "wait": tenacity.wait_random_exponential(multiplier=0.1, max=5),
+    "retry": tenacity.retry_if_exception(_unavailable),
+    "reraise": True,
+}
+
+#: gRPC's native retry, switched on with the service config above.
+NATIVE_RETRY_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", NATIVE_RETRY_CONFIG)]
+
+
+def _rounds(rounds: int, samples: Samples) -> Iterator[tuple[str, list[float]]]:
+    """Each client once per round, in a new random order: (name, the round's sample list)."""
+    order = list(VARIANTS)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name in order:
+            bucket: list[float] = []
+            samples[name].append(bucket)
+            yield name, bucket
+
+
 # Sync ------------------------------------------------------------------------------------------
 
 
@@ -134,19 +157,11 @@ def run_sync(rounds: int, calls: int) -> dict[str, dict[str, float]]:
         "resilient_grpc_interceptors": grpc.intercept_channel(
             grpc.insecure_channel(target), *client_interceptors(target=target, **_stack())
         ),
-        "native_retry": grpc.insecure_channel(
-            target,
-            options=[("grpc.enable_retries", 1), ("grpc.service_config", NATIVE_RETRY_CONFIG)],
-        ),
+        "native_retry": grpc.insecure_channel(target, options=NATIVE_RETRY_OPTIONS),
         "tenacity": grpc.insecure_channel(target),
     }
     stubs = {name: ledger_pb2_grpc.LedgerStub(channel) for name, channel in channels.items()}
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(3),
-        wait=tenacity.wait_random_exponential(multiplier=0.1, max=5),
-        retry=tenacity.retry_if_exception(_unavailable),
-        reraise=True,
-    )
+    retrying = tenacity.Retrying(**TENACITY_SETTINGS)
     tenacity_stub = stubs["tenacity"]
     calls_by_name: dict[str, Callable[[], Any]] = {
         name: (lambda stub=stub: stub.GetBalance(REQUEST, timeout=5))
@@ -154,21 +169,16 @@ def run_sync(rounds: int, calls: int) -> dict[str, dict[str, float]]:
     }
     calls_by_name["tenacity"] = lambda: retrying(tenacity_stub.GetBalance, REQUEST, timeout=5)
     samples: Samples = {name: [] for name in VARIANTS}
-    order = list(VARIANTS)
     try:
         for call in calls_by_name.values():  # warm up connections and code paths
             for _ in range(50):
                 call()
-        for _ in range(rounds):
-            random.shuffle(order)
-            for name in order:
-                call = calls_by_name[name]
-                bucket: list[float] = []
-                samples[name].append(bucket)
-                for _ in range(calls):
-                    started = time.perf_counter()
-                    call()
-                    bucket.append(time.perf_counter() - started)
+        for name, bucket in _rounds(rounds, samples):
+            call = calls_by_name[name]
+            for _ in range(calls):
+                started = time.perf_counter()
+                call()
+                bucket.append(time.perf_counter() - started)
     finally:
         for channel in channels.values():
             channel.close()
@@ -189,19 +199,11 @@ async def run_aio(rounds: int, calls: int) -> dict[str, dict[str, float]]:
         "resilient_grpc_interceptors": grpc.aio.insecure_channel(
             target, interceptors=aio_client_interceptors(target=target, **_stack())
         ),
-        "native_retry": grpc.aio.insecure_channel(
-            target,
-            options=[("grpc.enable_retries", 1), ("grpc.service_config", NATIVE_RETRY_CONFIG)],
-        ),
+        "native_retry": grpc.aio.insecure_channel(target, options=NATIVE_RETRY_OPTIONS),
         "tenacity": grpc.aio.insecure_channel(target),
     }
     stubs = {name: ledger_pb2_grpc.LedgerStub(channel) for name, channel in channels.items()}
-    retrying = tenacity.AsyncRetrying(
-        stop=tenacity.stop_after_attempt(3),
-        wait=tenacity.wait_random_exponential(multiplier=0.1, max=5),
-        retry=tenacity.retry_if_exception(_unavailable),
-        reraise=True,
-    )
+    retrying = tenacity.AsyncRetrying(**TENACITY_SETTINGS)
     tenacity_stub = stubs["tenacity"]
 
     async def one_call() -> Any:
@@ -216,21 +218,16 @@ async def run_aio(rounds: int, calls: int) -> dict[str, dict[str, float]]:
     }
     calls_by_name["tenacity"] = with_tenacity
     samples: Samples = {name: [] for name in VARIANTS}
-    order = list(VARIANTS)
     try:
         for call in calls_by_name.values():
             for _ in range(50):
                 await call()
-        for _ in range(rounds):
-            random.shuffle(order)
-            for name in order:
-                call = calls_by_name[name]
-                bucket: list[float] = []
-                samples[name].append(bucket)
-                for _ in range(calls):
-                    started = time.perf_counter()
-                    await call()
-                    bucket.append(time.perf_counter() - started)
+        for name, bucket in _rounds(rounds, samples):
+            call = calls_by_name[name]
+            for _ in range(calls):
+                started = time.perf_counter()
+                await call()
+                bucket.append(time.perf_counter() - started)
     finally:
         for channel in channels.values():
             await channel.close()

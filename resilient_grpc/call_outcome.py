@@ -8,7 +8,7 @@ without blocking once the call has ended), so the sync and aio shells share it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import grpc
@@ -18,6 +18,37 @@ from grpc_status import rpc_status
 from resilient_grpc.core.pushback import Pushback, pushback_from_metadata
 
 _RETRY_INFO = error_details_pb2.RetryInfo.DESCRIPTOR
+
+
+class FinishedCallFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
+    """What every ``grpc.Call`` + ``grpc.Future`` that has already ended answers the same way.
+
+    Subclasses add the status (``code``, ``details``, metadata, ``time_remaining``) and the
+    outcome (``result``, ``exception``, ``traceback``).
+    """
+
+    __slots__ = ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def running(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        fn(self)
 
 
 def status_name(error: BaseException | Any) -> str:

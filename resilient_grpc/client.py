@@ -36,6 +36,7 @@ from typing import Any, cast
 import grpc
 
 from resilient_grpc.breaker import CircuitBreaker
+from resilient_grpc.call_outcome import FinishedCallFuture
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.keys import IdempotencyKeys
 from resilient_grpc.core.policy import RetryPolicy
@@ -43,6 +44,7 @@ from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
     Attempt,
     BreakerIO,
+    CallArguments,
     ClientStack,
     LogicalCall,
     Pause,
@@ -99,7 +101,7 @@ def _run_unary(call: LogicalCall, send: Send) -> Any:
     return outcome
 
 
-class _Outcome(grpc.Call, grpc.Future):  # type: ignore[type-arg]
+class _Outcome(FinishedCallFuture):
     """A finished successful unary call: its response and the gRPC call it came from."""
 
     __slots__ = ("_call", "_response")
@@ -120,26 +122,8 @@ class _Outcome(grpc.Call, grpc.Future):  # type: ignore[type-arg]
     def details(self) -> Any:
         return self._call.details()
 
-    def is_active(self) -> bool:
-        return False
-
     def time_remaining(self) -> Any:
         return self._call.time_remaining()
-
-    def cancel(self) -> bool:
-        return False
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
-
-    def running(self) -> bool:
-        return False
-
-    def done(self) -> bool:
-        return True
 
     def result(self, timeout: float | None = None) -> Any:
         return self._response
@@ -149,9 +133,6 @@ class _Outcome(grpc.Call, grpc.Future):  # type: ignore[type-arg]
 
     def traceback(self, timeout: float | None = None) -> types.TracebackType | None:
         return None
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        fn(self)
 
 
 class _Response:
@@ -309,16 +290,6 @@ class _CallDetails(
     """The call details of one attempt."""
 
 
-def _begin(stack: ClientStack, details: grpc.ClientCallDetails, *, stream: bool) -> LogicalCall:
-    return stack.begin(
-        details.method,
-        details.timeout,
-        details.metadata,
-        getattr(details, "wait_for_ready", None),
-        stream=stream,
-    )
-
-
 def _continuation_sender(
     continuation: Callable[[grpc.ClientCallDetails, Any], Any],
     details: grpc.ClientCallDetails,
@@ -343,11 +314,23 @@ def _continuation_sender(
     return send
 
 
-class _UnaryUnaryInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
-    """Retries whole unary-unary calls."""
+class _Interceptor(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Retries whole unary-unary calls, and unary-stream calls until their first message."""
 
     def __init__(self, stack: ClientStack) -> None:
         self._stack = stack
+
+    def _begin(self, details: grpc.ClientCallDetails, *, stream: bool) -> LogicalCall:
+        return self._stack.begin(
+            details.method,
+            details.timeout,
+            details.metadata,
+            getattr(details, "wait_for_ready", None),
+            stream=stream,
+        )
 
     def intercept_unary_unary(
         self,
@@ -355,15 +338,8 @@ class _UnaryUnaryInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[
         client_call_details: grpc.ClientCallDetails,
         request: Any,
     ) -> Any:
-        call = _begin(self._stack, client_call_details, stream=False)
+        call = self._begin(client_call_details, stream=False)
         return _run_unary(call, _continuation_sender(continuation, client_call_details, request))
-
-
-class _UnaryStreamInterceptor(grpc.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
-    """Retries unary-stream calls until their first response message."""
-
-    def __init__(self, stack: ClientStack) -> None:
-        self._stack = stack
 
     def intercept_unary_stream(
         self,
@@ -371,7 +347,7 @@ class _UnaryStreamInterceptor(grpc.UnaryStreamClientInterceptor):  # type: ignor
         client_call_details: grpc.ClientCallDetails,
         request: Any,
     ) -> Any:
-        call = _begin(self._stack, client_call_details, stream=True)
+        call = self._begin(client_call_details, stream=True)
         return RetryingStream(
             call, _continuation_sender(continuation, client_call_details, request)
         )
@@ -383,129 +359,49 @@ class _UnaryStreamInterceptor(grpc.UnaryStreamClientInterceptor):  # type: ignor
 class _UnaryUnaryCallable(grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
     """A unary-unary method of :class:`_Channel`: the stack around the underlying callable."""
 
-    def __init__(
-        self, stack: ClientStack, method: str, inner: grpc.UnaryUnaryMultiCallable[Any, Any]
-    ) -> None:
+    def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
         self._stack = stack
         self._method = method
         self._inner = inner
 
-    def _invoke(
-        self,
-        request: Any,
-        timeout: float | None,
-        metadata: Any,
-        credentials: grpc.CallCredentials | None,
-        wait_for_ready: bool | None,
-        compression: grpc.Compression | None,
-        *,
-        with_call: bool,
-    ) -> Any:
+    def _invoke(self, arguments: CallArguments, *, with_call: bool) -> Any:
         inner = self._inner
 
         def send(step: Attempt) -> Any:
             try:
                 if with_call:
-                    response, call = inner.with_call(
-                        request,
-                        timeout=step.timeout,
-                        metadata=step.metadata,
-                        credentials=credentials,
-                        wait_for_ready=step.wait_for_ready,
-                        compression=compression,
-                    )
-                    return _Outcome(response, call)
+                    return _Outcome(*arguments.send(inner.with_call, step))
                 # Plain calls need only the response: skip building a Call object for it.
-                return _Response(
-                    inner(
-                        request,
-                        timeout=step.timeout,
-                        metadata=step.metadata,
-                        credentials=credentials,
-                        wait_for_ready=step.wait_for_ready,
-                        compression=compression,
-                    )
-                )
+                return _Response(arguments.send(inner, step))
             except grpc.RpcError as error:
                 return error  # a finished Call-Future whose exception() is itself
 
-        call = self._stack.begin(self._method, timeout, metadata, wait_for_ready)
-        return _run_unary(call, send)
+        return _run_unary(arguments.begin(self._stack, self._method, stream=False), send)
 
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._invoke(
-            request, timeout, metadata, credentials, wait_for_ready, compression, with_call=False
-        ).result()
+    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._invoke(CallArguments(request, *args, **kwargs), with_call=False).result()
 
-    def with_call(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> tuple[Any, grpc.Call]:
-        outcome = self._invoke(
-            request, timeout, metadata, credentials, wait_for_ready, compression, with_call=True
-        )
+    def with_call(self, request: Any, *args: Any, **kwargs: Any) -> tuple[Any, grpc.Call]:
+        outcome = self._invoke(CallArguments(request, *args, **kwargs), with_call=True)
         return outcome.result(), outcome
 
-    def future(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._invoke(
-            request, timeout, metadata, credentials, wait_for_ready, compression, with_call=True
-        )
+    def future(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._invoke(CallArguments(request, *args, **kwargs), with_call=True)
 
 
 class _UnaryStreamCallable(grpc.UnaryStreamMultiCallable):  # type: ignore[type-arg]
     """A unary-stream method of :class:`_Channel`."""
 
-    def __init__(
-        self, stack: ClientStack, method: str, inner: grpc.UnaryStreamMultiCallable[Any, Any]
-    ) -> None:
+    def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
         self._stack = stack
         self._method = method
         self._inner = inner
 
-    def __call__(  # type: ignore[override]
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> RetryingStream:
+    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        arguments = CallArguments(request, *args, **kwargs)
         inner = self._inner
-
-        def send(step: Attempt) -> Any:
-            return inner(
-                request,
-                timeout=step.timeout,
-                metadata=step.metadata,
-                credentials=credentials,
-                wait_for_ready=step.wait_for_ready,
-                compression=compression,
-            )
-
-        call = self._stack.begin(self._method, timeout, metadata, wait_for_ready, stream=True)
-        return RetryingStream(call, send)
+        call = arguments.begin(self._stack, self._method, stream=True)
+        return RetryingStream(call, lambda step: arguments.send(inner, step))
 
 
 class _Channel(grpc.Channel):
@@ -523,11 +419,11 @@ class _Channel(grpc.Channel):
     def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
         self._channel.unsubscribe(callback)
 
-    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> _UnaryUnaryCallable:
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         inner = self._channel.unary_unary(method, *args, **kwargs)
         return _UnaryUnaryCallable(self._stack, method, inner)
 
-    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> _UnaryStreamCallable:
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
         inner = self._channel.unary_stream(method, *args, **kwargs)
         return _UnaryStreamCallable(self._stack, method, inner)
 
@@ -550,25 +446,6 @@ class _Channel(grpc.Channel):
 # Public API ------------------------------------------------------------------------------------
 
 
-def _stack(
-    retry: RetryPolicy | None,
-    budget: RetryBudget | None,
-    breaker: CircuitBreaker | None,
-    idempotency: IdempotencyKeys | None,
-    target: str | None,
-    reconnect_wait: float | None,
-) -> ClientStack:
-    return ClientStack(
-        retry=retry,
-        budget=budget,
-        breaker=breaker,
-        idempotency=idempotency,
-        target=target,
-        reconnect_wait=reconnect_wait,
-        transport="sync",
-    )
-
-
 def client_interceptors(
     retry: RetryPolicy | None = None,
     budget: RetryBudget | None = None,
@@ -588,8 +465,16 @@ def client_interceptors(
     idempotent are retried). ``reconnect_wait``: see :class:`~resilient_grpc.logical_call.ClientStack`.
     Bad arguments raise ``ValueError`` naming the argument.
     """
-    stack = _stack(retry, budget, breaker, idempotency, target, reconnect_wait)
-    return [_UnaryUnaryInterceptor(stack), _UnaryStreamInterceptor(stack)]
+    stack = ClientStack(
+        retry=retry,
+        budget=budget,
+        breaker=breaker,
+        idempotency=idempotency,
+        target=target,
+        reconnect_wait=reconnect_wait,
+        transport="sync",
+    )
+    return [_Interceptor(stack)]
 
 
 def resilient_channel(
@@ -608,12 +493,19 @@ def resilient_channel(
     Same arguments as :func:`client_interceptors`; the breaker (if any) is the one of
     ``target``. Closing the returned channel closes the underlying one.
     """
-    if not isinstance(target, str) or not target:
-        raise ValueError(f"target must be a non-empty string, got {target!r}")
-    stack = _stack(retry, budget, breaker, idempotency, target, reconnect_wait)
+    stack = ClientStack.for_channel(
+        target,
+        retry=retry,
+        budget=budget,
+        breaker=breaker,
+        idempotency=idempotency,
+        reconnect_wait=reconnect_wait,
+        transport="sync",
+    )
+    options = list(options)
     channel = (
-        grpc.secure_channel(target, credentials, options=list(options))
+        grpc.secure_channel(target, credentials, options=options)
         if credentials is not None
-        else grpc.insecure_channel(target, options=list(options))
+        else grpc.insecure_channel(target, options=options)
     )
     return _Channel(channel, stack)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import datetime
 import types
-from collections.abc import Callable
 from typing import Any
 
 import grpc
 import grpc.aio
 
+from resilient_grpc.call_outcome import FinishedCallFuture
 from resilient_grpc.core.retry import Reason
 
 #: Attribute set on a raised error: the number of attempts of the logical call.
@@ -55,7 +55,7 @@ def mark_gave_up(error: BaseException, attempts: int, reason: Reason) -> None:
         pass
 
 
-class BreakerOpenError(grpc.aio.AioRpcError, grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
+class BreakerOpenError(grpc.aio.AioRpcError, FinishedCallFuture):  # type: ignore[misc]
     """The circuit breaker of ``target`` is open: the call failed fast, nothing was sent.
 
     It is a ``grpc.RpcError`` with ``code()`` UNAVAILABLE, a ``grpc.Call`` and a ``grpc.Future``
@@ -99,29 +99,10 @@ class BreakerOpenError(grpc.aio.AioRpcError, grpc.Call, grpc.Future):  # type: i
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.target, self.retry_at), {"attempts": self.attempts})
 
-    # grpc.RpcContext / grpc.Call: a finished call.
-    def is_active(self) -> bool:
-        return False
-
     def time_remaining(self) -> float | None:  # type: ignore[override]
         return None
 
-    def cancel(self) -> bool:
-        return False
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        return False
-
     # grpc.Future: a finished future whose exception is this error.
-    def cancelled(self) -> bool:
-        return False
-
-    def running(self) -> bool:
-        return False
-
-    def done(self) -> bool:
-        return True
-
     def result(self, timeout: float | None = None) -> Any:
         raise self
 
@@ -130,6 +111,3 @@ class BreakerOpenError(grpc.aio.AioRpcError, grpc.Call, grpc.Future):  # type: i
 
     def traceback(self, timeout: float | None = None) -> types.TracebackType | None:
         return self.__traceback__
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        fn(self)

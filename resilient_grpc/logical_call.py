@@ -142,6 +142,13 @@ class ClientStack:
         )
         self.breaker_codes: frozenset[str] = breaker.codes if breaker is not None else frozenset()
 
+    @classmethod
+    def for_channel(cls, target: str, **settings: Any) -> ClientStack:
+        """The stack of a channel the library builds: ``target`` is required."""
+        if not isinstance(target, str) or not target:
+            raise ValueError(f"target must be a non-empty string, got {target!r}")
+        return cls(target=target, **settings)
+
     def begin(
         self,
         method: str,
@@ -315,3 +322,39 @@ class LogicalCall:
         tel.end(status_name(error), attempts=self.state.attempts, reason=decision.reason)
         mark_gave_up(error, self.state.attempts, decision.reason)
         raise error
+
+
+class CallArguments:
+    """The per-call arguments of a stub method (sync or aio), in gRPC's order and defaults."""
+
+    __slots__ = ("compression", "credentials", "metadata", "request", "timeout", "wait_for_ready")
+
+    def __init__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> None:
+        self.request = request
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression
+
+    def begin(self, stack: ClientStack, method: str, *, stream: bool) -> LogicalCall:
+        return stack.begin(method, self.timeout, self.metadata, self.wait_for_ready, stream=stream)
+
+    def send(self, inner: Callable[..., Any], step: Attempt) -> Any:
+        """Make one attempt through ``inner`` with the attempt's timeout/metadata/wait_for_ready."""
+        return inner(
+            self.request,
+            timeout=step.timeout,
+            metadata=step.metadata,
+            credentials=self.credentials,
+            wait_for_ready=step.wait_for_ready,
+            compression=self.compression,
+        )

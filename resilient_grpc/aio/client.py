@@ -43,6 +43,7 @@ from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
     Attempt,
     BreakerIO,
+    CallArguments,
     ClientStack,
     LogicalCall,
     Pause,
@@ -119,7 +120,7 @@ class _FinishedCall:
 class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignore[type-arg]
     """A unary-unary call of :func:`resilient_channel`: its attempts run in the awaiting task."""
 
-    def __init__(self, call: LogicalCall, send: Send, *, send_is_async: bool = True) -> None:
+    def __init__(self, call: LogicalCall, send: Send, send_is_async: bool = True) -> None:
         self._logical = call
         self._send = send
         self._send_is_async = send_is_async
@@ -228,7 +229,7 @@ _NOTHING: Any = object()
 class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignore[type-arg]
     """A ``grpc.aio`` unary-stream call retried until its first message arrives."""
 
-    def __init__(self, call: LogicalCall, send: Send, *, send_is_async: bool = True) -> None:
+    def __init__(self, call: LogicalCall, send: Send, send_is_async: bool = True) -> None:
         self._logical = call
         self._send = send
         self._send_is_async = send_is_async
@@ -364,40 +365,42 @@ def _method_name(method: str | bytes) -> str:
     return name
 
 
-def _begin(stack: ClientStack, details: grpc.aio.ClientCallDetails, *, stream: bool) -> LogicalCall:
-    return stack.begin(
-        _method_name(details.method),
-        details.timeout,
-        details.metadata,  # type: ignore[arg-type]
-        details.wait_for_ready,
-        stream=stream,
-    )
-
-
-def _continuation_sender(
-    continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
-    details: grpc.aio.ClientCallDetails,
-    call: LogicalCall,
-    request: Any,
-) -> Send:
-    metadata = grpc.aio.Metadata(*call.metadata)
-
-    def send(step: Attempt) -> Awaitable[Any]:
-        return continuation(
-            grpc.aio.ClientCallDetails(
-                details.method, step.timeout, metadata, details.credentials, step.wait_for_ready
-            ),
-            request,
-        )
-
-    return send
-
-
-class _UnaryUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
-    """Retries whole unary-unary calls."""
+class _Interceptor:
+    """What both aio interceptors share: the stack, and how they start a logical call."""
 
     def __init__(self, stack: ClientStack) -> None:
         self._stack = stack
+
+    def _start(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        details: grpc.aio.ClientCallDetails,
+        request: Any,
+        *,
+        stream: bool,
+    ) -> tuple[LogicalCall, Send]:
+        call = self._stack.begin(
+            _method_name(details.method),
+            details.timeout,
+            details.metadata,  # type: ignore[arg-type]
+            details.wait_for_ready,
+            stream=stream,
+        )
+        metadata = grpc.aio.Metadata(*call.metadata)
+
+        def send(step: Attempt) -> Awaitable[Any]:
+            return continuation(
+                grpc.aio.ClientCallDetails(
+                    details.method, step.timeout, metadata, details.credentials, step.wait_for_ready
+                ),
+                request,
+            )
+
+        return call, send
+
+
+class _UnaryUnaryInterceptor(_Interceptor, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Retries whole unary-unary calls."""
 
     async def intercept_unary_unary(
         self,
@@ -405,19 +408,15 @@ class _UnaryUnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ign
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        call = _begin(self._stack, client_call_details, stream=False)
         unary = ResilientUnaryCall(
-            call, _continuation_sender(continuation, client_call_details, call, request)
+            *self._start(continuation, client_call_details, request, stream=False)
         )
         await unary
         return unary.last_call
 
 
-class _UnaryStreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+class _UnaryStreamInterceptor(_Interceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     """Retries unary-stream calls until their first response message."""
-
-    def __init__(self, stack: ClientStack) -> None:
-        self._stack = stack
 
     async def intercept_unary_stream(
         self,
@@ -425,54 +424,28 @@ class _UnaryStreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):  # type: i
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> RetryingAioStream:
-        call = _begin(self._stack, client_call_details, stream=True)
         return RetryingAioStream(
-            call, _continuation_sender(continuation, client_call_details, call, request)
+            *self._start(continuation, client_call_details, request, stream=True)
         )
 
 
 # The channel (resilient_channel) -------------------------------------------------------------
 
 
-def _callable_sender(
-    inner: Any,
-    request: Any,
-    credentials: grpc.CallCredentials | None,
-    compression: grpc.Compression | None,
-) -> Send:
-    def send(step: Attempt) -> Any:  # the call starts at once: nothing to await
-        return inner(
-            request,
-            timeout=step.timeout,
-            metadata=step.metadata,
-            credentials=credentials,
-            wait_for_ready=step.wait_for_ready,
-            compression=compression,
-        )
-
-    return send
-
-
 class _UnaryUnaryCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
-    """A unary-unary method of :class:`_Channel`."""
+    """A unary-unary method of :class:`_Channel`: the call runs in the task that awaits it."""
 
     def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
         self._stack = stack
         self._method = method
         self._inner = inner
 
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> ResilientUnaryCall:
-        call = self._stack.begin(self._method, timeout, metadata, wait_for_ready)
-        send = _callable_sender(self._inner, request, credentials, compression)
-        return ResilientUnaryCall(call, send, send_is_async=False)
+    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> ResilientUnaryCall:
+        arguments = CallArguments(request, *args, **kwargs)
+        inner = self._inner
+        call = arguments.begin(self._stack, self._method, stream=False)
+        # the underlying call starts as soon as it is made: nothing to await in send
+        return ResilientUnaryCall(call, lambda step: arguments.send(inner, step), False)
 
 
 class _UnaryStreamCallable(grpc.aio.UnaryStreamMultiCallable):  # type: ignore[type-arg]
@@ -483,18 +456,11 @@ class _UnaryStreamCallable(grpc.aio.UnaryStreamMultiCallable):  # type: ignore[t
         self._method = method
         self._inner = inner
 
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> RetryingAioStream:
-        call = self._stack.begin(self._method, timeout, metadata, wait_for_ready, stream=True)
-        send = _callable_sender(self._inner, request, credentials, compression)
-        return RetryingAioStream(call, send, send_is_async=False)
+    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> RetryingAioStream:
+        arguments = CallArguments(request, *args, **kwargs)
+        inner = self._inner
+        call = arguments.begin(self._stack, self._method, stream=True)
+        return RetryingAioStream(call, lambda step: arguments.send(inner, step), False)
 
 
 class _Channel(grpc.aio.Channel):
@@ -522,11 +488,11 @@ class _Channel(grpc.aio.Channel):
     async def channel_ready(self) -> None:
         await self._channel.channel_ready()
 
-    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> _UnaryUnaryCallable:
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         inner = self._channel.unary_unary(method, *args, **kwargs)
         return _UnaryUnaryCallable(self._stack, _method_name(method), inner)
 
-    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> _UnaryStreamCallable:
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
         inner = self._channel.unary_stream(method, *args, **kwargs)
         return _UnaryStreamCallable(self._stack, _method_name(method), inner)
 
@@ -538,25 +504,6 @@ class _Channel(grpc.aio.Channel):
 
 
 # Public API ------------------------------------------------------------------------------------
-
-
-def _stack(
-    retry: RetryPolicy | None,
-    budget: RetryBudget | None,
-    breaker: CircuitBreaker | None,
-    idempotency: IdempotencyKeys | None,
-    target: str | None,
-    reconnect_wait: float | None,
-) -> ClientStack:
-    return ClientStack(
-        retry=retry,
-        budget=budget,
-        breaker=breaker,
-        idempotency=idempotency,
-        target=target,
-        reconnect_wait=reconnect_wait,
-        transport="aio",
-    )
 
 
 def client_interceptors(
@@ -572,7 +519,15 @@ def client_interceptors(
 
     Same arguments and meaning as :func:`resilient_grpc.client.client_interceptors`.
     """
-    stack = _stack(retry, budget, breaker, idempotency, target, reconnect_wait)
+    stack = ClientStack(
+        retry=retry,
+        budget=budget,
+        breaker=breaker,
+        idempotency=idempotency,
+        target=target,
+        reconnect_wait=reconnect_wait,
+        transport="aio",
+    )
     return [_UnaryUnaryInterceptor(stack), _UnaryStreamInterceptor(stack)]
 
 
@@ -590,18 +545,23 @@ def resilient_channel(
 ) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel to ``target`` with the stack attached (outside ``interceptors``).
 
-    Same arguments as :func:`resilient_grpc.client.resilient_channel`; ``interceptors`` are
-    attached to the underlying channel, so they see every attempt.
+    Same arguments as :func:`resilient_grpc.client.resilient_channel`; ``interceptors`` go on
+    the underlying channel, so they see every attempt.
     """
-    if not isinstance(target, str) or not target:
-        raise ValueError(f"target must be a non-empty string, got {target!r}")
-    stack = _stack(retry, budget, breaker, idempotency, target, reconnect_wait)
+    stack = ClientStack.for_channel(
+        target,
+        retry=retry,
+        budget=budget,
+        breaker=breaker,
+        idempotency=idempotency,
+        reconnect_wait=reconnect_wait,
+        transport="aio",
+    )
+    extra = list(interceptors) or None
     if credentials is not None:
         channel = grpc.aio.secure_channel(
-            target, credentials, options=list(options), interceptors=list(interceptors) or None
+            target, credentials, options=list(options), interceptors=extra
         )
     else:
-        channel = grpc.aio.insecure_channel(
-            target, options=list(options), interceptors=list(interceptors) or None
-        )
+        channel = grpc.aio.insecure_channel(target, options=list(options), interceptors=extra)
     return _Channel(channel, stack)
