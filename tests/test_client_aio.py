@@ -342,3 +342,87 @@ async def test_client_interceptors_work_with_an_aio_channel(aio_ledger, servicer
 def test_bad_arguments_raise_value_error_naming_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         client_interceptors(**kwargs)
+
+
+# The resilient_channel call object -------------------------------------------------------------
+
+
+@pytest.fixture
+async def channel_stub(aio_ledger: tuple[AioLedger, int]) -> AsyncIterator[object]:
+    """A stub on ``resilient_channel`` (its own call object, not gRPC's interceptor machinery)."""
+    channel = resilient_channel(
+        f"127.0.0.1:{aio_ledger[1]}", retry=FAST, idempotency=IdempotencyKeys()
+    )
+    yield ledger_pb2_grpc.LedgerStub(channel)
+    await channel.close()
+
+
+async def test_call_status_can_be_read_without_awaiting_the_call(channel_stub, servicer) -> None:
+    servicer.state.faults.fail_times(GET_BALANCE, 1)
+    call = channel_stub.GetBalance(BALANCE_REQUEST, timeout=5)
+
+    assert await call.code() == grpc.StatusCode.OK  # starts the call, waits for its outcome
+    assert call.done()
+    assert (await call).account == "alice"  # the same outcome, not a new call
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 2
+
+
+async def test_two_tasks_awaiting_one_call_share_its_outcome(channel_stub, servicer) -> None:
+    servicer.state.faults.fail_times(GET_BALANCE, 1)
+    call = channel_stub.GetBalance(BALANCE_REQUEST, timeout=5)
+
+    first, second = await asyncio.gather(call.code(), asyncio.ensure_future(_await(call)))
+
+    assert first == grpc.StatusCode.OK
+    assert second.account == "alice"
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 2
+
+
+async def _await(call: object) -> object:
+    return await call  # type: ignore[misc]
+
+
+async def test_done_callbacks_run_when_the_call_finishes(channel_stub, servicer) -> None:
+    call = channel_stub.GetBalance(BALANCE_REQUEST, timeout=5)
+    seen: list[object] = []
+    call.add_done_callback(seen.append)
+    assert not call.done() and seen == []
+
+    await call
+
+    assert seen == [call]
+    late: list[object] = []
+    call.add_done_callback(late.append)
+    assert late == [call]
+
+
+async def test_cancelled_before_it_starts_sends_nothing(channel_stub, servicer) -> None:
+    call = channel_stub.GetBalance(BALANCE_REQUEST, timeout=5)
+    assert call.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    assert call.cancelled()
+    assert servicer.state.calls_to(GET_BALANCE) == []
+
+
+async def test_cancelling_the_awaiting_task_cancels_the_rpc(channel_stub, servicer) -> None:
+    servicer.state.faults.add(GET_BALANCE, Fault(delay=2.0))
+    call = channel_stub.GetBalance(BALANCE_REQUEST, timeout=5)
+    task = asyncio.ensure_future(_await(call))
+    await asyncio.sleep(0.1)
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert call.done()
+    assert call.last_call is not None and call.last_call.cancelled()
+
+
+async def test_time_remaining_counts_down_from_the_deadline(channel_stub) -> None:
+    call = channel_stub.GetBalance(BALANCE_REQUEST, timeout=5)
+    remaining = call.time_remaining()
+    assert remaining is not None and 4.0 < remaining <= 5.0
+    await call

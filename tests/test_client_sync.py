@@ -383,3 +383,32 @@ def test_bad_arguments_raise_value_error_naming_the_field(kwargs: dict, field: s
 def test_resilient_channel_rejects_an_empty_target() -> None:
     with pytest.raises(ValueError, match="target"):
         resilient_channel("")
+
+
+def test_unary_stream_status_can_be_read_before_iterating(make_stub, servicer) -> None:
+    stub = make_stub(retry=FAST, idempotency=IdempotencyKeys())
+    servicer.state.faults.fail_times(WATCH, 1)
+    call = stub.Watch(ledger_pb2.WatchRequest(account="alice", count=2), timeout=5)
+    finished: list[bool] = []
+    assert call.add_callback(lambda: finished.append(True))
+
+    assert call.initial_metadata() is not None  # runs the retry phase up to the first message
+    assert [m.sequence for m in call] == [1, 2]
+    assert call.code() == grpc.StatusCode.OK
+    assert finished == [True]
+    assert len(servicer.state.calls_to(WATCH)) == 2
+
+
+def test_breaker_refusal_reaches_a_stream_on_first_read(make_stub, servicer, target) -> None:
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=30)
+    stub = make_stub(breaker=breaker, idempotency=IdempotencyKeys())
+    servicer.state.faults.fail_times(WATCH, 1)
+    with pytest.raises(grpc.RpcError):
+        list(stub.Watch(ledger_pb2.WatchRequest(account="alice", count=2), timeout=5))
+
+    call = stub.Watch(ledger_pb2.WatchRequest(account="alice", count=2), timeout=5)
+    with pytest.raises(BreakerOpenError):
+        next(call)
+    assert call.code() == grpc.StatusCode.UNAVAILABLE
+    assert "open" in call.details()
+    assert len(servicer.state.calls_to(WATCH)) == 1
