@@ -86,7 +86,7 @@ DEFAULT_MAX_WAIT = 10.0
 _NO_DEADLINE = 1e8
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallPlan:
     """What one incoming call is, decided from its method and metadata before it runs."""
 
@@ -130,20 +130,26 @@ class DedupSettings:
         self._selected = _selector(methods, "methods", default=True)
         self._required = _selector(require_key_methods, "require_key_methods", default=False)
 
-    def plan(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> CallPlan | None:
-        """``None`` to pass the call through untouched, else what to do with it."""
-        required = self._required(method)
-        if not required and not self._selected(method):
-            return None
-        key = None
-        for name, value in metadata or ():
-            if name == self.header:
-                key = value if isinstance(value, str) else value.decode("latin-1")
-                break
-        if key is None and not required:
-            return None
-        problem = admission_problem(key, required=required, method=method, header=self.header)
+    def wants(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> bool:
+        """Whether a call is handled at all (cheap: decided before the handler is chosen)."""
+        if self._required(method):
+            return True
+        return self._selected(method) and self._key(metadata) is not None
+
+    def plan(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> CallPlan:
+        """The key of a call :meth:`wants`, and why it must be refused (``problem``), if it must."""
+        key = self._key(metadata)
+        problem = admission_problem(
+            key, required=self._required(method), method=method, header=self.header
+        )
         return CallPlan(method, key, problem)
+
+    def _key(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+        header = self.header
+        for name, value in metadata or ():
+            if name == header:
+                return value if isinstance(value, str) else str(value.decode("latin-1"))
+        return None
 
     def start(
         self, plan: CallPlan, request: bytes, context: Any, remaining: float | None
@@ -233,23 +239,33 @@ class Collector:
 class Flights(Generic[E]):
     """In-process single flight: the keys this process is executing, each with an event to wait on.
 
-    ``make_event`` is ``threading.Event`` (sync) or ``asyncio.Event`` (aio). :meth:`note` sees
-    every effect answer of a call and opens or closes its flight.
+    ``make_event`` is ``threading.Event`` (sync) or ``asyncio.Event`` (aio); an event is made only
+    when a duplicate actually waits. :meth:`note` sees every effect answer of a call and opens or
+    closes its flight.
     """
 
     def __init__(self, make_event: Callable[[], E]) -> None:
         self._make_event = make_event
         self._lock = threading.Lock()
-        self._events: dict[str, E] = {}
+        self._events: dict[str, E | None] = {}
 
     def get(self, key: str) -> E | None:
-        return self._events.get(key)
+        """The event of ``key``'s flight in this process (``None``: not executing here)."""
+        with self._lock:
+            if key not in self._events:
+                return None
+            event = self._events[key]
+            if event is None:
+                event = self._events[key] = self._make_event()
+            return event
 
     def note(self, key: str, effect: Effect, answer: object) -> bool | None:
         """Track a claim we won (``True``) or a completion/release (``False``); else ``None``."""
-        if isinstance(answer, ClaimResult) and answer.token is not None:
+        if isinstance(answer, ClaimResult):
+            if answer.token is None:
+                return None
             with self._lock:
-                self._events[key] = self._make_event()
+                self._events[key] = None
             return True
         if isinstance(effect, (Complete, Release)):
             self.end(key)
@@ -319,7 +335,6 @@ class DedupBase:
                 "the deadline expired before the call could start; nothing was executed",
             )
         plan = self.settings.plan(method, context.invocation_metadata())
-        assert plan is not None  # intercept_service saw the same metadata
         if plan.problem is not None:
             return grpc.StatusCode.INVALID_ARGUMENT, plan.problem
         return plan
@@ -359,8 +374,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         if handler is None or handler.request_streaming:
             return handler
         method = handler_call_details.method
-        plan = self.settings.plan(method, handler_call_details.invocation_metadata)
-        if plan is None:
+        if not self.settings.wants(method, handler_call_details.invocation_metadata):
             return handler
         wrapped: grpc.RpcMethodHandler[Any, Any] = self._cached(method, handler, self._wrap)
         return wrapped
@@ -419,7 +433,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             key, flow = self.settings.start(plan, raw, context, context.time_remaining())
             live = LiveResult()
 
-            def execute(_: int | None) -> Generator[bytes, None, Execution]:
+            def execute(_: int | None) -> Execution:
                 with derivation_scope(call_key(plan)):
                     try:
                         response = unary(deserialize(raw), context)
@@ -431,7 +445,6 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                 data = serialize(response)
                 live.response = data
                 return Execution(error_outcome(context) or ok_outcome(context, (data,)))
-                yield  # a generator like the stream's, producing no messages
 
             verdict = _exhaust(self._drive(method, key, flow, execute))
             if verdict.action is Action.EXECUTED:
@@ -465,15 +478,17 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         method: str,
         key: str,
         flow: Generator[Effect, object, Verdict],
-        execute: Callable[[int | None], Generator[bytes, None, Execution]],
+        execute: Callable[[int | None], Execution | Generator[bytes, None, Execution]],
     ) -> Generator[bytes, None, Verdict]:
+        """Perform the flow's effects; a stream's ``execute`` is a generator of its messages."""
         claimed = False
         try:
             effect = next(flow)
             while True:
                 answer: object
                 if isinstance(effect, Execute):
-                    answer = yield from execute(effect.token)
+                    ran = execute(effect.token)
+                    answer = ran if isinstance(ran, Execution) else (yield from ran)
                 else:
                     answer = self._perform(key, effect)
                     noted = self._flights.note(key, effect, answer)

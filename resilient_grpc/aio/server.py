@@ -90,8 +90,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         elif not inspect.iscoroutinefunction(handler.unary_unary):
             return handler
         method = handler_call_details.method
-        plan = self.settings.plan(method, handler_call_details.invocation_metadata)
-        if plan is None:
+        if not self.settings.wants(method, handler_call_details.invocation_metadata):
             return handler
         wrapped: _Handler = self._cached(method, handler, self._wrap)
         return wrapped
