@@ -53,7 +53,7 @@ class Client:
     call: Call
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.channel.close(None)
 
 
 @dataclass(frozen=True)

@@ -132,8 +132,8 @@ def write_plot(
     )
     for col, scenario in enumerate(shown):
         top = 0.0
-        for metrics in results[scenario["name"]].values():
-            top = max(top, *metrics.series.get("server_attempts", [0.0]))
+        for trial in results[scenario["name"]].values():
+            top = max(top, *trial.series.get("server_attempts", [0.0]))
         for row_index, name in enumerate(policies):
             ax = axes[row_index][col]
             metrics = results[scenario["name"]].get(name)
