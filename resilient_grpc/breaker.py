@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import math
 import threading
 from collections.abc import Callable, Iterable
@@ -36,6 +37,7 @@ from resilient_grpc.core.codes import UNHEALTHY_CODES, code_names
 StorageFactory = Callable[[str], pybreaker.CircuitBreakerStorage]
 
 _UTC = datetime.timezone.utc
+_log = logging.getLogger(__name__)
 
 #: Admission results.
 ADMITTED = 1
@@ -80,6 +82,7 @@ class TargetBreaker:
         "_make",
         "_memory",
         "_probing",
+        "_storage_down",
         "blocking",
         "name",
         "rejected_until",
@@ -100,6 +103,7 @@ class TargetBreaker:
         self._fast_success = fast_success
         self._lock = threading.Lock()
         self._probing = False
+        self._storage_down = False
         #: True when the storage does I/O (Redis): aio code must not call it on the loop.
         self.blocking = blocking
         self.name = name
@@ -138,23 +142,32 @@ class TargetBreaker:
         if memory is not None and memory.state == pybreaker.STATE_CLOSED:
             return ADMITTED  # the common case, lock-free: one attribute read
         with self._lock:
-            breaker = self._get()
-            state = breaker.state.name  # reads the storage; notifies listeners of remote changes
-            if state == pybreaker.STATE_CLOSED:
+            try:
+                admission = self._admit_locked()
+            except Exception as error:  # storage outage (Redis down): fail open, like pybreaker
+                self._storage_failed(error)
                 return ADMITTED
-            if self._probing:
-                self.rejected_until = None
-                return 0
-            if state == pybreaker.STATE_OPEN:
-                opened_at = breaker._state_storage.opened_at
-                if opened_at is not None:
-                    retry_at = opened_at + datetime.timedelta(seconds=breaker.reset_timeout)
-                    if datetime.datetime.now(_UTC) < retry_at:
-                        self.rejected_until = retry_at
-                        return 0
-                breaker.half_open()
-            self._probing = True
-            return PROBE
+            self._storage_down = False
+            return admission
+
+    def _admit_locked(self) -> int:
+        breaker = self._get()
+        state = breaker.state.name  # reads the storage; notifies listeners of remote changes
+        if state == pybreaker.STATE_CLOSED:
+            return ADMITTED
+        if self._probing:
+            self.rejected_until = None
+            return 0
+        if state == pybreaker.STATE_OPEN:
+            opened_at = breaker._state_storage.opened_at
+            if opened_at is not None:
+                retry_at = opened_at + datetime.timedelta(seconds=breaker.reset_timeout)
+                if datetime.datetime.now(_UTC) < retry_at:
+                    self.rejected_until = retry_at
+                    return 0
+            breaker.half_open()
+        self._probing = True
+        return PROBE
 
     def record(self, admission: int, failed: bool) -> bool:
         """Feed one attempt's outcome to pybreaker; return True if the breaker is open now.
@@ -173,14 +186,30 @@ class TargetBreaker:
         ):
             return False  # a success with nothing to reset and nobody to tell: lock-free
         with self._lock:
-            breaker = self._get()
             if admission == PROBE:
                 self._probing = False
-            if breaker.current_state == pybreaker.STATE_OPEN:
-                return True
-            with contextlib.suppress(_Unhealthy, pybreaker.CircuitBreakerError):
-                breaker.call(_fail if failed else _succeed)
-            return bool(breaker.current_state == pybreaker.STATE_OPEN)
+            try:
+                breaker = self._get()
+                if breaker.current_state == pybreaker.STATE_OPEN:
+                    return True
+                with contextlib.suppress(_Unhealthy, pybreaker.CircuitBreakerError):
+                    breaker.call(_fail if failed else _succeed)
+                return bool(breaker.current_state == pybreaker.STATE_OPEN)
+            except Exception as error:  # storage outage: the outcome is lost, the call is not
+                self._storage_failed(error)
+                return False
+
+    def _storage_failed(self, error: Exception) -> None:
+        """Log a storage outage once (until the storage answers again)."""
+        if not self._storage_down:
+            self._storage_down = True
+            _log.warning(
+                "circuit breaker %s: state storage failed (%s: %s); calls go through "
+                "unguarded until it answers again",
+                self.name,
+                type(error).__name__,
+                error,
+            )
 
     def release(self, admission: int) -> None:
         """Give the probe slot back without an outcome (the attempt was abandoned locally)."""

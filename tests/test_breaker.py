@@ -336,3 +336,32 @@ def test_a_pybreaker_storage_instance_is_one_breaker_for_every_target(redis_clie
     breaker = CircuitBreaker(storage=storage)
     assert breaker.for_target("a:1") is breaker.for_target("b:2")
     assert breaker.for_target("a:1").blocking
+
+
+def test_redis_outage_lets_calls_through_and_recovers(
+    ledger, ledger_target, redis_server, redis_url, caplog
+) -> None:
+    if not getattr(redis_server, "can_stop", False):
+        pytest.skip("REDIS_URL points at a Redis these tests may not stop")
+    servicer, _ = ledger
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    breaker = CircuitBreaker.redis(client, namespace=namespace, fail_max=2, reset_timeout=30)
+    try:
+        with resilient_channel(ledger_target, breaker=breaker) as channel:
+            stub = ledger_pb2_grpc.LedgerStub(channel)
+            redis_server.stop()  # a real outage: the process is killed
+            # The breaker cannot read or write its state: calls go through (fail open),
+            # and the outage is logged once, not per call.
+            with caplog.at_level("WARNING", logger="resilient_grpc.breaker"):
+                assert [call_outcome(stub) for _ in range(3)] == ["ok"] * 3
+            warnings = [r for r in caplog.records if r.name == "resilient_grpc.breaker"]
+            assert len(warnings) == 1 and "state storage failed" in warnings[0].getMessage()
+            assert len(servicer.state.calls_to(GET_BALANCE)) == 3
+
+            redis_server.start()  # back: the breaker guards again, with state in Redis
+            servicer.state.faults.fail_times(GET_BALANCE, 2)
+            assert [call_outcome(stub) for _ in range(3)] == ["UNAVAILABLE"] * 2 + ["breaker"]
+            assert client.get(f"{namespace}:{ledger_target}:pybreaker:state") == b"open"
+    finally:
+        client.close()
