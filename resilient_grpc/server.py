@@ -63,7 +63,7 @@ from resilient_grpc.core.methods import method_matches, method_patterns
 from resilient_grpc.stores.base import AsyncStore, Store, StoreUnavailableError, check_positive
 from resilient_grpc.stores.memory import MemoryStore
 
-__all__ = ["DedupBase", "DedupInterceptor", "DedupSettings", "ScopeFunction"]
+__all__ = ["DedupBase", "DedupInterceptor", "DedupSettings", "FlowDriver", "ScopeFunction"]
 
 ScopeFunction = Callable[[Any], str]
 MethodSelection = Iterable[str] | Callable[[str], bool] | None
@@ -279,6 +279,47 @@ class Flights(Generic[E]):
             event.set()
 
 
+class FlowDriver(Generic[E]):
+    """Steps one call's flow and keeps the bookkeeping both shells share.
+
+    The shell loops ``effect = driver.advance(effect, answer)`` until it returns ``None``, then
+    reads :attr:`verdict`; :meth:`close` (in a ``finally``) ends a flight left open by an
+    exception. Single flight is tracked here, telemetry is reported here.
+    """
+
+    __slots__ = ("_claimed", "_flights", "_flow", "key", "method", "verdict")
+
+    def __init__(
+        self, method: str, key: str, flow: Generator[Effect, object, Verdict], flights: Flights[E]
+    ) -> None:
+        self.method = method
+        self.key = key
+        self._flow = flow
+        self._flights = flights
+        self._claimed = False
+        self.verdict: Verdict | None = None
+
+    def first(self) -> Effect:
+        return next(self._flow)
+
+    def advance(self, effect: Effect, answer: object) -> Effect | None:
+        """Send ``answer`` (to ``effect``) to the flow; ``None`` when the flow has decided."""
+        if not isinstance(effect, Execute):
+            noted = self._flights.note(self.key, effect, answer)
+            if noted is not None:
+                self._claimed = noted
+        try:
+            return self._flow.send(answer)
+        except StopIteration as stop:
+            self.verdict = stop.value
+            report(self.method, stop.value)
+            return None
+
+    def close(self) -> None:
+        if self._claimed:
+            self._flights.end(self.key)
+
+
 class DedupBase:
     """Arguments, validation and admission shared by the sync and aio interceptors."""
 
@@ -325,6 +366,16 @@ class DedupBase:
             cached = (handler, wrap(method, handler))
             self._wrapped[method] = cached
         return cached[1]
+
+    def store_call(self, store: Store | AsyncStore, key: str, effect: Effect) -> Any:
+        """The store call an effect asks for (a value, or a coroutine for an :class:`AsyncStore`)."""
+        if isinstance(effect, Claim):
+            return store.claim(key, effect.fingerprint, lease=self.settings.lease)
+        if isinstance(effect, Complete):
+            return store.complete(key, effect.token, effect.outcome, ttl=self.settings.ttl)
+        if isinstance(effect, Release):
+            return store.release(key, effect.token)
+        raise TypeError(f"not a store effect: {effect!r}")
 
     def admit(self, method: str, context: Any) -> CallPlan | tuple[grpc.StatusCode, str]:
         """The plan of a call, or the status refusing it before anything runs."""
@@ -481,43 +532,31 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         execute: Callable[[int | None], Execution | Generator[bytes, None, Execution]],
     ) -> Generator[bytes, None, Verdict]:
         """Perform the flow's effects; a stream's ``execute`` is a generator of its messages."""
-        claimed = False
+        driver = FlowDriver(method, key, flow, self._flights)
         try:
-            effect = next(flow)
-            while True:
+            effect: Effect | None = driver.first()
+            while effect is not None:
                 answer: object
                 if isinstance(effect, Execute):
                     ran = execute(effect.token)
                     answer = ran if isinstance(ran, Execution) else (yield from ran)
                 else:
                     answer = self._perform(key, effect)
-                    noted = self._flights.note(key, effect, answer)
-                    claimed = claimed if noted is None else noted
-                try:
-                    effect = flow.send(answer)
-                except StopIteration as stop:
-                    verdict: Verdict = stop.value
-                    report(method, verdict)
-                    return verdict
+                effect = driver.advance(effect, answer)
         finally:
-            if claimed:
-                self._flights.end(key)
+            driver.close()
+        assert driver.verdict is not None
+        return driver.verdict
 
     def _perform(self, key: str, effect: Effect) -> object:
-        store = self.store
         try:
-            if isinstance(effect, Claim):
-                return store.claim(key, effect.fingerprint, lease=self.settings.lease)
-            if isinstance(effect, Complete):
-                return store.complete(key, effect.token, effect.outcome, ttl=self.settings.ttl)
-            if isinstance(effect, Release):
-                return store.release(key, effect.token)
-            assert isinstance(effect, Wait)
+            if not isinstance(effect, Wait):
+                return self.store_call(self.store, key, effect)
             event = self._flights.get(key)
-            if event is not None:
-                event.wait(effect.timeout)
-                return store.get(key)
-            return store.wait(key, effect.timeout)
+            if event is None:
+                return self.store.wait(key, effect.timeout)
+            event.wait(effect.timeout)
+            return self.store.get(key)
         except StoreUnavailableError as error:
             return StoreDown(str(error))
 

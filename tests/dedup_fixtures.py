@@ -67,6 +67,18 @@ class AioSlowLedger(AioLedger):
         return await super().Transfer(request, context)
 
 
+class RecordingAdmission:
+    """Mixin for a DedupInterceptor: records what admission decided (the server-side answer to a
+    call whose client already gave up). Subclasses set their own ``admitted`` list."""
+
+    admitted: list[object]
+
+    def admit(self, method: str, context: Any) -> Any:
+        decision = super().admit(method, context)  # type: ignore[misc]
+        self.admitted.append(decision)
+        return decision
+
+
 def transfer(amount: int = 1, memo: str = "") -> ledger_pb2.TransferRequest:
     return ledger_pb2.TransferRequest(from_account="a", to_account="b", amount=amount, memo=memo)
 

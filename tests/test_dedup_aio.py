@@ -17,7 +17,7 @@ from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import TRANSFER, WATCH, AioLedger, Fault, serve_aio
 from resilient_grpc.aio import DedupInterceptor
 from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, Store
-from tests.dedup_fixtures import KEY, AioSlowLedger, transfer
+from tests.dedup_fixtures import KEY, AioSlowLedger, RecordingAdmission, transfer
 
 REPLAYED = ("idempotency-replayed", "true")
 
@@ -168,15 +168,8 @@ class _Stall(grpc.aio.ServerInterceptor):
         )
 
 
-class _Recording(DedupInterceptor):
-    """Records what admission decided, to see the server-side answer the client never gets."""
-
+class _Recording(RecordingAdmission, DedupInterceptor):
     admitted: list[object] = []
-
-    def admit(self, method: str, context: Any) -> Any:
-        decision = super().admit(method, context)
-        self.admitted.append(decision)
-        return decision
 
 
 async def test_an_expired_deadline_runs_and_claims_nothing(start: Start) -> None:

@@ -18,7 +18,7 @@ from resilient_grpc.core.dedup import scoped_key
 from resilient_grpc.core.keys import derive_key
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, Store
-from tests.dedup_fixtures import KEY, SlowLedger, raw_unary_call, transfer
+from tests.dedup_fixtures import KEY, RecordingAdmission, SlowLedger, raw_unary_call, transfer
 
 REPLAYED = ("idempotency-replayed", "true")
 
@@ -281,15 +281,8 @@ class _Stall(grpc.ServerInterceptor):  # type: ignore[misc]
         )
 
 
-class _Recording(DedupInterceptor):
-    """Records what admission decided, to see the server-side answer the client never gets."""
-
+class _Recording(RecordingAdmission, DedupInterceptor):
     admitted: list[object] = []
-
-    def admit(self, method: str, context: Any) -> Any:
-        decision = super().admit(method, context)
-        self.admitted.append(decision)
-        return decision
 
 
 def test_an_expired_deadline_is_answered_without_claiming_or_running(start: Start) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from resilient_grpc.core.dedup import ClaimResult, Outcome, Record, RecordState, fingerprint
 from resilient_grpc.stores import AsyncStore, MemoryStore, RedisStore, SQLiteStore, Store
+from resilient_grpc.stores.base import DirectAsyncStore
 
 FP_A = fingerprint(b"request-a")
 FP_B = fingerprint(b"request-b")
@@ -22,25 +23,8 @@ OUTCOME = Outcome(
 )
 
 
-class Blocking(AsyncStore):
+class Blocking(DirectAsyncStore):
     """Drives a blocking Store from the async scenarios (tests only: it blocks the loop)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    async def claim(self, key: str, fingerprint: bytes, *, lease: float) -> ClaimResult:
-        return self.store.claim(key, fingerprint, lease=lease)
-
-    async def complete(
-        self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
-    ) -> bool:
-        return self.store.complete(key, token, outcome, ttl=ttl)
-
-    async def release(self, key: str, token: int) -> bool:
-        return self.store.release(key, token)
-
-    async def get(self, key: str) -> Record | None:
-        return self.store.get(key)
 
     async def wait(self, key: str, timeout: float) -> Record | None:
         return await asyncio.to_thread(self.store.wait, key, timeout)

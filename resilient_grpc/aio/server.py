@@ -23,13 +23,10 @@ import grpc.aio
 
 from resilient_grpc.core.dedup import (
     Action,
-    Claim,
-    Complete,
     Effect,
     Execute,
     Execution,
     Outcome,
-    Release,
     StoreDown,
     Verdict,
     Wait,
@@ -40,11 +37,11 @@ from resilient_grpc.server import (
     Collector,
     DedupBase,
     Flights,
+    FlowDriver,
     LiveResult,
     call_key,
     error_outcome,
     ok_outcome,
-    report,
     status_code,
     unchanged,
 )
@@ -197,45 +194,30 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         flow: Generator[Effect, object, Verdict],
         execute: Execute_,
     ) -> Verdict:
-        claimed = False
+        driver = FlowDriver(method, key, flow, self._flights)
         try:
-            effect = next(flow)
-            while True:
-                answer: object
+            effect: Effect | None = driver.first()
+            while effect is not None:
                 if isinstance(effect, Execute):
-                    answer = await execute(effect.token)
+                    answer: object = await execute(effect.token)
                 else:
                     answer = await self._perform(key, effect)
-                    noted = self._flights.note(key, effect, answer)
-                    claimed = claimed if noted is None else noted
-                try:
-                    effect = flow.send(answer)
-                except StopIteration as stop:
-                    verdict: Verdict = stop.value
-                    report(method, verdict)
-                    return verdict
+                effect = driver.advance(effect, answer)
         finally:
-            if claimed:
-                self._flights.end(key)
+            driver.close()
+        assert driver.verdict is not None
+        return driver.verdict
 
     async def _perform(self, key: str, effect: Effect) -> object:
-        store = self.store
         try:
-            if isinstance(effect, Claim):
-                return await store.claim(key, effect.fingerprint, lease=self.settings.lease)
-            if isinstance(effect, Complete):
-                return await store.complete(
-                    key, effect.token, effect.outcome, ttl=self.settings.ttl
-                )
-            if isinstance(effect, Release):
-                return await store.release(key, effect.token)
-            assert isinstance(effect, Wait)
+            if not isinstance(effect, Wait):
+                return await self.store_call(self.store, key, effect)
             event = self._flights.get(key)
             if event is None:
-                return await store.wait(key, effect.timeout)
+                return await self.store.wait(key, effect.timeout)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), effect.timeout)
-            return await store.get(key)
+            return await self.store.get(key)
         except StoreUnavailableError as error:
             return StoreDown(str(error))
 

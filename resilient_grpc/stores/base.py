@@ -168,3 +168,27 @@ class ThreadedAsyncStore(AsyncStore):
 
     async def get(self, key: str) -> Record | None:
         return await asyncio.to_thread(self.store.get, key)
+
+
+class DirectAsyncStore(AsyncStore):
+    """An :class:`AsyncStore` calling a store's methods directly, for stores that never block
+    (no I/O, a short lock): :class:`~resilient_grpc.stores.memory.MemoryStore`. ``wait`` polls
+    unless a subclass can be woken."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.ttl = store.ttl
+
+    async def claim(self, key: str, fingerprint: bytes, *, lease: float) -> ClaimResult:
+        return self.store.claim(key, fingerprint, lease=lease)
+
+    async def complete(
+        self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
+    ) -> bool:
+        return self.store.complete(key, token, outcome, ttl=ttl)
+
+    async def release(self, key: str, token: int) -> bool:
+        return self.store.release(key, token)
+
+    async def get(self, key: str) -> Record | None:
+        return self.store.get(key)

@@ -19,7 +19,14 @@ from resilient_grpc.core.dedup import (
     complete_entry,
     release_allowed,
 )
-from resilient_grpc.stores.base import DEFAULT_TTL, AsyncStore, Store, check_positive, new_token
+from resilient_grpc.stores.base import (
+    DEFAULT_TTL,
+    AsyncStore,
+    DirectAsyncStore,
+    Store,
+    check_positive,
+    new_token,
+)
 
 #: Accounted bytes per record besides its outcome: the dict slot and link, the 64-character key,
 #: the record object, fingerprint and token (about 410 measured with tracemalloc, rounded up).
@@ -190,26 +197,10 @@ class MemoryStore(Store):
         self._bytes += size
 
 
-class _AsyncMemoryStore(AsyncStore):
+class _AsyncMemoryStore(DirectAsyncStore):
     """The asyncio view of a :class:`MemoryStore`: same records, waits on loop futures."""
 
-    def __init__(self, store: MemoryStore) -> None:
-        self.store = store
-        self.ttl = store.ttl
-
-    async def claim(self, key: str, fingerprint: bytes, *, lease: float) -> ClaimResult:
-        return self.store.claim(key, fingerprint, lease=lease)
-
-    async def complete(
-        self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
-    ) -> bool:
-        return self.store.complete(key, token, outcome, ttl=ttl)
-
-    async def release(self, key: str, token: int) -> bool:
-        return self.store.release(key, token)
-
-    async def get(self, key: str) -> Record | None:
-        return self.store.get(key)
+    store: MemoryStore
 
     async def wait(self, key: str, timeout: float) -> Record | None:
         loop = asyncio.get_running_loop()
