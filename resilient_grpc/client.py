@@ -238,7 +238,8 @@ class RetryingStream(grpc.Call):
         return self.__next__()
 
     def __del__(self) -> None:
-        self._logical.finish_stream(GeneratorExit())
+        with contextlib.suppress(Exception):  # garbage collection, maybe at interpreter exit
+            self._logical.finish_stream(GeneratorExit())
 
     # grpc.Call -----------------------------------------------------------------------------------
 

@@ -320,7 +320,8 @@ class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignor
         return self._iterate()
 
     def __del__(self) -> None:
-        self._logical.finish_stream(GeneratorExit())
+        with contextlib.suppress(Exception):  # garbage collection, maybe at interpreter exit
+            self._logical.finish_stream(GeneratorExit())
 
     # grpc.aio.Call -----------------------------------------------------------------------------
 
