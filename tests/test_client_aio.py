@@ -426,3 +426,45 @@ async def test_time_remaining_counts_down_from_the_deadline(channel_stub) -> Non
     remaining = call.time_remaining()
     assert remaining is not None and 4.0 < remaining <= 5.0
     await call
+
+
+async def test_exactly_one_probe_after_reset_with_concurrent_tasks(aio_ledger, servicer) -> None:
+    target = f"127.0.0.1:{aio_ledger[1]}"
+    breaker = CircuitBreaker(fail_max=2, reset_timeout=0.3)
+    async with resilient_channel(target, breaker=breaker) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        servicer.state.faults.fail_times(GET_BALANCE, 2)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.GetBalance(BALANCE_REQUEST, timeout=5)
+        for _ in range(20):  # open: nothing reaches the server
+            with pytest.raises(BreakerOpenError):
+                await stub.GetBalance(BALANCE_REQUEST, timeout=5)
+        assert len(servicer.state.calls_to(GET_BALANCE)) == 2
+
+        await asyncio.sleep(0.35)  # past reset_timeout (bounded, short)
+        servicer.state.faults.add(GET_BALANCE, Fault(delay=0.2))  # a slow probe that fails
+
+        async def outcome() -> str:
+            try:
+                await stub.GetBalance(BALANCE_REQUEST, timeout=5)
+            except BreakerOpenError:
+                return "breaker"
+            except grpc.aio.AioRpcError as error:
+                return error.code().name
+            return "ok"
+
+        outcomes = await asyncio.gather(*(outcome() for _ in range(10)))
+        assert sorted(outcomes) == ["UNAVAILABLE"] + ["breaker"] * 9
+        assert len(servicer.state.calls_to(GET_BALANCE)) == 3
+        assert breaker.for_target(target).state == "open"
+
+
+async def test_stream_request_methods_pass_through_the_channel(aio_ledger) -> None:
+    async with resilient_channel(f"127.0.0.1:{aio_ledger[1]}", retry=FAST) as channel:
+        assert isinstance(
+            channel.stream_unary("/ledger.v1.Ledger/Nope"), grpc.aio.StreamUnaryMultiCallable
+        )
+        assert isinstance(
+            channel.stream_stream("/ledger.v1.Ledger/Nope"), grpc.aio.StreamStreamMultiCallable
+        )

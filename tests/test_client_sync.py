@@ -19,6 +19,7 @@ from resilient_grpc import (
     idempotency_key,
 )
 from resilient_grpc.client import client_interceptors, resilient_channel
+from resilient_grpc.core.keys import derivation_scope, derive_key
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
 
@@ -412,3 +413,29 @@ def test_breaker_refusal_reaches_a_stream_on_first_read(make_stub, servicer, tar
     assert call.code() == grpc.StatusCode.UNAVAILABLE
     assert "open" in call.details()
     assert len(servicer.state.calls_to(WATCH)) == 1
+
+
+def test_keys_inside_a_handler_scope_are_derived_from_the_incoming_key(make_stub, servicer) -> None:
+    stub = make_stub(retry=FAST, idempotency=IdempotencyKeys())
+    servicer.state.faults.fail_times(TRANSFER, 1)
+
+    with derivation_scope("incoming-key-1"):
+        stub.Transfer(TRANSFER_REQUEST, timeout=5)
+        stub.Transfer(TRANSFER_REQUEST, timeout=5)
+
+    keys = [call.key for call in servicer.state.calls_to(TRANSFER)]
+    first, second = (
+        derive_key("incoming-key-1", TRANSFER, 0),
+        derive_key("incoming-key-1", TRANSFER, 1),
+    )
+    assert keys == [first, first, second]  # the retry reuses the derived key
+
+
+def test_stream_request_methods_pass_through_the_channel(target: str) -> None:
+    with resilient_channel(target, retry=FAST) as channel:
+        assert isinstance(
+            channel.stream_unary("/ledger.v1.Ledger/Nope"), grpc.StreamUnaryMultiCallable
+        )
+        assert isinstance(
+            channel.stream_stream("/ledger.v1.Ledger/Nope"), grpc.StreamStreamMultiCallable
+        )
