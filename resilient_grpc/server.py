@@ -284,10 +284,11 @@ class FlowDriver(Generic[E]):
 
     The shell loops ``effect = driver.advance(effect, answer)`` until it returns ``None``, then
     reads :attr:`verdict`; :meth:`close` (in a ``finally``) ends a flight left open by an
-    exception. Single flight is tracked here, telemetry is reported here.
+    exception and returns the token of a claim that must be released (the call was cancelled
+    or interrupted between claim and completion). Single flight and telemetry live here.
     """
 
-    __slots__ = ("_claimed", "_flights", "_flow", "key", "method", "verdict")
+    __slots__ = ("_claimed", "_flights", "_flow", "_token", "key", "method", "verdict")
 
     def __init__(
         self, method: str, key: str, flow: Generator[Effect, object, Verdict], flights: Flights[E]
@@ -297,6 +298,7 @@ class FlowDriver(Generic[E]):
         self._flow = flow
         self._flights = flights
         self._claimed = False
+        self._token: int | None = None
         self.verdict: Verdict | None = None
 
     def first(self) -> Effect:
@@ -308,6 +310,7 @@ class FlowDriver(Generic[E]):
             noted = self._flights.note(self.key, effect, answer)
             if noted is not None:
                 self._claimed = noted
+                self._token = answer.token if isinstance(answer, ClaimResult) else None
         try:
             return self._flow.send(answer)
         except StopIteration as stop:
@@ -315,9 +318,13 @@ class FlowDriver(Generic[E]):
             report(self.method, stop.value)
             return None
 
-    def close(self) -> None:
-        if self._claimed:
-            self._flights.end(self.key)
+    def close(self) -> int | None:
+        """End an open flight; the claim token to release if the call stopped half-way."""
+        if not self._claimed:
+            return None
+        self._claimed = False
+        self._flights.end(self.key)
+        return self._token
 
 
 class DedupBase:
@@ -544,7 +551,9 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                     answer = self._perform(key, effect)
                 effect = driver.advance(effect, answer)
         finally:
-            driver.close()
+            abandoned = driver.close()
+            if abandoned is not None:  # cancelled or interrupted between claim and outcome
+                self._perform(key, Release(abandoned))
         assert driver.verdict is not None
         return driver.verdict
 

@@ -27,6 +27,7 @@ from resilient_grpc.core.dedup import (
     Execute,
     Execution,
     Outcome,
+    Release,
     StoreDown,
     Verdict,
     Wait,
@@ -204,7 +205,9 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                     answer = await self._perform(key, effect)
                 effect = driver.advance(effect, answer)
         finally:
-            driver.close()
+            abandoned = driver.close()
+            if abandoned is not None:  # cancelled (deadline, client gone) before the outcome
+                await asyncio.shield(self._perform(key, Release(abandoned)))
         assert driver.verdict is not None
         return driver.verdict
 
