@@ -17,6 +17,8 @@ used as they are. What this module adds:
 With Redis storage every admission and outcome is a Redis round trip: the aio shell runs
 them off the event loop (``TargetBreaker.blocking``). pybreaker stores the opening time in
 whole seconds in Redis, so a shared breaker may probe up to a second before ``reset_timeout``.
+If the storage fails (Redis down), calls go through unguarded (pybreaker's own fallback is the
+closed state) and the outage is logged once on the ``resilient_grpc.breaker`` logger.
 """
 
 from __future__ import annotations
@@ -234,7 +236,8 @@ class CircuitBreaker:
     (process memory), a ``pybreaker`` storage instance (then one breaker for all targets, e.g.
     ``pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, redis.Redis(...), namespace=...)``
     to share it across processes), or a function ``target -> storage`` for per-target shared
-    state (see :meth:`redis`).
+    state (see :meth:`redis`). ``listeners`` are extra ``pybreaker.CircuitBreakerListener``
+    objects; bad arguments raise ``ValueError`` naming the argument.
     """
 
     def __init__(
