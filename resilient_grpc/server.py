@@ -21,7 +21,13 @@ Rules the design leaves open, chosen here:
   repeat gets FAILED_PRECONDITION saying so, never a second execution.
 * A concurrent duplicate waits for the in-flight attempt (in-process: on an event; across
   processes: by polling the store) until shortly before the caller's deadline (``max_wait`` s
-  without one), then gets ABORTED with a ``grpc-retry-pushback-ms`` trailer (the lease left).
+  without one), then gets ABORTED with a ``grpc-retry-pushback-ms`` trailer: the in-flight
+  attempt's remaining lease, capped at ``max_pushback`` (default 1 s). The client stack honours
+  it when ABORTED is in its ``retryable_codes``.
+* A call cancelled or interrupted between its claim and its outcome (an aio deadline, a client
+  gone mid-stream) releases the claim at once, as a retryable failure does.
+* An expired deadline on arrival is answered DEADLINE_EXCEEDED before any claim. (In
+  ``grpc.aio`` the server usually cancels such a call before any interceptor runs.)
 * Store down: ``fail_open=False`` answers UNAVAILABLE without running the handler; with
   ``fail_open=True`` the handler runs without dedup. If the store fails *after* the handler ran,
   the live answer is still returned (the record stays claimed until its lease lapses).
@@ -111,6 +117,7 @@ class DedupSettings:
         header: str,
         max_wait: float,
         store_ttl: float,
+        max_pushback: float = 1.0,
     ) -> None:
         if scope is not None and not callable(scope):
             raise ValueError(f"scope must be a function of the servicer context, got {scope!r}")
@@ -119,6 +126,7 @@ class DedupSettings:
         check_positive("lease", lease)
         check_positive("max_response_bytes", max_response_bytes, integer=True)
         check_positive("max_wait", max_wait)
+        check_positive("max_pushback", max_pushback)
         if not isinstance(fail_open, bool):
             raise ValueError(f"fail_open must be True or False, got {fail_open!r}")
         self.header = IdempotencyKeys(header=header).header  # validates the header name
@@ -126,7 +134,7 @@ class DedupSettings:
         self.ttl = float(ttl) if ttl is not None else store_ttl
         self.lease = float(lease)
         self.max_wait = float(max_wait)
-        self.flow = FlowSettings(max_response_bytes, fail_open, self.lease)
+        self.flow = FlowSettings(max_response_bytes, fail_open, self.lease, float(max_pushback))
         self._selected = _selector(methods, "methods", default=True)
         self._required = _selector(require_key_methods, "require_key_methods", default=False)
 
@@ -343,6 +351,7 @@ class DedupBase:
         fail_open: bool = False,
         header: str = DEFAULT_HEADER,
         max_wait: float = DEFAULT_MAX_WAIT,
+        max_pushback: float = 1.0,
     ) -> None:
         if store is None:
             store = MemoryStore()
@@ -359,6 +368,7 @@ class DedupBase:
             header=header,
             max_wait=max_wait,
             store_ttl=store.ttl,
+            max_pushback=max_pushback,
         )
         self._attach(store)
         self._wrapped: dict[str, tuple[Any, Any]] = {}
@@ -409,7 +419,8 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     a claim lasts if its executor dies (make it longer than your slowest handler).
     ``max_response_bytes``: larger outcomes are not stored. ``fail_open``: run handlers without
     dedup while the store is down. ``max_wait``: how long a duplicate waits for the in-flight
-    attempt when the caller set no deadline. See the module docstring for the exact rules.
+    attempt when the caller set no deadline; ``max_pushback``: the longest retry delay an ABORTED
+    duplicate is told to wait. See the module docstring for the exact rules.
     """
 
     store: Store

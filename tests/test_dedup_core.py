@@ -211,17 +211,19 @@ def test_flow_waits_then_replays_or_aborts_with_pushback() -> None:
     assert effects == [Claim(fp), Wait(1.0)]
     assert verdict.events == ("waited", "replayed")
 
-    flow = dedup_flow(fp, SETTINGS, clock=clock, wait_until=clock.now + 1)
-    next(flow)
-    assert flow.send(ClaimResult(None, running)) == Wait(1.0)
-    clock.now += 1.0
-    with pytest.raises(StopIteration) as stop:
-        flow.send(Record(RecordState.IN_PROGRESS, fp, None, 1.5))
-    verdict = stop.value.value
-    assert verdict.outcome.code == "ABORTED"
-    # the pushback is the lease the in-flight attempt has left, as last seen
-    assert verdict.outcome.trailing_metadata == (("grpc-retry-pushback-ms", "1500"),)
-    assert "still in progress" in verdict.outcome.details
+    for max_pushback, expected in ((5.0, "1500"), (1.0, "1000")):
+        settings = FlowSettings(1000, False, 5.0, max_pushback=max_pushback)
+        flow = dedup_flow(fp, settings, clock=clock, wait_until=clock.now + 1)
+        next(flow)
+        assert flow.send(ClaimResult(None, running)) == Wait(1.0)
+        clock.now += 1.0
+        with pytest.raises(StopIteration) as stop:
+            flow.send(Record(RecordState.IN_PROGRESS, fp, None, 1.5))
+        verdict = stop.value.value
+        assert verdict.outcome.code == "ABORTED"
+        # the lease the in-flight attempt has left, as last seen, capped at max_pushback
+        assert verdict.outcome.trailing_metadata == (("grpc-retry-pushback-ms", expected),)
+        assert "still in progress" in verdict.outcome.details
 
 
 def test_flow_claims_again_when_the_in_flight_attempt_released() -> None:

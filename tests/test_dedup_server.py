@@ -14,6 +14,7 @@ import pytest
 
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, TRANSFER, WATCH, Fault, SyncLedger, serve
+from resilient_grpc import IdempotencyKeys, RetryPolicy, idempotency_key, resilient_channel
 from resilient_grpc.core.dedup import scoped_key
 from resilient_grpc.core.keys import derive_key
 from resilient_grpc.server import DedupInterceptor
@@ -244,7 +245,7 @@ def test_fifty_concurrent_duplicates_execute_once(
 
 
 def test_a_duplicate_that_cannot_wait_gets_aborted_with_pushback(start: Start) -> None:
-    servicer, stub = start(SlowLedger(delay=1.0), lease=4.0)
+    servicer, stub = start(SlowLedger(delay=1.0), lease=4.0, max_pushback=10.0)
     slow = stub.Transfer.future(transfer(), metadata=_keyed("k1"))
     assert isinstance(servicer, SlowLedger) and servicer.started.wait(5)
     began = time.monotonic()
@@ -433,3 +434,31 @@ def test_bad_interceptor_arguments_name_the_field() -> None:
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
             DedupInterceptor(**options)
+
+
+def test_the_client_stack_honours_the_pushback_and_gets_the_replay(start: Start) -> None:
+    servicer, _ = start(SlowLedger(delay=0.6), max_pushback=1.0)
+    port = servicer.port  # type: ignore[attr-defined]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
+        first = ledger_pb2_grpc.LedgerStub(plain).Transfer.future(
+            transfer(), metadata=_keyed("k1"), timeout=10
+        )
+        assert isinstance(servicer, SlowLedger) and servicer.started.wait(5)
+        policy = RetryPolicy(
+            max_attempts=4,
+            initial_backoff=0.01,
+            max_backoff=0.02,
+            per_attempt_timeout=0.25,
+            retryable_codes=frozenset({"UNAVAILABLE", "ABORTED"}),
+        )
+        channel = resilient_channel(f"127.0.0.1:{port}", retry=policy, idempotency=IdempotencyKeys())
+        began = time.monotonic()
+        with idempotency_key("k1"):
+            retried = ledger_pb2_grpc.LedgerStub(channel).Transfer(transfer(), timeout=10)
+        waited = time.monotonic() - began
+        channel.close()
+        assert retried == first.result(timeout=5)
+    # attempt 1 waited ~0.2 s and was ABORTED with a 1000 ms pushback; the computed backoff
+    # (10-20 ms) would have retried long before the pushback
+    assert waited >= 0.9
+    assert servicer.state.executions["k1"] == 1

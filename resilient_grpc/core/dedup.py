@@ -321,11 +321,17 @@ class FlowSettings:
     max_response_bytes: int
     fail_open: bool
     lease: float
+    max_pushback: float = 1.0
     min_pushback: float = 0.01
 
 
 def _pushback_ms(settings: FlowSettings, lease_left: float) -> str:
-    seconds = min(max(lease_left, settings.min_pushback), settings.lease)
+    """When to come back: the in-flight attempt's remaining lease, capped at ``max_pushback``.
+
+    A live attempt usually finishes well before its lease ends, so the cap keeps a retry from
+    idling; a dead one is taken over once its lease lapses, which the capped retries reach.
+    """
+    seconds = min(max(lease_left, settings.min_pushback), settings.max_pushback)
     return str(max(1, int(seconds * 1000)))
 
 
