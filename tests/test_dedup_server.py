@@ -462,3 +462,14 @@ def test_the_client_stack_honours_the_pushback_and_gets_the_replay(start: Start)
     # (10-20 ms) would have retried long before the pushback
     assert waited >= 0.9
     assert servicer.state.executions["k1"] == 1
+
+
+def test_stores_keep_a_hash_never_the_raw_key(start: Start, tmp_path: Path) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    store = SQLiteStore(path)
+    _, stub = start(store=store)
+    stub.Transfer(transfer(), metadata=_keyed("raw-secret-key-4242"))
+    store.close()
+    stored = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert b"raw-secret-key-4242" not in stored
+    assert scoped_key(TRANSFER, "", "raw-secret-key-4242").encode() in stored
