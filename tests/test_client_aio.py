@@ -468,3 +468,9 @@ async def test_stream_request_methods_pass_through_the_channel(aio_ledger) -> No
         assert isinstance(
             channel.stream_stream("/ledger.v1.Ledger/Nope"), grpc.aio.StreamStreamMultiCallable
         )
+
+
+async def test_the_channel_supports_connectivity_helpers(aio_ledger) -> None:
+    async with resilient_channel(f"127.0.0.1:{aio_ledger[1]}", retry=FAST) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 5)
+        assert channel.get_state() == grpc.ChannelConnectivity.READY

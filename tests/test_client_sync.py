@@ -439,3 +439,8 @@ def test_stream_request_methods_pass_through_the_channel(target: str) -> None:
         assert isinstance(
             channel.stream_stream("/ledger.v1.Ledger/Nope"), grpc.StreamStreamMultiCallable
         )
+
+
+def test_the_channel_supports_connectivity_helpers(target: str) -> None:
+    with resilient_channel(target, retry=FAST) as channel:
+        grpc.channel_ready_future(channel).result(timeout=5)
