@@ -20,7 +20,21 @@ only runs its steps with blocking calls (the RPC, ``time.sleep``).
 
 When the stack gives up it raises the last real error gRPC produced, with ``attempts`` and
 ``retry_reason`` attributes (see :mod:`resilient_grpc.errors`); an open breaker raises
-:class:`~resilient_grpc.errors.BreakerOpenError` before anything is sent.
+:class:`~resilient_grpc.errors.BreakerOpenError` before anything is sent::
+
+    channel = resilient_channel(
+        "ledger.internal:443",
+        credentials=grpc.ssl_channel_credentials(),
+        retry=RetryPolicy(max_attempts=4, initial_backoff=0.05, per_attempt_timeout=1.0),
+        budget=RetryBudget(ratio=0.1),          # share one budget per backend
+        breaker=CircuitBreaker(fail_max=5, reset_timeout=10),
+        idempotency=IdempotencyKeys(),          # a key per logical call, same on every attempt
+    )
+    stub = LedgerStub(channel)
+    try:
+        stub.Transfer(request, timeout=3.0)     # the overall deadline of all attempts
+    except grpc.RpcError as error:
+        log.warning("transfer failed: %s after %s attempts", error.code(), attempts_of(error))
 """
 
 from __future__ import annotations

@@ -444,3 +444,10 @@ def test_stream_request_methods_pass_through_the_channel(target: str) -> None:
 def test_the_channel_supports_connectivity_helpers(target: str) -> None:
     with resilient_channel(target, retry=FAST) as channel:
         grpc.channel_ready_future(channel).result(timeout=5)
+
+
+def test_a_malformed_key_in_metadata_is_refused_before_sending(make_stub, servicer) -> None:
+    stub = make_stub(retry=FAST, idempotency=IdempotencyKeys())
+    with pytest.raises(ValueError, match="idempotency key"):
+        stub.Transfer(TRANSFER_REQUEST, timeout=5, metadata=(("idempotency-key", "has space"),))
+    assert servicer.state.calls_to(TRANSFER) == []
