@@ -58,11 +58,11 @@ from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
     Attempt,
     BreakerIO,
-    CallArguments,
     ClientStack,
     LogicalCall,
     Pause,
     Steps,
+    StubMethod,
 )
 
 __all__ = ["RetryingStream", "client_interceptors", "resilient_channel"]
@@ -371,52 +371,43 @@ class _Interceptor(
 # The channel (resilient_channel) -------------------------------------------------------------
 
 
-class _UnaryUnaryCallable(grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
+class _UnaryUnaryCallable(StubMethod, grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
     """A unary-unary method of :class:`_Channel`: the stack around the underlying callable."""
 
-    def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
-        self._stack = stack
-        self._method = method
-        self._inner = inner
-
-    def _invoke(self, arguments: CallArguments, *, with_call: bool) -> Any:
+    def _invoke(
+        self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, with_call: bool
+    ) -> Any:
         inner = self._inner
+        call, send = self._start(
+            request, args, kwargs, stream=False, via=inner.with_call if with_call else inner
+        )
 
-        def send(step: Attempt) -> Any:
+        def attempt(step: Attempt) -> Any:
             try:
-                if with_call:
-                    return _Outcome(*arguments.send(inner.with_call, step))
-                # Plain calls need only the response: skip building a Call object for it.
-                return _Response(arguments.send(inner, step))
+                result = send(step)
             except grpc.RpcError as error:
                 return error  # a finished Call-Future whose exception() is itself
+            # Plain calls need only the response: no Call object is built for them.
+            return _Outcome(*result) if with_call else _Response(result)
 
-        return _run_unary(arguments.begin(self._stack, self._method, stream=False), send)
+        return _run_unary(call, attempt)
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._invoke(CallArguments(request, *args, **kwargs), with_call=False).result()
+        return self._invoke(request, args, kwargs, with_call=False).result()
 
     def with_call(self, request: Any, *args: Any, **kwargs: Any) -> tuple[Any, grpc.Call]:
-        outcome = self._invoke(CallArguments(request, *args, **kwargs), with_call=True)
+        outcome = self._invoke(request, args, kwargs, with_call=True)
         return outcome.result(), outcome
 
     def future(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._invoke(CallArguments(request, *args, **kwargs), with_call=True)
+        return self._invoke(request, args, kwargs, with_call=True)
 
 
-class _UnaryStreamCallable(grpc.UnaryStreamMultiCallable):  # type: ignore[type-arg]
+class _UnaryStreamCallable(StubMethod, grpc.UnaryStreamMultiCallable):  # type: ignore[type-arg]
     """A unary-stream method of :class:`_Channel`."""
 
-    def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
-        self._stack = stack
-        self._method = method
-        self._inner = inner
-
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        arguments = CallArguments(request, *args, **kwargs)
-        inner = self._inner
-        call = arguments.begin(self._stack, self._method, stream=True)
-        return RetryingStream(call, lambda step: arguments.send(inner, step))
+        return RetryingStream(*self._start(request, args, kwargs, stream=True))
 
 
 class _Channel(grpc.Channel):

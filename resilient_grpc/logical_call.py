@@ -358,3 +358,33 @@ class CallArguments:
             wait_for_ready=step.wait_for_ready,
             compression=self.compression,
         )
+
+
+class StubMethod:
+    """A unary-request method of a resilient channel: the stack around the underlying callable.
+
+    The sync and aio channels subclass it together with gRPC's multi-callable type.
+    """
+
+    def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
+        self._stack = stack
+        self._method = method
+        self._inner = inner
+
+    def _start(
+        self,
+        request: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        stream: bool,
+        via: Callable[..., Any] | None = None,
+    ) -> tuple[LogicalCall, Callable[[Attempt], Any]]:
+        """Begin a logical call from a stub invocation; return it and how to send one attempt.
+
+        ``via`` is the underlying callable to send through (default: the method itself).
+        """
+        arguments = CallArguments(request, *args, **kwargs)
+        inner = self._inner if via is None else via
+        call = arguments.begin(self._stack, self._method, stream=stream)
+        return call, lambda step: arguments.send(inner, step)

@@ -43,11 +43,11 @@ from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
     Attempt,
     BreakerIO,
-    CallArguments,
     ClientStack,
     LogicalCall,
     Pause,
     Steps,
+    StubMethod,
 )
 
 __all__ = ["ResilientUnaryCall", "RetryingAioStream", "client_interceptors", "resilient_channel"]
@@ -433,35 +433,19 @@ class _UnaryStreamInterceptor(_Interceptor, grpc.aio.UnaryStreamClientIntercepto
 # The channel (resilient_channel) -------------------------------------------------------------
 
 
-class _UnaryUnaryCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
+class _UnaryUnaryCallable(StubMethod, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
     """A unary-unary method of :class:`_Channel`: the call runs in the task that awaits it."""
 
-    def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
-        self._stack = stack
-        self._method = method
-        self._inner = inner
-
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> ResilientUnaryCall:
-        arguments = CallArguments(request, *args, **kwargs)
-        inner = self._inner
-        call = arguments.begin(self._stack, self._method, stream=False)
         # the underlying call starts as soon as it is made: nothing to await in send
-        return ResilientUnaryCall(call, lambda step: arguments.send(inner, step), False)
+        return ResilientUnaryCall(*self._start(request, args, kwargs, stream=False), False)
 
 
-class _UnaryStreamCallable(grpc.aio.UnaryStreamMultiCallable):  # type: ignore[type-arg]
+class _UnaryStreamCallable(StubMethod, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[type-arg]
     """A unary-stream method of :class:`_Channel`."""
 
-    def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
-        self._stack = stack
-        self._method = method
-        self._inner = inner
-
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> RetryingAioStream:
-        arguments = CallArguments(request, *args, **kwargs)
-        inner = self._inner
-        call = arguments.begin(self._stack, self._method, stream=True)
-        return RetryingAioStream(call, lambda step: arguments.send(inner, step), False)
+        return RetryingAioStream(*self._start(request, args, kwargs, stream=True), False)
 
 
 class _Channel(grpc.aio.Channel):
