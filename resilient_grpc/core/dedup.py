@@ -140,12 +140,12 @@ def scoped_key(method: str, identity: str, key: str) -> str:
     Length-prefixed fields, so no two (method, identity, key) triples share an encoding; stores
     keep only this hash, never the raw key.
     """
-    digest = hashlib.sha256()
+    parts = []
     for field in (method, identity, key):
         data = field.encode("utf-8", "surrogatepass")
-        digest.update(len(data).to_bytes(4, "big"))
-        digest.update(data)
-    return digest.hexdigest()
+        parts.append(len(data).to_bytes(4, "big"))
+        parts.append(data)
+    return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
 def fingerprint(request: bytes) -> bytes:
@@ -383,8 +383,17 @@ def dedup_flow(
         assert isinstance(answer, ClaimResult)
         decision = decide(answer, request_fingerprint)
         if decision is Decision.EXECUTE:
-            assert answer.token is not None
-            return (yield from _execute(answer.token, settings, events))
+            token = answer.token
+            assert token is not None
+            run = yield Execute(token)
+            assert isinstance(run, Execution)
+            outcome = run.outcome
+            if outcome is None or not outcome.cacheable:
+                settled = yield Release(token)
+            else:
+                settled = yield Complete(token, _stored_form(outcome, settings.max_response_bytes))
+            extra = ("store_error",) if isinstance(settled, StoreDown) else ()
+            return Verdict(Action.EXECUTED, events=(*events, "executed", *extra))
         record = answer.record
         if decision is not Decision.WAIT:
             return _answer(decision, record, events)
@@ -435,21 +444,6 @@ def _still_running(settings: FlowSettings, lease_left: float, events: list[str])
         ),
         tuple(events) if events else ("waited",),
     )
-
-
-def _execute(
-    token: int, settings: FlowSettings, events: list[str]
-) -> Generator[Effect, object, Verdict]:
-    run = yield Execute(token)
-    assert isinstance(run, Execution)
-    outcome = run.outcome
-    if outcome is None or not outcome.cacheable:
-        released = yield Release(token)
-        extra = ("store_error",) if isinstance(released, StoreDown) else ()
-        return Verdict(Action.EXECUTED, events=(*events, "executed", *extra))
-    stored = yield Complete(token, _stored_form(outcome, settings.max_response_bytes))
-    extra = ("store_error",) if isinstance(stored, StoreDown) else ()
-    return Verdict(Action.EXECUTED, events=(*events, "executed", *extra))
 
 
 CONFLICT_OUTCOME = Outcome(
