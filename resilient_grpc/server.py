@@ -415,7 +415,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     returns the caller's identity (e.g. the authenticated principal) so tenants never share
     records. ``methods``: which methods are deduplicated (``None``: all unary-request methods;
     names, ``"/pkg.Service/*"`` patterns or a predicate). ``require_key_methods``: methods whose
-    calls must carry a key. ``ttl``: record lifetime (default: the store's). ``lease``: how long
+    calls must carry a key (they are deduplicated whatever ``methods`` says). ``ttl``: record lifetime (default: the store's). ``lease``: how long
     a claim lasts if its executor dies (make it longer than your slowest handler).
     ``max_response_bytes``: larger outcomes are not stored. ``fail_open``: run handlers without
     dedup while the store is down. ``max_wait``: how long a duplicate waits for the in-flight

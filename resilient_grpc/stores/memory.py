@@ -51,7 +51,8 @@ class MemoryStore(Store):
 
     Bounded: when a new record would exceed ``max_entries`` or ``max_bytes`` (accounted by
     :func:`accounted_size`, measured to cover the real Python objects), the oldest records are evicted first, so a flood
-    of unique keys costs a fixed amount of memory (and forgets the oldest keys). Expired records
+    of unique keys costs a fixed amount of memory (and forgets the oldest keys: a key evicted
+    before its TTL is no longer deduplicated, so size the bounds for your traffic times ``ttl``). Expired records
     are dropped as they are met and evicted first. All operations take one short lock and never
     do I/O, so the same store serves threads and the event loop (:meth:`as_async`). Waiters are
     woken when a key completes or is released, without polling.
