@@ -473,3 +473,36 @@ def test_stores_keep_a_hash_never_the_raw_key(start: Start, tmp_path: Path) -> N
     stored = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
     assert b"raw-secret-key-4242" not in stored
     assert scoped_key(TRANSFER, "", "raw-secret-key-4242").encode() in stored
+
+
+def test_calls_made_by_a_handler_carry_keys_derived_from_its_key(start: Start) -> None:
+    downstream, _ = start()
+    downstream_port = downstream.port  # type: ignore[attr-defined]
+    channel = resilient_channel(
+        f"127.0.0.1:{downstream_port}",
+        retry=RetryPolicy(max_attempts=2),
+        idempotency=IdempotencyKeys(),
+    )
+    calls = ledger_pb2_grpc.LedgerStub(channel)
+
+    class Chained(SyncLedger):
+        """Transfer forwards to the downstream ledger; fails UNAVAILABLE the first time."""
+
+        attempts = 0
+
+        def Transfer(self, request: Any, context: Any) -> Any:
+            forwarded = calls.Transfer(request, timeout=5)
+            Chained.attempts += 1
+            if Chained.attempts == 1:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "lost after forwarding")
+            return forwarded
+
+    _, stub = start(Chained())
+    with pytest.raises(grpc.RpcError):
+        stub.Transfer(transfer(), metadata=_keyed("parent"))
+    reply = stub.Transfer(transfer(), metadata=_keyed("parent"))  # the handler runs again
+    channel.close()
+    expected = derive_key("parent", TRANSFER, 0)
+    assert [c.key for c in downstream.state.calls_to(TRANSFER)] == [expected]
+    assert downstream.state.executions[expected] == 1, "the downstream deduplicated the re-run"
+    assert reply.transfer_id == "t1"
