@@ -4,17 +4,22 @@ send header values the grpc client refuses to send (non-ASCII idempotency keys).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import sqlite3
 import struct
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from protos import ledger_pb2
 from protos.ledger_service import TRANSFER, AioLedger, SyncLedger
+from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, Store
 
 KEY = "idempotency-key"
 
@@ -79,6 +84,31 @@ class RecordingAdmission:
         return decision
 
 
+@contextlib.contextmanager
+def sqlite_locked(path: Path) -> Iterator[str]:
+    """Hold the SQLite write lock from another connection, so a store on ``path`` with a short
+    ``busy_timeout`` is down; yields the status details the interceptor then answers with."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield (
+            f"idempotency store unavailable: SQLite store {str(path)!r} failed: "
+            "OperationalError: database is locked"
+        )
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def make_store(kind: str, tmp_path: Path, request: Any) -> Store:
+    """A fresh store of ``kind`` (memory, sqlite in ``tmp_path``, or redis on the test Redis)."""
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SQLiteStore(tmp_path / "dedup.sqlite3")
+    return RedisStore.from_url(request.getfixturevalue("redis_url"))
+
+
 def transfer(amount: int = 1, memo: str = "") -> ledger_pb2.TransferRequest:
     return ledger_pb2.TransferRequest(from_account="a", to_account="b", amount=amount, memo=memo)
 
@@ -105,7 +135,9 @@ def _hpack_int(value: int, bits: int, flags: int = 0) -> bytes:
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+    return (
+        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+    )
 
 
 def _read_int(data: bytes, offset: int, bits: int) -> tuple[int, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,8 +15,15 @@ import pytest
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import TRANSFER, WATCH, AioLedger, Fault, serve_aio
 from resilient_grpc.aio import DedupInterceptor
-from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, Store
-from tests.dedup_fixtures import KEY, AioSlowLedger, RecordingAdmission, transfer
+from resilient_grpc.stores import MemoryStore, SQLiteStore
+from tests.dedup_fixtures import (
+    KEY,
+    AioSlowLedger,
+    RecordingAdmission,
+    make_store,
+    sqlite_locked,
+    transfer,
+)
 
 REPLAYED = ("idempotency-replayed", "true")
 
@@ -50,14 +56,6 @@ async def start() -> AsyncIterator[Start]:
         await server.stop(None)
 
 
-def _store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
-    if kind == "memory":
-        return MemoryStore()
-    if kind == "sqlite":
-        return SQLiteStore(tmp_path / "dedup.sqlite3")
-    return RedisStore.from_url(request.getfixturevalue("redis_url"))
-
-
 async def _error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await call
@@ -72,7 +70,7 @@ def _keyed(key: str) -> list[tuple[str, str]]:
 async def test_replays_exact_bytes_and_stored_errors(
     kind: str, start: Start, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    servicer, stub = await start(store=_store(kind, tmp_path, request))
+    servicer, stub = await start(store=make_store(kind, tmp_path, request))
     first = await stub.Transfer(transfer(5), metadata=_keyed("k1"))
     call = stub.Transfer(transfer(5), metadata=_keyed("k1"))
     assert (await call).SerializeToString() == first.SerializeToString()
@@ -98,7 +96,9 @@ async def test_replays_exact_bytes_and_stored_errors(
 async def test_fifty_concurrent_tasks_execute_once(
     kind: str, start: Start, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    servicer, stub = await start(AioSlowLedger(delay=0.2), store=_store(kind, tmp_path, request))
+    servicer, stub = await start(
+        AioSlowLedger(delay=0.2), store=make_store(kind, tmp_path, request)
+    )
     replies = await asyncio.gather(
         *(stub.Transfer(transfer(7), metadata=_keyed("same"), timeout=10) for _ in range(50))
     )
@@ -221,18 +221,10 @@ async def test_tenants_never_share_a_record(start: Start) -> None:
 async def test_store_down_fails_closed_then_recovers(start: Start, tmp_path: Path) -> None:
     path = tmp_path / "dedup.sqlite3"
     servicer, stub = await start(store=SQLiteStore(path, busy_timeout=0.05))
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
+    with sqlite_locked(path) as details:
         error = await _error(stub.Transfer(transfer(), metadata=_keyed("k1")))
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert error.details() == (
-        f"idempotency store unavailable: SQLite store {str(path)!r} failed: "
-        "OperationalError: database is locked"
-    )
+    assert error.details() == details
     assert servicer.state.calls_to(TRANSFER) == []
     await stub.Transfer(transfer(), metadata=_keyed("k1"))
     assert servicer.state.executions["k1"] == 1

@@ -18,8 +18,16 @@ from resilient_grpc import IdempotencyKeys, RetryPolicy, idempotency_key, resili
 from resilient_grpc.core.dedup import scoped_key
 from resilient_grpc.core.keys import derive_key
 from resilient_grpc.server import DedupInterceptor
-from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, Store
-from tests.dedup_fixtures import KEY, RecordingAdmission, SlowLedger, raw_unary_call, transfer
+from resilient_grpc.stores import MemoryStore, SQLiteStore
+from tests.dedup_fixtures import (
+    KEY,
+    RecordingAdmission,
+    SlowLedger,
+    make_store,
+    raw_unary_call,
+    sqlite_locked,
+    transfer,
+)
 
 REPLAYED = ("idempotency-replayed", "true")
 
@@ -56,14 +64,6 @@ def start() -> Iterator[Start]:
         server.stop(None)
 
 
-def _store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
-    if kind == "memory":
-        return MemoryStore()
-    if kind == "sqlite":
-        return SQLiteStore(tmp_path / "dedup.sqlite3")
-    return RedisStore.from_url(request.getfixturevalue("redis_url"))
-
-
 def _error(call: Callable[[], Any]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as raised:
         call()
@@ -78,7 +78,7 @@ def _keyed(key: str) -> list[tuple[str, str]]:
 def test_first_call_executes_and_repeats_replay_the_exact_bytes(
     kind: str, start: Start, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    servicer, stub = start(store=_store(kind, tmp_path, request))
+    servicer, stub = start(store=make_store(kind, tmp_path, request))
     first, call = stub.Transfer.with_call(transfer(5), metadata=_keyed("k1"))
     assert REPLAYED not in tuple(call.trailing_metadata() or ())
     for _ in range(3):
@@ -93,7 +93,7 @@ def test_first_call_executes_and_repeats_replay_the_exact_bytes(
 def test_deterministic_errors_are_replayed_with_details_and_trailers(
     kind: str, start: Start, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    servicer, stub = start(store=_store(kind, tmp_path, request))
+    servicer, stub = start(store=make_store(kind, tmp_path, request))
     servicer.state.faults.add(
         TRANSFER, Fault(code=grpc.StatusCode.NOT_FOUND, details="no account b", pushback_ms="7")
     )
@@ -110,7 +110,7 @@ def test_deterministic_errors_are_replayed_with_details_and_trailers(
 def test_key_reuse_with_a_different_request_is_refused(
     kind: str, start: Start, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    servicer, stub = start(store=_store(kind, tmp_path, request))
+    servicer, stub = start(store=make_store(kind, tmp_path, request))
     stub.Transfer(transfer(5), metadata=_keyed("k1"))
     error = _error(lambda: stub.Transfer(transfer(5, memo="other"), metadata=_keyed("k1")))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -193,7 +193,9 @@ def test_a_non_ascii_key_sent_on_the_wire_is_invalid_argument(start: Start) -> N
 def test_only_selected_methods_are_deduplicated(start: Start) -> None:
     servicer, stub = start(methods=[TRANSFER])
     stub.GetBalance(ledger_pb2.BalanceRequest(account="a"), metadata=_keyed("k1"))
-    _, call = stub.GetBalance.with_call(ledger_pb2.BalanceRequest(account="a"), metadata=_keyed("k1"))
+    _, call = stub.GetBalance.with_call(
+        ledger_pb2.BalanceRequest(account="a"), metadata=_keyed("k1")
+    )
     assert REPLAYED not in tuple(call.trailing_metadata() or ())
     assert len(servicer.state.calls_to(GET_BALANCE)) == 2
 
@@ -226,7 +228,7 @@ def test_retryable_failures_release_the_key_and_the_retry_executes(start: Start)
 def test_fifty_concurrent_duplicates_execute_once(
     kind: str, start: Start, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    servicer, stub = start(SlowLedger(delay=0.2), store=_store(kind, tmp_path, request))
+    servicer, stub = start(SlowLedger(delay=0.2), store=make_store(kind, tmp_path, request))
     barrier = threading.Barrier(50)
 
     def call(_: int) -> bytes:
@@ -289,9 +291,7 @@ class _Recording(RecordingAdmission, DedupInterceptor):
 def test_an_expired_deadline_is_answered_without_claiming_or_running(start: Start) -> None:
     store = MemoryStore()
     _Recording.admitted = []
-    servicer, stub = start(
-        store=store, interceptors=(_Stall(0.3),), interceptor_class=_Recording
-    )
+    servicer, stub = start(store=store, interceptors=(_Stall(0.3),), interceptor_class=_Recording)
     error = _error(lambda: stub.Transfer(transfer(), metadata=_keyed("k1"), timeout=0.1))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for _ in range(100):  # the stalled server side reaches the interceptor after 0.3 s
@@ -378,42 +378,22 @@ def test_handlers_run_inside_a_derivation_scope_of_their_key(start: Start) -> No
     assert ledger.seen_scopes == [("parent-1", derive_key("parent-1", TRANSFER, 0))]
 
 
-def test_fail_open_runs_the_handler_while_the_store_is_down(
-    start: Start, tmp_path: Path
-) -> None:
-    store = SQLiteStore(tmp_path / "dedup.sqlite3", busy_timeout=0.05)
-    servicer, stub = start(store=store, fail_open=True)
-    import sqlite3
-
-    blocker = sqlite3.connect(tmp_path / "dedup.sqlite3", isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
+def test_fail_open_runs_the_handler_while_the_store_is_down(start: Start, tmp_path: Path) -> None:
+    path = tmp_path / "dedup.sqlite3"
+    servicer, stub = start(store=SQLiteStore(path, busy_timeout=0.05), fail_open=True)
+    with sqlite_locked(path):
         stub.Transfer(transfer(), metadata=_keyed("k1"))
         stub.Transfer(transfer(), metadata=_keyed("k1"))
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     assert servicer.state.executions["k1"] == 2  # no dedup while the store was down
 
 
 def test_fail_closed_answers_unavailable_and_runs_nothing(start: Start, tmp_path: Path) -> None:
     path = tmp_path / "dedup.sqlite3"
-    store = SQLiteStore(path, busy_timeout=0.05)
-    servicer, stub = start(store=store)
-    import sqlite3
-
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
+    servicer, stub = start(store=SQLiteStore(path, busy_timeout=0.05))
+    with sqlite_locked(path) as details:
         error = _error(lambda: stub.Transfer(transfer(), metadata=_keyed("k1")))
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert error.details() == (
-        f"idempotency store unavailable: SQLite store {str(path)!r} failed: "
-        "OperationalError: database is locked"
-    )
+    assert error.details() == details
     assert servicer.state.calls_to(TRANSFER) == []
     stub.Transfer(transfer(), metadata=_keyed("k1"))
     assert servicer.state.executions["k1"] == 1
@@ -451,7 +431,9 @@ def test_the_client_stack_honours_the_pushback_and_gets_the_replay(start: Start)
             per_attempt_timeout=0.25,
             retryable_codes=frozenset({"UNAVAILABLE", "ABORTED"}),
         )
-        channel = resilient_channel(f"127.0.0.1:{port}", retry=policy, idempotency=IdempotencyKeys())
+        channel = resilient_channel(
+            f"127.0.0.1:{port}", retry=policy, idempotency=IdempotencyKeys()
+        )
         began = time.monotonic()
         with idempotency_key("k1"):
             retried = ledger_pb2_grpc.LedgerStub(channel).Transfer(transfer(), timeout=10)
