@@ -37,12 +37,14 @@ WATCH = "/ledger.v1.Ledger/Watch"
 class Fault:
     """One scripted failure: abort with ``code``, optionally after ``delay`` seconds.
 
+    ``code=None`` only delays the call, then answers it normally (a slow call to cut under).
+
     ``pushback_ms`` adds a ``grpc-retry-pushback-ms`` trailer; ``retry_info`` (seconds) adds a
     ``google.rpc.RetryInfo`` detail; ``after_messages`` (Watch only) fails mid-stream.
     ``commit`` applies the transfer before failing (a lost response, seen from the client).
     """
 
-    code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+    code: grpc.StatusCode | None = grpc.StatusCode.UNAVAILABLE
     details: str = "scripted fault"
     delay: float = 0.0
     pushback_ms: str | None = None
@@ -166,6 +168,8 @@ class SyncLedger(ledger_pb2_grpc.LedgerServicer):
             return
         if fault.delay:
             time.sleep(fault.delay)
+        if fault.code is None:
+            return
         if fault.commit and applied is not None:
             applied()
         status, trailers = fault_status(fault)
@@ -213,6 +217,8 @@ class AioLedger(ledger_pb2_grpc.LedgerServicer):
             return
         if fault.delay:
             await asyncio.sleep(fault.delay)
+        if fault.code is None:
+            return
         if fault.commit and applied is not None:
             applied()
         status, trailers = fault_status(fault)

@@ -20,7 +20,7 @@ from resilient_grpc.core.policy import RetryPolicy
 if TYPE_CHECKING:
     from resilient_grpc.breaker import CircuitBreaker
     from resilient_grpc.client import client_interceptors, resilient_channel
-    from resilient_grpc.errors import BreakerOpenError, RetryError
+    from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
     from resilient_grpc.server import DedupInterceptor
     from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, StoreUnavailableError
 
@@ -32,7 +32,8 @@ _LAZY = {
     "client_interceptors": "resilient_grpc.client",
     "resilient_channel": "resilient_grpc.client",
     "BreakerOpenError": "resilient_grpc.errors",
-    "RetryError": "resilient_grpc.errors",
+    "attempts_of": "resilient_grpc.errors",
+    "reason_of": "resilient_grpc.errors",
     "DedupInterceptor": "resilient_grpc.server",
     "MemoryStore": "resilient_grpc.stores",
     "SQLiteStore": "resilient_grpc.stores",
@@ -49,12 +50,13 @@ __all__ = [
     "MemoryStore",
     "RedisStore",
     "RetryBudget",
-    "RetryError",
     "RetryPolicy",
     "SQLiteStore",
     "StoreUnavailableError",
+    "attempts_of",
     "client_interceptors",
     "idempotency_key",
+    "reason_of",
     "resilient_channel",
 ]
 

@@ -7,6 +7,10 @@ used as they are. What this module adds:
 * one pybreaker breaker per target (by default), made on first use;
 * only unhealthy-backend status codes count as failures (``UNHEALTHY_CODES`` by default);
   any other answer, business errors included, proves the backend is up and counts as a success;
+* in the closed state a failure is fed to pybreaker only while the failure *rate* over the last
+  ``window`` calls is at least ``failure_rate`` (:class:`~resilient_grpc.core.failure_window.
+  FailureWindow`): one cut connection fails every call in flight on it at once, and a breaker
+  counting only consecutive failures would open on a healthy backend;
 * admission is split from the outcome, so the breaker's lock is never held across an RPC
   (``pybreaker.CircuitBreaker.call`` holds it for the whole call, which would serialize every
   call to a target): :meth:`TargetBreaker.admit` says whether an attempt may go out,
@@ -35,6 +39,7 @@ import pybreaker
 
 from resilient_grpc import telemetry
 from resilient_grpc.core.codes import UNHEALTHY_CODES, code_names
+from resilient_grpc.core.failure_window import FailureWindow
 
 StorageFactory = Callable[[str], pybreaker.CircuitBreakerStorage]
 
@@ -85,6 +90,7 @@ class TargetBreaker:
         "_memory",
         "_probing",
         "_storage_down",
+        "_window",
         "blocking",
         "name",
         "rejected_until",
@@ -96,9 +102,11 @@ class TargetBreaker:
         *,
         name: str,
         blocking: bool,
+        window: FailureWindow,
         fast_success: bool = True,
     ) -> None:
         self._make = make
+        self._window = window
         self._breaker: pybreaker.CircuitBreaker | None = None
         #: The in-process storage, read without the lock on the hot path (``None``: I/O storage).
         self._memory: pybreaker.CircuitMemoryStorage | None = None
@@ -186,17 +194,28 @@ class TargetBreaker:
             and memory.counter == 0
             and memory.state == pybreaker.STATE_CLOSED
         ):
+            self._window.success()
             return False  # a success with nothing to reset and nobody to tell: lock-free
         with self._lock:
             if admission == PROBE:
                 self._probing = False
             try:
                 breaker = self._get()
-                if breaker.current_state == pybreaker.STATE_OPEN:
+                before = breaker.current_state
+                if before == pybreaker.STATE_OPEN:
                     return True
+                if not failed:
+                    self._window.success()
+                elif not self._window.failure() and before == pybreaker.STATE_CLOSED:
+                    # A failure amid mostly healthy traffic (say, the calls in flight on one
+                    # cut connection): remembered in the window, not counted towards opening.
+                    return False
                 with contextlib.suppress(_Unhealthy, pybreaker.CircuitBreakerError):
                     breaker.call(_fail if failed else _succeed)
-                return bool(breaker.current_state == pybreaker.STATE_OPEN)
+                after = breaker.current_state
+                if after == pybreaker.STATE_CLOSED and before != pybreaker.STATE_CLOSED:
+                    self._window.clear()  # recovered: the failures before are history
+                return bool(after == pybreaker.STATE_OPEN)
             except Exception as error:  # storage outage: the outcome is lost, the call is not
                 self._storage_failed(error)
                 return False
@@ -225,11 +244,20 @@ class CircuitBreaker:
 
     After ``fail_max`` consecutive attempts failing with one of ``codes`` (default
     :data:`~resilient_grpc.core.codes.UNHEALTHY_CODES`: UNAVAILABLE, DEADLINE_EXCEEDED,
-    RESOURCE_EXHAUSTED, INTERNAL) the breaker of that target opens: calls raise
+    RESOURCE_EXHAUSTED, INTERNAL), counted only while at least ``failure_rate`` of the last
+    ``window`` attempts to the target failed, the breaker of that target opens: calls raise
     :class:`~resilient_grpc.errors.BreakerOpenError` at once, without touching the network.
     After ``reset_timeout`` seconds one probe goes through; ``success_threshold`` successful
     probes close it, a failed probe opens it again. Any answer with another code (OK or a
     business error such as NOT_FOUND) counts as a success.
+
+    Why the rate: when one connection is cut, every call in flight on it fails within
+    milliseconds, although the backend is fine (their retries succeed). With the defaults
+    (``window=20``, ``failure_rate=0.5``) such a burst amid healthy traffic does not open the
+    breaker, while a real outage (every attempt failing) opens it after ``fail_max`` failures
+    on a fresh breaker, and after at most ``window * failure_rate + fail_max - 1`` failures
+    when the window was full of successes. ``failure_rate=0`` gives pybreaker's plain
+    consecutive-failure rule. The window is kept per process, also with shared storage.
 
     ``per_target=True`` keeps one breaker per channel target (named ``f"{name}:{target}"``);
     ``False`` shares one breaker by every target. ``storage`` is where state lives: ``None``
@@ -246,6 +274,8 @@ class CircuitBreaker:
         reset_timeout: float = 30.0,
         *,
         success_threshold: int = 1,
+        window: int = 20,
+        failure_rate: float = 0.5,
         codes: Iterable[object] = UNHEALTHY_CODES,
         per_target: bool = True,
         storage: pybreaker.CircuitBreakerStorage | StorageFactory | None = None,
@@ -271,6 +301,9 @@ class CircuitBreaker:
             raise ValueError(
                 f"success_threshold must be an integer >= 1, got {success_threshold!r}"
             )
+        FailureWindow(window, failure_rate)  # validates both, naming the argument
+        self.window = window
+        self.failure_rate = float(failure_rate)
         self.codes: frozenset[str] = code_names(codes, field="codes")
         if "OK" in self.codes:
             raise ValueError("codes: OK is a success and cannot count as a failure")
@@ -315,6 +348,7 @@ class CircuitBreaker:
     def __repr__(self) -> str:
         return (
             f"CircuitBreaker(fail_max={self.fail_max!r}, reset_timeout={self.reset_timeout!r}, "
+            f"window={self.window!r}, failure_rate={self.failure_rate!r}, "
             f"per_target={self.per_target!r}, codes={sorted(self.codes)!r})"
         )
 
@@ -358,7 +392,11 @@ class CircuitBreaker:
         # blocking unless it is pybreaker's memory storage.
         blocking = storage is not None and not isinstance(storage, pybreaker.CircuitMemoryStorage)
         target = TargetBreaker(
-            make, name=name, blocking=blocking, fast_success=not self._user_listeners
+            make,
+            name=name,
+            blocking=blocking,
+            window=FailureWindow(self.window, self.failure_rate),
+            fast_success=not self._user_listeners,
         )
         if not blocking:
             target.circuit  # noqa: B018  (made now: in-process, and the hot path needs it)

@@ -145,7 +145,9 @@ def test_business_errors_are_never_counted(ledger, ledger_target) -> None:
 
 def test_counted_codes_are_configurable(ledger, ledger_target) -> None:
     servicer, _ = ledger
-    breaker = CircuitBreaker(fail_max=2, reset_timeout=30, codes=[grpc.StatusCode.UNAVAILABLE])
+    breaker = CircuitBreaker(
+        fail_max=2, reset_timeout=30, failure_rate=0, codes=[grpc.StatusCode.UNAVAILABLE]
+    )
     with resilient_channel(ledger_target, breaker=breaker) as channel:
         stub = ledger_pb2_grpc.LedgerStub(channel)
         servicer.state.faults.fail_times(GET_BALANCE, 4, Fault(code=grpc.StatusCode.INTERNAL))
@@ -233,6 +235,9 @@ def test_breaker_open_error_while_a_probe_is_in_flight() -> None:
         ({"per_target": "yes"}, "per_target"),
         ({"name": ""}, "name"),
         ({"storage": 42}, "storage"),
+        ({"window": 0}, "window"),
+        ({"failure_rate": 1.5}, "failure_rate"),
+        ({"failure_rate": float("nan")}, "failure_rate"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_field(kwargs: dict, field: str) -> None:
@@ -365,3 +370,74 @@ def test_redis_outage_lets_calls_through_and_recovers(
             assert client.get(f"{namespace}:{ledger_target}:pybreaker:state") == b"open"
     finally:
         client.close()
+
+
+# Failure rate: a burst of failures amid healthy traffic is not an outage -----------------------
+
+
+def test_a_burst_amid_healthy_traffic_does_not_open_but_an_outage_does(
+    ledger, ledger_target
+) -> None:
+    servicer, _ = ledger
+    breaker = CircuitBreaker(fail_max=5, reset_timeout=30, window=20, failure_rate=0.5)
+    with resilient_channel(ledger_target, breaker=breaker) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        assert [call_outcome(stub) for _ in range(15)] == ["ok"] * 15
+        servicer.state.faults.fail_times(GET_BALANCE, 7)  # 7 of the last 20 failed: 35 %
+        assert [call_outcome(stub) for _ in range(7)] == ["UNAVAILABLE"] * 7
+        assert breaker.for_target(ledger_target).state == "closed"
+        # A real outage: the rate reaches 50 % at the 13th failure of the window, then
+        # fail_max more counted failures open it.
+        servicer.state.faults.fail_times(GET_BALANCE, 100)
+        outcomes = [call_outcome(stub) for _ in range(20)]
+        assert "breaker" in outcomes
+        assert outcomes.index("breaker") <= 20 * 0.5 + 5 - 7
+        assert breaker.for_target(ledger_target).state == "open"
+
+
+def test_plain_consecutive_rule_with_failure_rate_zero(ledger, ledger_target) -> None:
+    servicer, _ = ledger
+    breaker = CircuitBreaker(fail_max=3, reset_timeout=30, failure_rate=0)
+    with resilient_channel(ledger_target, breaker=breaker) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        assert [call_outcome(stub) for _ in range(15)] == ["ok"] * 15
+        servicer.state.faults.fail_times(GET_BALANCE, 3)
+        assert [call_outcome(stub) for _ in range(4)] == ["UNAVAILABLE"] * 3 + ["breaker"]
+
+
+def test_a_cut_connection_does_not_open_the_breaker_and_the_calls_recover(ledger) -> None:
+    """Every call in flight on a connection fails at once when it is reset; the backend is fine."""
+    from resilient_grpc.core.budget import RetryBudget
+    from resilient_grpc.testing.proxy import FaultProxy
+
+    servicer, port = ledger
+    breaker = CircuitBreaker(fail_max=5, reset_timeout=30)
+    policy = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05)
+    with (
+        FaultProxy(port) as proxy,
+        resilient_channel(
+            proxy.target,
+            retry=policy,
+            budget=RetryBudget(),
+            breaker=breaker,
+            idempotency=IdempotencyKeys(),
+        ) as channel,
+    ):
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        assert [call_outcome(stub) for _ in range(20)] == ["ok"] * 20
+        # Twelve slow calls in flight on the one connection, then a reset under them.
+        servicer.state.faults.add(GET_BALANCE, *[Fault(code=None, delay=0.5)] * 12)
+        seen_before = len(servicer.state.calls_to(GET_BALANCE))
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            futures = [pool.submit(call_outcome, stub) for _ in range(12)]
+            deadline = time.monotonic() + 5
+            while (
+                len(servicer.state.calls_to(GET_BALANCE)) < seen_before + 12
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.005)
+            assert proxy.cut_all() >= 1
+            results = [future.result(timeout=30) for future in futures]
+        assert results == ["ok"] * 12, results
+        assert proxy.counters.collateral_calls >= 12
+        assert breaker.for_target(proxy.target).state == "closed"
