@@ -212,9 +212,9 @@ def error_outcome(
     code = context.code()
     if code is None or code == grpc.StatusCode.OK:
         return None
-    trailers = tuple((k, v) for k, v in context.trailing_metadata() or ())
     if omitted:
         return Outcome(code.name, omitted_bytes=omitted)
+    trailers = _trailers(context)
     return Outcome(code.name, text(context.details()), trailers, responses)
 
 
@@ -222,8 +222,12 @@ def ok_outcome(context: Any, responses: tuple[bytes, ...], *, omitted: int = 0) 
     """The outcome of a handler that returned normally."""
     if omitted:
         return Outcome("OK", omitted_bytes=omitted)
-    trailers = tuple((k, v) for k, v in context.trailing_metadata() or ())
-    return Outcome("OK", "", trailers, responses)
+    return Outcome("OK", "", _trailers(context), responses)
+
+
+def _trailers(context: Any) -> tuple[tuple[str, str | bytes], ...]:
+    metadata = context.trailing_metadata()
+    return tuple(metadata) if metadata else ()
 
 
 class Collector:
