@@ -8,7 +8,7 @@ used as they are. What this module adds:
 * only unhealthy-backend status codes count as failures (``UNHEALTHY_CODES`` by default);
   any other answer, business errors included, proves the backend is up and counts as a success;
 * in the closed state a failure is fed to pybreaker only while the failure *rate* over the last
-  ``window`` calls is at least ``failure_rate`` (:class:`~resilient_grpc.core.failure_window.
+  ``window`` seconds is at least ``failure_rate`` (:class:`~resilient_grpc.core.failure_window.
   FailureWindow`): one cut connection fails every call in flight on it at once, and a breaker
   counting only consecutive failures would open on a healthy backend;
 * admission is split from the outcome, so the breaker's lock is never held across an RPC
@@ -244,8 +244,8 @@ class CircuitBreaker:
 
     After ``fail_max`` consecutive attempts failing with one of ``codes`` (default
     :data:`~resilient_grpc.core.codes.UNHEALTHY_CODES`: UNAVAILABLE, DEADLINE_EXCEEDED,
-    RESOURCE_EXHAUSTED, INTERNAL), counted only while at least ``failure_rate`` of the last
-    ``window`` attempts to the target failed, the breaker of that target opens: calls raise
+    RESOURCE_EXHAUSTED, INTERNAL), counted only while at least ``failure_rate`` of the attempts
+    to the target in the last ``window`` seconds failed, the breaker of that target opens: calls raise
     :class:`~resilient_grpc.errors.BreakerOpenError` at once, without touching the network.
     After ``reset_timeout`` seconds one probe goes through; ``success_threshold`` successful
     probes close it, a failed probe opens it again. Any answer with another code (OK or a
@@ -253,11 +253,12 @@ class CircuitBreaker:
 
     Why the rate: when one connection is cut, every call in flight on it fails within
     milliseconds, although the backend is fine (their retries succeed). With the defaults
-    (``window=20``, ``failure_rate=0.5``) such a burst amid healthy traffic does not open the
+    (``window=1.0`` s, ``failure_rate=0.5``) such a burst amid healthy traffic does not open the
     breaker, while a real outage (every attempt failing) opens it after ``fail_max`` failures
-    on a fresh breaker, and after at most ``window * failure_rate + fail_max - 1`` failures
-    when the window was full of successes. ``failure_rate=0`` gives pybreaker's plain
-    consecutive-failure rule. The window is kept per process, also with shared storage.
+    when there was no traffic before, and about ``window * failure_rate`` seconds plus
+    ``fail_max`` failures into the outage when there was (whatever the call rate).
+    ``failure_rate=0`` gives pybreaker's plain consecutive-failure rule. The window is kept per
+    process, also with shared storage.
 
     ``per_target=True`` keeps one breaker per channel target (named ``f"{name}:{target}"``);
     ``False`` shares one breaker by every target. ``storage`` is where state lives: ``None``
@@ -274,7 +275,7 @@ class CircuitBreaker:
         reset_timeout: float = 30.0,
         *,
         success_threshold: int = 1,
-        window: int = 20,
+        window: float = 1.0,
         failure_rate: float = 0.5,
         codes: Iterable[object] = UNHEALTHY_CODES,
         per_target: bool = True,
@@ -302,7 +303,7 @@ class CircuitBreaker:
                 f"success_threshold must be an integer >= 1, got {success_threshold!r}"
             )
         FailureWindow(window, failure_rate)  # validates both, naming the argument
-        self.window = window
+        self.window = float(window)
         self.failure_rate = float(failure_rate)
         self.codes: frozenset[str] = code_names(codes, field="codes")
         if "OK" in self.codes:

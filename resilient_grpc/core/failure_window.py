@@ -1,30 +1,45 @@
-"""A sliding window of a backend's recent outcomes, to tell an outage from a burst of bad luck.
+"""A sliding time window of a backend's recent outcomes, to tell an outage from a burst of bad luck.
 
 A breaker that opens after ``fail_max`` *consecutive* failures trips on one cut connection:
-every call in flight on it fails within a few milliseconds, while the backend is healthy (the
-retries of those calls succeed). :class:`FailureWindow` remembers the last ``size`` outcomes; a
-failure only counts towards opening when at least ``threshold`` of them failed, the way
-resilience4j's failure-rate threshold works.
+every call in flight on it fails within a few milliseconds while the backend is healthy (the
+retries of those calls succeed). :class:`FailureWindow` counts the outcomes of the last
+``seconds``; a failure only counts towards opening while at least ``threshold`` of them failed,
+the way resilience4j's time-based failure-rate threshold works. Because the window is measured
+in time rather than calls, the same settings hold at 10 and at 10,000 calls a second.
 """
 
 from __future__ import annotations
 
-import collections
 import math
+import time
+from collections.abc import Callable
+
+Clock = Callable[[], float]
+
+#: How many slots the window is cut into; counts expire one slot (``seconds / 10``) at a time.
+SLOTS = 10
 
 
 class FailureWindow:
-    """The last ``size`` outcomes (True = failed) and the failure-rate rule over them.
+    """Success and failure counts over the last ``seconds``, in :data:`SLOTS` rolling slots.
 
-    :meth:`success` is safe to call without a lock (one atomic ``deque.append``);
-    :meth:`failure` and :meth:`clear` are meant to be called under the breaker's lock.
+    :meth:`success` takes no lock (it sits on every call's hot path): two threads adding in the
+    same instant may lose one count, which only nudges a rate. :meth:`failure` and
+    :meth:`clear` are called under the breaker's lock.
     """
 
-    __slots__ = ("_outcomes", "size", "threshold")
+    __slots__ = ("_clock", "_slots", "_width", "seconds", "threshold")
 
-    def __init__(self, size: int = 20, threshold: float = 0.5) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"window must be an integer number of calls >= 1, got {size!r}")
+    def __init__(
+        self, seconds: float = 1.0, threshold: float = 0.5, *, clock: Clock = time.monotonic
+    ) -> None:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not math.isfinite(seconds)
+            or seconds <= 0
+        ):
+            raise ValueError(f"window must be a finite number of seconds > 0, got {seconds!r}")
         if (
             isinstance(threshold, bool)
             or not isinstance(threshold, (int, float))
@@ -32,26 +47,47 @@ class FailureWindow:
             or not 0.0 <= threshold <= 1.0
         ):
             raise ValueError(f"failure_rate must be a number in [0, 1], got {threshold!r}")
-        self.size = size
+        self.seconds = float(seconds)
         self.threshold = float(threshold)
-        self._outcomes: collections.deque[bool] = collections.deque(maxlen=size)
+        self._clock = clock
+        self._width = self.seconds / SLOTS
+        # [slot number, successes, failures] per slot; a stale slot number means "empty".
+        self._slots: list[list[int]] = [[-1, 0, 0] for _ in range(SLOTS)]
+
+    def _slot(self) -> list[int]:
+        number = int(self._clock() // self._width)
+        slot = self._slots[number % SLOTS]
+        if slot[0] != number:
+            slot[0], slot[1], slot[2] = number, 0, 0
+        return slot
+
+    def _totals(self) -> tuple[int, int]:
+        oldest = int(self._clock() // self._width) - SLOTS + 1
+        successes = failures = 0
+        for number, ok, failed in self._slots:
+            if number >= oldest:
+                successes += ok
+                failures += failed
+        return successes, failures
 
     def success(self) -> None:
-        """Remember a successful outcome."""
-        self._outcomes.append(False)
+        """Count a successful outcome now."""
+        self._slot()[1] += 1
 
     def failure(self) -> bool:
-        """Remember a failure; True if it counts, i.e. the failure rate is at the threshold."""
-        self._outcomes.append(True)
-        outcomes = list(self._outcomes)  # one C-level copy: consistent even beside success()
-        return sum(outcomes) >= self.threshold * len(outcomes)
+        """Count a failure now; True if it counts, i.e. the failure rate is at the threshold."""
+        self._slot()[2] += 1
+        successes, failures = self._totals()
+        return failures >= self.threshold * (successes + failures)
 
     @property
     def failure_rate(self) -> float:
-        """The share of failures among the remembered outcomes (0.0 when there are none)."""
-        outcomes = list(self._outcomes)
-        return sum(outcomes) / len(outcomes) if outcomes else 0.0
+        """The share of failures among the outcomes in the window (0.0 when there are none)."""
+        successes, failures = self._totals()
+        total = successes + failures
+        return failures / total if total else 0.0
 
     def clear(self) -> None:
         """Forget everything (the breaker closed again: old failures are history)."""
-        self._outcomes.clear()
+        for slot in self._slots:
+            slot[0] = -1
