@@ -46,13 +46,18 @@ class ServerProcess:
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
+        self.errors: list[str] = []
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
-        assert self.process.stdout is not None
+        assert self.process.stdout is not None and self.process.stderr is not None
         threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
+        threading.Thread(
+            target=lambda: self.errors.extend(self.process.stderr or ()), daemon=True
+        ).start()
         self.port = int(self.wait_for("PORT ").split()[1])
 
     def _read(self, stream: IO[str]) -> None:
@@ -60,7 +65,7 @@ class ServerProcess:
             self.lines.append(line.strip())
             self._queue.put(line.strip())
 
-    def wait_for(self, prefix: str, timeout: float = 30.0) -> str:
+    def wait_for(self, prefix: str, timeout: float = 60.0) -> str:
         """The first output line starting with ``prefix`` (waits up to ``timeout`` s)."""
         deadline = time.monotonic() + timeout
         for line in list(self.lines):
@@ -68,10 +73,14 @@ class ServerProcess:
                 return line
         while True:
             left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"server process printed no {prefix!r} line: {self.lines}")
+            if left <= 0 or (self.process.poll() is not None and self._queue.empty()):
+                time.sleep(0.1)  # let the stderr reader catch up
+                raise AssertionError(
+                    f"server process printed no {prefix!r} line (exit code "
+                    f"{self.process.poll()}): stdout {self.lines}, stderr {''.join(self.errors)}"
+                )
             try:
-                line = self._queue.get(timeout=left)
+                line = self._queue.get(timeout=min(left, 0.2))
             except queue.Empty:
                 continue
             if line.startswith(prefix):

@@ -168,13 +168,29 @@ class SQLiteStore(Store):
                 isolation_level=None,
                 check_same_thread=False,
             )
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute(f"PRAGMA synchronous={self.synchronous}")
-            connection.execute(_SCHEMA)
+            self._prepare(connection)
             self._local.connection = connection
             with self._lock:
                 self._connections.append(connection)
         return connection
+
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        """WAL mode and the table. Processes opening a new file at once can find it locked
+        (switching to WAL takes an exclusive lock that SQLite may refuse without waiting), so
+        retry within ``busy_timeout``."""
+        deadline = time.monotonic() + self.busy_timeout
+        pause = threading.Event()
+        while True:
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute(f"PRAGMA synchronous={self.synchronous}")
+                connection.execute(_SCHEMA)
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() >= deadline:
+                    connection.close()
+                    raise
+                pause.wait(0.01)
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
