@@ -52,10 +52,13 @@ def test_fifty_duplicates_over_two_processes_execute_once(
     a, b = replicas(_store(kind, tmp_path, request), delay=0.3)
     with grpc.insecure_channel(_target(a, b), options=ROUND_ROBIN) as channel:
         stub = ledger_pb2_grpc.LedgerStub(channel)
-        # both connections up, and round_robin really spreads calls over both processes
-        for _ in range(4):
+        # both connections up (round_robin uses only READY ones), so the burst is spread
+        for _ in range(1000):
             stub.GetBalance(ledger_pb2.BalanceRequest(account="a"), timeout=10)
-        assert a.wait_for("BALANCE") and b.wait_for("BALANCE")
+            if all(any(line == "BALANCE" for line in p.lines) for p in (a, b)):
+                break
+            threading.Event().wait(0.01)
+        assert a.wait_for("BALANCE", timeout=1) and b.wait_for("BALANCE", timeout=1)
         barrier = threading.Barrier(50)
 
         def call(_: int) -> bytes:
