@@ -417,7 +417,7 @@ def test_bad_interceptor_arguments_name_the_field() -> None:
 
 
 def test_the_client_stack_honours_the_pushback_and_gets_the_replay(start: Start) -> None:
-    servicer, _ = start(SlowLedger(delay=0.6), max_pushback=1.0)
+    servicer, _ = start(SlowLedger(delay=1.2), max_pushback=1.0)
     port = servicer.port  # type: ignore[attr-defined]
     with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
         first = ledger_pb2_grpc.LedgerStub(plain).Transfer.future(
@@ -428,7 +428,7 @@ def test_the_client_stack_honours_the_pushback_and_gets_the_replay(start: Start)
             max_attempts=4,
             initial_backoff=0.01,
             max_backoff=0.02,
-            per_attempt_timeout=0.25,
+            per_attempt_timeout=0.5,
             retryable_codes=frozenset({"UNAVAILABLE", "ABORTED"}),
         )
         channel = resilient_channel(
@@ -440,7 +440,7 @@ def test_the_client_stack_honours_the_pushback_and_gets_the_replay(start: Start)
         waited = time.monotonic() - began
         channel.close()
         assert retried == first.result(timeout=5)
-    # attempt 1 waited ~0.2 s and was ABORTED with a 1000 ms pushback; the computed backoff
+    # attempt 1 waited ~0.4 s and was ABORTED with a 1000 ms pushback; the computed backoff
     # (10-20 ms) would have retried long before the pushback
     assert waited >= 0.9
     assert servicer.state.executions["k1"] == 1
