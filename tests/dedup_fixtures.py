@@ -59,10 +59,20 @@ class AioSlowLedger(AioLedger):
         super().__init__()
         self.delay = delay
         self.crashes = 0
+        self.started = 0
+
+    async def wait_started(self) -> None:
+        """Wait (bounded) until a Transfer handler has started."""
+        for _ in range(500):
+            if self.started:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no Transfer handler started within 5 s")
 
     async def Transfer(
         self, request: ledger_pb2.TransferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ledger_pb2.TransferReply:
+        self.started += 1
         if self.crashes:
             self.crashes -= 1
             self.state.record(TRANSFER, context.invocation_metadata() or ())

@@ -136,10 +136,11 @@ async def test_unexpected_exceptions_release_the_key(start: Start) -> None:
 
 
 async def test_a_duplicate_that_cannot_wait_gets_aborted_with_pushback(start: Start) -> None:
-    servicer, stub = await start(AioSlowLedger(delay=1.0), lease=4.0)
+    servicer, stub = await start(AioSlowLedger(delay=2.0), lease=4.0)
     slow = asyncio.ensure_future(stub.Transfer(transfer(), metadata=_keyed("k1")))
-    await asyncio.sleep(0.1)
-    error = await _error(stub.Transfer(transfer(), metadata=_keyed("k1"), timeout=0.3))
+    assert isinstance(servicer, AioSlowLedger)
+    await servicer.wait_started()
+    error = await _error(stub.Transfer(transfer(), metadata=_keyed("k1"), timeout=0.6))
     assert error.code() == grpc.StatusCode.ABORTED
     # the lease left (about 3.9 s) capped at max_pushback (default 1 s)
     assert dict(error.trailing_metadata())["grpc-retry-pushback-ms"] == "1000"
