@@ -32,7 +32,7 @@ def _counts(otel: Otel) -> dict[str, float]:
 def test_every_outcome_is_counted(otel: Otel, tmp_path: Path) -> None:
     path = tmp_path / "dedup.sqlite3"
     server, port, _ = serve(
-        SlowLedger(delay=0.3),
+        SlowLedger(delay=1.0),
         interceptors=[DedupInterceptor(SQLiteStore(path, busy_timeout=0.05))],
         max_workers=32,
     )
