@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+from resilient_grpc.core.validation import finite_number
 
 Clock = Callable[[], float]
 
@@ -34,26 +35,11 @@ class RetryBudget:
         *,
         clock: Clock = time.monotonic,
     ) -> None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
-        if not (math.isfinite(ratio) and 0.0 <= ratio <= 1.0):
-            raise ValueError(f"ratio must be in [0, 1], got {ratio!r}")
-        if (
-            isinstance(min_retries_per_second, bool)
-            or not isinstance(min_retries_per_second, (int, float))
-            or not math.isfinite(min_retries_per_second)
-            or min_retries_per_second < 0
-        ):
-            raise ValueError(
-                f"min_retries_per_second must be a finite number >= 0, got {min_retries_per_second!r}"
-            )
-        if (
-            isinstance(window, bool)
-            or not isinstance(window, (int, float))
-            or not math.isfinite(window)
-            or window <= 0
-        ):
-            raise ValueError(f"window must be a finite number of seconds > 0, got {window!r}")
+        ratio = finite_number("ratio", ratio, at_least=0.0, at_most=1.0)
+        min_retries_per_second = finite_number(
+            "min_retries_per_second", min_retries_per_second, at_least=0.0
+        )
+        window = finite_number("window", window, above=0.0, unit=" of seconds")
         self.ratio = float(ratio)
         self.min_retries_per_second = float(min_retries_per_second)
         self.window = float(window)

@@ -10,9 +10,10 @@ in time rather than calls, the same settings hold at 10 and at 10,000 calls a se
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
+
+from resilient_grpc.core.validation import finite_number
 
 Clock = Callable[[], float]
 
@@ -33,20 +34,8 @@ class FailureWindow:
     def __init__(
         self, seconds: float = 1.0, threshold: float = 0.5, *, clock: Clock = time.monotonic
     ) -> None:
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, (int, float))
-            or not math.isfinite(seconds)
-            or seconds <= 0
-        ):
-            raise ValueError(f"window must be a finite number of seconds > 0, got {seconds!r}")
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, (int, float))
-            or not math.isfinite(threshold)
-            or not 0.0 <= threshold <= 1.0
-        ):
-            raise ValueError(f"failure_rate must be a number in [0, 1], got {threshold!r}")
+        seconds = finite_number("window", seconds, above=0.0, unit=" of seconds")
+        threshold = finite_number("failure_rate", threshold, at_least=0.0, at_most=1.0)
         self.seconds = float(seconds)
         self.threshold = float(threshold)
         self._clock = clock

@@ -9,17 +9,10 @@ from typing import Any, Literal, get_args
 
 from resilient_grpc.core.codes import DEFAULT_RETRYABLE_CODES, code_names
 from resilient_grpc.core.methods import method_matches, method_patterns
+from resilient_grpc.core.validation import finite_number, whole_number
 
 Jitter = Literal["full", "equal", "decorrelated", "none"]
 JITTER_KINDS: tuple[str, ...] = get_args(Jitter)
-
-
-def _positive_finite(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -48,22 +41,15 @@ class RetryPolicy:
     idempotent_methods: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.max_attempts, bool)
-            or not isinstance(self.max_attempts, int)
-            or self.max_attempts < 1
-        ):
-            raise ValueError(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
-        _positive_finite("initial_backoff", self.initial_backoff)
-        _positive_finite("max_backoff", self.max_backoff)
+        whole_number("max_attempts", self.max_attempts, at_least=1)
+        finite_number("initial_backoff", self.initial_backoff, above=0.0)
+        finite_number("max_backoff", self.max_backoff, above=0.0)
         if self.max_backoff < self.initial_backoff:
             raise ValueError(
                 f"max_backoff ({self.max_backoff!r}) must be >= initial_backoff "
                 f"({self.initial_backoff!r})"
             )
-        multiplier = _positive_finite("multiplier", self.multiplier)
-        if multiplier < 1:
-            raise ValueError(f"multiplier must be >= 1, got {self.multiplier!r}")
+        finite_number("multiplier", self.multiplier, at_least=1.0)
         if self.jitter not in JITTER_KINDS:
             raise ValueError(
                 f"jitter must be one of {', '.join(JITTER_KINDS)}; got {self.jitter!r}"
@@ -76,7 +62,7 @@ class RetryPolicy:
         if "OK" in self.retryable_codes:
             raise ValueError("retryable_codes: OK is not an error and cannot be retried")
         if self.per_attempt_timeout is not None:
-            _positive_finite("per_attempt_timeout", self.per_attempt_timeout)
+            finite_number("per_attempt_timeout", self.per_attempt_timeout, above=0.0)
         object.__setattr__(
             self,
             "idempotent_methods",
