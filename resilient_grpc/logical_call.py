@@ -310,8 +310,8 @@ class LogicalCall:
         raise rejected
 
     def _decide(self, code: str, error: BaseException) -> RetryDecision:
-        if code not in self.state.policy.retryable_codes:
-            return self.state.on_failure(code)
+        if code not in self.state.policy.retryable_codes and code != "ABORTED":
+            return self.state.on_failure(code)  # no trailer parsing on the common business error
         return self.state.on_failure(
             code, pushback=pushback_of(error), retry_info_delay=retry_info_delay(error)
         )

@@ -22,8 +22,8 @@ Rules the design leaves open, chosen here:
 * A concurrent duplicate waits for the in-flight attempt (in-process: on an event; across
   processes: by polling the store) until shortly before the caller's deadline (``max_wait`` s
   without one), then gets ABORTED with a ``grpc-retry-pushback-ms`` trailer: the in-flight
-  attempt's remaining lease, capped at ``max_pushback`` (default 1 s). The client stack honours
-  it when ABORTED is in its ``retryable_codes``.
+  attempt's remaining lease, capped at ``max_pushback`` (default 1 s). The client stack retries
+  a keyed call that gets ABORTED with a pushback after that delay, whatever its ``retryable_codes``.
 * A call cancelled or interrupted between its claim and its outcome (an aio deadline, a client
   gone mid-stream) releases the claim at once, as a retryable failure does.
 * An expired deadline on arrival is answered DEADLINE_EXCEEDED before any claim. (In

@@ -158,3 +158,24 @@ def test_pushback_is_read_from_trailing_metadata() -> None:
     assert pushback_from_metadata([("other", "1")]) is None
     found = pushback_from_metadata([("grpc-retry-pushback-ms", "20")])
     assert found is not None and found.delay == 0.02
+
+
+def test_aborted_with_pushback_is_retried_for_keyed_calls_only() -> None:
+    """The dedup server's "same key in flight, come back in N ms" answer."""
+    keyed = state()
+    keyed.begin_attempt()
+    decision = keyed.on_failure("ABORTED", pushback=parse_pushback_ms("40"))
+    assert (decision.retry, decision.delay, decision.source) == (True, 0.04, DelaySource.PUSHBACK)
+    keyless = state(RetryPolicy(idempotent_methods={TRANSFER}), has_key=False)
+    keyless.begin_attempt()
+    assert keyless.on_failure("ABORTED", pushback=parse_pushback_ms("40")).reason is (
+        Reason.NOT_RETRYABLE_CODE
+    )
+    bare = state()
+    bare.begin_attempt()
+    assert bare.on_failure("ABORTED").reason is Reason.NOT_RETRYABLE_CODE
+    stop = state()
+    stop.begin_attempt()
+    assert stop.on_failure("ABORTED", pushback=parse_pushback_ms("-1")).reason is (
+        Reason.NOT_RETRYABLE_CODE
+    )

@@ -114,7 +114,12 @@ class RetryState:
         the delay from a ``google.rpc.RetryInfo`` detail; either overrides the computed backoff.
         """
         attempt = self.attempts
-        if code not in self.policy.retryable_codes:
+        if code not in self.policy.retryable_codes and not (
+            # A dedup server answers a duplicate of a call still running elsewhere with ABORTED
+            # and a pushback: "the same key is in flight, ask again in N ms". Retrying a keyed
+            # call then cannot duplicate anything, so it is honoured whatever the policy lists.
+            code == "ABORTED" and self.has_key and pushback is not None and not pushback.stop
+        ):
             return RetryDecision(False, Reason.NOT_RETRYABLE_CODE, attempt=attempt)
         if not self.has_key and not self.policy.is_idempotent(self.method):
             return RetryDecision(False, Reason.NOT_IDEMPOTENT, attempt=attempt)
