@@ -26,8 +26,13 @@ def test_sync_duplicate_is_pushed_back_then_gets_the_replay() -> None:
         ) as channel:
             stub = ledger_pb2_grpc.LedgerStub(channel)
             first: list[ledger_pb2.TransferReply] = []
+
+            def original() -> None:
+                with idempotency_key("pushback-sync-1"):  # contextvars do not follow threads
+                    first.append(stub.Transfer(REQUEST))
+
             with idempotency_key("pushback-sync-1"):
-                runner = threading.Thread(target=lambda: first.append(stub.Transfer(REQUEST)))
+                runner = threading.Thread(target=original)
                 runner.start()
                 deadline = time.monotonic() + 5
                 while not servicer.state.calls_to(TRANSFER) and time.monotonic() < deadline:
@@ -66,4 +71,3 @@ async def test_aio_duplicate_is_pushed_back_then_gets_the_replay() -> None:
     finally:
         await channel.close()
         await server.stop(None)
-
