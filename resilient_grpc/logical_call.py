@@ -218,11 +218,19 @@ class LogicalCall:
     def steps(self) -> Steps:
         """Drive the attempts (see the module docstring for the protocol)."""
         stack = self.stack
-        if not self.stream:
-            with telemetry.client_call(
+        if not self.stream:  # what telemetry.client_call does, without a context manager
+            tel = telemetry.start_client_call(
                 self.method, target=stack.target, transport=stack.transport
-            ) as tel:
+            )
+            token = tel.make_current()
+            try:
                 yield from self._attempts(tel)
+            except BaseException as error:
+                tel.abandon(error)
+                raise
+            finally:
+                tel.restore(token)
+                tel.close()
             return
         # A stream's span outlives this driver: it ends when the shell reports the stream's end.
         tel = self.telemetry = telemetry.start_client_call(

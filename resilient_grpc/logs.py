@@ -89,6 +89,11 @@ def call_finished(
     method: str, code: str, *, attempts: int, reason: Reason, target: str | None
 ) -> None:
     """WARNING when the call gave up on a retryable failure; DEBUG for any other end."""
+    # A call the breaker refused before any attempt is not a give-up: the breaker's opening was
+    # already logged once, and one WARNING per refused call would flood the log.
+    gave_up = code != "OK" and reason in GIVE_UP_REASONS and attempts > 0
+    if not gave_up and not client_logger.isEnabledFor(logging.DEBUG):
+        return  # the common case (a success, nothing logged): build nothing
     extra = {
         "rpc_method": method,
         "grpc_code": code,
@@ -97,9 +102,7 @@ def call_finished(
         "target": target,
     }
     where = f" to {target}" if target else ""
-    # A call the breaker refused before any attempt is not a give-up: the breaker's opening was
-    # already logged once, and one WARNING per refused call would flood the log.
-    if code != "OK" and reason in GIVE_UP_REASONS and attempts > 0:
+    if gave_up:
         client_logger.warning(
             "%s%s gave up after %d attempt%s: last status %s (%s)",
             method,
@@ -110,7 +113,7 @@ def call_finished(
             reason.value,
             extra=extra,
         )
-    elif client_logger.isEnabledFor(logging.DEBUG):
+    else:
         client_logger.debug(
             "%s%s finished after %d attempt%s: %s (%s)",
             method,

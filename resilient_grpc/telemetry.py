@@ -92,6 +92,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
+from contextvars import Token
 from typing import Any, Literal, Protocol
 
 import grpc
@@ -302,6 +303,16 @@ def code_number(code: object) -> int:
     return _CODE_NUMBERS[_safe_code_name(code)]
 
 
+def _name_and_number(code: object) -> tuple[str, int]:
+    """The name and number of a status code given as a name (the hot path), number or enum."""
+    if code.__class__ is str:
+        number = _CODE_NUMBERS.get(code)
+        if number is not None:
+            return code, number
+    name = _safe_code_name(code)
+    return name, _CODE_NUMBERS[name]
+
+
 def _safe_code_name(code: object) -> str:
     if isinstance(code, str) and code in _CODE_NUMBERS:
         return code
@@ -340,16 +351,66 @@ def server_attributes(target: str | None) -> dict[str, AttributeValue]:
     return dict(attributes)
 
 
-class _Method:
-    """What telemetry derives from a full method name, computed once per method."""
+#: ``Reason.value`` without the enum descriptor (a hot-path lookup).
+_REASON_VALUES: dict[Reason, str] = {reason: reason.value for reason in Reason}
 
-    __slots__ = ("attributes", "span_attributes", "span_name")
+
+class _Method:
+    """What telemetry derives from a full method name, computed once per method.
+
+    The attribute dicts handed to spans and instruments are cached here too (per target, per
+    status code, per outcome) and never mutated after they are built: the SDK copies them.
+    """
+
+    __slots__ = (
+        "_call_attributes",
+        "_code_attributes",
+        "_target_attributes",
+        "attributes",
+        "span_attributes",
+        "span_name",
+    )
 
     def __init__(self, method: str) -> None:
         service, name = split_method(method)
         self.span_name = f"{service}/{name}"
         self.attributes: dict[str, AttributeValue] = {"rpc.service": service, "rpc.method": name}
         self.span_attributes: dict[str, AttributeValue] = {"rpc.system": "grpc", **self.attributes}
+        self._target_attributes: dict[str, dict[str, AttributeValue]] = {}
+        self._code_attributes: dict[int, dict[str, AttributeValue]] = {}
+        self._call_attributes: dict[tuple[int, Reason], dict[str, AttributeValue]] = {}
+
+    def span_attributes_for(self, target: str | None) -> dict[str, AttributeValue]:
+        """The span's start attributes for a call to ``target`` (read-only)."""
+        if not target:
+            return self.span_attributes
+        attributes = self._target_attributes.get(target)
+        if attributes is None:
+            attributes = {**self.span_attributes, **server_attributes(target)}
+            if len(self._target_attributes) < _CACHE_LIMIT:
+                self._target_attributes[target] = attributes
+        return attributes
+
+    def code_attributes(self, number: int) -> dict[str, AttributeValue]:
+        """Method attributes plus ``rpc.grpc.status_code`` (read-only)."""
+        attributes = self._code_attributes.get(number)
+        if attributes is None:
+            attributes = self._code_attributes[number] = {
+                **self.attributes,
+                "rpc.grpc.status_code": number,
+            }
+        return attributes
+
+    def call_attributes(self, number: int, reason: Reason) -> dict[str, AttributeValue]:
+        """Method attributes plus the final status code and outcome (read-only)."""
+        attributes = self._call_attributes.get((number, reason))
+        if attributes is None:
+            attributes = self._call_attributes[(number, reason)] = {
+                **self.attributes,
+                "rpc.grpc.status_code": number,
+                "resilient_grpc.outcome": _REASON_VALUES[reason],
+            }
+        return attributes
 
 
 _method_cache: dict[str, _Method] = {}
@@ -417,31 +478,33 @@ def _current_span_event(name: str, attributes: dict[str, AttributeValue]) -> Non
 class CallTelemetry:
     """The telemetry of one logical client call: its span, attempt events, counters and logs."""
 
-    def __init__(self, method: str, span: trace.Span, *, target: str | None = None) -> None:
+    def __init__(
+        self, method: str, span: trace.Span, *, target: str | None = None, info: _Method | None = None
+    ) -> None:
         self.method = method
         self.span = span
         self.target = target
         self.ended = False
-        self._attributes = _method_info(method).attributes
+        self._info = info if info is not None else _method_info(method)
+        self._attributes = self._info.attributes
 
     def attempt(self, attempt: int, code: str, decision: RetryDecision | None) -> None:
         """Record one finished attempt: its status ``code`` and what was decided after it."""
-        name = _safe_code_name(code)
-        number = code_number(name)
+        name, number = _name_and_number(code)
         instruments = _instruments()
-        instruments.attempts.add(1, {**self._attributes, "rpc.grpc.status_code": number})
+        instruments.attempts.add(1, self._info.code_attributes(number))
         event: dict[str, AttributeValue] = {
             "resilient_grpc.attempt": attempt,
             "rpc.grpc.status_code": number,
             "resilient_grpc.status": name,
         }
         if decision is None:
-            if name == "OK":
+            if number == 0:
                 event["resilient_grpc.retry"] = False
-                event["resilient_grpc.reason"] = Reason.SUCCESS.value
+                event["resilient_grpc.reason"] = "success"
         else:
             event["resilient_grpc.retry"] = decision.retry
-            event["resilient_grpc.reason"] = decision.reason.value
+            event["resilient_grpc.reason"] = _REASON_VALUES[decision.reason]
             if decision.source is not None:
                 event["resilient_grpc.backoff_s"] = decision.delay
                 event["resilient_grpc.backoff_source"] = decision.source.value
@@ -481,23 +544,26 @@ class CallTelemetry:
         if self.ended:
             return
         self.ended = True
-        name = _safe_code_name(code)
-        number = code_number(name)
-        self.span.set_attributes(
+        name, number = _name_and_number(code)
+        span = self.span
+        span.set_attributes(
             {
                 "rpc.grpc.status_code": number,
                 "resilient_grpc.attempts": attempts,
-                "resilient_grpc.outcome": reason.value,
+                "resilient_grpc.outcome": _REASON_VALUES[reason],
             }
         )
-        if name != "OK":
-            self.span.set_status(trace.Status(trace.StatusCode.ERROR, name))
-        _instruments().calls.add(
-            1,
-            {**self._attributes, "rpc.grpc.status_code": number, "resilient_grpc.outcome": reason.value},
-        )
+        if number != 0:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, name))
+        _instruments().calls.add(1, self._info.call_attributes(number, reason))
         logs.call_finished(self.method, name, attempts=attempts, reason=reason, target=self.target)
-        self.span.end()
+        span.end()
+
+    def close(self) -> None:
+        """End the span if neither :meth:`end` nor :meth:`abandon` did."""
+        if not self.ended:
+            self.ended = True
+            self.span.end()
 
     def abandon(self, error: BaseException) -> None:
         """End the span of a call that stopped by an exception before :meth:`end` was called.
@@ -519,6 +585,22 @@ class CallTelemetry:
         self.span.set_attribute("error.type", type(error).__qualname__)
         self.span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__qualname__))
         self.span.end()
+
+    def make_current(self) -> Token[otel_context.Context] | None:
+        """Make the call's span current; return the token for :meth:`restore` (``None``: no-op).
+
+        When the span already is the current one (without an SDK the no-op tracer hands back
+        the current non-recording span), the context would not change: nothing is attached.
+        """
+        span = self.span
+        if span is trace.get_current_span():
+            return None
+        return otel_context.attach(trace.set_span_in_context(span))
+
+    def restore(self, token: Token[otel_context.Context] | None) -> None:
+        """Undo :meth:`make_current` (given its token)."""
+        if token is not None:
+            otel_context.detach(token)
 
     @contextlib.contextmanager
     def use(self) -> Iterator[CallTelemetry]:
@@ -545,15 +627,14 @@ def start_client_call(
     :func:`makes_attempt_spans`), so under ``span_kind="auto"`` this span is INTERNAL.
     """
     info = _method_info(method)
-    attributes = {**info.span_attributes, **server_attributes(target)} if target else info.span_attributes
     span = _tracer().start_span(
         info.span_name,
         kind=_span_kind(transport, attempt_spans),
-        attributes=attributes,
+        attributes=info.span_attributes_for(target),
         record_exception=False,
         set_status_on_exception=False,
     )
-    return CallTelemetry(method, span, target=target)
+    return CallTelemetry(method, span, target=target, info=info)
 
 
 @contextlib.contextmanager
@@ -572,17 +653,15 @@ def client_call(
     call = start_client_call(
         method, target=target, transport=transport, attempt_spans=attempt_spans
     )
-    token = otel_context.attach(trace.set_span_in_context(call.span))
+    token = call.make_current()
     try:
         yield call
     except BaseException as error:
         call.abandon(error)
         raise
     finally:
-        otel_context.detach(token)
-        if not call.ended:
-            call.ended = True
-            call.span.end()
+        call.restore(token)
+        call.close()
 
 
 # --- breakers and dedup ---------------------------------------------------------------------
