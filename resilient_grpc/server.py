@@ -50,6 +50,7 @@ from resilient_grpc.core.dedup import (
     Claim,
     ClaimResult,
     Complete,
+    DedupFlow,
     Effect,
     Execute,
     Execution,
@@ -60,11 +61,15 @@ from resilient_grpc.core.dedup import (
     Verdict,
     Wait,
     admission_problem,
-    dedup_flow,
     fingerprint,
     scoped_key,
 )
-from resilient_grpc.core.keys import DEFAULT_HEADER, IdempotencyKeys, derivation_scope
+from resilient_grpc.core.keys import (
+    DEFAULT_HEADER,
+    DerivationScope,
+    IdempotencyKeys,
+    derivation_scope,
+)
 from resilient_grpc.core.methods import method_matches, method_patterns
 from resilient_grpc.stores.base import AsyncStore, Store, StoreUnavailableError, check_positive
 from resilient_grpc.stores.memory import MemoryStore
@@ -161,7 +166,7 @@ class DedupSettings:
 
     def start(
         self, plan: CallPlan, request: bytes, context: Any, remaining: float | None
-    ) -> tuple[str, Generator[Effect, object, Verdict]]:
+    ) -> tuple[str, DedupFlow]:
         """The store key and the flow of a call that passed admission."""
         assert plan.key is not None
         identity = self.scope(context) if self.scope is not None else ""
@@ -172,7 +177,7 @@ class DedupSettings:
         budget = self.max_wait
         if remaining is not None and remaining < _NO_DEADLINE:
             budget = min(budget, remaining - min(0.1, 0.2 * remaining))
-        flow = dedup_flow(
+        flow = DedupFlow(
             fingerprint(request), self.flow, clock=time.monotonic, wait_until=now + budget
         )
         return key, flow
@@ -302,9 +307,7 @@ class FlowDriver(Generic[E]):
 
     __slots__ = ("_claimed", "_flights", "_flow", "_token", "key", "method", "verdict")
 
-    def __init__(
-        self, method: str, key: str, flow: Generator[Effect, object, Verdict], flights: Flights[E]
-    ) -> None:
+    def __init__(self, method: str, key: str, flow: DedupFlow, flights: Flights[E]) -> None:
         self.method = method
         self.key = key
         self._flow = flow
@@ -314,7 +317,7 @@ class FlowDriver(Generic[E]):
         self.verdict: Verdict | None = None
 
     def first(self) -> Effect:
-        return next(self._flow)
+        return self._flow.start()
 
     def advance(self, effect: Effect, answer: object) -> Effect | None:
         """Send ``answer`` (to ``effect``) to the flow; ``None`` when the flow has decided."""
@@ -323,12 +326,12 @@ class FlowDriver(Generic[E]):
             if noted is not None:
                 self._claimed = noted
                 self._token = answer.token if isinstance(answer, ClaimResult) else None
-        try:
-            return self._flow.send(answer)
-        except StopIteration as stop:
-            self.verdict = stop.value
-            report(self.method, stop.value)
+        step = self._flow.send(answer)
+        if isinstance(step, Verdict):
+            self.verdict = step
+            report(self.method, step)
             return None
+        return step
 
     def close(self) -> int | None:
         """End an open flight; the claim token to release if the call stopped half-way."""
@@ -470,7 +473,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
                 def execute(_: int | None) -> Generator[bytes, None, Execution]:
                     collected = Collector(self.settings.flow.max_response_bytes)
-                    with derivation_scope(call_key(plan)):
+                    with handler_scope(plan):
                         try:
                             for message in stream(deserialize(raw), context):
                                 data = serialize(message)
@@ -507,7 +510,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             live = LiveResult()
 
             def execute(_: int | None) -> Execution:
-                with derivation_scope(call_key(plan)):
+                with handler_scope(plan):
                     try:
                         response = unary(deserialize(raw), context)
                     except Exception as error:
@@ -550,7 +553,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         self,
         method: str,
         key: str,
-        flow: Generator[Effect, object, Verdict],
+        flow: DedupFlow,
         execute: Callable[[int | None], Execution | Generator[bytes, None, Execution]],
     ) -> Generator[bytes, None, Verdict]:
         """Perform the flow's effects; a stream's ``execute`` is a generator of its messages."""
@@ -585,9 +588,10 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             return StoreDown(str(error))
 
 
-def call_key(plan: CallPlan) -> str:
+def handler_scope(plan: CallPlan) -> derivation_scope:
+    """The derivation scope a handler runs in: its call's key, already validated on admission."""
     assert plan.key is not None
-    return plan.key
+    return derivation_scope.of(DerivationScope.trusted(plan.key))
 
 
 def unchanged(value: Any) -> Any:

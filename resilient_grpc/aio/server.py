@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -23,6 +23,7 @@ import grpc.aio
 
 from resilient_grpc.core.dedup import (
     Action,
+    DedupFlow,
     Effect,
     Execute,
     Execution,
@@ -32,7 +33,6 @@ from resilient_grpc.core.dedup import (
     Verdict,
     Wait,
 )
-from resilient_grpc.core.keys import derivation_scope
 from resilient_grpc.server import (
     CallPlan,
     Collector,
@@ -40,8 +40,8 @@ from resilient_grpc.server import (
     Flights,
     FlowDriver,
     LiveResult,
-    call_key,
     error_outcome,
+    handler_scope,
     ok_outcome,
     status_code,
     unchanged,
@@ -108,7 +108,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
                 async def execute(_: int | None) -> Execution:
                     collected = Collector(self.settings.flow.max_response_bytes)
-                    with derivation_scope(call_key(plan)):
+                    with handler_scope(plan):
                         try:
                             async for message in stream(deserialize(raw), context):
                                 data = serialize(message)
@@ -149,7 +149,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             live = LiveResult()
 
             async def execute(_: int | None) -> Execution:
-                with derivation_scope(call_key(plan)):
+                with handler_scope(plan):
                     try:
                         response = await unary(deserialize(raw), context)
                     except Exception as error:
@@ -192,7 +192,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         self,
         method: str,
         key: str,
-        flow: Generator[Effect, object, Verdict],
+        flow: DedupFlow,
         execute: Execute_,
     ) -> Verdict:
         driver = FlowDriver(method, key, flow, self._flights)

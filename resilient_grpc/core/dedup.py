@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from resilient_grpc.core.codes import STATUS_CODE_NAMES
-from resilient_grpc.core.keys import key_problem
+from resilient_grpc.core.keys import MAX_KEY_LENGTH, key_problem
 from resilient_grpc.core.pushback import PUSHBACK_HEADER
 
 #: Trailer added to every replayed answer.
@@ -134,18 +134,30 @@ class ClaimResult:
 # ---------------------------------------------------------------------------- keys and hashes
 
 
+def _field(value: str) -> bytes:
+    data = value.encode("utf-8", "surrogatepass")
+    return len(data).to_bytes(4, "big") + data
+
+
+#: Encoded (method, identity) prefixes of store keys: a server sees few distinct pairs, and
+#: encoding them is most of the cost of a key. Bounded, so a flood of identities cannot grow it.
+_prefixes: dict[tuple[str, str], bytes] = {}
+_PREFIX_LIMIT = 4096
+
+
 def scoped_key(method: str, identity: str, key: str) -> str:
     """The store key of ``key`` sent by ``identity`` to ``method``: a SHA-256 hex digest.
 
     Length-prefixed fields, so no two (method, identity, key) triples share an encoding; stores
     keep only this hash, never the raw key.
     """
-    parts = []
-    for field in (method, identity, key):
-        data = field.encode("utf-8", "surrogatepass")
-        parts.append(len(data).to_bytes(4, "big"))
-        parts.append(data)
-    return hashlib.sha256(b"".join(parts)).hexdigest()
+    pair = (method, identity)
+    prefix = _prefixes.get(pair)
+    if prefix is None:
+        prefix = _field(method) + _field(identity)
+        if len(_prefixes) < _PREFIX_LIMIT:
+            _prefixes[pair] = prefix
+    return hashlib.sha256(prefix + _field(key)).hexdigest()
 
 
 def fingerprint(request: bytes) -> bytes:
@@ -159,6 +171,8 @@ def admission_problem(key: str | None, *, required: bool, method: str, header: s
         if required:
             return f"{method} requires an idempotency key in the {header!r} metadata header"
         return None
+    if 0 < len(key) <= MAX_KEY_LENGTH and key.isascii() and key.isprintable() and " " not in key:
+        return None  # visible ASCII (what key_problem accepts), checked without a Python loop
     problem = key_problem(key)
     if problem is not None:
         return f"invalid {header!r} metadata: {problem}"
@@ -354,6 +368,125 @@ def _stored_form(outcome: Outcome, limit: int) -> Outcome:
     return Outcome(outcome.code, omitted_bytes=size)
 
 
+_CLAIMING, _EXECUTING, _SETTLING, _FAILING_OPEN, _WAITING = range(5)
+_NO_EVENTS: tuple[str, ...] = ()
+
+
+class DedupFlow:
+    """The decision procedure of one call as a small state machine (sans-IO).
+
+    :meth:`start` gives the first effect (a :class:`Claim`); :meth:`send` takes the answer to
+    the last effect and gives the next effect, or the :class:`Verdict` that ends the call.
+    ``wait_until`` (on ``clock``) is the last moment a concurrent duplicate may keep waiting for
+    the in-flight attempt; the shell derives it from the caller's deadline. A hand-written
+    state machine rather than a generator: it runs once per call, and the common paths (claim,
+    run, complete; claim, replay) allocate nothing beyond their effects.
+    """
+
+    __slots__ = (
+        "_events",
+        "_last_lease_left",
+        "_state",
+        "_token",
+        "clock",
+        "fingerprint",
+        "settings",
+        "wait_until",
+    )
+
+    def __init__(
+        self, fingerprint: bytes, settings: FlowSettings, *, clock: Clock, wait_until: float
+    ) -> None:
+        self.fingerprint = fingerprint
+        self.settings = settings
+        self.clock = clock
+        self.wait_until = wait_until
+        self._state = _CLAIMING
+        self._events: tuple[str, ...] = _NO_EVENTS
+        self._last_lease_left = settings.lease
+        self._token = 0
+
+    def start(self) -> Effect:
+        """The first effect: claim the key."""
+        return Claim(self.fingerprint)
+
+    def send(self, answer: object) -> Effect | Verdict:
+        """The next effect after ``answer`` (to the last effect), or the final verdict."""
+        state = self._state
+        if state == _CLAIMING:
+            return self._claimed(answer)
+        if state == _EXECUTING:
+            assert isinstance(answer, Execution)
+            outcome = answer.outcome
+            self._state = _SETTLING
+            if outcome is None or not outcome.cacheable:
+                return Release(self._token)
+            return Complete(self._token, _stored_form(outcome, self.settings.max_response_bytes))
+        if state == _SETTLING:
+            if isinstance(answer, StoreDown):
+                return Verdict(Action.EXECUTED, events=(*self._events, "executed", "store_error"))
+            if self._events:
+                return Verdict(Action.EXECUTED, events=(*self._events, "executed"))
+            return Verdict(Action.EXECUTED, events=_EXECUTED)
+        if state == _FAILING_OPEN:
+            assert isinstance(answer, Execution)
+            return Verdict(Action.EXECUTED, events=("fail_open",))
+        return self._waited(answer)
+
+    def _claimed(self, answer: object) -> Effect | Verdict:
+        if isinstance(answer, StoreDown):
+            if self.settings.fail_open and not self._events:
+                self._state = _FAILING_OPEN
+                return Execute(None)
+            return _store_down(answer, self._events)
+        assert isinstance(answer, ClaimResult)
+        token = answer.token
+        if token is not None:
+            self._token = token
+            self._state = _EXECUTING
+            return Execute(token)
+        decision = decide(answer, self.fingerprint)
+        record = answer.record
+        if decision is not Decision.WAIT:
+            return _answer(decision, record, self._events)
+        # Another attempt holds the key: wait for it.
+        if record is not None:
+            self._last_lease_left = record.lease_left
+        remaining = self.wait_until - self.clock()
+        if remaining <= 0:
+            return _still_running(self.settings, self._last_lease_left, self._events)
+        if "waited" not in self._events:
+            self._events = (*self._events, "waited")
+        self._state = _WAITING
+        return Wait(remaining)
+
+    def _waited(self, seen: object) -> Effect | Verdict:
+        if isinstance(seen, StoreDown):
+            return _store_down(seen, self._events)
+        if isinstance(seen, Record):
+            if seen.state is RecordState.COMPLETED:
+                decision = decide(ClaimResult(None, seen), self.fingerprint)
+                return _answer(decision, seen, self._events)
+            self._last_lease_left = seen.lease_left
+            if self.wait_until - self.clock() <= 0:
+                return _still_running(self.settings, self._last_lease_left, self._events)
+        # Released, lapsed or still running: claim again.
+        self._state = _CLAIMING
+        return Claim(self.fingerprint)
+
+
+_EXECUTED = ("executed",)
+_REPLAYED = ("replayed",)
+
+
+def _store_down(down: StoreDown, events: tuple[str, ...]) -> Verdict:
+    return Verdict(
+        Action.ANSWER,
+        Outcome("UNAVAILABLE", f"idempotency store unavailable: {down.message}"),
+        (*events, "store_error"),
+    )
+
+
 def dedup_flow(
     request_fingerprint: bytes,
     settings: FlowSettings,
@@ -361,78 +494,27 @@ def dedup_flow(
     clock: Clock,
     wait_until: float,
 ) -> Generator[Effect, object, Verdict]:
-    """Drive one call: yields effects, receives their answers, returns the :class:`Verdict`.
-
-    ``wait_until`` (on ``clock``) is the last moment a concurrent duplicate may keep waiting for
-    the in-flight attempt; the shell derives it from the caller's deadline.
-    """
-    events: list[str] = []
-    last_lease_left = settings.lease
-    while True:
-        answer = yield Claim(request_fingerprint)
-        if isinstance(answer, StoreDown):
-            if settings.fail_open and not events:
-                run = yield Execute(None)
-                assert isinstance(run, Execution)
-                return Verdict(Action.EXECUTED, events=("fail_open",))
-            return Verdict(
-                Action.ANSWER,
-                Outcome("UNAVAILABLE", f"idempotency store unavailable: {answer.message}"),
-                (*events, "store_error"),
-            )
-        assert isinstance(answer, ClaimResult)
-        decision = decide(answer, request_fingerprint)
-        if decision is Decision.EXECUTE:
-            token = answer.token
-            assert token is not None
-            run = yield Execute(token)
-            assert isinstance(run, Execution)
-            outcome = run.outcome
-            if outcome is None or not outcome.cacheable:
-                settled = yield Release(token)
-            else:
-                settled = yield Complete(token, _stored_form(outcome, settings.max_response_bytes))
-            extra = ("store_error",) if isinstance(settled, StoreDown) else ()
-            return Verdict(Action.EXECUTED, events=(*events, "executed", *extra))
-        record = answer.record
-        if decision is not Decision.WAIT:
-            return _answer(decision, record, events)
-        # Another attempt holds the key: wait for it.
-        if record is not None:
-            last_lease_left = record.lease_left
-        remaining = wait_until - clock()
-        if remaining <= 0:
-            return _still_running(settings, last_lease_left, events)
-        if "waited" not in events:
-            events.append("waited")
-        seen = yield Wait(remaining)
-        if isinstance(seen, StoreDown):
-            return Verdict(
-                Action.ANSWER,
-                Outcome("UNAVAILABLE", f"idempotency store unavailable: {seen.message}"),
-                (*events, "store_error"),
-            )
-        if isinstance(seen, Record) and seen.state is RecordState.COMPLETED:
-            return _answer(decide(ClaimResult(None, seen), request_fingerprint), seen, events)
-        if isinstance(seen, Record):
-            last_lease_left = seen.lease_left
-            if wait_until - clock() <= 0:
-                return _still_running(settings, last_lease_left, events)
-        # Released, lapsed or still running: claim again.
+    """:class:`DedupFlow` as a generator: yields effects, receives their answers, returns the verdict."""
+    flow = DedupFlow(request_fingerprint, settings, clock=clock, wait_until=wait_until)
+    step: Effect | Verdict = flow.start()
+    while not isinstance(step, Verdict):
+        step = flow.send((yield step))
+    return step
 
 
-def _answer(decision: Decision, record: Record | None, events: list[str]) -> Verdict:
+def _answer(decision: Decision, record: Record | None, events: tuple[str, ...]) -> Verdict:
     """The verdict for a record that settles the call: conflict, replay, or a too-large marker."""
     if decision is Decision.CONFLICT:
         return Verdict(Action.ANSWER, CONFLICT_OUTCOME, (*events, "conflict"))
     assert record is not None and record.outcome is not None
     if decision is Decision.REPLAY:
-        return Verdict(Action.ANSWER, _replay(record.outcome), (*events, "replayed"))
+        replayed = (*events, "replayed") if events else _REPLAYED
+        return Verdict(Action.ANSWER, _replay(record.outcome), replayed)
     assert decision is Decision.REJECT
     return Verdict(Action.ANSWER, _too_large(record.outcome), (*events, "replayed"))
 
 
-def _still_running(settings: FlowSettings, lease_left: float, events: list[str]) -> Verdict:
+def _still_running(settings: FlowSettings, lease_left: float, events: tuple[str, ...]) -> Verdict:
     pushback = _pushback_ms(settings, lease_left)
     return Verdict(
         Action.ANSWER,
@@ -442,7 +524,7 @@ def _still_running(settings: FlowSettings, lease_left: float, events: list[str])
             f"retry after {pushback} ms",
             ((PUSHBACK_HEADER, pushback),),
         ),
-        tuple(events) if events else ("waited",),
+        events or ("waited",),
     )
 
 
