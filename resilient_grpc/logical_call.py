@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator, Sequence
+from functools import partial
 from typing import Any, Literal, NoReturn
 
 from resilient_grpc import telemetry
@@ -216,32 +217,70 @@ class LogicalCall:
         self.state = state
 
     def steps(self) -> Steps:
-        """Drive the attempts (see the module docstring for the protocol)."""
+        """Drive the attempts (see the module docstring for the protocol).
+
+        The call's span is current while the attempts run. A unary call's span ends here; a
+        stream's outlives this driver: it ends when the shell reports the stream's end.
+        """
         stack = self.stack
-        if not self.stream:  # what telemetry.client_call does, without a context manager
-            tel = telemetry.start_client_call(
-                self.method, target=stack.target, transport=stack.transport
-            )
-            token = tel.make_current()
-            try:
-                yield from self._attempts(tel)
-            except BaseException as error:
-                tel.abandon(error)
-                raise
-            finally:
-                tel.restore(token)
-                tel.close()
-            return
-        # A stream's span outlives this driver: it ends when the shell reports the stream's end.
-        tel = self.telemetry = telemetry.start_client_call(
+        stream = self.stream
+        tel = telemetry.start_client_call(
             self.method, target=stack.target, transport=stack.transport
         )
+        if stream:
+            self.telemetry = tel
+        token = tel.make_current()
         try:
-            with tel.use():
-                yield from self._attempts(tel)
-        except BaseException as error:
-            tel.abandon(error)
+            breaker = stack.target_breaker
+            state = self.state
+            last_error: BaseException | None = None
+            while True:
+                admission = ADMITTED
+                if breaker is not None:
+                    admission = (
+                        (yield BreakerIO(breaker.admit)) if breaker.blocking else breaker.admit()
+                    )
+                    if not admission:
+                        self._refused(tel, breaker, last_error)
+                timeout = state.begin_attempt()
+                wait_for_ready = self.wait_for_ready
+                if state.attempts > 1 and wait_for_ready is None and stack.reconnect_wait:
+                    wait_for_ready = True
+                    if timeout is None:
+                        timeout = stack.reconnect_wait
+                try:
+                    error = yield Attempt(state.attempts, timeout, self.metadata, wait_for_ready)
+                    code = "OK" if error is None else status_name(error)
+                    opened = False
+                    if breaker is not None:
+                        failed = code in stack.breaker_codes
+                        opened = (
+                            (yield BreakerIO(breaker.record, admission, failed))
+                            if breaker.blocking
+                            else breaker.record(admission, failed)
+                        )
+                except GeneratorExit:  # abandoned mid-attempt: free the probe slot
+                    if breaker is not None:
+                        breaker.release(admission)
+                    raise
+                if error is None:
+                    tel.attempt(state.attempts, code, None)
+                    if not stream:
+                        tel.end(code, attempts=state.attempts, reason=Reason.SUCCESS)
+                    return
+                last_error = error
+                decision = state.breaker_open() if opened else self._decide(code, error)
+                tel.attempt(state.attempts, code, decision)
+                if not decision.retry:
+                    self._give_up(tel, error, decision)
+                yield Pause(decision.delay)
+        except BaseException as failure:
+            tel.abandon(failure)
             raise
+        finally:
+            tel.restore(token)
+            if not stream:
+                tel.close()
 
     def finish_stream(self, error: BaseException | None) -> None:
         """A committed stream ended: cleanly (``None``), with an error, or abandoned (GeneratorExit)."""
@@ -256,52 +295,6 @@ class LogicalCall:
             tel.end(
                 status_name(error), attempts=self.state.attempts, reason=Reason.NOT_RETRYABLE_CODE
             )
-
-    def _attempts(self, tel: telemetry.CallTelemetry) -> Steps:
-        stack = self.stack
-        breaker = stack.target_breaker
-        state = self.state
-        last_error: BaseException | None = None
-        while True:
-            admission = ADMITTED
-            if breaker is not None:
-                admission = (
-                    (yield BreakerIO(breaker.admit)) if breaker.blocking else breaker.admit()
-                )
-                if not admission:
-                    self._refused(tel, breaker, last_error)
-            timeout = state.begin_attempt()
-            wait_for_ready = self.wait_for_ready
-            if state.attempts > 1 and wait_for_ready is None and stack.reconnect_wait:
-                wait_for_ready = True
-                if timeout is None:
-                    timeout = stack.reconnect_wait
-            try:
-                error = yield Attempt(state.attempts, timeout, self.metadata, wait_for_ready)
-                code = "OK" if error is None else status_name(error)
-                opened = False
-                if breaker is not None:
-                    failed = code in stack.breaker_codes
-                    opened = (
-                        (yield BreakerIO(breaker.record, admission, failed))
-                        if breaker.blocking
-                        else breaker.record(admission, failed)
-                    )
-            except GeneratorExit:  # abandoned mid-attempt: free the probe slot
-                if breaker is not None:
-                    breaker.release(admission)
-                raise
-            if error is None:
-                tel.attempt(state.attempts, code, None)
-                if not self.stream:
-                    tel.end(code, attempts=state.attempts, reason=Reason.SUCCESS)
-                return
-            last_error = error
-            decision = state.breaker_open() if opened else self._decide(code, error)
-            tel.attempt(state.attempts, code, decision)
-            if not decision.retry:
-                self._give_up(tel, error, decision)
-            yield Pause(decision.delay)
 
     def _refused(
         self,
@@ -393,6 +386,5 @@ class StubMethod:
         ``via`` is the underlying callable to send through (default: the method itself).
         """
         arguments = CallArguments(request, *args, **kwargs)
-        inner = self._inner if via is None else via
         call = arguments.begin(self._stack, self._method, stream=stream)
-        return call, lambda step: arguments.send(inner, step)
+        return call, partial(arguments.send, self._inner if via is None else via)
