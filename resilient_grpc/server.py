@@ -99,11 +99,13 @@ _NO_DEADLINE = 1e8
 
 @dataclass(slots=True)
 class CallPlan:
-    """What one incoming call is, decided from its method and metadata before it runs."""
+    """An admitted call: its method, its (valid) idempotency key, its store key and how long a
+    duplicate of it may wait (``wait_until`` on ``time.monotonic``)."""
 
     method: str
-    key: str | None
-    problem: str | None
+    key: str
+    store_key: str
+    wait_until: float
 
 
 class DedupSettings:
@@ -139,48 +141,67 @@ class DedupSettings:
         self.ttl = float(ttl) if ttl is not None else store_ttl
         self.lease = float(lease)
         self.max_wait = float(max_wait)
-        self.flow = FlowSettings(max_response_bytes, fail_open, self.lease, float(max_pushback))
+        self.flow_settings = FlowSettings(
+            max_response_bytes, fail_open, self.lease, float(max_pushback)
+        )
+        self._rules: dict[str, tuple[bool, bool]] = {}
         self._selected = _selector(methods, "methods", default=True)
         self._required = _selector(require_key_methods, "require_key_methods", default=False)
 
     def wants(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> bool:
         """Whether a call is handled at all (cheap: decided before the handler is chosen)."""
-        if self._required(method):
-            return True
-        return self._selected(method) and self._key(metadata) is not None
+        required, selected = self.method_rules(method)
+        return required or (selected and self.key_of(metadata) is not None)
 
-    def plan(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> CallPlan:
-        """The key of a call :meth:`wants`, and why it must be refused (``problem``), if it must."""
-        key = self._key(metadata)
-        problem = admission_problem(
-            key, required=self._required(method), method=method, header=self.header
-        )
-        return CallPlan(method, key, problem)
+    def method_rules(self, method: str) -> tuple[bool, bool]:
+        """``(required, selected)`` for ``method``, computed once per method.
 
-    def _key(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+        Only methods the server implements get here (the interceptors ask after the handler
+        lookup), so the cache is bounded by the service definitions.
+        """
+        rules = self._rules.get(method)
+        if rules is None:
+            rules = self._rules[method] = (
+                bool(self._required(method)),
+                bool(self._selected(method)),
+            )
+        return rules
+
+    def key_of(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+        """The idempotency key in a call's metadata, if any."""
         header = self.header
         for name, value in metadata or ():
             if name == header:
                 return value if isinstance(value, str) else str(value.decode("latin-1"))
         return None
 
-    def start(
-        self, plan: CallPlan, request: bytes, context: Any, remaining: float | None
-    ) -> tuple[str, DedupFlow]:
-        """The store key and the flow of a call that passed admission."""
-        assert plan.key is not None
+    def plan(
+        self, method: str, context: Any, remaining: float | None
+    ) -> CallPlan | tuple[grpc.StatusCode, str]:
+        """The plan of a call :meth:`wants`, or the status refusing it (bad or missing key)."""
+        key = self.key_of(context.invocation_metadata())
+        problem = admission_problem(
+            key, required=self.method_rules(method)[0], method=method, header=self.header
+        )
+        if problem is not None:
+            return grpc.StatusCode.INVALID_ARGUMENT, problem
+        assert key is not None
         identity = self.scope(context) if self.scope is not None else ""
         if not isinstance(identity, str):
             raise TypeError(f"scope() must return a string, got {type(identity).__name__}")
-        key = scoped_key(plan.method, identity, plan.key)
-        now = time.monotonic()
         budget = self.max_wait
         if remaining is not None and remaining < _NO_DEADLINE:
             budget = min(budget, remaining - min(0.1, 0.2 * remaining))
-        flow = DedupFlow(
-            fingerprint(request), self.flow, clock=time.monotonic, wait_until=now + budget
+        return CallPlan(method, key, scoped_key(method, identity, key), time.monotonic() + budget)
+
+    def flow(self, plan: CallPlan, request: bytes) -> DedupFlow:
+        """The decision flow of an admitted call for its serialized ``request``."""
+        return DedupFlow(
+            fingerprint(request),
+            self.flow_settings,
+            clock=time.monotonic,
+            wait_until=plan.wait_until,
         )
-        return key, flow
 
 
 def _selector(selection: MethodSelection, field: str, *, default: bool) -> Callable[[str], bool]:
@@ -223,11 +244,17 @@ def error_outcome(
     return Outcome(code.name, text(context.details()), trailers, responses)
 
 
-def ok_outcome(context: Any, responses: tuple[bytes, ...], *, omitted: int = 0) -> Outcome:
-    """The outcome of a handler that returned normally."""
+def handler_outcome(context: Any, responses: tuple[bytes, ...], *, omitted: int = 0) -> Outcome:
+    """The outcome of a handler that returned: the status it set (OK if none), its trailers."""
+    code = context.code()
+    name = "OK" if code is None or code == grpc.StatusCode.OK else code.name
     if omitted:
-        return Outcome("OK", omitted_bytes=omitted)
-    return Outcome("OK", "", _trailers(context), responses)
+        return Outcome(name, omitted_bytes=omitted)
+    metadata = context.trailing_metadata()
+    trailers = tuple(metadata) if metadata else ()
+    if name == "OK":
+        return Outcome("OK", "", trailers, responses)
+    return Outcome(name, text(context.details()), trailers, responses)
 
 
 def _trailers(context: Any) -> tuple[tuple[str, str | bytes], ...]:
@@ -257,8 +284,8 @@ class Flights(Generic[E]):
     """In-process single flight: the keys this process is executing, each with an event to wait on.
 
     ``make_event`` is ``threading.Event`` (sync) or ``asyncio.Event`` (aio); an event is made only
-    when a duplicate actually waits. :meth:`note` sees every effect answer of a call and opens or
-    closes its flight.
+    when a duplicate actually waits. A call opens its flight when it wins a claim and ends it when
+    it completes or releases the claim.
     """
 
     def __init__(self, make_event: Callable[[], E]) -> None:
@@ -276,18 +303,10 @@ class Flights(Generic[E]):
                 event = self._events[key] = self._make_event()
             return event
 
-    def note(self, key: str, effect: Effect, answer: object) -> bool | None:
-        """Track a claim we won (``True``) or a completion/release (``False``); else ``None``."""
-        if isinstance(answer, ClaimResult):
-            if answer.token is None:
-                return None
-            with self._lock:
-                self._events[key] = None
-            return True
-        if isinstance(effect, (Complete, Release)):
-            self.end(key)
-            return False
-        return None
+    def open(self, key: str) -> None:
+        """Start the flight of a key this process just claimed."""
+        with self._lock:
+            self._events[key] = None
 
     def end(self, key: str) -> None:
         with self._lock:
@@ -305,11 +324,12 @@ class FlowDriver(Generic[E]):
     or interrupted between claim and completion). Single flight and telemetry live here.
     """
 
-    __slots__ = ("_claimed", "_flights", "_flow", "_token", "key", "method", "verdict")
+    __slots__ = ("_claimed", "_flights", "_flow", "_token", "call_key", "key", "method", "verdict")
 
-    def __init__(self, method: str, key: str, flow: DedupFlow, flights: Flights[E]) -> None:
-        self.method = method
-        self.key = key
+    def __init__(self, plan: CallPlan, flow: DedupFlow, flights: Flights[E]) -> None:
+        self.method = plan.method
+        self.key = plan.store_key
+        self.call_key = plan.key
         self._flow = flow
         self._flights = flights
         self._claimed = False
@@ -319,13 +339,22 @@ class FlowDriver(Generic[E]):
     def first(self) -> Effect:
         return self._flow.start()
 
+    def scope(self) -> derivation_scope:
+        """The derivation scope the handler runs in: the call's key (validated on admission)."""
+        return derivation_scope.of(DerivationScope.trusted(self.call_key))
+
     def advance(self, effect: Effect, answer: object) -> Effect | None:
         """Send ``answer`` (to ``effect``) to the flow; ``None`` when the flow has decided."""
-        if not isinstance(effect, Execute):
-            noted = self._flights.note(self.key, effect, answer)
-            if noted is not None:
-                self._claimed = noted
-                self._token = answer.token if isinstance(answer, ClaimResult) else None
+        if isinstance(answer, ClaimResult):
+            token = answer.token
+            if token is not None:  # we own the key: duplicates in this process wait on us
+                self._flights.open(self.key)
+                self._claimed = True
+                self._token = token
+        elif isinstance(effect, (Complete, Release)):
+            self._flights.end(self.key)
+            self._claimed = False
+            self._token = None
         step = self._flow.send(answer)
         if isinstance(step, Verdict):
             self.verdict = step
@@ -344,6 +373,8 @@ class FlowDriver(Generic[E]):
 
 class DedupBase:
     """Arguments, validation and admission shared by the sync and aio interceptors."""
+
+    _flights: Flights[Any]
 
     def __init__(
         self,
@@ -409,10 +440,11 @@ class DedupBase:
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 "the deadline expired before the call could start; nothing was executed",
             )
-        plan = self.settings.plan(method, context.invocation_metadata())
-        if plan.problem is not None:
-            return grpc.StatusCode.INVALID_ARGUMENT, plan.problem
-        return plan
+        return self.settings.plan(method, context, remaining)
+
+    def driver(self, plan: CallPlan, request: bytes) -> FlowDriver[Any]:
+        """The driver of an admitted call's flow."""
+        return FlowDriver(plan, self.settings.flow(plan, request), self._flights)
 
 
 class DedupInterceptor(DedupBase, _ServerInterceptor):
@@ -467,13 +499,12 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             assert stream is not None
 
             def unary_stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-                plan = self._admit(method, context)
-                key, flow = self.settings.start(plan, raw, context, context.time_remaining())
+                driver = self._admit(method, raw, context)
                 live = LiveResult()
 
                 def execute(_: int | None) -> Generator[bytes, None, Execution]:
-                    collected = Collector(self.settings.flow.max_response_bytes)
-                    with handler_scope(plan):
+                    collected = Collector(self.settings.flow_settings.max_response_bytes)
+                    with driver.scope():
                         try:
                             for message in stream(deserialize(raw), context):
                                 data = serialize(message)
@@ -486,12 +517,13 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                                     context, tuple(collected.messages), collected.omitted
                                 )
                             )
-                    outcome = error_outcome(
-                        context, tuple(collected.messages), omitted=collected.omitted
-                    ) or ok_outcome(context, tuple(collected.messages), omitted=collected.omitted)
-                    return Execution(outcome)
+                    return Execution(
+                        handler_outcome(
+                            context, tuple(collected.messages), omitted=collected.omitted
+                        )
+                    )
 
-                verdict = yield from self._drive(method, key, flow, execute)
+                verdict = yield from self._drive(driver, execute)
                 if verdict.action is Action.EXECUTED:
                     live.reraise()
                     return
@@ -505,12 +537,11 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         assert unary is not None
 
         def unary_unary(raw: bytes, context: grpc.ServicerContext) -> bytes | None:
-            plan = self._admit(method, context)
-            key, flow = self.settings.start(plan, raw, context, context.time_remaining())
+            driver = self._admit(method, raw, context)
             live = LiveResult()
 
             def execute(_: int | None) -> Execution:
-                with handler_scope(plan):
+                with driver.scope():
                     try:
                         response = unary(deserialize(raw), context)
                     except Exception as error:
@@ -520,9 +551,9 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                     return Execution(error_outcome(context))
                 data = serialize(response)
                 live.response = data
-                return Execution(error_outcome(context) or ok_outcome(context, (data,)))
+                return Execution(handler_outcome(context, (data,)))
 
-            verdict = _exhaust(self._drive(method, key, flow, execute))
+            verdict = _exhaust(self._drive(driver, execute))
             if verdict.action is Action.EXECUTED:
                 live.reraise()
                 return live.response
@@ -532,13 +563,13 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(unary_unary)
 
-    def _admit(self, method: str, context: grpc.ServicerContext) -> CallPlan:
+    def _admit(self, method: str, raw: bytes, context: grpc.ServicerContext) -> FlowDriver[Any]:
         """Refuse a call before anything runs (expired deadline, bad or missing key)."""
         plan = self.admit(method, context)
         if isinstance(plan, tuple):
             context.abort(*plan)
         assert isinstance(plan, CallPlan)
-        return plan
+        return self.driver(plan, raw)
 
     @staticmethod
     def _finish(context: grpc.ServicerContext, outcome: Outcome) -> None:
@@ -551,13 +582,11 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
     def _drive(
         self,
-        method: str,
-        key: str,
-        flow: DedupFlow,
+        driver: FlowDriver[Any],
         execute: Callable[[int | None], Execution | Generator[bytes, None, Execution]],
     ) -> Generator[bytes, None, Verdict]:
         """Perform the flow's effects; a stream's ``execute`` is a generator of its messages."""
-        driver = FlowDriver(method, key, flow, self._flights)
+        key = driver.key
         try:
             effect: Effect | None = driver.first()
             while effect is not None:
@@ -586,12 +615,6 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             return self.store.get(key)
         except StoreUnavailableError as error:
             return StoreDown(str(error))
-
-
-def handler_scope(plan: CallPlan) -> derivation_scope:
-    """The derivation scope a handler runs in: its call's key, already validated on admission."""
-    assert plan.key is not None
-    return derivation_scope.of(DerivationScope.trusted(plan.key))
 
 
 def unchanged(value: Any) -> Any:

@@ -23,7 +23,6 @@ import grpc.aio
 
 from resilient_grpc.core.dedup import (
     Action,
-    DedupFlow,
     Effect,
     Execute,
     Execution,
@@ -41,8 +40,7 @@ from resilient_grpc.server import (
     FlowDriver,
     LiveResult,
     error_outcome,
-    handler_scope,
-    ok_outcome,
+    handler_outcome,
     status_code,
     unchanged,
 )
@@ -102,13 +100,12 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             stream: Any = handler.unary_stream  # an async generator function (checked above)
 
             async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-                plan = await self._admit(method, context)
-                key, flow = self.settings.start(plan, raw, context, context.time_remaining())
+                driver = await self._admit(method, raw, context)
                 live = LiveResult()
 
                 async def execute(_: int | None) -> Execution:
-                    collected = Collector(self.settings.flow.max_response_bytes)
-                    with handler_scope(plan):
+                    collected = Collector(self.settings.flow_settings.max_response_bytes)
+                    with driver.scope():
                         try:
                             async for message in stream(deserialize(raw), context):
                                 data = serialize(message)
@@ -123,12 +120,9 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                             )
                     messages = tuple(collected.messages)
                     omitted = collected.omitted
-                    return Execution(
-                        error_outcome(context, messages, omitted=omitted)
-                        or ok_outcome(context, messages, omitted=omitted)
-                    )
+                    return Execution(handler_outcome(context, messages, omitted=omitted))
 
-                verdict = await self._drive(method, key, flow, execute)
+                verdict = await self._drive(driver, execute)
                 if verdict.action is Action.EXECUTED:
                     live.reraise()
                     return
@@ -144,12 +138,11 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         async def unary_unary(
             raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
         ) -> bytes | None:
-            plan = await self._admit(method, context)
-            key, flow = self.settings.start(plan, raw, context, context.time_remaining())
+            driver = await self._admit(method, raw, context)
             live = LiveResult()
 
             async def execute(_: int | None) -> Execution:
-                with handler_scope(plan):
+                with driver.scope():
                     try:
                         response = await unary(deserialize(raw), context)
                     except Exception as error:
@@ -159,9 +152,9 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                     return Execution(error_outcome(context))
                 data = serialize(response)
                 live.response = data
-                return Execution(error_outcome(context) or ok_outcome(context, (data,)))
+                return Execution(handler_outcome(context, (data,)))
 
-            verdict = await self._drive(method, key, flow, execute)
+            verdict = await self._drive(driver, execute)
             if verdict.action is Action.EXECUTED:
                 live.reraise()
                 return live.response
@@ -171,12 +164,14 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(unary_unary)
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> CallPlan:
+    async def _admit(
+        self, method: str, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> FlowDriver[Any]:
         plan = self.admit(method, context)
         if isinstance(plan, tuple):
             await context.abort(*plan)
         assert isinstance(plan, CallPlan)
-        return plan
+        return self.driver(plan, raw)
 
     @staticmethod
     async def _finish(context: grpc.aio.ServicerContext[Any, Any], outcome: Outcome) -> None:
@@ -190,12 +185,10 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
     async def _drive(
         self,
-        method: str,
-        key: str,
-        flow: DedupFlow,
+        driver: FlowDriver[Any],
         execute: Execute_,
     ) -> Verdict:
-        driver = FlowDriver(method, key, flow, self._flights)
+        key = driver.key
         try:
             effect: Effect | None = driver.first()
             while effect is not None:
