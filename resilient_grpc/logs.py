@@ -102,28 +102,19 @@ def call_finished(
         "target": target,
     }
     where = f" to {target}" if target else ""
-    if gave_up:
-        client_logger.warning(
-            "%s%s gave up after %d attempt%s: last status %s (%s)",
-            method,
-            where,
-            attempts,
-            "" if attempts == 1 else "s",
-            code,
-            reason.value,
-            extra=extra,
-        )
-    else:
-        client_logger.debug(
-            "%s%s finished after %d attempt%s: %s (%s)",
-            method,
-            where,
-            attempts,
-            "" if attempts == 1 else "s",
-            code,
-            reason.value,
-            extra=extra,
-        )
+    client_logger.log(
+        logging.WARNING if gave_up else logging.DEBUG,
+        "%s%s gave up after %d attempt%s: last status %s (%s)"
+        if gave_up
+        else "%s%s finished after %d attempt%s: %s (%s)",
+        method,
+        where,
+        attempts,
+        "" if attempts == 1 else "s",
+        code,
+        reason.value,
+        extra=extra,
+    )
 
 
 def breaker_rejected(method: str, target: str | None) -> None:

@@ -168,10 +168,11 @@ def _tracer() -> trace.Tracer:
     tracer = _settings.tracer
     if tracer is None:
         with _settings.lock:
+            if _settings.tracer is None:
+                _settings.tracer = trace.get_tracer(
+                    SCOPE, tracer_provider=_settings.tracer_provider
+                )
             tracer = _settings.tracer
-            if tracer is None:
-                tracer = trace.get_tracer(SCOPE, tracer_provider=_settings.tracer_provider)
-                _settings.tracer = tracer
     return tracer
 
 
@@ -218,11 +219,11 @@ def _instruments() -> _Instruments:
     instruments = _settings.instruments
     if instruments is None:
         with _settings.lock:
+            if _settings.instruments is None:
+                _settings.instruments = _Instruments(
+                    metrics.get_meter(SCOPE, meter_provider=_settings.meter_provider)
+                )
             instruments = _settings.instruments
-            if instruments is None:
-                meter = metrics.get_meter(SCOPE, meter_provider=_settings.meter_provider)
-                instruments = _Instruments(meter)
-                _settings.instruments = instruments
     return instruments
 
 
