@@ -63,6 +63,7 @@ from resilient_grpc.logical_call import (
     Pause,
     Steps,
     StubMethod,
+    open_channel,
 )
 
 __all__ = ["RetryingStream", "client_interceptors", "resilient_channel"]
@@ -339,13 +340,7 @@ class _Interceptor(
         self._stack = stack
 
     def _begin(self, details: grpc.ClientCallDetails, *, stream: bool) -> LogicalCall:
-        return self._stack.begin(
-            details.method,
-            details.timeout,
-            details.metadata,
-            getattr(details, "wait_for_ready", None),
-            stream=stream,
-        )
+        return self._stack.begin_intercepted(details, details.method, stream=stream)
 
     def intercept_unary_unary(
         self,
@@ -471,15 +466,7 @@ def client_interceptors(
     idempotent are retried). ``reconnect_wait``: see :class:`~resilient_grpc.logical_call.ClientStack`.
     Bad arguments raise ``ValueError`` naming the argument.
     """
-    stack = ClientStack(
-        retry=retry,
-        budget=budget,
-        breaker=breaker,
-        idempotency=idempotency,
-        target=target,
-        reconnect_wait=reconnect_wait,
-        transport="sync",
-    )
+    stack = ClientStack(retry, budget, breaker, idempotency, target, reconnect_wait, "sync")
     return [_Interceptor(stack)]
 
 
@@ -500,18 +487,6 @@ def resilient_channel(
     ``target``. Closing the returned channel closes the underlying one.
     """
     stack = ClientStack.for_channel(
-        target,
-        retry=retry,
-        budget=budget,
-        breaker=breaker,
-        idempotency=idempotency,
-        reconnect_wait=reconnect_wait,
-        transport="sync",
+        target, retry, budget, breaker, idempotency, reconnect_wait, "sync"
     )
-    options = list(options)
-    channel = (
-        grpc.secure_channel(target, credentials, options=options)
-        if credentials is not None
-        else grpc.insecure_channel(target, options=options)
-    )
-    return _Channel(channel, stack)
+    return _Channel(open_channel(grpc, target, credentials, options), stack)

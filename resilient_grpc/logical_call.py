@@ -107,7 +107,6 @@ class ClientStack:
 
     def __init__(
         self,
-        *,
         retry: RetryPolicy | None = None,
         budget: RetryBudget | None = None,
         breaker: CircuitBreaker | None = None,
@@ -144,11 +143,20 @@ class ClientStack:
         self.breaker_codes: frozenset[str] = breaker.codes if breaker is not None else frozenset()
 
     @classmethod
-    def for_channel(cls, target: str, **settings: Any) -> ClientStack:
+    def for_channel(
+        cls,
+        target: str,
+        retry: RetryPolicy | None,
+        budget: RetryBudget | None,
+        breaker: CircuitBreaker | None,
+        idempotency: IdempotencyKeys | None,
+        reconnect_wait: float | None,
+        transport: Transport,
+    ) -> ClientStack:
         """The stack of a channel the library builds: ``target`` is required."""
         if not isinstance(target, str) or not target:
             raise ValueError(f"target must be a non-empty string, got {target!r}")
-        return cls(target=target, **settings)
+        return cls(retry, budget, breaker, idempotency, target, reconnect_wait, transport)
 
     def begin(
         self,
@@ -181,6 +189,16 @@ class ClientStack:
             budget=self.budget,
         )
         return LogicalCall(self, method, key, call_metadata, wait_for_ready, state, stream)
+
+    def begin_intercepted(self, details: Any, method: str, *, stream: bool) -> LogicalCall:
+        """:meth:`begin` for an interceptor: the per-call arguments come in its call details."""
+        return self.begin(
+            method,
+            details.timeout,
+            details.metadata,
+            getattr(details, "wait_for_ready", None),
+            stream=stream,
+        )
 
 
 class LogicalCall:
@@ -388,3 +406,16 @@ class StubMethod:
         arguments = CallArguments(request, *args, **kwargs)
         call = arguments.begin(self._stack, self._method, stream=stream)
         return call, partial(arguments.send, self._inner if via is None else via)
+
+
+def open_channel(
+    grpc_module: Any,
+    target: str,
+    credentials: Any,
+    options: Sequence[tuple[str, Any]],
+    **extra: Any,
+) -> Any:
+    """The underlying channel of a resilient channel: ``grpc`` or ``grpc.aio``, secure or not."""
+    if credentials is not None:
+        return grpc_module.secure_channel(target, credentials, options=list(options), **extra)
+    return grpc_module.insecure_channel(target, options=list(options), **extra)

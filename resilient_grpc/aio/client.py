@@ -48,6 +48,7 @@ from resilient_grpc.logical_call import (
     Pause,
     Steps,
     StubMethod,
+    open_channel,
 )
 
 __all__ = ["ResilientUnaryCall", "RetryingAioStream", "client_interceptors", "resilient_channel"]
@@ -380,13 +381,7 @@ class _Interceptor:
         *,
         stream: bool,
     ) -> tuple[LogicalCall, Send]:
-        call = self._stack.begin(
-            _method_name(details.method),
-            details.timeout,
-            details.metadata,  # type: ignore[arg-type]
-            details.wait_for_ready,
-            stream=stream,
-        )
+        call = self._stack.begin_intercepted(details, _method_name(details.method), stream=stream)
         metadata = grpc.aio.Metadata(*call.metadata)
 
         def send(step: Attempt) -> Awaitable[Any]:
@@ -504,15 +499,7 @@ def client_interceptors(
 
     Same arguments and meaning as :func:`resilient_grpc.client.client_interceptors`.
     """
-    stack = ClientStack(
-        retry=retry,
-        budget=budget,
-        breaker=breaker,
-        idempotency=idempotency,
-        target=target,
-        reconnect_wait=reconnect_wait,
-        transport="aio",
-    )
+    stack = ClientStack(retry, budget, breaker, idempotency, target, reconnect_wait, "aio")
     return [_UnaryUnaryInterceptor(stack), _UnaryStreamInterceptor(stack)]
 
 
@@ -534,19 +521,9 @@ def resilient_channel(
     the underlying channel, so they see every attempt.
     """
     stack = ClientStack.for_channel(
-        target,
-        retry=retry,
-        budget=budget,
-        breaker=breaker,
-        idempotency=idempotency,
-        reconnect_wait=reconnect_wait,
-        transport="aio",
+        target, retry, budget, breaker, idempotency, reconnect_wait, "aio"
     )
-    extra = list(interceptors) or None
-    if credentials is not None:
-        channel = grpc.aio.secure_channel(
-            target, credentials, options=list(options), interceptors=extra
-        )
-    else:
-        channel = grpc.aio.insecure_channel(target, options=list(options), interceptors=extra)
+    channel = open_channel(
+        grpc.aio, target, credentials, options, interceptors=list(interceptors) or None
+    )
     return _Channel(channel, stack)
