@@ -169,6 +169,7 @@ def make_store(kind: str, directory: Path, url: str) -> Store:
 
 # ---------------------------------------------------------------------------- runs
 
+
 def _metadata(variant: str, counter: Iterator[str]) -> list[tuple[str, str]]:
     # "none" sends a fresh key too: carrying the header is the client's cost, not the interceptor's
     if variant.endswith("replay"):
@@ -288,7 +289,14 @@ def run_aio(rounds: int, per_round: int, directory: Path, url: str) -> dict[str,
 
 
 def targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets, checked on one flavour's results."""
+    """The issue's targets, checked on one flavour's results.
+
+    "A replay hit on any store is cheaper than executing a trivial handler" is checked two ways,
+    both reported: against the bare trivial handler with no interceptor at all (``none``: the
+    strict reading; a store that needs a network round trip cannot meet it), and against
+    executing that handler through the interceptor on the same store (``<store> first``: what a
+    replay saves a caller whose retry would otherwise run the handler again).
+    """
     none = results["none"]
     memory = results["memory first"]
     checks: dict[str, Any] = {
@@ -298,16 +306,58 @@ def targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for store in STORES:
         first = results[f"{store} first"]["server_median_us"]
         replay = results[f"{store} replay"]["server_median_us"]
+        checks[f"{store}_replay_server_us"] = replay
         checks[f"{store}_replay_cheaper_than_first_execution"] = replay < first
         checks[f"{store}_replay_cheaper_than_bare_trivial_handler"] = (
             replay < none["server_median_us"]
         )
+    checks["bare_trivial_handler_server_us"] = none["server_median_us"]
     checks["redis_first_round_trips"] = results["redis first"]["redis_round_trips_per_call"]
     checks["redis_replay_round_trips"] = results["redis replay"]["redis_round_trips_per_call"]
     checks["redis_round_trips_within_target"] = (
         checks["redis_first_round_trips"] <= 2 and checks["redis_replay_round_trips"] <= 1
     )
     return checks
+
+
+def target_table(flavour: str, results: dict[str, dict[str, Any]]) -> Table:
+    """The issue's targets with the numbers they are judged on, met or not."""
+    checks = targets(results)
+    none = results["none"]
+    out = Table(title=f"Issue targets ({flavour}): e2e and server medians")
+    for column in ("target", "measured", "compared with", "met"):
+        out.add_column(column, justify="left" if column in ("target", "compared with") else "right")
+
+    def met(flag: bool) -> str:
+        return "yes" if flag else "NO"
+
+    out.add_row(
+        "memory first <= +10% e2e",
+        f"{results['memory first']['e2e_median_us']:.0f} µs (+{checks['memory_first_e2e_overhead']:.1%})",
+        f"none {none['e2e_median_us']:.0f} µs",
+        met(checks["memory_adds_at_most_10_percent"]),
+    )
+    for store in STORES:
+        replay = results[f"{store} replay"]["server_median_us"]
+        out.add_row(
+            f"{store} replay < bare handler",
+            f"{replay:.1f} µs",
+            f"none {none['server_median_us']:.1f} µs",
+            met(checks[f"{store}_replay_cheaper_than_bare_trivial_handler"]),
+        )
+        out.add_row(
+            f"{store} replay < its execution",
+            f"{replay:.1f} µs",
+            f"{store} first {results[f'{store} first']['server_median_us']:.1f} µs",
+            met(checks[f"{store}_replay_cheaper_than_first_execution"]),
+        )
+    out.add_row(
+        "redis RT <= 2 first, <= 1 replay",
+        f"{checks['redis_first_round_trips']:.2f} / {checks['redis_replay_round_trips']:.2f}",
+        "",
+        met(checks["redis_round_trips_within_target"]),
+    )
+    return out
 
 
 def table(flavour: str, results: dict[str, dict[str, Any]]) -> Table:
@@ -360,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     console.print(table("grpc.server", sync))
     console.print(table("grpc.aio", aio))
-    console.print_json(json.dumps(report["targets"]))
+    console.print(target_table("grpc.server", sync))
+    console.print(target_table("grpc.aio", aio))
     console.print(f"wrote {args.output} in {report['meta']['seconds']} s")
 
 

@@ -75,7 +75,7 @@ class Outcome:  # frozen: one stored outcome is shared by every replay
     @property
     def size(self) -> int:
         """Bytes this outcome occupies when stored (responses, details and trailers)."""
-        total = len(self.details) + sum(len(r) for r in self.responses)
+        total = len(self.details) + sum(map(len, self.responses))
         for key, value in self.trailing_metadata:
             total += len(key) + len(value)
         return total

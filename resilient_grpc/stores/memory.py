@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import threading
 import time
 from collections.abc import Callable
@@ -76,7 +75,8 @@ class MemoryStore(Store):
         self.max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: collections.OrderedDict[str, tuple[Entry, int]] = collections.OrderedDict()
+        # insertion-ordered (a plain dict is cheaper than an OrderedDict): oldest write first
+        self._entries: dict[str, tuple[Entry, int]] = {}
         self._bytes = 0
         self._waiters: dict[str, list[Callable[[], None]]] = {}
         self.evictions = 0
@@ -99,7 +99,7 @@ class MemoryStore(Store):
             if entry is None:
                 assert existing is not None
                 return ClaimResult(None, existing.view(now))
-            self._put(key, entry, now)
+            self._put(key, entry, now, ENTRY_OVERHEAD)
         return ClaimResult(token)
 
     def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
@@ -115,8 +115,9 @@ class MemoryStore(Store):
             )
             if entry is None:
                 return False
-            self._put(key, entry, now)
-            self._wake(key)
+            self._put(key, entry, now, accounted_size(entry))
+            if self._waiters:
+                self._wake(key)
         return True
 
     def release(self, key: str, token: int) -> bool:
@@ -125,7 +126,8 @@ class MemoryStore(Store):
             if not release_allowed(found[0] if found is not None else None, token):
                 return False
             self._drop(key)
-            self._wake(key)
+            if self._waiters:
+                self._wake(key)
         return True
 
     def get(self, key: str) -> Record | None:
@@ -182,20 +184,28 @@ class MemoryStore(Store):
         _, size = self._entries.pop(key)
         self._bytes -= size
 
-    def _put(self, key: str, entry: Entry, now: float) -> None:
-        size = accounted_size(entry)
-        if key in self._entries:
-            self._drop(key)
+    def _put(self, key: str, entry: Entry, now: float, size: int) -> None:
+        """Write ``entry`` (accounted ``size`` bytes) as the newest record, evicting the oldest to fit."""
+        entries = self._entries
+        previous = entries.pop(key, None)
+        if previous is not None:
+            self._bytes -= previous[1]
+        if len(entries) >= self.max_entries or self._bytes + size > self.max_bytes:
+            self._evict(size, now)
+        entries[key] = (entry, size)
+        self._bytes += size
+
+    def _evict(self, size: int, now: float) -> None:
+        """Drop the oldest records until one more record of ``size`` bytes fits the bounds."""
         entries = self._entries
         while entries and (len(entries) >= self.max_entries or self._bytes + size > self.max_bytes):
-            oldest, (old_entry, old_size) = entries.popitem(last=False)
+            oldest = next(iter(entries))
+            old_entry, old_size = entries.pop(oldest)
             self._bytes -= old_size
             if old_entry.live(now):
                 self.evictions += 1
             if oldest in self._waiters:
                 self._wake(oldest)
-        entries[key] = (entry, size)
-        self._bytes += size
 
 
 class _AsyncMemoryStore(DirectAsyncStore):
