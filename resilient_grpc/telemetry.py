@@ -476,6 +476,28 @@ def _current_span_event(name: str, attributes: dict[str, AttributeValue]) -> Non
 # --- client calls ---------------------------------------------------------------------------
 
 
+def _attempt_event(
+    attempt: int, name: str, number: int, decision: RetryDecision | None
+) -> dict[str, AttributeValue]:
+    """The attributes of an ``attempt`` span event."""
+    event: dict[str, AttributeValue] = {
+        "resilient_grpc.attempt": attempt,
+        "rpc.grpc.status_code": number,
+        "resilient_grpc.status": name,
+    }
+    if decision is None:
+        if number == 0:
+            event["resilient_grpc.retry"] = False
+            event["resilient_grpc.reason"] = "success"
+    else:
+        event["resilient_grpc.retry"] = decision.retry
+        event["resilient_grpc.reason"] = _REASON_VALUES[decision.reason]
+        if decision.source is not None:
+            event["resilient_grpc.backoff_s"] = decision.delay
+            event["resilient_grpc.backoff_source"] = decision.source.value
+    return event
+
+
 class CallTelemetry:
     """The telemetry of one logical client call: its span, attempt events, counters and logs."""
 
@@ -486,6 +508,9 @@ class CallTelemetry:
         self.span = span
         self.target = target
         self.ended = False
+        # A non-recording span (no SDK) ignores attributes and events: skip building them.
+        # Fixed per span, so an SDK installed later is seen by the next call's span.
+        self.recording = span.is_recording()
         self._info = info if info is not None else _method_info(method)
         self._attributes = self._info.attributes
 
@@ -494,21 +519,9 @@ class CallTelemetry:
         name, number = _name_and_number(code)
         instruments = _instruments()
         instruments.attempts.add(1, self._info.code_attributes(number))
-        event: dict[str, AttributeValue] = {
-            "resilient_grpc.attempt": attempt,
-            "rpc.grpc.status_code": number,
-            "resilient_grpc.status": name,
-        }
-        if decision is None:
-            if number == 0:
-                event["resilient_grpc.retry"] = False
-                event["resilient_grpc.reason"] = "success"
-        else:
-            event["resilient_grpc.retry"] = decision.retry
-            event["resilient_grpc.reason"] = _REASON_VALUES[decision.reason]
-            if decision.source is not None:
-                event["resilient_grpc.backoff_s"] = decision.delay
-                event["resilient_grpc.backoff_source"] = decision.source.value
+        if self.recording:
+            self.span.add_event("attempt", _attempt_event(attempt, name, number, decision))
+        if decision is not None:
             if decision.retry:
                 source = (decision.source.value if decision.source is not None else "computed")
                 instruments.retries.add(
@@ -522,11 +535,10 @@ class CallTelemetry:
                 instruments.backoff.record(
                     decision.delay, {**self._attributes, "resilient_grpc.backoff_source": source}
                 )
-        self.span.add_event("attempt", event)
-        if decision is not None and decision.reason is Reason.BUDGET_EXHAUSTED:
-            self.budget_refused(attempt)
-        elif decision is not None and decision.reason is Reason.BREAKER_OPEN:
-            self.span.add_event("breaker_open", {"resilient_grpc.attempt": attempt})
+            if decision.reason is Reason.BUDGET_EXHAUSTED:
+                self.budget_refused(attempt)
+            elif decision.reason is Reason.BREAKER_OPEN:
+                self.span.add_event("breaker_open", {"resilient_grpc.attempt": attempt})
         logs.attempt_finished(self.method, attempt, name, decision)
 
     def budget_refused(self, attempt: int) -> None:
@@ -547,15 +559,16 @@ class CallTelemetry:
         self.ended = True
         name, number = _name_and_number(code)
         span = self.span
-        span.set_attributes(
-            {
-                "rpc.grpc.status_code": number,
-                "resilient_grpc.attempts": attempts,
-                "resilient_grpc.outcome": _REASON_VALUES[reason],
-            }
-        )
-        if number != 0:
-            span.set_status(trace.Status(trace.StatusCode.ERROR, name))
+        if self.recording:
+            span.set_attributes(
+                {
+                    "rpc.grpc.status_code": number,
+                    "resilient_grpc.attempts": attempts,
+                    "resilient_grpc.outcome": _REASON_VALUES[reason],
+                }
+            )
+            if number != 0:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, name))
         _instruments().calls.add(1, self._info.call_attributes(number, reason))
         logs.call_finished(self.method, name, attempts=attempts, reason=reason, target=self.target)
         span.end()
