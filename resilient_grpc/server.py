@@ -78,7 +78,6 @@ __all__ = ["DedupBase", "DedupInterceptor", "DedupSettings", "FlowDriver", "Scop
 
 ScopeFunction = Callable[[Any], str]
 MethodSelection = Iterable[str] | Callable[[str], bool] | None
-T = TypeVar("T")
 
 
 class _Settable(Protocol):
@@ -193,15 +192,6 @@ class DedupSettings:
         if remaining is not None and remaining < _NO_DEADLINE:
             budget = min(budget, remaining - min(0.1, 0.2 * remaining))
         return CallPlan(method, key, scoped_key(method, identity, key), time.monotonic() + budget)
-
-    def flow(self, plan: CallPlan, request: bytes) -> DedupFlow:
-        """The decision flow of an admitted call for its serialized ``request``."""
-        return DedupFlow(
-            fingerprint(request),
-            self.flow_settings,
-            clock=time.monotonic,
-            wait_until=plan.wait_until,
-        )
 
 
 def _selector(selection: MethodSelection, field: str, *, default: bool) -> Callable[[str], bool]:
@@ -444,7 +434,14 @@ class DedupBase:
 
     def driver(self, plan: CallPlan, request: bytes) -> FlowDriver[Any]:
         """The driver of an admitted call's flow."""
-        return FlowDriver(plan, self.settings.flow(plan, request), self._flights)
+        settings = self.settings
+        flow = DedupFlow(
+            fingerprint(request),
+            settings.flow_settings,
+            clock=time.monotonic,
+            wait_until=plan.wait_until,
+        )
+        return FlowDriver(plan, flow, self._flights)
 
 
 class DedupInterceptor(DedupBase, _ServerInterceptor):
@@ -553,7 +550,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                 live.response = data
                 return Execution(handler_outcome(context, (data,)))
 
-            verdict = _exhaust(self._drive(driver, execute))
+            verdict = self._run(driver, execute)
             if verdict.action is Action.EXECUTED:
                 live.reraise()
                 return live.response
@@ -583,26 +580,42 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     def _drive(
         self,
         driver: FlowDriver[Any],
-        execute: Callable[[int | None], Execution | Generator[bytes, None, Execution]],
+        execute: Callable[[int | None], Generator[bytes, None, Execution]],
     ) -> Generator[bytes, None, Verdict]:
-        """Perform the flow's effects; a stream's ``execute`` is a generator of its messages."""
-        key = driver.key
+        """Perform a stream's flow effects; ``execute`` is a generator of its messages."""
         try:
-            effect: Effect | None = driver.first()
-            while effect is not None:
-                answer: object
-                if isinstance(effect, Execute):
-                    ran = execute(effect.token)
-                    answer = ran if isinstance(ran, Execution) else (yield from ran)
-                else:
-                    answer = self._perform(key, effect)
-                effect = driver.advance(effect, answer)
+            run = self._pump(driver, driver.first())
+            if run is not None:  # a flow executes the handler at most once
+                execution = yield from execute(run.token)
+                self._pump(driver, driver.advance(run, execution))
         finally:
-            abandoned = driver.close()
-            if abandoned is not None:  # cancelled or interrupted between claim and outcome
-                self._perform(key, Release(abandoned))
+            self._close(driver)
         assert driver.verdict is not None
         return driver.verdict
+
+    def _run(self, driver: FlowDriver[Any], execute: Callable[[int | None], Execution]) -> Verdict:
+        """Perform a unary call's flow effects (:meth:`_drive` without a generator)."""
+        try:
+            run = self._pump(driver, driver.first())
+            if run is not None:
+                self._pump(driver, driver.advance(run, execute(run.token)))
+        finally:
+            self._close(driver)
+        assert driver.verdict is not None
+        return driver.verdict
+
+    def _pump(self, driver: FlowDriver[Any], effect: Effect | None) -> Execute | None:
+        """Perform store effects until the flow asks to run the handler (that effect) or decides."""
+        while effect is not None:
+            if isinstance(effect, Execute):
+                return effect
+            effect = driver.advance(effect, self._perform(driver.key, effect))
+        return None
+
+    def _close(self, driver: FlowDriver[Any]) -> None:
+        abandoned = driver.close()
+        if abandoned is not None:  # cancelled or interrupted between claim and outcome
+            self._perform(driver.key, Release(abandoned))
 
     def _perform(self, key: str, effect: Effect) -> object:
         try:
@@ -641,13 +654,3 @@ class LiveResult:
     def reraise(self) -> None:
         if self.error is not None:
             raise self.error
-
-
-def _exhaust(steps: Generator[bytes, None, T]) -> T:
-    """Run a driver that yields no messages (unary) and return its result."""
-    try:
-        next(steps)
-    except StopIteration as stop:
-        result: T = stop.value
-        return result
-    raise AssertionError("a unary handler produced stream messages")
