@@ -56,6 +56,8 @@ from resilient_grpc.core.keys import IdempotencyKeys
 from resilient_grpc.core.policy import RetryPolicy
 from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
+    END_OF_STREAM,
+    NO_MESSAGE,
     Attempt,
     BreakerIO,
     ClientStack,
@@ -165,10 +167,6 @@ class _Response:
         return self._response
 
 
-_NOTHING: Any = object()
-_END: Any = object()
-
-
 class RetryingStream(grpc.Call):
     """A unary-stream call retried until its first message arrives (a Call and an iterator)."""
 
@@ -180,7 +178,6 @@ class RetryingStream(grpc.Call):
         self._cancelled = False
         self._call: Any = None
         self._error: BaseException | None = None
-        self._first: Any = _NOTHING
         self._callbacks: list[Callable[[], None]] = []
 
     # The retry phase ---------------------------------------------------------------------------
@@ -190,9 +187,9 @@ class RetryingStream(grpc.Call):
         if self._cancelled:
             call.cancel()
         try:
-            self._first = next(call)
+            self._logical.first = next(call)
         except StopIteration:
-            self._first = _END
+            self._logical.first = END_OF_STREAM
         except grpc.RpcError as error:
             return error
         return None
@@ -232,21 +229,18 @@ class RetryingStream(grpc.Call):
     def __next__(self) -> Any:
         if not self._started or self._error is not None:
             self._start()
-        first = self._first
-        if first is not _NOTHING:
-            if first is _END:
-                self._logical.finish_stream(None)
-                raise StopIteration
-            self._first = _NOTHING
+        first = self._logical.take_first()
+        if first is END_OF_STREAM:
+            raise StopIteration
+        if first is not NO_MESSAGE:
             return first
         try:
             return next(self._call)
         except StopIteration:
-            self._first = _END
-            self._logical.finish_stream(None)
+            self._logical.stream_ended(None)
             raise
         except grpc.RpcError as error:  # committed: not retried
-            self._logical.finish_stream(error)
+            self._logical.stream_ended(error)
             raise
 
     def next(self) -> Any:

@@ -85,6 +85,10 @@ class BreakerIO:
 
 
 Step = Attempt | Pause | BreakerIO
+
+#: :attr:`LogicalCall.first` when no message is buffered, and once the stream has ended.
+NO_MESSAGE: Any = object()
+END_OF_STREAM: Any = object()
 Steps = Generator[Step, Any, None]
 
 
@@ -146,12 +150,12 @@ class ClientStack:
     def for_channel(
         cls,
         target: str,
-        retry: RetryPolicy | None,
-        budget: RetryBudget | None,
-        breaker: CircuitBreaker | None,
-        idempotency: IdempotencyKeys | None,
-        reconnect_wait: float | None,
-        transport: Transport,
+        retry: RetryPolicy | None = None,
+        budget: RetryBudget | None = None,
+        breaker: CircuitBreaker | None = None,
+        idempotency: IdempotencyKeys | None = None,
+        reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
+        transport: Transport = "sync",
     ) -> ClientStack:
         """The stack of a channel the library builds: ``target`` is required."""
         if not isinstance(target, str) or not target:
@@ -205,6 +209,7 @@ class LogicalCall:
     """One logical call: its fixed parts and the driver of its attempts (:meth:`steps`)."""
 
     __slots__ = (
+        "first",
         "key",
         "metadata",
         "method",
@@ -233,6 +238,9 @@ class LogicalCall:
         self.metadata = metadata
         self.wait_for_ready = wait_for_ready
         self.state = state
+        #: A unary-stream call's first message, read by the attempt that committed the call
+        #: (the shell sets it; :data:`END_OF_STREAM` if the stream had none).
+        self.first: Any = NO_MESSAGE
 
     def steps(self) -> Steps:
         """Drive the attempts (see the module docstring for the protocol).
@@ -299,6 +307,24 @@ class LogicalCall:
             tel.restore(token)
             if not stream:
                 tel.close()
+
+    def take_first(self) -> Any:
+        """The committed stream's buffered first message, once; then :data:`NO_MESSAGE`.
+
+        :data:`END_OF_STREAM` when the stream is over (its span is ended then).
+        """
+        first = self.first
+        if first is END_OF_STREAM:
+            self.finish_stream(None)
+        elif first is not NO_MESSAGE:
+            self.first = NO_MESSAGE
+        return first
+
+    def stream_ended(self, error: BaseException | None) -> None:
+        """The committed stream ended after its first message: cleanly (``None``) or with ``error``."""
+        if error is None:
+            self.first = END_OF_STREAM
+        self.finish_stream(error)
 
     def finish_stream(self, error: BaseException | None) -> None:
         """A committed stream ended: cleanly (``None``), with an error, or abandoned (GeneratorExit)."""

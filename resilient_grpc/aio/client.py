@@ -41,6 +41,8 @@ from resilient_grpc.core.keys import IdempotencyKeys
 from resilient_grpc.core.policy import RetryPolicy
 from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
+    END_OF_STREAM,
+    NO_MESSAGE,
     Attempt,
     BreakerIO,
     ClientStack,
@@ -223,10 +225,6 @@ class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignor
         return self._logical.state.remaining()
 
 
-_END: Any = object()
-_NOTHING: Any = object()
-
-
 class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignore[type-arg]
     """A ``grpc.aio`` unary-stream call retried until its first message arrives."""
 
@@ -240,7 +238,6 @@ class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignor
         self._call: Any = None
         self._messages: Any = None
         self._error: BaseException | None = None
-        self._first: Any = _NOTHING
         self._done_callbacks: list[Callable[[Any], None]] = []
 
     # The retry phase ---------------------------------------------------------------------------
@@ -254,9 +251,9 @@ class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignor
             self._messages = call.__aiter__()
             if self._cancelled:
                 call.cancel()
-            self._first = await self._messages.__anext__()
+            self._logical.first = await self._messages.__anext__()
         except StopAsyncIteration:
-            self._first = _END
+            self._logical.first = END_OF_STREAM
         except grpc.aio.AioRpcError as error:
             return error
         return None
@@ -293,21 +290,18 @@ class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignor
     async def read(self) -> Any:
         if not self._started or self._error is not None:
             await self._start()
-        first = self._first
-        if first is not _NOTHING:
-            if first is _END:
-                self._logical.finish_stream(None)
-                return _EOF
-            self._first = _NOTHING
+        first = self._logical.take_first()
+        if first is END_OF_STREAM:
+            return _EOF
+        if first is not NO_MESSAGE:
             return first
         try:
             return await self._messages.__anext__()
         except StopAsyncIteration:
-            self._first = _END
-            self._logical.finish_stream(None)
+            self._logical.stream_ended(None)
             return _EOF
         except grpc.aio.AioRpcError as error:  # committed: not retried
-            self._logical.finish_stream(error)
+            self._logical.stream_ended(error)
             raise
 
     async def _iterate(self) -> AsyncIterator[Any]:
