@@ -44,7 +44,7 @@ from resilient_grpc.server import (
     status_code,
     unchanged,
 )
-from resilient_grpc.stores.base import AsyncStore, Store, StoreUnavailableError
+from resilient_grpc.stores.base import AsyncStore, DirectAsyncStore, Store, StoreUnavailableError
 
 __all__ = ["DedupInterceptor"]
 
@@ -71,6 +71,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     def _attach(self, store: Store | AsyncStore) -> None:
         self.store = store.as_async() if isinstance(store, Store) else store
         self._flights: Flights[asyncio.Event] = Flights(asyncio.Event)
+        self._direct = _direct_store(self.store)
 
     async def intercept_service(
         self,
@@ -189,11 +190,14 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         execute: Execute_,
     ) -> Verdict:
         key = driver.key
+        direct = self._direct
         try:
             effect: Effect | None = driver.first()
             while effect is not None:
                 if isinstance(effect, Execute):
                     answer: object = await execute(effect.token)
+                elif direct is not None and not isinstance(effect, Wait):
+                    answer = self._perform_now(direct, key, effect)
                 else:
                     answer = await self._perform(key, effect)
                 effect = driver.advance(effect, answer)
@@ -203,6 +207,13 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                 await asyncio.shield(self._perform(key, Release(abandoned)))
         assert driver.verdict is not None
         return driver.verdict
+
+    def _perform_now(self, store: Store, key: str, effect: Effect) -> object:
+        """A claim, completion or release on a store that never blocks, without a coroutine."""
+        try:
+            return self.store_call(store, key, effect)
+        except StoreUnavailableError as error:
+            return StoreDown(str(error))
 
     async def _perform(self, key: str, effect: Effect) -> object:
         try:
@@ -216,6 +227,18 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             return await self.store.get(key)
         except StoreUnavailableError as error:
             return StoreDown(str(error))
+
+
+def _direct_store(store: AsyncStore) -> Store | None:
+    """The blocking store behind a :class:`DirectAsyncStore` whose claim, complete and release
+    only call it (never blocking: safe on the loop), else ``None``."""
+    if not isinstance(store, DirectAsyncStore):
+        return None
+    kind = type(store)
+    for name in ("claim", "complete", "release"):
+        if getattr(kind, name) is not getattr(DirectAsyncStore, name):
+            return None
+    return store.store
 
 
 def _aborted_outcome(
