@@ -152,21 +152,6 @@ class _Outcome(FinishedCallFuture):
         return None
 
 
-class _Response:
-    """A successful plain call (``stub.Method(request)``): only its response is needed."""
-
-    __slots__ = ("_response",)
-
-    def __init__(self, response: Any) -> None:
-        self._response = response
-
-    def exception(self) -> None:
-        return None
-
-    def result(self) -> Any:
-        return self._response
-
-
 class RetryingStream(grpc.Call):
     """A unary-stream call retried until its first message arrives (a Call and an iterator)."""
 
@@ -363,33 +348,40 @@ class _Interceptor(
 class _UnaryUnaryCallable(StubMethod, grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
     """A unary-unary method of :class:`_Channel`: the stack around the underlying callable."""
 
-    def _invoke(
-        self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, with_call: bool
-    ) -> Any:
-        inner = self._inner
-        call, send = self._start(
-            request, args, kwargs, stream=False, via=inner.with_call if with_call else inner
-        )
+    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        call, send = self._start(request, args, kwargs, stream=False)
+        response: Any = None
+
+        def attempt(step: Attempt) -> BaseException | None:
+            # A plain call needs only the response: no Call object is built for it.
+            nonlocal response
+            try:
+                response = send(step)
+            except grpc.RpcError as error:
+                return error
+            return None
+
+        _drive(call.steps(), attempt)  # raises the last error when the stack gives up
+        return response
+
+    def _invoke(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run a call for ``with_call``/``future``: return the last attempt's Call-Future."""
+        call, send = self._start(request, args, kwargs, stream=False, via=self._inner.with_call)
 
         def attempt(step: Attempt) -> Any:
             try:
-                result = send(step)
+                return _Outcome(*send(step))
             except grpc.RpcError as error:
                 return error  # a finished Call-Future whose exception() is itself
-            # Plain calls need only the response: no Call object is built for them.
-            return _Outcome(*result) if with_call else _Response(result)
 
         return _run_unary(call, attempt)
 
-    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._invoke(request, args, kwargs, with_call=False).result()
-
     def with_call(self, request: Any, *args: Any, **kwargs: Any) -> tuple[Any, grpc.Call]:
-        outcome = self._invoke(request, args, kwargs, with_call=True)
+        outcome = self._invoke(request, args, kwargs)
         return outcome.result(), outcome
 
     def future(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._invoke(request, args, kwargs, with_call=True)
+        return self._invoke(request, args, kwargs)
 
 
 class _UnaryStreamCallable(StubMethod, grpc.UnaryStreamMultiCallable):  # type: ignore[type-arg]
