@@ -305,29 +305,47 @@ class Flights(Generic[E]):
             event.set()
 
 
-class FlowDriver(Generic[E]):
-    """Steps one call's flow and keeps the bookkeeping both shells share.
+class FlowDriver(DedupFlow, Generic[E]):
+    """One call's flow (a :class:`DedupFlow`) plus the bookkeeping both shells share.
 
     The shell loops ``effect = driver.advance(effect, answer)`` until it returns ``None``, then
     reads :attr:`verdict`; :meth:`close` (in a ``finally``) ends a flight left open by an
     exception and returns the token of a claim that must be released (the call was cancelled
-    or interrupted between claim and completion). Single flight and telemetry live here.
+    or interrupted between claim and completion). Single flight and telemetry live here, and
+    the live result of this call's execution (``response``, or the handler's ``error``). One
+    object per call: the flow's decisions stay in :class:`DedupFlow`.
     """
 
-    __slots__ = ("_claimed", "_flights", "_flow", "_token", "call_key", "key", "method", "verdict")
+    __slots__ = (
+        "_flights",
+        "_flying",
+        "_owned",
+        "call_key",
+        "error",
+        "key",
+        "method",
+        "response",
+        "verdict",
+    )
 
-    def __init__(self, plan: CallPlan, flow: DedupFlow, flights: Flights[E]) -> None:
+    def __init__(
+        self, plan: CallPlan, fingerprint: bytes, settings: FlowSettings, flights: Flights[E]
+    ) -> None:
+        DedupFlow.__init__(
+            self, fingerprint, settings, clock=time.monotonic, wait_until=plan.wait_until
+        )
         self.method = plan.method
         self.key = plan.store_key
         self.call_key = plan.key
-        self._flow = flow
         self._flights = flights
-        self._claimed = False
-        self._token: int | None = None
+        self._flying = False
+        self._owned: int | None = None
         self.verdict: Verdict | None = None
+        self.response: bytes | None = None
+        self.error: Exception | None = None
 
     def first(self) -> Effect:
-        return self._flow.start()
+        return self.start()
 
     def scope(self) -> derivation_scope:
         """The derivation scope the handler runs in: the call's key (validated on admission)."""
@@ -339,26 +357,31 @@ class FlowDriver(Generic[E]):
             token = answer.token
             if token is not None:  # we own the key: duplicates in this process wait on us
                 self._flights.open(self.key)
-                self._claimed = True
-                self._token = token
+                self._flying = True
+                self._owned = token
         elif isinstance(effect, (Complete, Release)):
             self._flights.end(self.key)
-            self._claimed = False
-            self._token = None
-        step = self._flow.send(answer)
+            self._flying = False
+            self._owned = None
+        step = self.send(answer)
         if isinstance(step, Verdict):
             self.verdict = step
             report(self.method, step)
             return None
         return step
 
+    def reraise(self) -> None:
+        """Raise the handler's exception again, if it raised one (an EXECUTED verdict)."""
+        if self.error is not None:
+            raise self.error
+
     def close(self) -> int | None:
         """End an open flight; the claim token to release if the call stopped half-way."""
-        if not self._claimed:
+        if not self._flying:
             return None
-        self._claimed = False
+        self._flying = False
         self._flights.end(self.key)
-        return self._token
+        return self._owned
 
 
 class DedupBase:
@@ -434,14 +457,7 @@ class DedupBase:
 
     def driver(self, plan: CallPlan, request: bytes) -> FlowDriver[Any]:
         """The driver of an admitted call's flow."""
-        settings = self.settings
-        flow = DedupFlow(
-            fingerprint(request),
-            settings.flow_settings,
-            clock=time.monotonic,
-            wait_until=plan.wait_until,
-        )
-        return FlowDriver(plan, flow, self._flights)
+        return FlowDriver(plan, fingerprint(request), self.settings.flow_settings, self._flights)
 
 
 class DedupInterceptor(DedupBase, _ServerInterceptor):
@@ -497,7 +513,6 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
             def unary_stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
                 driver = self._admit(method, raw, context)
-                live = LiveResult()
 
                 def execute(_: int | None) -> Generator[bytes, None, Execution]:
                     collected = Collector(self.settings.flow_settings.max_response_bytes)
@@ -508,7 +523,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                                 collected.add(data)
                                 yield data
                         except Exception as error:
-                            live.error = error
+                            driver.error = error
                             return Execution(
                                 _aborted_outcome(
                                     context, tuple(collected.messages), collected.omitted
@@ -522,7 +537,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
                 verdict = yield from self._drive(driver, execute)
                 if verdict.action is Action.EXECUTED:
-                    live.reraise()
+                    driver.reraise()
                     return
                 assert verdict.outcome is not None
                 yield from verdict.outcome.responses
@@ -535,25 +550,24 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
         def unary_unary(raw: bytes, context: grpc.ServicerContext) -> bytes | None:
             driver = self._admit(method, raw, context)
-            live = LiveResult()
 
             def execute(_: int | None) -> Execution:
                 with driver.scope():
                     try:
                         response = unary(deserialize(raw), context)
                     except Exception as error:
-                        live.error = error
+                        driver.error = error
                         return Execution(_aborted_outcome(context, (), 0))
                 if response is None:  # the handler set an error code and returned nothing
                     return Execution(error_outcome(context))
                 data = serialize(response)
-                live.response = data
+                driver.response = data
                 return Execution(handler_outcome(context, (data,)))
 
             verdict = self._run(driver, execute)
             if verdict.action is Action.EXECUTED:
-                live.reraise()
-                return live.response
+                driver.reraise()
+                return driver.response
             assert verdict.outcome is not None
             self._finish(context, verdict.outcome)
             return verdict.outcome.responses[0]
@@ -640,17 +654,3 @@ def _aborted_outcome(context: Any, responses: tuple[bytes, ...], omitted: int) -
     if state is not None and not getattr(state, "aborted", False):
         return None
     return error_outcome(context, responses, omitted=omitted)
-
-
-class LiveResult:
-    """The live result of the execution in this call: the response, or the handler's exception."""
-
-    __slots__ = ("error", "response")
-
-    def __init__(self) -> None:
-        self.response: bytes | None = None
-        self.error: Exception | None = None
-
-    def reraise(self) -> None:
-        if self.error is not None:
-            raise self.error

@@ -38,7 +38,6 @@ from resilient_grpc.server import (
     DedupBase,
     Flights,
     FlowDriver,
-    LiveResult,
     error_outcome,
     handler_outcome,
     status_code,
@@ -102,7 +101,6 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
             async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
                 driver = await self._admit(method, raw, context)
-                live = LiveResult()
 
                 async def execute(_: int | None) -> Execution:
                     collected = Collector(self.settings.flow_settings.max_response_bytes)
@@ -113,7 +111,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                                 collected.add(data)
                                 await context.write(data)
                         except Exception as error:
-                            live.error = error
+                            driver.error = error
                             return Execution(
                                 _aborted_outcome(
                                     error, context, tuple(collected.messages), collected.omitted
@@ -125,7 +123,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
                 verdict = await self._drive(driver, execute)
                 if verdict.action is Action.EXECUTED:
-                    live.reraise()
+                    driver.reraise()
                     return
                 assert verdict.outcome is not None
                 for data in verdict.outcome.responses:
@@ -140,25 +138,24 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
         ) -> bytes | None:
             driver = await self._admit(method, raw, context)
-            live = LiveResult()
 
             async def execute(_: int | None) -> Execution:
                 with driver.scope():
                     try:
                         response = await unary(deserialize(raw), context)
                     except Exception as error:
-                        live.error = error
+                        driver.error = error
                         return Execution(_aborted_outcome(error, context, (), 0))
                 if response is None:  # the handler set an error code and returned nothing
                     return Execution(error_outcome(context))
                 data = serialize(response)
-                live.response = data
+                driver.response = data
                 return Execution(handler_outcome(context, (data,)))
 
             verdict = await self._drive(driver, execute)
             if verdict.action is Action.EXECUTED:
-                live.reraise()
-                return live.response
+                driver.reraise()
+                return driver.response
             assert verdict.outcome is not None
             await self._finish(context, verdict.outcome)
             return verdict.outcome.responses[0]
