@@ -146,6 +146,9 @@ class DedupSettings:
         self._rules: dict[str, tuple[bool, bool]] = {}
         self._selected = _selector(methods, "methods", default=True)
         self._required = _selector(require_key_methods, "require_key_methods", default=False)
+        # a user's predicate is asked on every call (it may change its mind); names and patterns
+        # are matched once per method
+        self._rules_fixed = not callable(methods) and not callable(require_key_methods)
 
     def wants(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> bool:
         """Whether a call is handled at all (cheap: decided before the handler is chosen)."""
@@ -153,17 +156,16 @@ class DedupSettings:
         return required or (selected and self.key_of(metadata) is not None)
 
     def method_rules(self, method: str) -> tuple[bool, bool]:
-        """``(required, selected)`` for ``method``, computed once per method.
+        """``(required, selected)`` for ``method``, matched once per method unless a predicate decides.
 
         Only methods the server implements get here (the interceptors ask after the handler
         lookup), so the cache is bounded by the service definitions.
         """
         rules = self._rules.get(method)
         if rules is None:
-            rules = self._rules[method] = (
-                bool(self._required(method)),
-                bool(self._selected(method)),
-            )
+            rules = (bool(self._required(method)), bool(self._selected(method)))
+            if self._rules_fixed:
+                self._rules[method] = rules
         return rules
 
     def key_of(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
