@@ -16,7 +16,8 @@ timing interceptor that also does the (de)serialization itself, so that it is co
 and without dedup. Redis round trips per call are counted from ``INFO commandstats``.
 
 Run: ``python -m benchmarks.dedup_overhead`` (about 30-40 s) or ``--quick`` (a few seconds).
-Writes ``benchmarks/results/dedup_overhead.json`` and prints a table.
+Writes ``benchmarks/results/dedup_overhead.json`` and prints a table per flavour, then the issue's targets
+with the numbers each is judged on (see :func:`targets` for the two readings of the replay target).
 """
 
 from __future__ import annotations
@@ -302,6 +303,12 @@ def targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     checks: dict[str, Any] = {
         "memory_first_e2e_overhead": memory["e2e_median_us"] / none["e2e_median_us"] - 1,
         "memory_adds_at_most_10_percent": memory["e2e_median_us"] <= 1.10 * none["e2e_median_us"],
+        # the same question asked of the server-side time the interceptor adds, which is far less
+        # noisy than a difference of two e2e medians on a shared machine (for information only)
+        "memory_first_server_added_over_none_e2e": (
+            memory["server_median_us"] - none["server_median_us"]
+        )
+        / none["e2e_median_us"],
     }
     for store in STORES:
         first = results[f"{store} first"]["server_median_us"]
@@ -336,6 +343,13 @@ def target_table(flavour: str, results: dict[str, dict[str, Any]]) -> Table:
         f"{results['memory first']['e2e_median_us']:.0f} µs (+{checks['memory_first_e2e_overhead']:.1%})",
         f"none {none['e2e_median_us']:.0f} µs",
         met(checks["memory_adds_at_most_10_percent"]),
+    )
+    added = results["memory first"]["server_median_us"] - none["server_median_us"]
+    out.add_row(
+        "  (info) server time it adds",
+        f"+{added:.1f} µs ({checks['memory_first_server_added_over_none_e2e']:.1%})",
+        f"of none e2e {none['e2e_median_us']:.0f} µs",
+        "-",
     )
     for store in STORES:
         replay = results[f"{store} replay"]["server_median_us"]
