@@ -152,7 +152,8 @@ def explicit_key() -> str | None:
     return _explicit_key.get()
 
 
-class derivation_scope:  # lower case: a context manager used like the function it replaced
+# lower case: used like the (generator-based) function it replaced, as a context manager or decorator
+class derivation_scope(contextlib.ContextDecorator):
     """Derive the keys of outgoing calls from ``parent_key`` inside this block.
 
     The server interceptors open this around a handler that received a key; it is public so
@@ -167,6 +168,11 @@ class derivation_scope:  # lower case: a context manager used like the function 
     def __init__(self, parent_key: str, *, _scope: DerivationScope | None = None) -> None:
         self._key = parent_key
         self._scope = _scope
+
+    def _recreate_cm(self) -> derivation_scope:
+        # used as a decorator: every call of the decorated function gets a fresh scope, as with
+        # the generator-based context manager this class replaced
+        return derivation_scope(self._key)
 
     @classmethod
     def of(cls, scope: DerivationScope) -> derivation_scope:
