@@ -19,10 +19,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import redis
-import redis.asyncio
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+try:
+    import redis
+    import redis.asyncio
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as error:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "RedisStore needs the redis client: pip install 'resilient-grpc[redis]'"
+    ) from error
 
 from resilient_grpc.core.dedup import (
     ClaimResult,
