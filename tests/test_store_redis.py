@@ -85,3 +85,20 @@ async def test_client_kinds(redis_url: str) -> None:
     view = async_only.as_async()
     assert (await view.claim("k", FP, lease=5)).token is not None
     await view.aclose()
+
+
+def test_a_missing_redis_client_names_the_extra() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['redis'] = None\n"
+        "try:\n"
+        "    from resilient_grpc import RedisStore\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "pip install 'resilient-grpc[redis]'" in out.stdout
