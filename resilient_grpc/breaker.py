@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -40,6 +39,7 @@ import pybreaker
 from resilient_grpc import telemetry
 from resilient_grpc.core.codes import UNHEALTHY_CODES, code_names
 from resilient_grpc.core.failure_window import FailureWindow
+from resilient_grpc.core.validation import finite_number, whole_number
 
 StorageFactory = Callable[[str], pybreaker.CircuitBreakerStorage]
 
@@ -283,25 +283,9 @@ class CircuitBreaker:
         name: str = "resilient_grpc",
         listeners: Iterable[pybreaker.CircuitBreakerListener] = (),
     ) -> None:
-        if isinstance(fail_max, bool) or not isinstance(fail_max, int) or fail_max < 1:
-            raise ValueError(f"fail_max must be an integer >= 1, got {fail_max!r}")
-        if (
-            isinstance(reset_timeout, bool)
-            or not isinstance(reset_timeout, (int, float))
-            or not math.isfinite(reset_timeout)
-            or reset_timeout <= 0
-        ):
-            raise ValueError(
-                f"reset_timeout must be a finite number of seconds > 0, got {reset_timeout!r}"
-            )
-        if (
-            isinstance(success_threshold, bool)
-            or not isinstance(success_threshold, int)
-            or success_threshold < 1
-        ):
-            raise ValueError(
-                f"success_threshold must be an integer >= 1, got {success_threshold!r}"
-            )
+        whole_number("fail_max", fail_max, at_least=1)
+        reset_timeout = finite_number("reset_timeout", reset_timeout, above=0.0, unit=" of seconds")
+        whole_number("success_threshold", success_threshold, at_least=1)
         FailureWindow(window, failure_rate)  # validates both, naming the argument
         self.window = float(window)
         self.failure_rate = float(failure_rate)

@@ -18,7 +18,6 @@ the last real error (with :func:`~resilient_grpc.errors.attempts_of` set) or
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Generator, Sequence
 from functools import partial
 from typing import Any, Literal, NoReturn
@@ -36,6 +35,7 @@ from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.keys import IdempotencyKeys, key_for_call
 from resilient_grpc.core.policy import RetryPolicy
 from resilient_grpc.core.retry import Reason, RetryDecision, RetryState
+from resilient_grpc.core.validation import finite_number
 from resilient_grpc.errors import BreakerOpenError, mark_gave_up
 
 Metadata = tuple[tuple[str, Any], ...]
@@ -125,15 +125,8 @@ class ClientStack:
         _check_instance("idempotency", idempotency, IdempotencyKeys, "IdempotencyKeys")
         if target is not None and (not isinstance(target, str) or not target):
             raise ValueError(f"target must be a non-empty string or None, got {target!r}")
-        if reconnect_wait is not None and (
-            isinstance(reconnect_wait, bool)
-            or not isinstance(reconnect_wait, (int, float))
-            or not math.isfinite(reconnect_wait)
-            or reconnect_wait <= 0
-        ):
-            raise ValueError(
-                f"reconnect_wait must be a finite number of seconds > 0 or None, got {reconnect_wait!r}"
-            )
+        if reconnect_wait is not None:
+            finite_number("reconnect_wait", reconnect_wait, above=0.0, unit=" of seconds")
         self.policy = retry if retry is not None else _SINGLE_ATTEMPT
         self.budget = budget if retry is not None else None
         self.breaker = breaker

@@ -54,9 +54,7 @@ SERVER_WARNING_OUTCOMES: frozenset[str] = frozenset({"store_error", "fail_open"}
 SERVER_WARNING_INTERVAL = 10.0
 
 
-def attempt_finished(
-    method: str, attempt: int, code: str, decision: RetryDecision | None
-) -> None:
+def attempt_finished(method: str, attempt: int, code: str, decision: RetryDecision | None) -> None:
     """DEBUG: one attempt ended with ``code``, and what the stack decided next."""
     if not client_logger.isEnabledFor(logging.DEBUG):
         return

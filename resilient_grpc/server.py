@@ -71,7 +71,8 @@ from resilient_grpc.core.keys import (
     derivation_scope,
 )
 from resilient_grpc.core.methods import method_matches, method_patterns
-from resilient_grpc.stores.base import AsyncStore, Store, StoreUnavailableError, check_positive
+from resilient_grpc.core.validation import finite_number, whole_number
+from resilient_grpc.stores.base import AsyncStore, Store, StoreUnavailableError
 from resilient_grpc.stores.memory import MemoryStore
 
 __all__ = ["DedupBase", "DedupInterceptor", "DedupSettings", "FlowDriver", "ScopeFunction"]
@@ -128,11 +129,11 @@ class DedupSettings:
         if scope is not None and not callable(scope):
             raise ValueError(f"scope must be a function of the servicer context, got {scope!r}")
         if ttl is not None:
-            check_positive("ttl", ttl)
-        check_positive("lease", lease)
-        check_positive("max_response_bytes", max_response_bytes, integer=True)
-        check_positive("max_wait", max_wait)
-        check_positive("max_pushback", max_pushback)
+            finite_number("ttl", ttl, above=0.0, unit=" of seconds")
+        finite_number("lease", lease, above=0.0, unit=" of seconds")
+        whole_number("max_response_bytes", max_response_bytes, at_least=1)
+        finite_number("max_wait", max_wait, above=0.0, unit=" of seconds")
+        finite_number("max_pushback", max_pushback, above=0.0, unit=" of seconds")
         if not isinstance(fail_open, bool):
             raise ValueError(f"fail_open must be True or False, got {fail_open!r}")
         self.header = IdempotencyKeys(header=header).header  # validates the header name

@@ -71,6 +71,7 @@ from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.codes import code_name
 from resilient_grpc.core.methods import method_patterns
 from resilient_grpc.core.policy import RetryPolicy
+from resilient_grpc.core.validation import finite_number
 
 #: gRPC treats any ``maxAttempts`` above this as this.
 MAX_ATTEMPTS_CAP = 5
@@ -211,10 +212,7 @@ def budget_from_service_config(
     throttling = parse_service_config(config).retry_throttling
     if throttling is None:
         return None
-    if isinstance(window, bool) or not isinstance(window, (int, float)) or not (
-        math.isfinite(window) and window > 0
-    ):
-        raise ValueError(f"window must be a finite number of seconds > 0, got {window!r}")
+    window = finite_number("window", window, above=0.0, unit=" of seconds")
     return RetryBudget(
         ratio=min(throttling.token_ratio, 1.0),
         min_retries_per_second=throttling.max_tokens / 2 / window,
@@ -267,12 +265,16 @@ def _names(raw: object, path: str) -> tuple[tuple[str, str], ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise ValueError(f"{path}: expected a list of {{service, method}} objects, got {_kind(raw)}")
+        raise ValueError(
+            f"{path}: expected a list of {{service, method}} objects, got {_kind(raw)}"
+        )
     names: list[tuple[str, str]] = []
     for position, item in enumerate(raw):
         here = f"{path}[{position}]"
         if not isinstance(item, Mapping):
-            raise ValueError(f"{here}: expected an object with service and method, got {_kind(item)}")
+            raise ValueError(
+                f"{here}: expected an object with service and method, got {_kind(item)}"
+            )
         service = _optional_string(item.get("service"), f"{here}.service")
         method = _optional_string(item.get("method"), f"{here}.method")
         if method and not service:
@@ -331,7 +333,9 @@ def _retry_throttling(raw: object) -> RetryThrottling:
         raise ValueError(f"{path}: expected an object, got {_kind(raw)}")
     max_tokens = _integer(_required(raw, "maxTokens", path), f"{path}.maxTokens")
     if not 0 < max_tokens <= _UINT32_MAX:
-        raise ValueError(f"{path}.maxTokens: must be an integer in [1, {_UINT32_MAX}], got {max_tokens}")
+        raise ValueError(
+            f"{path}.maxTokens: must be an integer in [1, {_UINT32_MAX}], got {max_tokens}"
+        )
     ratio = _number(_required(raw, "tokenRatio", path), f"{path}.tokenRatio")
     milli = _decimal(ratio).quantize(_MILLI, rounding=ROUND_DOWN)
     if milli <= 0:
@@ -383,12 +387,12 @@ def _number(raw: object, path: str) -> float:
 def _duration(raw: object, path: str) -> float:
     """A protobuf JSON duration (``"0.1s"``) that must be > 0, in seconds."""
     if not isinstance(raw, str):
-        raise ValueError(f"{path}: expected a duration string like \"0.1s\", got {raw!r}")
+        raise ValueError(f'{path}: expected a duration string like "0.1s", got {raw!r}')
     match = _DURATION.match(raw)
     if match is None:
         raise ValueError(
             f"{path}: {raw!r} is not a duration (seconds with up to 9 decimals and an 's', "
-            "e.g. \"0.1s\")"
+            'e.g. "0.1s")'
         )
     sign, whole, fraction = match.groups()
     value = Decimal(f"{sign}{whole}.{fraction or '0'}")
@@ -474,7 +478,9 @@ def service_config_from_policy(
     if not isinstance(policy, RetryPolicy):
         raise ValueError(f"policy: expected a RetryPolicy, got {type(policy).__name__}")
     if isinstance(methods, (str, bytes)):
-        raise ValueError(f"methods: expected a collection of method names, got the string {methods!r}")
+        raise ValueError(
+            f"methods: expected a collection of method names, got the string {methods!r}"
+        )
     chosen = frozenset(methods)
     if not chosen:
         raise ValueError("methods: give at least one method, '/package.Service/*' or '*'")
@@ -486,8 +492,10 @@ def service_config_from_policy(
         names.insert(0, {})
     entry: dict[str, Any] = {"name": names}
     if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-            math.isfinite(timeout) and timeout > 0
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not (math.isfinite(timeout) and timeout > 0)
         ):
             raise ValueError(f"timeout: must be a finite number of seconds > 0, got {timeout!r}")
         entry["timeout"] = format_duration(timeout)
@@ -516,8 +524,10 @@ def retry_throttling_from_budget(budget: RetryBudget) -> dict[str, Any]:
 
 def format_duration(seconds: float) -> str:
     """``seconds`` as a protobuf JSON duration (``0.1`` -> ``"0.1s"``), at least 1 ns."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
-        math.isfinite(seconds) and 0 < seconds <= _MAX_DURATION_SECONDS
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not (math.isfinite(seconds) and 0 < seconds <= _MAX_DURATION_SECONDS)
     ):
         raise ValueError(
             f"duration: expected seconds in (0, {_MAX_DURATION_SECONDS}], got {seconds!r}"

@@ -119,7 +119,19 @@ BREAKER_STATES: tuple[str, ...] = ("closed", "open", "half-open")
 
 #: Bucket boundaries (seconds) suggested for the backoff histogram.
 BACKOFF_BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 
 _OUTCOME_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -181,19 +193,29 @@ class _Instruments:
 
     def __init__(self, meter: metrics.Meter) -> None:
         self.calls = meter.create_counter(
-            "resilient_grpc.client.calls", unit="{call}", description="Logical client calls, by final status and outcome."
+            "resilient_grpc.client.calls",
+            unit="{call}",
+            description="Logical client calls, by final status and outcome.",
         )
         self.attempts = meter.create_counter(
-            "resilient_grpc.client.attempts", unit="{attempt}", description="Attempts sent, by status."
+            "resilient_grpc.client.attempts",
+            unit="{attempt}",
+            description="Attempts sent, by status.",
         )
         self.retries = meter.create_counter(
-            "resilient_grpc.client.retries", unit="{retry}", description="Retries granted, by the status retried and the backoff source."
+            "resilient_grpc.client.retries",
+            unit="{retry}",
+            description="Retries granted, by the status retried and the backoff source.",
         )
         self.budget_refusals = meter.create_counter(
-            "resilient_grpc.client.budget_refusals", unit="{retry}", description="Retries refused because the retry budget was exhausted."
+            "resilient_grpc.client.budget_refusals",
+            unit="{retry}",
+            description="Retries refused because the retry budget was exhausted.",
         )
         self.breaker_rejections = meter.create_counter(
-            "resilient_grpc.client.breaker_rejections", unit="{call}", description="Calls failed fast by an open circuit breaker."
+            "resilient_grpc.client.breaker_rejections",
+            unit="{call}",
+            description="Calls failed fast by an open circuit breaker.",
         )
         self.backoff = meter.create_histogram(
             "resilient_grpc.client.backoff",
@@ -202,7 +224,9 @@ class _Instruments:
             explicit_bucket_boundaries_advisory=BACKOFF_BUCKETS,
         )
         self.breaker_transitions = meter.create_counter(
-            "resilient_grpc.breaker.transitions", unit="{transition}", description="Circuit breaker state changes."
+            "resilient_grpc.breaker.transitions",
+            unit="{transition}",
+            description="Circuit breaker state changes.",
         )
         self.breaker_state = meter.create_observable_gauge(
             "resilient_grpc.breaker.state",
@@ -502,7 +526,12 @@ class CallTelemetry:
     """The telemetry of one logical client call: its span, attempt events, counters and logs."""
 
     def __init__(
-        self, method: str, span: trace.Span, *, target: str | None = None, info: _Method | None = None
+        self,
+        method: str,
+        span: trace.Span,
+        *,
+        target: str | None = None,
+        info: _Method | None = None,
     ) -> None:
         self.method = method
         self.span = span
@@ -523,7 +552,7 @@ class CallTelemetry:
             self.span.add_event("attempt", _attempt_event(attempt, name, number, decision))
         if decision is not None:
             if decision.retry:
-                source = (decision.source.value if decision.source is not None else "computed")
+                source = decision.source.value if decision.source is not None else "computed"
                 instruments.retries.add(
                     1,
                     {

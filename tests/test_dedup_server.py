@@ -401,9 +401,9 @@ def test_fail_closed_answers_unavailable_and_runs_nothing(start: Start, tmp_path
 
 def test_bad_interceptor_arguments_name_the_field() -> None:
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"lease": 0}, "lease must be a positive number"),
-        ({"ttl": -1}, "ttl must be a positive number"),
-        ({"max_response_bytes": 0}, "max_response_bytes must be a positive integer"),
+        ({"lease": 0}, "lease must be a finite number of seconds > 0"),
+        ({"ttl": -1}, "ttl must be a finite number of seconds > 0"),
+        ({"max_response_bytes": 0}, "max_response_bytes must be an integer >= 1"),
         ({"fail_open": "yes"}, "fail_open must be True or False"),
         ({"header": "Idempotency-Key"}, "header must be a non-empty lower-case"),
         ({"methods": "/a.B/C"}, "methods: expected a collection"),

@@ -200,8 +200,8 @@ def test_threads_claiming_one_key_get_one_token(
 
 def test_bad_arguments_name_the_field(tmp_path: Path) -> None:
     bad: list[tuple[Callable[[], Any], str]] = [
-        (lambda: MemoryStore(ttl=0), "ttl must be a positive number"),
-        (lambda: MemoryStore(max_entries=0), "max_entries must be a positive integer"),
+        (lambda: MemoryStore(ttl=0), "ttl must be a finite number of seconds > 0"),
+        (lambda: MemoryStore(max_entries=0), "max_entries must be an integer >= 1"),
         (lambda: MemoryStore(max_bytes=10), "max_bytes must be at least"),
         (lambda: SQLiteStore(tmp_path / "x", busy_timeout=-1), "busy_timeout"),
         (lambda: SQLiteStore(tmp_path / "x", synchronous="SOMETIMES"), "synchronous must be"),

@@ -9,7 +9,6 @@ in a worker thread, so the event loop never blocks). Keys are the hex digests ma
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import secrets
 import threading
@@ -37,19 +36,6 @@ def new_token() -> int:
     once from the OS is enough, and much cheaper than a system call per claim.
     """
     return _tokens.getrandbits(63) or 1
-
-
-def check_positive(name: str, value: float, *, integer: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a positive finite number."""
-    kind = int if integer else (int, float)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, kind)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        what = "a positive integer" if integer else "a positive number of seconds"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def poll_delays(first: float = 0.002, cap: float = 0.05) -> Iterator[float]:

@@ -19,12 +19,12 @@ from resilient_grpc.core.dedup import (
     complete_entry,
     release_allowed,
 )
+from resilient_grpc.core.validation import finite_number, whole_number
 from resilient_grpc.stores.base import (
     DEFAULT_TTL,
     AsyncStore,
     DirectAsyncStore,
     Store,
-    check_positive,
     new_token,
 )
 
@@ -66,9 +66,9 @@ class MemoryStore(Store):
         *,
         clock: Clock = time.monotonic,
     ) -> None:
-        check_positive("ttl", ttl)
-        check_positive("max_entries", max_entries, integer=True)
-        check_positive("max_bytes", max_bytes, integer=True)
+        finite_number("ttl", ttl, above=0.0, unit=" of seconds")
+        whole_number("max_entries", max_entries, at_least=1)
+        whole_number("max_bytes", max_bytes, at_least=1)
         if max_bytes < ENTRY_OVERHEAD:
             raise ValueError(f"max_bytes must be at least {ENTRY_OVERHEAD}, got {max_bytes}")
         self.ttl = float(ttl)

@@ -37,12 +37,12 @@ from resilient_grpc.core.dedup import (
     decode_outcome,
     encode_outcome,
 )
+from resilient_grpc.core.validation import finite_number
 from resilient_grpc.stores.base import (
     DEFAULT_TTL,
     AsyncStore,
     Store,
     StoreUnavailableError,
-    check_positive,
     new_token,
 )
 
@@ -104,7 +104,7 @@ class _Layout:
     def __init__(self, prefix: str, ttl: float, where: str) -> None:
         if not isinstance(prefix, str):
             raise ValueError(f"prefix must be a string, got {prefix!r}")
-        check_positive("ttl", ttl)
+        finite_number("ttl", ttl, above=0.0, unit=" of seconds")
         self.prefix = prefix
         self.ttl = float(ttl)
         self.where = where

@@ -22,11 +22,11 @@ from resilient_grpc.core.dedup import (
     encode_outcome,
     release_allowed,
 )
+from resilient_grpc.core.validation import finite_number
 from resilient_grpc.stores.base import (
     DEFAULT_TTL,
     Store,
     StoreUnavailableError,
-    check_positive,
     new_token,
 )
 
@@ -77,8 +77,8 @@ class SQLiteStore(Store):
         synchronous: str = "NORMAL",
         clock: Clock = time.time,
     ) -> None:
-        check_positive("ttl", ttl)
-        check_positive("busy_timeout", busy_timeout)
+        finite_number("ttl", ttl, above=0.0, unit=" of seconds")
+        finite_number("busy_timeout", busy_timeout, above=0.0, unit=" of seconds")
         if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise ValueError(
                 f"synchronous must be one of OFF, NORMAL, FULL, EXTRA, got {synchronous!r}"
