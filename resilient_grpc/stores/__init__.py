@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from resilient_grpc.stores.base import AsyncStore, Store, StoreUnavailableError
+from resilient_grpc.stores.base import AsyncStore, Store, StoreFullError, StoreUnavailableError
 from resilient_grpc.stores.memory import MemoryStore
 from resilient_grpc.stores.sqlite import SQLiteStore
 
@@ -18,6 +18,7 @@ __all__ = [
     "RedisStore",
     "SQLiteStore",
     "Store",
+    "StoreFullError",
     "StoreUnavailableError",
 ]
 

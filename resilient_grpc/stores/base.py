@@ -23,7 +23,23 @@ DEFAULT_TTL = 24 * 3600.0
 
 
 class StoreUnavailableError(Exception):
-    """The dedup store could not be reached or could not answer; the message says which and why."""
+    """The dedup store could not be reached or could not answer; the message says which and why.
+
+    The message is for the server's log: the interceptors never send it to a client (it may name
+    files, hosts or driver errors).
+    """
+
+
+class StoreFullError(StoreUnavailableError):
+    """The store is full of records it must not drop (live claims) and refuses a new claim.
+
+    An overload signal, not an outage: the interceptors answer RESOURCE_EXHAUSTED with a
+    ``grpc-retry-pushback-ms`` of ``retry_after`` seconds (the soonest a claim may free up).
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 _tokens = random.Random(secrets.randbits(128))
