@@ -47,8 +47,21 @@ GIVE_UP_REASONS: frozenset[Reason] = frozenset(
     }
 )
 
-#: Dedup outcomes logged at WARNING (throttled): the store could not be used.
-SERVER_WARNING_OUTCOMES: frozenset[str] = frozenset({"store_error", "fail_open"})
+#: Dedup outcomes logged at WARNING (throttled), and what each line says happened.
+SERVER_WARNINGS: dict[str, str] = {
+    "store_error": "dedup store unavailable, refusing the call",
+    "fail_open": "dedup store unavailable, running the handler without deduplication",
+    "store_full": "dedup store full of in-flight claims, refusing the call (RESOURCE_EXHAUSTED)",
+    "outcome_not_stored": (
+        "dedup store unavailable after the handler ran: its outcome was answered but not "
+        "stored, and its key stays claimed until the lease lapses"
+    ),
+    "complete_refused": "dedup store refused the handler's outcome, which was not stored",
+    "lease_lost": "dedup store refused to renew a running handler's lease",
+    "renew_failed": "dedup store unavailable while renewing a running handler's lease",
+}
+#: Dedup outcomes logged at WARNING (throttled): the store could not be used as it should.
+SERVER_WARNING_OUTCOMES: frozenset[str] = frozenset(SERVER_WARNINGS)
 
 #: Minimum seconds between two WARNING lines for the same server outcome.
 SERVER_WARNING_INTERVAL = 10.0
@@ -169,21 +182,17 @@ class _Throttle:
 _server_throttle = _Throttle(SERVER_WARNING_INTERVAL)
 
 
-def dedup_outcome(method: str, outcome: str) -> None:
-    """DEBUG per dedup outcome; a throttled WARNING when the store could not be used."""
+def dedup_outcome(method: str, outcome: str, detail: str = "") -> None:
+    """DEBUG per dedup outcome; a throttled WARNING when the store could not be used as it
+    should (see :data:`SERVER_WARNINGS`), with ``detail`` (e.g. the store's error message)."""
     extra = {"rpc_method": method, "dedup_outcome": outcome}
-    if outcome in SERVER_WARNING_OUTCOMES:
+    what = SERVER_WARNINGS.get(outcome)
+    if what is not None:
         held = _server_throttle.admit(outcome)
         if held is not None:
-            what = (
-                "running the handler without deduplication"
-                if outcome == "fail_open"
-                else "refusing the call"
-            )
             more = f" ({held} more since the last line)" if held else ""
-            server_logger.warning(
-                "%s: dedup store unavailable, %s%s", method, what, more, extra=extra
-            )
+            why = f": {detail}" if detail else ""
+            server_logger.warning("%s: %s%s%s", method, what, why, more, extra=extra)
             return
     if server_logger.isEnabledFor(logging.DEBUG):
         server_logger.debug("%s: dedup %s", method, outcome, extra=extra)

@@ -36,32 +36,40 @@ Rules the design leaves open, chosen here:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import grpc
 
-from resilient_grpc import telemetry
+from resilient_grpc import logs, telemetry
 from resilient_grpc.core.dedup import (
+    DEFAULT_LEASE,
     Action,
     Claim,
     ClaimResult,
     Complete,
+    Crowded,
     DedupFlow,
     Effect,
     Execute,
     Execution,
     FlowSettings,
+    LeaseTable,
     Outcome,
     Release,
     StoreDown,
+    StoreFull,
     Verdict,
     Wait,
     admission_problem,
     fingerprint,
+    renewal_interval,
+    renewed,
     scoped_key,
 )
 from resilient_grpc.core.keys import (
@@ -72,7 +80,7 @@ from resilient_grpc.core.keys import (
 )
 from resilient_grpc.core.methods import method_matches, method_patterns
 from resilient_grpc.core.validation import finite_number, whole_number
-from resilient_grpc.stores.base import AsyncStore, Store, StoreUnavailableError
+from resilient_grpc.stores.base import AsyncStore, Store, StoreFullError, StoreUnavailableError
 from resilient_grpc.stores.memory import MemoryStore
 
 __all__ = ["DedupBase", "DedupInterceptor", "DedupSettings", "FlowDriver", "ScopeFunction"]
@@ -94,6 +102,8 @@ else:
 
 #: Without a client deadline, a duplicate waits at most this long by default (seconds).
 DEFAULT_MAX_WAIT = 10.0
+#: How many duplicates of one key may wait at once in one process, by default.
+DEFAULT_MAX_WAITERS = 64
 _NO_DEADLINE = 1e8
 
 
@@ -209,7 +219,7 @@ def _selector(selection: MethodSelection, field: str, *, default: bool) -> Calla
 def report(method: str, verdict: Verdict) -> None:
     """Send the verdict's dedup outcomes to telemetry."""
     for event in verdict.events:
-        telemetry.dedup_outcome(method, event)
+        telemetry.dedup_outcome(method, event, verdict.detail)
 
 
 def status_code(name: str) -> grpc.StatusCode:
@@ -234,7 +244,8 @@ def error_outcome(
     if omitted:
         return Outcome(code.name, omitted_bytes=omitted)
     trailers = _trailers(context)
-    return Outcome(code.name, text(context.details()), trailers, responses)
+    initial = context.initial_metadata
+    return Outcome(code.name, text(context.details()), trailers, responses, 0, initial)
 
 
 def handler_outcome(context: Any, responses: tuple[bytes, ...], *, omitted: int = 0) -> Outcome:
@@ -245,9 +256,10 @@ def handler_outcome(context: Any, responses: tuple[bytes, ...], *, omitted: int 
         return Outcome(name, omitted_bytes=omitted)
     metadata = context.trailing_metadata()
     trailers = tuple(metadata) if metadata else ()
+    initial = context.initial_metadata
     if name == "OK":
-        return Outcome("OK", "", trailers, responses)
-    return Outcome(name, text(context.details()), trailers, responses)
+        return Outcome("OK", "", trailers, responses, 0, initial)
+    return Outcome(name, text(context.details()), trailers, responses, 0, initial)
 
 
 def _trailers(context: Any) -> tuple[tuple[str, str | bytes], ...]:
@@ -273,85 +285,152 @@ class Collector:
         return self.size if self.size > self.limit else 0
 
 
+class _Flight(Generic[E]):
+    """One key's execution in this process: the claim's token, and the event its waiters wait on."""
+
+    __slots__ = ("event", "token")
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+        self.event: E | None = None
+
+
 class Flights(Generic[E]):
     """In-process single flight: the keys this process is executing, each with an event to wait on.
 
     ``make_event`` is ``threading.Event`` (sync) or ``asyncio.Event`` (aio); an event is made only
     when a duplicate actually waits. A call opens its flight when it wins a claim and ends it when
-    it completes or releases the claim.
+    it completes or releases the claim; a flight is ended only by the claim that opened it, and a
+    key re-claimed in this process (the old claim's lease lapsed) wakes the old flight's waiters,
+    so none sleeps out its deadline. At most ``max_waiters`` duplicates per key wait at once.
     """
 
-    def __init__(self, make_event: Callable[[], E]) -> None:
+    def __init__(self, make_event: Callable[[], E], max_waiters: int) -> None:
         self._make_event = make_event
         self._lock = threading.Lock()
-        self._events: dict[str, E | None] = {}
+        self._flights: dict[str, _Flight[E]] = {}
+        self._waiting: dict[str, int] = {}
+        self.max_waiters = max_waiters
 
     def get(self, key: str) -> E | None:
         """The event of ``key``'s flight in this process (``None``: not executing here)."""
         with self._lock:
-            if key not in self._events:
+            flight = self._flights.get(key)
+            if flight is None:
                 return None
-            event = self._events[key]
+            event = flight.event
             if event is None:
-                event = self._events[key] = self._make_event()
+                event = flight.event = self._make_event()
             return event
 
-    def open(self, key: str) -> None:
-        """Start the flight of a key this process just claimed."""
+    def open(self, key: str, token: int) -> None:
+        """Start the flight of a key this process just claimed with ``token``."""
         with self._lock:
-            self._events[key] = None
+            old = self._flights.get(key)
+            self._flights[key] = _Flight(token)
+        if old is not None and old.event is not None:
+            old.event.set()  # the old claim lapsed: its waiters look again
 
-    def end(self, key: str) -> None:
+    def end(self, key: str, token: int) -> None:
+        """End the flight opened by ``token`` (a later claim's flight is left alone)."""
         with self._lock:
-            event = self._events.pop(key, None)
-        if event is not None:
-            event.set()
+            flight = self._flights.get(key)
+            if flight is None or flight.token != token:
+                return
+            del self._flights[key]
+        if flight.event is not None:
+            flight.event.set()
+
+    def enter(self, key: str) -> bool:
+        """Count one more waiting duplicate of ``key``; ``False`` (not counted) if the bound is reached."""
+        with self._lock:
+            waiting = self._waiting.get(key, 0)
+            if waiting >= self.max_waiters:
+                return False
+            self._waiting[key] = waiting + 1
+            return True
+
+    def leave(self, key: str) -> None:
+        """A duplicate of ``key`` stopped waiting."""
+        with self._lock:
+            waiting = self._waiting[key] - 1
+            if waiting:
+                self._waiting[key] = waiting
+            else:
+                del self._waiting[key]
 
 
-class FlowDriver(DedupFlow, Generic[E]):
-    """One call's flow (a :class:`DedupFlow`) plus the bookkeeping both shells share.
+class Cancellable(Protocol):
+    """A scheduled renewal (``threading``: :class:`Beat`; asyncio: ``TimerHandle``)."""
+
+    def cancel(self) -> object: ...
+
+
+class FlowDriver:
+    """Production's driver of one call's dedup flow: holds the :class:`DedupFlow` (the decisions)
+    and does the bookkeeping both shells share: single flight, telemetry, lease renewal
+    decisions, and the live result of this call's execution (``response``, or the handler's
+    ``error``).
 
     The shell loops ``effect = driver.advance(effect, answer)`` until it returns ``None``, then
-    reads :attr:`verdict`; :meth:`close` (in a ``finally``) ends a flight left open by an
-    exception and returns the token of a claim that must be released (the call was cancelled
-    or interrupted between claim and completion). Single flight and telemetry live here, and
-    the live result of this call's execution (``response``, or the handler's ``error``). One
-    object per call: the flow's decisions stay in :class:`DedupFlow`.
+    reads :attr:`verdict`; the handler runs inside :meth:`scope` (the one context manager the
+    handler runs in); :meth:`close` (in a ``finally``) ends a flight left open when the call
+    stopped between claim and outcome. Such a claim is *kept*: the handler may have done its
+    effect, so the key stays claimed until its lease lapses (never released).
     """
 
     __slots__ = (
         "_flights",
-        "_flying",
-        "_owned",
+        "beat",
+        "beating",
         "call_key",
+        "detached",
         "error",
+        "flow",
         "key",
         "method",
         "response",
+        "token",
         "verdict",
     )
 
     def __init__(
-        self, plan: CallPlan, fingerprint: bytes, settings: FlowSettings, flights: Flights[E]
+        self,
+        plan: CallPlan,
+        fingerprint: bytes,
+        settings: FlowSettings,
+        flights: Flights[Any],
+        lease: float,
     ) -> None:
-        DedupFlow.__init__(
-            self, fingerprint, settings, clock=time.monotonic, wait_until=plan.wait_until
+        self.flow = DedupFlow(
+            fingerprint, settings, clock=time.monotonic, wait_until=plan.wait_until, lease=lease
         )
         self.method = plan.method
         self.key = plan.store_key
         self.call_key = plan.key
         self._flights = flights
-        self._flying = False
-        self._owned: int | None = None
+        #: our claim's token while we hold it (flight open), else ``None``
+        self.token: int | None = None
+        #: the scheduled lease renewal while the handler runs
+        self.beat: Cancellable | None = None
+        self.beating = False
+        #: the caller went away while the handler's execution was shielded (aio)
+        self.detached = False
         self.verdict: Verdict | None = None
         self.response: bytes | None = None
         self.error: Exception | None = None
 
+    @property
+    def lease(self) -> float:
+        """This call's lease (seconds), as configured for its method."""
+        return self.flow.lease
+
     def first(self) -> Effect:
-        return self.start()
+        """The first effect (claim the key)."""
+        return self.flow.start()
 
     def scope(self) -> derivation_scope:
-        """The derivation scope the handler runs in: the call's key (validated on admission)."""
+        """The context manager the handler runs inside: the call's key as derivation scope."""
         return derivation_scope.of(DerivationScope.trusted(self.call_key))
 
     def advance(self, effect: Effect, answer: object) -> Effect | None:
@@ -359,32 +438,173 @@ class FlowDriver(DedupFlow, Generic[E]):
         if isinstance(answer, ClaimResult):
             token = answer.token
             if token is not None:  # we own the key: duplicates in this process wait on us
-                self._flights.open(self.key)
-                self._flying = True
-                self._owned = token
+                self._flights.open(self.key, token)
+                self.token = token
         elif isinstance(effect, (Complete, Release)):
-            self._flights.end(self.key)
-            self._flying = False
-            self._owned = None
-        step = self.send(answer)
+            self.token = None
+            self._flights.end(self.key, effect.token)
+        step = self.flow.send(answer)
         if isinstance(step, Verdict):
             self.verdict = step
             report(self.method, step)
             return None
         return step
 
+    def renewed(self, answer: object) -> float | None:
+        """After a lease renewal answered ``answer``: seconds to the next one (``None``: stop).
+
+        A refused renewal (the claim is lost) or a store failure is reported; an answer that
+        arrives after the handler finished is ignored.
+        """
+        if not self.beating or self.token is None:
+            return None
+        step = renewed(answer, self.flow.lease)
+        if step.event is not None:
+            telemetry.dedup_outcome(self.method, step.event, step.detail)
+        return step.delay
+
+    def stop_beating(self) -> None:
+        """Stop renewing the lease (the handler returned, or the call stopped)."""
+        self.beating = False
+        beat = self.beat
+        if beat is not None:
+            self.beat = None
+            beat.cancel()
+
     def reraise(self) -> None:
         """Raise the handler's exception again, if it raised one (an EXECUTED verdict)."""
         if self.error is not None:
             raise self.error
 
-    def close(self) -> int | None:
-        """End an open flight; the claim token to release if the call stopped half-way."""
-        if not self._flying:
-            return None
-        self._flying = False
-        self._flights.end(self.key)
-        return self._owned
+    def close(self) -> None:
+        """End the flight of a call stopped between its claim and its outcome, keeping the claim.
+
+        The handler may have run, so the outcome is unknown: the claim stays until its lease
+        lapses (renewal stops here). Nothing to do once the flow decided, or while a detached
+        execution still owns the flight.
+        """
+        self.stop_beating()
+        token = self.token
+        if token is None or self.detached:
+            return
+        self.token = None
+        self._flights.end(self.key, token)
+        telemetry.dedup_outcome(self.method, "interrupted", "")
+
+
+class Beat:
+    """One call's lease renewal on the shared :class:`Heartbeats` thread."""
+
+    __slots__ = ("_owner", "cancelled", "renew")
+
+    def __init__(self, owner: Heartbeats, renew: Callable[[], float | None]) -> None:
+        self._owner = owner
+        self.renew = renew
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Never renew again (a renewal already running finishes; its answer is ignored)."""
+        if not self.cancelled:
+            self.cancelled = True
+            self._owner.cancelled += 1  # approximate (no lock): only used to compact the heap
+
+
+class Heartbeats:
+    """One timer thread renewing every running handler's lease (never a thread per call).
+
+    :meth:`every` schedules ``renew`` after ``delay`` s; ``renew`` returns the delay to its next
+    run, or ``None`` to stop. Renewals run one at a time on this thread, so a slow store delays
+    the others by at most its own timeout (a renewal comes a third of a lease before it lapses).
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, Beat]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self.cancelled = 0
+
+    def every(self, delay: float, renew: Callable[[], float | None]) -> Beat:
+        """Run ``renew`` in ``delay`` s, then again after each delay it returns."""
+        beat = Beat(self, renew)
+        self._push(time.monotonic() + delay, beat)
+        return beat
+
+    def _push(self, due: float, beat: Beat) -> None:
+        with self._condition:
+            heap = self._heap
+            if self.cancelled > 1024 and self.cancelled * 2 > len(heap):
+                heap[:] = [item for item in heap if not item[2].cancelled]
+                heapq.heapify(heap)
+                self.cancelled = 0
+            heapq.heappush(heap, (due, next(self._order), beat))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="resilient-grpc-lease-renewal", daemon=True
+                )
+                self._thread.start()
+            elif heap[0][2] is beat:  # due before everything else: wake the thread
+                self._condition.notify()
+
+    def _next(self) -> Beat:
+        with self._condition:
+            heap = self._heap
+            while True:
+                while heap and heap[0][2].cancelled:
+                    heapq.heappop(heap)
+                    self.cancelled = max(0, self.cancelled - 1)
+                if not heap:
+                    self._condition.wait()
+                    continue
+                left = heap[0][0] - time.monotonic()
+                if left <= 0:
+                    return heapq.heappop(heap)[2]
+                self._condition.wait(left)
+
+    def _run(self) -> None:
+        while True:
+            beat = self._next()
+            try:
+                delay = beat.renew()
+            except Exception:  # a renewal must never kill the thread every call relies on
+                logs.server_logger.exception("lease renewal failed unexpectedly")
+                delay = None
+            if delay is not None and not beat.cancelled:
+                self._push(time.monotonic() + delay, beat)
+
+
+#: The process's lease renewal thread (started at the first renewal scheduled).
+HEARTBEATS = Heartbeats()
+
+
+class HandlerContext:
+    """The servicer context a deduplicated handler sees: the real one, plus a record of what
+    it sent that the stored outcome needs (initial metadata, whether it aborted).
+
+    Every other attribute is the real context's.
+    """
+
+    __slots__ = ("_context", "aborted", "initial_metadata")
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self.aborted = False
+        self.initial_metadata: tuple[tuple[str, str | bytes], ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def send_initial_metadata(self, initial_metadata: Any) -> Any:
+        self.initial_metadata = tuple(initial_metadata)
+        return self._context.send_initial_metadata(initial_metadata)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> Any:
+        self.aborted = True
+        return self._context.abort(code, details)
+
+    def abort_with_status(self, status: Any) -> Any:
+        self.aborted = True
+        return self._context.abort_with_status(status)
 
 
 class DedupBase:
@@ -400,23 +620,26 @@ class DedupBase:
         methods: MethodSelection = None,
         require_key_methods: MethodSelection = (),
         ttl: float | None = None,
-        lease: float = 30.0,
+        lease: float | Mapping[str, float] = DEFAULT_LEASE,
         max_response_bytes: int = 256 * 1024,
         fail_open: bool = False,
         header: str = DEFAULT_HEADER,
         max_wait: float = DEFAULT_MAX_WAIT,
         max_pushback: float = 1.0,
+        max_waiters: int = DEFAULT_MAX_WAITERS,
     ) -> None:
         if store is None:
             store = MemoryStore()
         if not isinstance(store, (Store, AsyncStore)):
             raise ValueError(f"store must be a resilient_grpc.stores.Store, got {store!r}")
+        self.leases = LeaseTable(lease)
+        self.max_waiters = whole_number("max_waiters", max_waiters, at_least=1)
         self.settings = DedupSettings(
             scope=scope,
             methods=methods,
             require_key_methods=require_key_methods,
             ttl=ttl,
-            lease=lease,
+            lease=self.leases.default,
             max_response_bytes=max_response_bytes,
             fail_open=fail_open,
             header=header,
@@ -441,7 +664,7 @@ class DedupBase:
     def store_call(self, store: Store | AsyncStore, key: str, effect: Effect) -> Any:
         """The store call an effect asks for (a value, or a coroutine for an :class:`AsyncStore`)."""
         if isinstance(effect, Claim):
-            return store.claim(key, effect.fingerprint, lease=self.settings.lease)
+            return store.claim(key, effect.fingerprint, lease=effect.lease)
         if isinstance(effect, Complete):
             return store.complete(key, effect.token, effect.outcome, ttl=self.settings.ttl)
         if isinstance(effect, Release):
@@ -458,9 +681,22 @@ class DedupBase:
             )
         return self.settings.plan(method, context, remaining)
 
-    def driver(self, plan: CallPlan, request: bytes) -> FlowDriver[Any]:
+    def driver(self, plan: CallPlan, request: bytes) -> FlowDriver:
         """The driver of an admitted call's flow."""
-        return FlowDriver(plan, fingerprint(request), self.settings.flow_settings, self._flights)
+        return FlowDriver(
+            plan,
+            fingerprint(request),
+            self.settings.flow_settings,
+            self._flights,
+            self.leases(plan.method),
+        )
+
+
+def store_down(error: StoreUnavailableError) -> StoreDown:
+    """The flow's view of a store error: full (an overload signal) or down."""
+    if isinstance(error, StoreFullError):
+        return StoreFull(str(error), error.retry_after)
+    return StoreDown(str(error))
 
 
 class DedupInterceptor(DedupBase, _ServerInterceptor):
@@ -470,12 +706,16 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     returns the caller's identity (e.g. the authenticated principal) so tenants never share
     records. ``methods``: which methods are deduplicated (``None``: all unary-request methods;
     names, ``"/pkg.Service/*"`` patterns or a predicate). ``require_key_methods``: methods whose
-    calls must carry a key (they are deduplicated whatever ``methods`` says). ``ttl``: record lifetime (default: the store's). ``lease``: how long
-    a claim lasts if its executor dies (make it longer than your slowest handler).
+    calls must carry a key (they are deduplicated whatever ``methods`` says). ``ttl``: record
+    lifetime (default: the store's). ``lease``: how long a claim outlives a *dead* executor
+    (seconds, or a mapping of method names / ``"/pkg.Service/*"`` patterns to seconds); a running
+    handler's lease is renewed every third of it, however slow the handler.
     ``max_response_bytes``: larger outcomes are not stored. ``fail_open``: run handlers without
     dedup while the store is down. ``max_wait``: how long a duplicate waits for the in-flight
     attempt when the caller set no deadline; ``max_pushback``: the longest retry delay an ABORTED
-    duplicate is told to wait. See the module docstring for the exact rules.
+    duplicate is told to wait; ``max_waiters``: how many duplicates of one key may wait at once
+    in this process (more are answered ABORTED with a pushback at once). See the module
+    docstring for the exact rules.
     """
 
     store: Store
@@ -487,7 +727,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                 "resilient_grpc.aio.DedupInterceptor"
             )
         self.store = store
-        self._flights = Flights(threading.Event)
+        self._flights = Flights(threading.Event, self.max_waiters)
 
     def intercept_service(
         self,
@@ -517,32 +757,26 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             def unary_stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
                 driver = self._admit(method, raw, context)
 
-                def execute(_: int | None) -> Generator[bytes, None, Execution]:
+                def execute() -> Generator[bytes, None, Execution]:
                     collected = Collector(self.settings.flow_settings.max_response_bytes)
+                    handler_context = HandlerContext(context)
                     with driver.scope():
                         try:
-                            for message in stream(deserialize(raw), context):
+                            for message in stream(deserialize(raw), cast(Any, handler_context)):
                                 data = serialize(message)
                                 collected.add(data)
                                 yield data
                         except Exception as error:
                             driver.error = error
-                            return Execution(
-                                _aborted_outcome(
-                                    context, tuple(collected.messages), collected.omitted
-                                )
-                            )
-                    return Execution(
-                        handler_outcome(
-                            context, tuple(collected.messages), omitted=collected.omitted
-                        )
-                    )
+                            return Execution(failed_outcome(handler_context, collected))
+                    return Execution(returned_outcome(handler_context, collected))
 
                 verdict = yield from self._drive(driver, execute)
                 if verdict.action is Action.EXECUTED:
                     driver.reraise()
                     return
                 assert verdict.outcome is not None
+                self._start(context, verdict.outcome)
                 yield from verdict.outcome.responses
                 self._finish(context, verdict.outcome)
 
@@ -554,30 +788,28 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         def unary_unary(raw: bytes, context: grpc.ServicerContext) -> bytes | None:
             driver = self._admit(method, raw, context)
 
-            def execute(_: int | None) -> Execution:
+            def execute() -> Execution:
+                handler_context = HandlerContext(context)
                 with driver.scope():
                     try:
-                        response = unary(deserialize(raw), context)
+                        response = unary(deserialize(raw), cast(Any, handler_context))
                     except Exception as error:
                         driver.error = error
-                        return Execution(_aborted_outcome(context, (), 0))
-                if response is None:  # the handler set an error code and returned nothing
-                    return Execution(error_outcome(context))
-                data = serialize(response)
-                driver.response = data
-                return Execution(handler_outcome(context, (data,)))
+                        return Execution(failed_outcome(handler_context))
+                return Execution(unary_outcome(driver, handler_context, response, serialize))
 
             verdict = self._run(driver, execute)
             if verdict.action is Action.EXECUTED:
                 driver.reraise()
                 return driver.response
             assert verdict.outcome is not None
+            self._start(context, verdict.outcome)
             self._finish(context, verdict.outcome)
             return verdict.outcome.responses[0]
 
         return grpc.unary_unary_rpc_method_handler(unary_unary)
 
-    def _admit(self, method: str, raw: bytes, context: grpc.ServicerContext) -> FlowDriver[Any]:
+    def _admit(self, method: str, raw: bytes, context: grpc.ServicerContext) -> FlowDriver:
         """Refuse a call before anything runs (expired deadline, bad or missing key)."""
         plan = self.admit(method, context)
         if isinstance(plan, tuple):
@@ -586,42 +818,55 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         return self.driver(plan, raw)
 
     @staticmethod
+    def _start(context: grpc.ServicerContext, outcome: Outcome) -> None:
+        """Send a stored outcome's initial metadata (what the handler sent the first time)."""
+        if outcome.initial_metadata:
+            context.send_initial_metadata(outcome.initial_metadata)
+
+    @staticmethod
     def _finish(context: grpc.ServicerContext, outcome: Outcome) -> None:
         """Send a stored or refusal outcome's trailers and, for an error, its status."""
         context.set_trailing_metadata(outcome.trailing_metadata)
         if outcome.code != "OK":
             context.abort(status_code(outcome.code), outcome.details)
 
-    # -- the effect loop
+    # -- the effect loop (resilient_grpc.aio.server has the same lines, awaited)
 
     def _drive(
-        self,
-        driver: FlowDriver[Any],
-        execute: Callable[[int | None], Generator[bytes, None, Execution]],
+        self, driver: FlowDriver, execute: Callable[[], Generator[bytes, None, Execution]]
     ) -> Generator[bytes, None, Verdict]:
-        """Perform a stream's flow effects; ``execute`` is a generator of its messages."""
+        """Perform a stream's flow; ``execute`` is a generator of the handler's messages."""
         try:
             run = self._pump(driver, driver.first())
             if run is not None:  # a flow executes the handler at most once
-                execution = yield from execute(run.token)
+                self._beat(driver, run)
+                try:
+                    execution = yield from execute()
+                finally:
+                    driver.stop_beating()
                 self._pump(driver, driver.advance(run, execution))
         finally:
-            self._close(driver)
+            driver.close()
         assert driver.verdict is not None
         return driver.verdict
 
-    def _run(self, driver: FlowDriver[Any], execute: Callable[[int | None], Execution]) -> Verdict:
-        """Perform a unary call's flow effects (:meth:`_drive` without a generator)."""
+    def _run(self, driver: FlowDriver, execute: Callable[[], Execution]) -> Verdict:
+        """Perform a unary call's flow (:meth:`_drive` without a generator)."""
         try:
             run = self._pump(driver, driver.first())
             if run is not None:
-                self._pump(driver, driver.advance(run, execute(run.token)))
+                self._beat(driver, run)
+                try:
+                    execution = execute()
+                finally:
+                    driver.stop_beating()
+                self._pump(driver, driver.advance(run, execution))
         finally:
-            self._close(driver)
+            driver.close()
         assert driver.verdict is not None
         return driver.verdict
 
-    def _pump(self, driver: FlowDriver[Any], effect: Effect | None) -> Execute | None:
+    def _pump(self, driver: FlowDriver, effect: Effect | None) -> Execute | None:
         """Perform store effects until the flow asks to run the handler (that effect) or decides."""
         while effect is not None:
             if isinstance(effect, Execute):
@@ -629,31 +874,67 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             effect = driver.advance(effect, self._perform(driver.key, effect))
         return None
 
-    def _close(self, driver: FlowDriver[Any]) -> None:
-        abandoned = driver.close()
-        if abandoned is not None:  # cancelled or interrupted between claim and outcome
-            self._perform(driver.key, Release(abandoned))
-
     def _perform(self, key: str, effect: Effect) -> object:
         try:
             if not isinstance(effect, Wait):
                 return self.store_call(self.store, key, effect)
-            event = self._flights.get(key)
-            if event is None:
-                return self.store.wait(key, effect.timeout)
-            event.wait(effect.timeout)
-            return self.store.get(key)
+            if not self._flights.enter(key):
+                return Crowded()
+            try:
+                event = self._flights.get(key)
+                if event is None:
+                    return self.store.wait(key, effect.timeout)
+                event.wait(effect.timeout)
+                return self.store.get(key)
+            finally:
+                self._flights.leave(key)
         except StoreUnavailableError as error:
-            return StoreDown(str(error))
+            return store_down(error)
+
+    # -- lease renewal
+
+    def _beat(self, driver: FlowDriver, run: Execute) -> None:
+        """Renew the claim every third of its lease while the handler runs (shared thread)."""
+        token = run.token
+        if token is None:  # failing open: nothing claimed
+            return
+        store, key, lease = self.store, driver.key, driver.lease
+
+        def renew() -> float | None:
+            try:
+                answer: object = store.renew(key, token, lease=lease)
+            except StoreUnavailableError as error:
+                answer = store_down(error)
+            return driver.renewed(answer)
+
+        driver.beating = True
+        driver.beat = HEARTBEATS.every(renewal_interval(lease), renew)
 
 
 def unchanged(value: Any) -> Any:
     return value
 
 
-def _aborted_outcome(context: Any, responses: tuple[bytes, ...], omitted: int) -> Outcome | None:
+def unary_outcome(
+    driver: FlowDriver, context: HandlerContext, response: Any, serialize: Callable[[Any], bytes]
+) -> Outcome | None:
+    """The outcome of a unary handler that returned ``response`` (kept as the live answer)."""
+    if response is None:  # the handler set an error code and returned nothing
+        return error_outcome(context)
+    data = serialize(response)
+    driver.response = data
+    return handler_outcome(context, (data,))
+
+
+def returned_outcome(context: HandlerContext, collected: Collector) -> Outcome:
+    """The outcome of a stream handler that returned."""
+    return handler_outcome(context, tuple(collected.messages), omitted=collected.omitted)
+
+
+def failed_outcome(context: HandlerContext, collected: Collector | None = None) -> Outcome | None:
     """After a handler raised: its status if it aborted, ``None`` for an unexpected exception."""
-    state = getattr(context, "_state", None)
-    if state is not None and not getattr(state, "aborted", False):
+    if not context.aborted:
         return None
-    return error_outcome(context, responses, omitted=omitted)
+    if collected is None:
+        return error_outcome(context)
+    return error_outcome(context, tuple(collected.messages), omitted=collected.omitted)

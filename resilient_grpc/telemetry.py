@@ -111,7 +111,22 @@ SpanKindSetting = Literal["auto", "client", "internal"]
 
 #: The dedup outcomes the server interceptors report (others are accepted if short identifiers).
 DEDUP_OUTCOMES: frozenset[str] = frozenset(
-    {"executed", "replayed", "conflict", "waited", "store_error", "fail_open"}
+    {
+        "executed",
+        "replayed",
+        "conflict",
+        "waited",
+        "store_error",
+        "fail_open",
+        "store_full",
+        "crowded",
+        "outcome_not_stored",
+        "complete_refused",
+        "lease_lost",
+        "renew_failed",
+        "interrupted",
+        "abandoned",
+    }
 )
 
 #: Breaker states as pybreaker names them.
@@ -731,11 +746,12 @@ def breaker_state_changed(name: str, old: str, new: str) -> None:
     logs.breaker_changed(name, old, new)
 
 
-def dedup_outcome(method: str, outcome: str) -> None:
+def dedup_outcome(method: str, outcome: str, detail: str = "") -> None:
     """Record one server-side dedup outcome (see :data:`DEDUP_OUTCOMES`) for ``method``.
 
     Call it only for methods the server implements: ``method`` becomes a metric attribute.
-    An outcome that is not a short lower-case identifier is recorded as ``other``.
+    An outcome that is not a short lower-case identifier is recorded as ``other``. ``detail``
+    (e.g. a store's error message) goes to the server log only, never to a metric or span.
     """
     if outcome not in DEDUP_OUTCOMES and not _OUTCOME_NAME.match(outcome):
         outcome = "other"
@@ -743,7 +759,7 @@ def dedup_outcome(method: str, outcome: str) -> None:
         1, {**_method_info(method).attributes, "resilient_grpc.dedup.outcome": outcome}
     )
     _current_span_event("dedup", {"resilient_grpc.dedup.outcome": outcome})
-    logs.dedup_outcome(method, outcome)
+    logs.dedup_outcome(method, outcome, detail)
 
 
 def _reset_for_tests() -> None:

@@ -26,6 +26,7 @@ from resilient_grpc.core.dedup import (
     Claim,
     ClaimResult,
     Complete,
+    DedupFlow,
     Decision,
     Execute,
     Execution,
@@ -35,11 +36,11 @@ from resilient_grpc.core.dedup import (
     RecordState,
     Release,
     StoreDown,
+    Verdict,
     Wait,
     admission_problem,
     decide,
     decode_outcome,
-    dedup_flow,
     encode_outcome,
     fingerprint,
     scoped_key,
@@ -148,6 +149,15 @@ def test_decide_covers_every_decision() -> None:
     assert decide(ClaimResult(None, huge), fp) is Decision.REJECT
 
 
+def dedup_flow(fp, settings, *, clock, wait_until):  # type: ignore[no-untyped-def]
+    """A :class:`DedupFlow` driven as a generator (effects out, answers in) for scripted tests."""
+    flow = DedupFlow(fp, settings, clock=clock, wait_until=wait_until)
+    step = flow.start()
+    while not isinstance(step, Verdict):
+        step = flow.send((yield step))
+    return step
+
+
 def _run(flow, answers):  # type: ignore[no-untyped-def]
     """Drive a flow with scripted answers; return (effects seen, verdict)."""
     effects = [next(flow)]
@@ -164,7 +174,7 @@ def test_flow_executes_and_stores_a_cacheable_outcome() -> None:
     flow = dedup_flow(b"f" * 32, SETTINGS, clock=clock, wait_until=clock.now + 1)
     outcome = Outcome("NOT_FOUND", "no such account")
     effects, verdict = _run(flow, [ClaimResult(5), Execution(outcome), True])
-    assert effects == [Claim(b"f" * 32), Execute(5), Complete(5, outcome)]
+    assert effects == [Claim(b"f" * 32, 5.0), Execute(5), Complete(5, outcome)]
     assert verdict.action is Action.EXECUTED and verdict.events == ("executed",)
 
 
@@ -208,7 +218,7 @@ def test_flow_waits_then_replays_or_aborts_with_pushback() -> None:
     done = Record(RecordState.COMPLETED, fp, Outcome(responses=(b"r",)))
     flow = dedup_flow(fp, SETTINGS, clock=clock, wait_until=clock.now + 1)
     effects, verdict = _run(flow, [ClaimResult(None, running), done])
-    assert effects == [Claim(fp), Wait(1.0)]
+    assert effects == [Claim(fp, 5.0), Wait(1.0)]
     assert verdict.events == ("waited", "replayed")
 
     for max_pushback, expected in ((5.0, "1500"), (1.0, "1000")):
@@ -234,7 +244,7 @@ def test_flow_claims_again_when_the_in_flight_attempt_released() -> None:
     effects, verdict = _run(
         flow, [ClaimResult(None, running), None, ClaimResult(9), Execution(Outcome()), True]
     )
-    assert effects == [Claim(fp), Wait(1.0), Claim(fp), Execute(9), Complete(9, Outcome())]
+    assert effects == [Claim(fp, 5.0), Wait(1.0), Claim(fp, 5.0), Execute(9), Complete(9, Outcome())]
     assert verdict.events == ("waited", "executed")
 
 
@@ -243,7 +253,9 @@ def test_flow_store_down_fails_closed_or_open() -> None:
     flow = dedup_flow(b"f" * 32, SETTINGS, clock=clock, wait_until=clock.now + 1)
     _, verdict = _run(flow, [StoreDown("redis at 127.0.0.1:1 refused")])
     assert verdict.outcome.code == "UNAVAILABLE"
-    assert verdict.outcome.details == "idempotency store unavailable: redis at 127.0.0.1:1 refused"
+    # the client learns only that the store is unavailable; the cause is for the server log
+    assert verdict.outcome.details == "idempotency store unavailable"
+    assert verdict.detail == "redis at 127.0.0.1:1 refused"
     assert verdict.events == ("store_error",)
 
     open_settings = FlowSettings(max_response_bytes=1000, fail_open=True, lease=5.0)

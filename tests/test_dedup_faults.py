@@ -136,10 +136,8 @@ def test_redis_stopped_mid_run_fails_closed_then_recovers_without_loss_or_duplic
     store.close()
 
     assert probe.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert probe.value.details().startswith(
-        f"idempotency store unavailable: Redis store at 127.0.0.1:{redis_server.port}/0 failed: "
-        "ConnectionError"
-    )
+    # the client learns only that the store is unavailable (host and driver text stay in the log)
+    assert probe.value.details() == "idempotency store unavailable"
     assert ran_during_outage <= 1, "at most the call in flight when Redis died ran its handler"
     assert failures == [] and len(replies) == 300
     state = servicer.state

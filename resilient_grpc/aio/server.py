@@ -3,11 +3,20 @@
 The same rules, arguments and decisions as :class:`resilient_grpc.server.DedupInterceptor`
 (see that module's docstring); this shell performs the flow's effects with ``await``: store calls
 through an :class:`~resilient_grpc.stores.base.AsyncStore` (blocking stores are offloaded to
-worker threads, Redis uses ``redis.asyncio``), in-process waits on ``asyncio.Event``.
+worker threads, Redis uses ``redis.asyncio``), in-process waits on ``asyncio.Event``. Its effect
+loop reads line for line like the sync one, plus what only asyncio needs:
 
-aio specifics: unary-stream handlers are deduplicated when they are async generators (their
-messages are sent with ``context.write`` as they come); unary-stream handlers written against
-``context.write`` themselves, and handlers that are not coroutines, pass through unchanged.
+* A unary handler runs shielded from the call's cancellation (a client cancel, a deadline), as
+  a sync handler runs on whatever the client does: it finishes and its outcome is stored and
+  replayed. A stream is stopped at the cancellation and its claim kept until the lease lapses.
+  The interceptor owns these tasks; :meth:`DedupInterceptor.aclose` waits for them.
+* A claim sent to a store that may still write it after a cancellation (a worker thread, a
+  Redis command on the wire) is shielded; if the call was cancelled before the handler
+  started, the claim is released once written (a known "not executed").
+* Unary-stream handlers are deduplicated whether they are async generators or coroutines that
+  send with ``context.write``. A handler that is not a coroutine function cannot be run under
+  the interceptor: its keyed calls (and calls to ``require_key_methods``) are refused with
+  UNIMPLEMENTED and an ERROR is logged once per method, never passed through silently.
 """
 
 from __future__ import annotations
@@ -15,32 +24,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
 from resilient_grpc.core.dedup import (
+    Abandoned,
     Action,
+    Claim,
+    ClaimResult,
+    Crowded,
     Effect,
     Execute,
     Execution,
     Outcome,
-    Release,
-    StoreDown,
     Verdict,
     Wait,
+    renewal_interval,
 )
+from resilient_grpc.logs import server_logger
 from resilient_grpc.server import (
     CallPlan,
     Collector,
     DedupBase,
     Flights,
     FlowDriver,
-    error_outcome,
-    handler_outcome,
+    HandlerContext,
+    failed_outcome,
+    returned_outcome,
     status_code,
+    store_down,
+    unary_outcome,
     unchanged,
 )
 from resilient_grpc.stores.base import AsyncStore, DirectAsyncStore, Store, StoreUnavailableError
@@ -54,7 +70,42 @@ else:
     _ServerInterceptor = grpc.aio.ServerInterceptor
     _Handler = grpc.RpcMethodHandler
 
-Execute_ = Callable[[int | None], Awaitable[Execution]]
+
+class AioHandlerContext(HandlerContext):
+    """:class:`~resilient_grpc.server.HandlerContext` for ``grpc.aio``: its sends are awaited,
+    and ``write`` serializes and collects each message of a stream before sending it."""
+
+    __slots__ = ("_collected", "_serialize")
+
+    def __init__(
+        self,
+        context: Any,
+        serialize: Callable[[Any], bytes] = unchanged,
+        collected: Collector | None = None,
+    ) -> None:
+        super().__init__(context)
+        self._serialize = serialize
+        self._collected = collected
+
+    async def send_initial_metadata(self, initial_metadata: Any) -> None:
+        self.initial_metadata = tuple(initial_metadata)
+        await self._context.send_initial_metadata(initial_metadata)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        self.aborted = True
+        await self._context.abort(code, details, trailing_metadata)
+
+    async def abort_with_status(self, status: Any) -> None:
+        self.aborted = True
+        await self._context.abort_with_status(status)
+
+    async def write(self, message: Any) -> None:
+        data = self._serialize(message)
+        if self._collected is not None:
+            self._collected.add(data)
+        await self._context.write(data)
 
 
 class DedupInterceptor(DedupBase, _ServerInterceptor):
@@ -62,15 +113,29 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
     Takes the same arguments as :class:`resilient_grpc.server.DedupInterceptor`; ``store`` may be
     a blocking :class:`~resilient_grpc.stores.base.Store` (its async view is used) or an
-    :class:`~resilient_grpc.stores.base.AsyncStore`.
+    :class:`~resilient_grpc.stores.base.AsyncStore`. Await :meth:`aclose` after stopping the
+    server: handler executions that outlived their calls finish (or are cancelled) there.
     """
 
     store: AsyncStore
 
     def _attach(self, store: Store | AsyncStore) -> None:
         self.store = store.as_async() if isinstance(store, Store) else store
-        self._flights: Flights[asyncio.Event] = Flights(asyncio.Event)
+        self._flights: Flights[asyncio.Event] = Flights(asyncio.Event, self.max_waiters)
         self._direct = _direct_store(self.store)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._refused: set[str] = set()
+
+    async def aclose(self, grace: float | None = None) -> None:
+        """Wait for the tasks this interceptor owns (executions that outlived their calls,
+        renewals, orphan-claim releases), up to ``grace`` s; then cancel the rest and wait."""
+        tasks = set(self._tasks)
+        if tasks and grace != 0:
+            await asyncio.wait(tasks, timeout=grace)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def intercept_service(
         self,
@@ -79,11 +144,6 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     ) -> _Handler:
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
-            return handler
-        if handler.response_streaming:
-            if not inspect.isasyncgenfunction(handler.unary_stream):
-                return handler
-        elif not inspect.iscoroutinefunction(handler.unary_unary):
             return handler
         method = handler_call_details.method
         if not self.settings.wants(method, handler_call_details.invocation_metadata):
@@ -97,74 +157,103 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         deserialize = handler.request_deserializer or unchanged
         serialize = handler.response_serializer or unchanged
         if handler.response_streaming:
-            stream: Any = handler.unary_stream  # an async generator function (checked above)
+            stream: Any = handler.unary_stream
+            generator = inspect.isasyncgenfunction(stream)
+            if not generator and not inspect.iscoroutinefunction(stream):
+                return self._refusal(method, streaming=True)
 
             async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
                 driver = await self._admit(method, raw, context)
 
-                async def execute(_: int | None) -> Execution:
+                async def execute() -> Execution:
                     collected = Collector(self.settings.flow_settings.max_response_bytes)
+                    handler_context = AioHandlerContext(context, serialize, collected)
                     with driver.scope():
                         try:
-                            async for message in stream(deserialize(raw), context):
-                                data = serialize(message)
-                                collected.add(data)
-                                await context.write(data)
+                            if generator:
+                                async for message in stream(deserialize(raw), handler_context):
+                                    await handler_context.write(message)
+                            else:  # a coroutine sending with context.write
+                                await stream(deserialize(raw), handler_context)
                         except Exception as error:
                             driver.error = error
-                            return Execution(
-                                _aborted_outcome(
-                                    error, context, tuple(collected.messages), collected.omitted
-                                )
-                            )
-                    messages = tuple(collected.messages)
-                    omitted = collected.omitted
-                    return Execution(handler_outcome(context, messages, omitted=omitted))
+                            return Execution(failed_outcome(handler_context, collected))
+                    return Execution(returned_outcome(handler_context, collected))
 
-                verdict = await self._drive(driver, execute)
+                verdict = await self._drive(driver, execute, shield=False)
                 if verdict.action is Action.EXECUTED:
                     driver.reraise()
                     return
                 assert verdict.outcome is not None
+                await self._start(context, verdict.outcome)
                 for data in verdict.outcome.responses:
                     await context.write(data)
                 await self._finish(context, verdict.outcome)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream)
 
-        unary: Any = handler.unary_unary  # a coroutine function (checked above)
+        unary: Any = handler.unary_unary
+        if not inspect.iscoroutinefunction(unary):
+            return self._refusal(method, streaming=False)
 
         async def unary_unary(
             raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
         ) -> bytes | None:
             driver = await self._admit(method, raw, context)
 
-            async def execute(_: int | None) -> Execution:
+            async def execute() -> Execution:
+                handler_context = AioHandlerContext(context)
                 with driver.scope():
                     try:
-                        response = await unary(deserialize(raw), context)
+                        response = await unary(deserialize(raw), handler_context)
                     except Exception as error:
                         driver.error = error
-                        return Execution(_aborted_outcome(error, context, (), 0))
-                if response is None:  # the handler set an error code and returned nothing
-                    return Execution(error_outcome(context))
-                data = serialize(response)
-                driver.response = data
-                return Execution(handler_outcome(context, (data,)))
+                        return Execution(failed_outcome(handler_context))
+                return Execution(unary_outcome(driver, handler_context, response, serialize))
 
-            verdict = await self._drive(driver, execute)
+            verdict = await self._drive(driver, execute, shield=True)
             if verdict.action is Action.EXECUTED:
                 driver.reraise()
                 return driver.response
             assert verdict.outcome is not None
+            await self._start(context, verdict.outcome)
             await self._finish(context, verdict.outcome)
             return verdict.outcome.responses[0]
 
         return grpc.unary_unary_rpc_method_handler(unary_unary)
 
+    def _refusal(self, method: str, *, streaming: bool) -> _Handler:
+        """A handler refusing the calls of a method whose handler is not a coroutine function.
+
+        grpc.aio runs such handlers in a thread pool, outside anything this interceptor could
+        await; passing them through would silently drop deduplication (and
+        ``require_key_methods``), so their keyed calls are refused, loudly.
+        """
+        if method not in self._refused:
+            self._refused.add(method)
+            server_logger.error(
+                "%s: its handler is not a coroutine function (or async generator), so the grpc.aio "
+                "DedupInterceptor cannot deduplicate it; its keyed calls are refused with "
+                "UNIMPLEMENTED. Make the handler 'async def'.",
+                method,
+                extra={"rpc_method": method},
+            )
+        details = (
+            f"{method} cannot be deduplicated by this server (its handler is not a coroutine "
+            "function); the call was not executed"
+        )
+
+        async def refuse(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, details)
+
+        if streaming:
+            return grpc.unary_stream_rpc_method_handler(refuse)
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
     async def _admit(
         self, method: str, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> FlowDriver[Any]:
+    ) -> FlowDriver:
+        """Refuse a call before anything runs (expired deadline, bad or missing key)."""
         plan = self.admit(method, context)
         if isinstance(plan, tuple):
             await context.abort(*plan)
@@ -172,58 +261,161 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         return self.driver(plan, raw)
 
     @staticmethod
+    async def _start(context: grpc.aio.ServicerContext[Any, Any], outcome: Outcome) -> None:
+        """Send a stored outcome's initial metadata (what the handler sent the first time)."""
+        if outcome.initial_metadata:
+            await context.send_initial_metadata(outcome.initial_metadata)
+
+    @staticmethod
     async def _finish(context: grpc.aio.ServicerContext[Any, Any], outcome: Outcome) -> None:
+        """Send a stored or refusal outcome's trailers and, for an error, its status."""
         context.set_trailing_metadata(outcome.trailing_metadata)
         if outcome.code != "OK":
             await context.abort(
                 status_code(outcome.code), outcome.details, outcome.trailing_metadata
             )
 
-    # -- the effect loop
+    # -- the effect loop (resilient_grpc.server has the same lines, without await)
 
     async def _drive(
         self,
-        driver: FlowDriver[Any],
-        execute: Execute_,
+        driver: FlowDriver,
+        execute: Callable[[], Awaitable[Execution]],
+        *,
+        shield: bool,
     ) -> Verdict:
-        key = driver.key
-        direct = self._direct
+        """Perform a call's flow; a ``shield``-ed execution outlives the call's cancellation."""
         try:
-            effect: Effect | None = driver.first()
-            while effect is not None:
-                if isinstance(effect, Execute):
-                    answer: object = await execute(effect.token)
-                elif direct is not None and not isinstance(effect, Wait):
-                    answer = self._perform_now(direct, key, effect)
-                else:
-                    answer = await self._perform(key, effect)
-                effect = driver.advance(effect, answer)
+            run = await self._pump(driver, driver.first())
+            if run is not None:  # a flow executes the handler at most once
+                settle = self._settle(driver, run, execute)
+                await (self._shielded(driver, settle) if shield else settle)
         finally:
-            abandoned = driver.close()
-            if abandoned is not None:  # cancelled (deadline, client gone) before the outcome
-                await asyncio.shield(self._perform(key, Release(abandoned)))
+            driver.close()
         assert driver.verdict is not None
         return driver.verdict
+
+    async def _settle(
+        self, driver: FlowDriver, run: Execute, execute: Callable[[], Awaitable[Execution]]
+    ) -> None:
+        """Run the handler (unless its caller is already gone) and store its outcome."""
+        self._beat(driver, run)
+        try:
+            execution: object = Abandoned() if driver.detached else await execute()
+        finally:
+            driver.stop_beating()
+        await self._pump(driver, driver.advance(run, execution))
+
+    async def _pump(self, driver: FlowDriver, effect: Effect | None) -> Execute | None:
+        """Perform store effects until the flow asks to run the handler (that effect) or decides."""
+        direct = self._direct
+        while effect is not None:
+            if isinstance(effect, Execute):
+                return effect
+            if direct is not None and not isinstance(effect, Wait):
+                answer = self._perform_now(direct, driver.key, effect)
+            else:
+                answer = await self._perform(driver.key, effect)
+            effect = driver.advance(effect, answer)
+        return None
 
     def _perform_now(self, store: Store, key: str, effect: Effect) -> object:
         """A claim, completion or release on a store that never blocks, without a coroutine."""
         try:
             return self.store_call(store, key, effect)
         except StoreUnavailableError as error:
-            return StoreDown(str(error))
+            return store_down(error)
 
     async def _perform(self, key: str, effect: Effect) -> object:
         try:
+            if isinstance(effect, Claim):
+                return await self._claim(key, effect)
             if not isinstance(effect, Wait):
                 return await self.store_call(self.store, key, effect)
-            event = self._flights.get(key)
-            if event is None:
-                return await self.store.wait(key, effect.timeout)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), effect.timeout)
-            return await self.store.get(key)
+            if not self._flights.enter(key):
+                return Crowded()
+            try:
+                event = self._flights.get(key)
+                if event is None:
+                    return await self.store.wait(key, effect.timeout)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(event.wait(), effect.timeout)
+                return await self.store.get(key)
+            finally:
+                self._flights.leave(key)
         except StoreUnavailableError as error:
-            return StoreDown(str(error))
+            return store_down(error)
+
+    # -- owned tasks: shielded work, orphan claims, lease renewal
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+        return task
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            server_logger.error("dedup background task failed", exc_info=task.exception())
+
+    async def _shielded(self, driver: FlowDriver, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in an owned task that a cancellation of this call does not stop."""
+        task = self._spawn(work)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            driver.detached = True  # the task goes on; it ends the flight when it is done
+            task.add_done_callback(lambda _: _reattach(driver))
+            raise
+
+    async def _claim(self, key: str, effect: Claim) -> object:
+        """A claim that, if this call is cancelled while it is written, is released once written."""
+        task = self._spawn(self.store_call(self.store, key, effect))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._spawn(self._release_orphan(key, task))
+            raise
+
+    async def _release_orphan(self, key: str, claim: asyncio.Task[Any]) -> None:
+        """Release a claim written for a call cancelled before its handler started."""
+        try:
+            result = await claim
+        except Exception:  # nothing was claimed
+            return
+        if isinstance(result, ClaimResult) and result.token is not None:
+            with contextlib.suppress(StoreUnavailableError):  # else its lease lapses
+                await self.store.release(key, result.token)
+
+    def _beat(self, driver: FlowDriver, run: Execute) -> None:
+        """Renew the claim every third of its lease while the handler runs (a loop timer)."""
+        token = run.token
+        if token is None:  # failing open: nothing claimed
+            return
+        driver.beating = True
+        loop = asyncio.get_running_loop()
+        driver.beat = loop.call_later(renewal_interval(driver.lease), self._renew, driver, token)
+
+    def _renew(self, driver: FlowDriver, token: int) -> None:
+        if driver.beating:
+            driver.beat = self._spawn(self._renewal(driver, token))
+
+    async def _renewal(self, driver: FlowDriver, token: int) -> None:
+        try:
+            answer: object = await self.store.renew(driver.key, token, lease=driver.lease)
+        except StoreUnavailableError as error:
+            answer = store_down(error)
+        delay = driver.renewed(answer)
+        if delay is not None and driver.beating:
+            loop = asyncio.get_running_loop()
+            driver.beat = loop.call_later(delay, self._renew, driver, token)
+
+
+def _reattach(driver: FlowDriver) -> None:
+    """A detached execution ended: end its flight if the flow did not (keeping the claim)."""
+    driver.detached = False
+    driver.close()
 
 
 def _direct_store(store: AsyncStore) -> Store | None:
@@ -236,12 +428,3 @@ def _direct_store(store: AsyncStore) -> Store | None:
         if getattr(kind, name) is not getattr(DirectAsyncStore, name):
             return None
     return store.store
-
-
-def _aborted_outcome(
-    error: Exception, context: Any, responses: tuple[bytes, ...], omitted: int
-) -> Outcome | None:
-    """After a handler raised: its status if it aborted, ``None`` for an unexpected exception."""
-    if not isinstance(error, grpc.aio.AbortError):
-        return None
-    return error_outcome(context, responses, omitted=omitted)

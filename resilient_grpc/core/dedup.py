@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
 from resilient_grpc.core.codes import STATUS_CODE_NAMES
 from resilient_grpc.core.keys import MAX_KEY_LENGTH, key_problem
+from resilient_grpc.core.methods import method_patterns
 from resilient_grpc.core.pushback import PUSHBACK_HEADER
+from resilient_grpc.core.validation import finite_number
 
 #: Trailer added to every replayed answer.
 REPLAYED_HEADER = "idempotency-replayed"
@@ -63,7 +65,8 @@ class Outcome:  # frozen: one stored outcome is shared by every replay
 
     ``responses`` holds one message for a unary response, every message for a stream, none for
     an error without messages. ``omitted_bytes`` > 0 marks an outcome whose responses were too
-    large to store: only the fact that the call completed is kept.
+    large to store: only the fact that the call completed is kept. ``initial_metadata`` is what
+    the handler sent with ``send_initial_metadata`` (replayed before the responses).
     """
 
     code: str = "OK"
@@ -71,12 +74,15 @@ class Outcome:  # frozen: one stored outcome is shared by every replay
     trailing_metadata: Metadata = ()
     responses: tuple[bytes, ...] = ()
     omitted_bytes: int = 0
+    initial_metadata: Metadata = ()
 
     @property
     def size(self) -> int:
-        """Bytes this outcome occupies when stored (responses, details and trailers)."""
+        """Bytes this outcome occupies when stored (responses, details and metadata)."""
         total = len(self.details) + sum(map(len, self.responses))
         for key, value in self.trailing_metadata:
+            total += len(key) + len(value)
+        for key, value in self.initial_metadata:
             total += len(key) + len(value)
         return total
 
@@ -214,6 +220,23 @@ def complete_entry(
     return Entry(RecordState.COMPLETED, existing.fingerprint, token, now, now + ttl, outcome)
 
 
+def renew_entry(existing: Entry | None, token: int, *, now: float, lease: float) -> Entry | None:
+    """The claim to write when ``token`` renews its lease at ``now``, or ``None`` if it lost it.
+
+    Fenced like :func:`complete_entry`: only the token's own IN_PROGRESS claim whose lease has
+    not lapsed is extended (to ``now + lease``); a lapsed claim stays lapsed.
+    """
+    if (
+        existing is None
+        or existing.state is not RecordState.IN_PROGRESS
+        or existing.token != token
+        or existing.lease_until <= now
+    ):
+        return None
+    until = now + lease
+    return Entry(RecordState.IN_PROGRESS, existing.fingerprint, token, until, until)
+
+
 def release_allowed(existing: Entry | None, token: int) -> bool:
     """Whether ``token`` may delete ``existing`` (its own IN_PROGRESS claim) after a retryable failure."""
     return (
@@ -259,14 +282,19 @@ def decide(claim: ClaimResult, fingerprint: bytes) -> Decision:
 
 @dataclass(slots=True)
 class Claim:
-    """Effect: claim the key for a request with ``fingerprint`` (answer: :class:`ClaimResult` or :class:`StoreDown`)."""
+    """Effect: claim the key for ``lease`` s for a request with ``fingerprint``.
+
+    Answer: :class:`ClaimResult`, :class:`StoreFull` or :class:`StoreDown`.
+    """
 
     fingerprint: bytes
+    lease: float
 
 
 @dataclass(slots=True)
 class Execute:
-    """Effect: run the handler (answer: :class:`Execution`). ``token`` is ``None`` when failing open."""
+    """Effect: run the handler (answer: :class:`Execution`, or :class:`Abandoned` if the caller
+    went away before it started). ``token`` is ``None`` when failing open."""
 
     token: int | None
 
@@ -288,7 +316,10 @@ class Release:
 
 @dataclass(slots=True)
 class Wait:
-    """Effect: wait up to ``timeout`` s for the in-flight attempt (answer: ``Record | None`` or :class:`StoreDown`)."""
+    """Effect: wait up to ``timeout`` s for the in-flight attempt.
+
+    Answer: ``Record | None`` (what the key holds then), :class:`Crowded` or :class:`StoreDown`.
+    """
 
     timeout: float
 
@@ -298,9 +329,30 @@ Effect = Claim | Execute | Complete | Release | Wait
 
 @dataclass(slots=True)
 class StoreDown:
-    """Sent back instead of an effect's answer when the store could not be reached."""
+    """Sent back instead of an effect's answer when the store could not be used.
+
+    ``message`` says why, for the server log only: it may name files, hosts or driver errors,
+    so it never goes into a status sent to a client.
+    """
 
     message: str
+
+
+@dataclass(slots=True)
+class StoreFull(StoreDown):
+    """The store is full of live claims and refused a claim; one may free up in ``retry_after`` s."""
+
+    retry_after: float = 1.0
+
+
+@dataclass(slots=True)
+class Crowded:
+    """Answer to :class:`Wait`: too many duplicates of this key already wait in this process."""
+
+
+@dataclass(slots=True)
+class Abandoned:
+    """Answer to :class:`Execute`: the caller went away before the handler started (it did not run)."""
 
 
 @dataclass(slots=True)
@@ -321,16 +373,18 @@ class Action(str, Enum):
 
 @dataclass(slots=True)
 class Verdict:
-    """The end of the flow: what to send and the telemetry outcomes to report."""
+    """The end of the flow: what to send, the telemetry outcomes to report, and ``detail`` for
+    the server log (e.g. a store's own error message; never sent to the client)."""
 
     action: Action
     outcome: Outcome | None = None
     events: tuple[str, ...] = ()
+    detail: str = ""
 
 
 @dataclass(slots=True)
 class FlowSettings:
-    """The knobs of one interceptor that the flow needs."""
+    """The knobs of one interceptor that the flow needs (``lease``: the default lease)."""
 
     max_response_bytes: int
     fail_open: bool
@@ -356,6 +410,7 @@ def _replay(outcome: Outcome) -> Outcome:
         (*outcome.trailing_metadata, _REPLAYED_TRAILER),
         outcome.responses,
         outcome.omitted_bytes,
+        outcome.initial_metadata,
     )
 
 
@@ -368,8 +423,31 @@ def _stored_form(outcome: Outcome, limit: int) -> Outcome:
     return Outcome(outcome.code, omitted_bytes=size)
 
 
-_CLAIMING, _EXECUTING, _SETTLING, _FAILING_OPEN, _WAITING = range(5)
+class FlowState(Enum):
+    """Where one call's flow stands: the effect whose answer it expects next."""
+
+    CLAIMING = "claiming"
+    EXECUTING = "executing"
+    COMPLETING = "completing"
+    RELEASING = "releasing"
+    FAILING_OPEN = "failing_open"
+    WAITING = "waiting"
+
+
+_CLAIMING = FlowState.CLAIMING
+_EXECUTING = FlowState.EXECUTING
+_COMPLETING = FlowState.COMPLETING
+_RELEASING = FlowState.RELEASING
+_FAILING_OPEN = FlowState.FAILING_OPEN
+_WAITING = FlowState.WAITING
 _NO_EVENTS: tuple[str, ...] = ()
+
+#: What the server log says when the store refuses a handler's outcome.
+COMPLETE_REFUSED = (
+    "the store refused the handler's outcome: this call no longer held a live claim on its key "
+    "(its lease lapsed, or the store lost the claim), so the outcome was not stored and a retry "
+    "may execute again"
+)
 
 
 class DedupFlow:
@@ -378,72 +456,103 @@ class DedupFlow:
     :meth:`start` gives the first effect (a :class:`Claim`); :meth:`send` takes the answer to
     the last effect and gives the next effect, or the :class:`Verdict` that ends the call.
     ``wait_until`` (on ``clock``) is the last moment a concurrent duplicate may keep waiting for
-    the in-flight attempt; the shell derives it from the caller's deadline. A hand-written
-    state machine rather than a generator: it runs once per call, and the common paths (claim,
-    run, complete; claim, replay) allocate nothing beyond their effects.
+    the in-flight attempt; the shell derives it from the caller's deadline. ``lease`` is this
+    method's lease. Production holds one per call in :class:`resilient_grpc.server.FlowDriver`.
+    A hand-written state machine rather than a generator: it runs once per call, and the common
+    paths (claim, run, complete; claim, replay) allocate nothing beyond their effects.
     """
 
     __slots__ = (
         "_events",
         "_last_lease_left",
-        "_state",
         "_token",
         "clock",
         "fingerprint",
+        "lease",
         "settings",
+        "state",
         "wait_until",
     )
 
     def __init__(
-        self, fingerprint: bytes, settings: FlowSettings, *, clock: Clock, wait_until: float
+        self,
+        fingerprint: bytes,
+        settings: FlowSettings,
+        *,
+        clock: Clock,
+        wait_until: float,
+        lease: float | None = None,
     ) -> None:
         self.fingerprint = fingerprint
         self.settings = settings
         self.clock = clock
         self.wait_until = wait_until
-        self._state = _CLAIMING
+        self.lease = settings.lease if lease is None else lease
+        self.state = _CLAIMING
         self._events: tuple[str, ...] = _NO_EVENTS
-        self._last_lease_left = settings.lease
+        self._last_lease_left = self.lease
         self._token = 0
 
     def start(self) -> Effect:
         """The first effect: claim the key."""
-        return Claim(self.fingerprint)
+        return Claim(self.fingerprint, self.lease)
 
     def send(self, answer: object) -> Effect | Verdict:
         """The next effect after ``answer`` (to the last effect), or the final verdict."""
-        state = self._state
-        if state == _CLAIMING:
+        state = self.state
+        if state is _CLAIMING:
             return self._claimed(answer)
-        if state == _EXECUTING:
-            assert isinstance(answer, Execution)
-            outcome = answer.outcome
-            self._state = _SETTLING
-            if outcome is None or not outcome.cacheable:
-                return Release(self._token)
-            return Complete(self._token, _stored_form(outcome, self.settings.max_response_bytes))
-        if state == _SETTLING:
-            if isinstance(answer, StoreDown):
-                return Verdict(Action.EXECUTED, events=(*self._events, "executed", "store_error"))
-            if self._events:
-                return Verdict(Action.EXECUTED, events=(*self._events, "executed"))
-            return Verdict(Action.EXECUTED, events=_EXECUTED)
-        if state == _FAILING_OPEN:
-            assert isinstance(answer, Execution)
+        if state is _EXECUTING:
+            return self._executed(answer)
+        if state is _COMPLETING or state is _RELEASING:
+            return self._settled(answer)
+        if state is _FAILING_OPEN:
+            if isinstance(answer, Abandoned):
+                return Verdict(Action.ANSWER, ABANDONED_OUTCOME, ("abandoned",))
             return Verdict(Action.EXECUTED, events=("fail_open",))
         return self._waited(answer)
 
+    def _executed(self, answer: object) -> Effect:
+        if isinstance(answer, Abandoned):  # a known "not executed": free the key for a retry
+            self._events = (*self._events, "abandoned")
+            self.state = _RELEASING
+            return Release(self._token)
+        assert isinstance(answer, Execution)
+        outcome = answer.outcome
+        if outcome is None or not outcome.cacheable:
+            self.state = _RELEASING
+            return Release(self._token)
+        self.state = _COMPLETING
+        return Complete(self._token, _stored_form(outcome, self.settings.max_response_bytes))
+
+    def _settled(self, answer: object) -> Verdict:
+        events = self._events
+        if "abandoned" in events:
+            return Verdict(Action.ANSWER, ABANDONED_OUTCOME, events)
+        executed = (*events, "executed") if events else _EXECUTED
+        if isinstance(answer, StoreDown):
+            # the handler ran: its live result is still delivered, but nothing was stored and
+            # the key stays claimed until its lease lapses
+            return Verdict(Action.EXECUTED, None, (*executed, "outcome_not_stored"), answer.message)
+        if answer is False and self.state is _COMPLETING:
+            return Verdict(Action.EXECUTED, None, (*executed, "complete_refused"), COMPLETE_REFUSED)
+        return Verdict(Action.EXECUTED, events=executed)
+
     def _claimed(self, answer: object) -> Effect | Verdict:
+        if isinstance(answer, StoreFull):
+            # an overload signal, not an outage: fail_open does not apply (running handlers
+            # without dedup exactly when the store is saturated would multiply duplicates)
+            return _store_full(self.settings, answer, self._events)
         if isinstance(answer, StoreDown):
             if self.settings.fail_open and not self._events:
-                self._state = _FAILING_OPEN
+                self.state = _FAILING_OPEN
                 return Execute(None)
             return _store_down(answer, self._events)
         assert isinstance(answer, ClaimResult)
         token = answer.token
         if token is not None:
             self._token = token
-            self._state = _EXECUTING
+            self.state = _EXECUTING
             return Execute(token)
         decision = decide(answer, self.fingerprint)
         record = answer.record
@@ -457,12 +566,14 @@ class DedupFlow:
             return _still_running(self.settings, self._last_lease_left, self._events)
         if "waited" not in self._events:
             self._events = (*self._events, "waited")
-        self._state = _WAITING
+        self.state = _WAITING
         return Wait(remaining)
 
     def _waited(self, seen: object) -> Effect | Verdict:
         if isinstance(seen, StoreDown):
             return _store_down(seen, self._events)
+        if isinstance(seen, Crowded):
+            return _still_running(self.settings, self._last_lease_left, (*self._events, "crowded"))
         if isinstance(seen, Record):
             if seen.state is RecordState.COMPLETED:
                 decision = decide(ClaimResult(None, seen), self.fingerprint)
@@ -471,35 +582,87 @@ class DedupFlow:
             if self.wait_until - self.clock() <= 0:
                 return _still_running(self.settings, self._last_lease_left, self._events)
         # Released, lapsed or still running: claim again.
-        self._state = _CLAIMING
-        return Claim(self.fingerprint)
+        self.state = _CLAIMING
+        return Claim(self.fingerprint, self.lease)
+
+
+# ---------------------------------------------------------------------------- lease renewal
+
+#: A running handler's claim is renewed every ``lease / RENEWALS_PER_LEASE`` seconds, so a
+#: handler shorter than that never costs a store round trip, and two renewals may fail (a store
+#: blip) before the lease lapses.
+RENEWALS_PER_LEASE = 3
+
+
+def renewal_interval(lease: float) -> float:
+    """Seconds between two renewals of a claim of ``lease`` seconds (the first comes after one)."""
+    return lease / RENEWALS_PER_LEASE
+
+
+@dataclass(slots=True)
+class Renewal:
+    """What to do after a renewal's answer: renew again after ``delay`` s (``None``: stop), and
+    the telemetry outcome to report (``event``, with ``detail`` for the server log)."""
+
+    delay: float | None
+    event: str | None = None
+    detail: str = ""
+
+
+#: What the server log says when the store refuses to renew a running handler's claim.
+LEASE_LOST = (
+    "the store refused to renew the lease of a running handler's claim (its lease had lapsed, or "
+    "the store lost the claim): a duplicate may execute concurrently, and the outcome will not be "
+    "stored"
+)
+
+
+def renewed(answer: object, lease: float) -> Renewal:
+    """Decide after a renewal answered ``answer`` (``True``, ``False`` or :class:`StoreDown`).
+
+    Renewed: again one interval later. Refused (the claim is lost): stop and say so. Store
+    down: try again one interval later (the lease still covers two more attempts).
+    """
+    if answer is True:
+        return Renewal(renewal_interval(lease))
+    if isinstance(answer, StoreDown):
+        return Renewal(renewal_interval(lease), "renew_failed", answer.message)
+    return Renewal(None, "lease_lost", LEASE_LOST)
 
 
 _EXECUTED = ("executed",)
 _REPLAYED = ("replayed",)
 
+#: Sent when the client is already gone; says what the server did.
+ABANDONED_OUTCOME = Outcome(
+    "CANCELLED", "the call was cancelled before its handler started; nothing was executed"
+)
+
+#: The only thing a client learns about a store failure (the cause goes to the server log).
+STORE_UNAVAILABLE = "idempotency store unavailable"
+
 
 def _store_down(down: StoreDown, events: tuple[str, ...]) -> Verdict:
     return Verdict(
         Action.ANSWER,
-        Outcome("UNAVAILABLE", f"idempotency store unavailable: {down.message}"),
+        Outcome("UNAVAILABLE", STORE_UNAVAILABLE),
         (*events, "store_error"),
+        down.message,
     )
 
 
-def dedup_flow(
-    request_fingerprint: bytes,
-    settings: FlowSettings,
-    *,
-    clock: Clock,
-    wait_until: float,
-) -> Generator[Effect, object, Verdict]:
-    """:class:`DedupFlow` as a generator: yields effects, receives their answers, returns the verdict."""
-    flow = DedupFlow(request_fingerprint, settings, clock=clock, wait_until=wait_until)
-    step: Effect | Verdict = flow.start()
-    while not isinstance(step, Verdict):
-        step = flow.send((yield step))
-    return step
+def _store_full(settings: FlowSettings, full: StoreFull, events: tuple[str, ...]) -> Verdict:
+    pushback = _pushback_ms(settings, full.retry_after)
+    return Verdict(
+        Action.ANSWER,
+        Outcome(
+            "RESOURCE_EXHAUSTED",
+            f"idempotency store is full of in-flight calls; retry after {pushback} ms",
+            ((PUSHBACK_HEADER, pushback),),
+        ),
+        (*events, "store_full"),
+        full.message,
+    )
 
 
 def _answer(decision: Decision, record: Record | None, events: tuple[str, ...]) -> Verdict:
@@ -547,22 +710,19 @@ def _too_large(outcome: Outcome) -> Outcome:
 
 # ---------------------------------------------------------------------------- wire encoding
 
-_VERSION = 1
+#: Format 2 adds the initial metadata after the responses; format 1 (no initial metadata) is
+#: still read, so records written before an upgrade replay during a rolling deploy.
+_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _CODES = sorted(STATUS_CODE_NAMES)
 _CODE_INDEX = {name: index for index, name in enumerate(_CODES)}
 _HEAD = struct.Struct(">BBQI")  # version, code index, omitted bytes, details length
 _LEN = struct.Struct(">I")
 
 
-def encode_outcome(outcome: Outcome) -> bytes:
-    """Serialize an outcome for a store that keeps bytes (SQLite, Redis)."""
-    details = outcome.details.encode("utf-8")
-    parts = [
-        _HEAD.pack(_VERSION, _CODE_INDEX[outcome.code], outcome.omitted_bytes, len(details)),
-        details,
-        _LEN.pack(len(outcome.trailing_metadata)),
-    ]
-    for key, value in outcome.trailing_metadata:
+def _encode_metadata(metadata: Metadata, parts: list[bytes]) -> None:
+    parts.append(_LEN.pack(len(metadata)))
+    for key, value in metadata:
         raw_key = key.encode("ascii")
         is_bytes = isinstance(value, bytes)
         raw_value = value if isinstance(value, bytes) else value.encode("utf-8")
@@ -573,42 +733,111 @@ def encode_outcome(outcome: Outcome) -> bytes:
             _LEN.pack(len(raw_value)),
             raw_value,
         ]
+
+
+def _decode_metadata(data: bytes, offset: int) -> tuple[Metadata, int]:
+    (count,) = _LEN.unpack_from(data, offset)
+    offset += 4
+    metadata: list[tuple[str, str | bytes]] = []
+    for _ in range(count):
+        (length,) = _LEN.unpack_from(data, offset)
+        key = data[offset + 4 : offset + 4 + length].decode("ascii")
+        offset += 4 + length
+        is_bytes = data[offset] == 1
+        (length,) = _LEN.unpack_from(data, offset + 1)
+        raw = data[offset + 5 : offset + 5 + length]
+        offset += 5 + length
+        metadata.append((key, bytes(raw) if is_bytes else raw.decode("utf-8")))
+    return tuple(metadata), offset
+
+
+def encode_outcome(outcome: Outcome) -> bytes:
+    """Serialize an outcome for a store that keeps bytes (SQLite, Redis), in format 2."""
+    details = outcome.details.encode("utf-8")
+    parts = [
+        _HEAD.pack(_VERSION, _CODE_INDEX[outcome.code], outcome.omitted_bytes, len(details)),
+        details,
+    ]
+    _encode_metadata(outcome.trailing_metadata, parts)
     parts.append(_LEN.pack(len(outcome.responses)))
     for response in outcome.responses:
         parts += [_LEN.pack(len(response)), response]
+    _encode_metadata(outcome.initial_metadata, parts)
     return b"".join(parts)
 
 
 def decode_outcome(data: bytes) -> Outcome:
-    """Inverse of :func:`encode_outcome`; raises ``ValueError`` on bytes it did not write."""
+    """Inverse of :func:`encode_outcome` (formats 1 and 2); ``ValueError`` on bytes it did not write."""
     try:
         version, code, omitted, details_length = _HEAD.unpack_from(data, 0)
-        if version != _VERSION:
-            raise ValueError(f"stored outcome has format version {version}, expected {_VERSION}")
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(
+                f"stored outcome has format version {version}, expected one of "
+                f"{_READABLE_VERSIONS}"
+            )
         offset = _HEAD.size
         details = data[offset : offset + details_length].decode("utf-8")
         offset += details_length
-        (count,) = _LEN.unpack_from(data, offset)
-        offset += 4
-        trailers: list[tuple[str, str | bytes]] = []
-        for _ in range(count):
-            (length,) = _LEN.unpack_from(data, offset)
-            key = data[offset + 4 : offset + 4 + length].decode("ascii")
-            offset += 4 + length
-            is_bytes = data[offset] == 1
-            (length,) = _LEN.unpack_from(data, offset + 1)
-            raw = data[offset + 5 : offset + 5 + length]
-            offset += 5 + length
-            trailers.append((key, bytes(raw) if is_bytes else raw.decode("utf-8")))
+        trailers, offset = _decode_metadata(data, offset)
         (count,) = _LEN.unpack_from(data, offset)
         offset += 4
         responses: list[bytes] = []
         for _ in range(count):
             (length,) = _LEN.unpack_from(data, offset)
-            responses.append(bytes(data[offset + 4 : offset + 4 + length]))
+            response = bytes(data[offset + 4 : offset + 4 + length])
+            if len(response) != length:
+                raise ValueError("stored outcome is truncated")
+            responses.append(response)
             offset += 4 + length
+        initial: Metadata = ()
+        if version >= 2:
+            initial, offset = _decode_metadata(data, offset)
         if offset != len(data):
             raise ValueError(f"stored outcome has {len(data) - offset} trailing bytes")
-        return Outcome(_CODES[code], details, tuple(trailers), tuple(responses), omitted)
+        return Outcome(_CODES[code], details, trailers, tuple(responses), omitted, initial)
     except (struct.error, IndexError, UnicodeDecodeError) as error:
         raise ValueError(f"stored outcome is corrupt: {error}") from error
+
+
+# ---------------------------------------------------------------------------- leases per method
+
+#: The lease of a method that ``lease=`` does not name (seconds).
+DEFAULT_LEASE = 30.0
+
+
+class LeaseTable:
+    """How long a claim lasts when its executor dies, per method (the ``lease=`` argument).
+
+    ``lease`` is seconds for every method, or a mapping from ``"/pkg.Service/Method"`` names and
+    ``"/pkg.Service/*"`` patterns to seconds (an exact name beats its service's pattern; other
+    methods get :data:`DEFAULT_LEASE`). Validated here, so a bad value fails at construction.
+    """
+
+    __slots__ = ("_by_method", "_cache", "default")
+
+    def __init__(self, lease: float | Mapping[str, float]) -> None:
+        if isinstance(lease, Mapping):
+            patterns = method_patterns(lease.keys(), field="lease")
+            self._by_method = {
+                pattern: float(finite_number(f"lease[{pattern!r}]", lease[pattern], above=0.0,
+                                             unit=" of seconds"))
+                for pattern in patterns
+            }
+            self.default = DEFAULT_LEASE
+        else:
+            self._by_method = {}
+            self.default = float(finite_number("lease", lease, above=0.0, unit=" of seconds"))
+        self._cache: dict[str, float] = {}
+
+    def __call__(self, method: str) -> float:
+        """The lease of ``method`` in seconds."""
+        if not self._by_method:
+            return self.default
+        lease = self._cache.get(method)
+        if lease is None:
+            by_method = self._by_method
+            service = method.rpartition("/")[0]
+            lease = by_method.get(method, by_method.get(f"{service}/*", self.default))
+            if len(self._cache) < 4096:
+                self._cache[method] = lease
+        return lease

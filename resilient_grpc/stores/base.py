@@ -85,6 +85,14 @@ class Store(ABC):
         """Drop the claim held by ``token`` (retryable failure); ``False`` if it no longer holds it."""
 
     @abstractmethod
+    def renew(self, key: str, token: int, *, lease: float) -> bool:
+        """Extend the claim held by ``token`` to ``lease`` s from now (its handler still runs).
+
+        Fenced like :meth:`complete`: only the token's own IN_PROGRESS claim whose lease has
+        not lapsed is renewed; ``False`` if it no longer holds one.
+        """
+
+    @abstractmethod
     def get(self, key: str) -> Record | None:
         """The live record of ``key``, or ``None``."""
 
@@ -131,6 +139,10 @@ class AsyncStore(ABC):
         """See :meth:`Store.release`."""
 
     @abstractmethod
+    async def renew(self, key: str, token: int, *, lease: float) -> bool:
+        """See :meth:`Store.renew`."""
+
+    @abstractmethod
     async def get(self, key: str) -> Record | None:
         """See :meth:`Store.get`."""
 
@@ -168,6 +180,9 @@ class ThreadedAsyncStore(AsyncStore):
     async def release(self, key: str, token: int) -> bool:
         return await asyncio.to_thread(self.store.release, key, token)
 
+    async def renew(self, key: str, token: int, *, lease: float) -> bool:
+        return await asyncio.to_thread(self.store.renew, key, token, lease=lease)
+
     async def get(self, key: str) -> Record | None:
         return await asyncio.to_thread(self.store.get, key)
 
@@ -191,6 +206,9 @@ class DirectAsyncStore(AsyncStore):
 
     async def release(self, key: str, token: int) -> bool:
         return self.store.release(key, token)
+
+    async def renew(self, key: str, token: int, *, lease: float) -> bool:
+        return self.store.renew(key, token, lease=lease)
 
     async def get(self, key: str) -> Record | None:
         return self.store.get(key)

@@ -18,6 +18,7 @@ from resilient_grpc.core.dedup import (
     claim_entry,
     complete_entry,
     release_allowed,
+    renew_entry,
 )
 from resilient_grpc.core.validation import finite_number, whole_number
 from resilient_grpc.stores.base import (
@@ -132,6 +133,18 @@ class MemoryStore(Store):
             self._drop(key)
             if self._waiters:
                 self._wake(key)
+        return True
+
+    def renew(self, key: str, token: int, *, lease: float) -> bool:
+        now = self._clock()
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                return False
+            entry = renew_entry(found[0], token, now=now, lease=lease)
+            if entry is None:
+                return False
+            self._entries[key] = (entry, found[1])  # same size, same place in the order
         return True
 
     def get(self, key: str) -> Record | None:

@@ -80,6 +80,7 @@ def _scripts(client: redis.Redis | redis.asyncio.Redis) -> dict[str, Any]:
         "get": client.register_script(_GET),
         "complete": client.register_script(_COMPLETE),
         "release": client.register_script(_RELEASE),
+        "renew": client.register_script(_RENEW),
     }
 
 
@@ -136,6 +137,17 @@ _RELEASE = """
 local record = redis.call('GET', KEYS[1])
 if record and string.sub(record, 1, 9) == 'P' .. ARGV[1] then
   redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# Renewal: extend our own claim's expiry (fenced like release: only our claim, byte for byte; a
+# lapsed claim is gone from Redis, so it cannot be renewed).
+_RENEW = """
+local record = redis.call('GET', KEYS[1])
+if record and string.sub(record, 1, 9) == 'P' .. ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
 return 0
@@ -229,6 +241,9 @@ class RedisStore(Store):
     def release(self, key: str, token: int) -> bool:
         return bool(self._call("release", key, [_token(token)]))
 
+    def renew(self, key: str, token: int, *, lease: float) -> bool:
+        return bool(self._call("renew", key, [_token(token), _milliseconds(lease)]))
+
     def get(self, key: str) -> Record | None:
         return _record(self._call("get", key, []))
 
@@ -273,6 +288,9 @@ class _AsyncRedisStore(AsyncStore):
 
     async def release(self, key: str, token: int) -> bool:
         return bool(await self._call("release", key, [_token(token)]))
+
+    async def renew(self, key: str, token: int, *, lease: float) -> bool:
+        return bool(await self._call("renew", key, [_token(token), _milliseconds(lease)]))
 
     async def get(self, key: str) -> Record | None:
         return _record(await self._call("get", key, []))

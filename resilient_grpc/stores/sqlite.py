@@ -21,6 +21,7 @@ from resilient_grpc.core.dedup import (
     decode_outcome,
     encode_outcome,
     release_allowed,
+    renew_entry,
 )
 from resilient_grpc.core.validation import finite_number
 from resilient_grpc.stores.base import (
@@ -136,6 +137,17 @@ class SQLiteStore(Store):
             return True
 
         return self._transaction(release)
+
+    def renew(self, key: str, token: int, *, lease: float) -> bool:
+        def renew(connection: sqlite3.Connection) -> bool:
+            existing = _entry(connection.execute(_SELECT, (key,)).fetchone())
+            entry = renew_entry(existing, token, now=self._clock(), lease=lease)
+            if entry is None:
+                return False
+            connection.execute(_UPSERT, _row(key, entry))
+            return True
+
+        return self._transaction(renew)
 
     def get(self, key: str) -> Record | None:
         def get(connection: sqlite3.Connection) -> Record | None:
