@@ -772,8 +772,7 @@ def decode_outcome(data: bytes) -> Outcome:
         version, code, omitted, details_length = _HEAD.unpack_from(data, 0)
         if version not in _READABLE_VERSIONS:
             raise ValueError(
-                f"stored outcome has format version {version}, expected one of "
-                f"{_READABLE_VERSIONS}"
+                f"stored outcome has format version {version}, expected one of {_READABLE_VERSIONS}"
             )
         offset = _HEAD.size
         details = data[offset : offset + details_length].decode("utf-8")
@@ -819,8 +818,11 @@ class LeaseTable:
         if isinstance(lease, Mapping):
             patterns = method_patterns(lease.keys(), field="lease")
             self._by_method = {
-                pattern: float(finite_number(f"lease[{pattern!r}]", lease[pattern], above=0.0,
-                                             unit=" of seconds"))
+                pattern: float(
+                    finite_number(
+                        f"lease[{pattern!r}]", lease[pattern], above=0.0, unit=" of seconds"
+                    )
+                )
                 for pattern in patterns
             }
             self.default = DEFAULT_LEASE
