@@ -4,7 +4,8 @@ Run: ``python -m tests.dedup_server_process --store sqlite:/path/db | redis:redi
 [--lease S] [--hang-first]``. The process prints ``PORT <n>``, then ``START <key>`` when a Transfer
 handler begins and ``EXEC <key> <transfer_id>`` when it applied one, ``BALANCE`` per GetBalance, and exits when stdin closes.
 ``--hang-once FILE`` makes the first handler of any process sharing FILE hang (to be killed
-mid-handler): the one that creates FILE.
+mid-handler): the one that creates FILE; with ``--hang-after-effect`` it hangs after applying
+the transfer (killed between the effect and the stored outcome).
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ class ServerProcess:
     """Starts the script in a child process and collects its output lines."""
 
     def __init__(
-        self, store: str, *, delay: float = 0.0, lease: float = 30.0, hang_once: str = ""
+        self,
+        store: str,
+        *,
+        delay: float = 0.0,
+        lease: float = 30.0,
+        hang_once: str = "",
+        hang_after_effect: bool = False,
     ) -> None:
         command = [
             sys.executable,
@@ -41,6 +48,8 @@ class ServerProcess:
         ]
         if hang_once:
             command += ["--hang-once", hang_once]
+        if hang_after_effect:
+            command.append("--hang-after-effect")
         self.process = subprocess.Popen(
             command,
             cwd=REPO,
@@ -119,6 +128,7 @@ def _main() -> None:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--lease", type=float, default=30.0)
     parser.add_argument("--hang-once", default="")
+    parser.add_argument("--hang-after-effect", action="store_true")
     args = parser.parse_args()
     kind, _, where = args.store.partition(":")
     store = SQLiteStore(where) if kind == "sqlite" else RedisStore.from_url(where)
@@ -141,12 +151,15 @@ def _main() -> None:
         def Transfer(self, request: ledger_pb2.TransferRequest, context: Any) -> Any:
             key = dict(context.invocation_metadata()).get("idempotency-key")
             say(f"START {key}")
-            if first_to_hang():
+            hang = first_to_hang()
+            if hang and not args.hang_after_effect:
                 time.sleep(600)  # killed by the test long before
             if args.delay:
                 time.sleep(args.delay)
             reply = super().Transfer(request, context)
             say(f"EXEC {key} {reply.transfer_id}")
+            if hang:
+                time.sleep(600)  # killed after the effect, before the outcome is stored
             return reply
 
         def GetBalance(self, request: ledger_pb2.BalanceRequest, context: Any) -> Any:

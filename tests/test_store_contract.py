@@ -126,6 +126,31 @@ async def test_a_stale_executor_cannot_complete_after_its_lease_even_untaken(
     assert await store.get("k") is None
 
 
+async def test_renew_extends_only_the_tokens_live_claim(store: AsyncStore) -> None:
+    claim = await store.claim("k", FP_A, lease=0.2)
+    assert claim.token is not None
+    assert not await store.renew("k", claim.token + 1, lease=5)  # fenced: not our token
+    assert not await store.renew("missing", claim.token, lease=5)
+    assert await store.renew("k", claim.token, lease=5)
+    await asyncio.sleep(0.3)  # past the first lease: the renewal holds the key
+    record = await store.get("k")
+    assert record is not None and record.state is RecordState.IN_PROGRESS
+    assert 4.0 < record.lease_left <= 5.0
+    assert (await store.claim("k", FP_A, lease=5)).token is None
+    assert await store.complete("k", claim.token, OUTCOME)
+    assert not await store.renew("k", claim.token, lease=5)  # completed: nothing to renew
+    record = await store.get("k")
+    assert record is not None and record.outcome == OUTCOME
+
+
+async def test_a_lapsed_claim_cannot_be_renewed(store: AsyncStore) -> None:
+    stale = await store.claim("k", FP_A, lease=0.05)
+    assert stale.token is not None
+    await asyncio.sleep(0.12)
+    assert not await store.renew("k", stale.token, lease=5)
+    assert await store.get("k") is None
+
+
 async def test_ttl_expires_completed_records(store: AsyncStore) -> None:
     claim = await store.claim("k", FP_A, lease=5)
     assert claim.token is not None
