@@ -15,7 +15,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -717,3 +718,72 @@ async def test_aio_handlers_that_are_not_coroutines_are_refused_loudly(
         assert error.code() == grpc.StatusCode.UNIMPLEMENTED
     assert executions == []
     assert caplog.text.count("is not a coroutine function") == 1
+
+
+# ---------------------------------------------------------------------------- streams cut short
+
+
+def test_a_sync_stream_whose_client_goes_away_keeps_its_claim() -> None:
+    """A client cancelling mid-stream says nothing about the effect: the claim is kept (the
+    retry is told to come back), never released for a second execution."""
+    executions: list[bytes] = []
+
+    def stream(request: bytes, context: Any) -> Iterator[bytes]:
+        executions.append(request)
+        for n in range(40):
+            yield b"m%d" % n
+            time.sleep(0.05)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8), interceptors=[DedupInterceptor(lease=30.0)]
+    )
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "test.Raw", {"Watch": grpc.unary_stream_rpc_method_handler(stream)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            method = channel.unary_stream("/test.Raw/Watch")
+            call = method(b"req", metadata=_keyed("s"), timeout=10)
+            assert next(call) == b"m0"
+            call.cancel()
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as retry:
+                list(method(b"req", metadata=_keyed("s"), timeout=1))
+    finally:
+        server.stop(None)
+    assert retry.value.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert executions == [b"req"]
+
+
+async def test_an_aio_stream_whose_client_goes_away_keeps_its_claim(
+    raw_aio_server: Callable[..., Awaitable[grpc.aio.Channel]],
+) -> None:
+    executions: list[bytes] = []
+
+    async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        executions.append(request)
+        for n in range(40):
+            yield b"m%d" % n
+            await asyncio.sleep(0.05)
+
+    channel = await raw_aio_server(
+        {"Watch": grpc.unary_stream_rpc_method_handler(stream)}, lease=30.0
+    )
+    method = channel.unary_stream("/test.Raw/Watch")
+    call = method(b"req", metadata=_keyed("s"), timeout=10)
+    assert await call.read() == b"m0"
+    call.cancel()
+    await asyncio.sleep(0.3)
+    error = await _error(_drain(method(b"req", metadata=_keyed("s"), timeout=1)))
+    assert error.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert executions == [b"req"]
+
+
+async def _drain(call: Any) -> list[bytes]:
+    return [message async for message in call]
