@@ -3,6 +3,7 @@ hypothesis state machine over claim / complete / fail / expire / replay interlea
 
 from __future__ import annotations
 
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,15 @@ from hypothesis.stateful import (
     rule,
 )
 
+from resilient_grpc.core.codes import STATUS_CODE_NAMES
 from resilient_grpc.core.dedup import (
     REPLAYED_HEADER,
+    Abandoned,
     Action,
     Claim,
     ClaimResult,
     Complete,
+    Crowded,
     Decision,
     DedupFlow,
     Execute,
@@ -35,7 +39,9 @@ from resilient_grpc.core.dedup import (
     Record,
     RecordState,
     Release,
+    Renewal,
     StoreDown,
+    StoreFull,
     Verdict,
     Wait,
     admission_problem,
@@ -43,6 +49,8 @@ from resilient_grpc.core.dedup import (
     decode_outcome,
     encode_outcome,
     fingerprint,
+    renewal_interval,
+    renewed,
     scoped_key,
 )
 from resilient_grpc.stores import MemoryStore, SQLiteStore, Store
@@ -283,6 +291,69 @@ def test_flow_conflict() -> None:
     assert verdict.events == ("conflict",)
 
 
+def test_flow_full_store_is_resource_exhausted_even_failing_open() -> None:
+    clock = FakeClock()
+    for fail_open in (False, True):
+        settings = FlowSettings(max_response_bytes=1000, fail_open=fail_open, lease=5.0)
+        flow = dedup_flow(b"f" * 32, settings, clock=clock, wait_until=clock.now + 1)
+        _, verdict = _run(flow, [StoreFull("full: 100000 claims", retry_after=0.25)])
+        assert verdict.action is Action.ANSWER and verdict.events == ("store_full",)
+        assert verdict.outcome.code == "RESOURCE_EXHAUSTED"
+        assert verdict.outcome.trailing_metadata == (("grpc-retry-pushback-ms", "250"),)
+        assert "100000" not in verdict.outcome.details and "100000" in verdict.detail
+
+
+def test_flow_crowded_waiter_is_aborted_at_once_with_pushback() -> None:
+    clock = FakeClock()
+    fp = b"f" * 32
+    running = Record(RecordState.IN_PROGRESS, fp, None, 0.4)
+    flow = dedup_flow(fp, SETTINGS, clock=clock, wait_until=clock.now + 1)
+    _, verdict = _run(flow, [ClaimResult(None, running), Crowded()])
+    assert verdict.outcome.code == "ABORTED" and verdict.events == ("waited", "crowded")
+    assert verdict.outcome.trailing_metadata == (("grpc-retry-pushback-ms", "400"),)
+
+
+def test_flow_abandoned_before_the_handler_releases_the_claim() -> None:
+    clock = FakeClock()
+    flow = dedup_flow(b"f" * 32, SETTINGS, clock=clock, wait_until=clock.now + 1)
+    effects, verdict = _run(flow, [ClaimResult(5), Abandoned(), True])
+    assert effects[-1] == Release(5)  # a known "not executed": the key is free for a retry
+    assert verdict.events == ("abandoned",) and verdict.outcome.code == "CANCELLED"
+
+
+def test_flow_store_trouble_after_the_handler_ran_is_reported_not_refused() -> None:
+    clock = FakeClock()
+    flow = dedup_flow(b"f" * 32, SETTINGS, clock=clock, wait_until=clock.now + 1)
+    _, verdict = _run(flow, [ClaimResult(5), Execution(Outcome()), False])
+    assert verdict.action is Action.EXECUTED  # the live answer is still sent
+    assert verdict.events == ("executed", "complete_refused") and "refused" in verdict.detail
+    flow = dedup_flow(b"f" * 32, SETTINGS, clock=clock, wait_until=clock.now + 1)
+    _, verdict = _run(flow, [ClaimResult(5), Execution(Outcome()), StoreDown("disk I/O error")])
+    assert verdict.action is Action.EXECUTED
+    assert verdict.events == ("executed", "outcome_not_stored")
+    assert verdict.detail == "disk I/O error"
+    flow = dedup_flow(b"f" * 32, SETTINGS, clock=clock, wait_until=clock.now + 1)
+    _, verdict = _run(flow, [ClaimResult(5), Execution(None), False])  # release refused: fine
+    assert verdict.events == ("executed",)
+
+
+def test_renewal_decisions() -> None:
+    assert renewal_interval(3.0) == 1.0
+    assert renewed(True, 3.0) == Renewal(1.0)
+    assert renewed(StoreDown("down"), 3.0) == Renewal(1.0, "renew_failed", "down")
+    lost = renewed(False, 3.0)
+    assert lost.delay is None and lost.event == "lease_lost"
+
+
+def test_initial_metadata_round_trips_and_format_1_still_decodes() -> None:
+    outcome = Outcome("OK", "", (("t", "1"),), (b"r",), 0, (("x-region", "eu"), ("b-bin", b"\0")))
+    assert decode_outcome(encode_outcome(outcome)) == outcome
+    # a record written by the previous release (format 1: no initial metadata) still replays
+    ok = sorted(STATUS_CODE_NAMES).index("OK")
+    version_1 = struct.pack(">BBQI", 1, ok, 0, 0) + struct.pack(">III", 0, 1, 1) + b"r"
+    assert decode_outcome(version_1) == Outcome("OK", "", (), (b"r",))
+
+
 # ---------------------------------------------------------------------------- state machine
 
 KEYS = ["k0", "k1"]
@@ -303,9 +374,9 @@ class Executor:
 class DedupMachine(RuleBasedStateMachine):
     """Interleave claims, completions, failures, clock jumps and replays against a real store.
 
-    Checked: a key is never executed by two executors whose leases overlap; a replay always
-    carries the response made for the same request bytes; a stale executor's completion is
-    refused and changes nothing.
+    Checked: a key is never executed by two executors whose leases overlap (renewals included);
+    a replay always carries the response made for the same request bytes; a stale executor's
+    completion or renewal is refused and changes nothing.
     """
 
     executors = Bundle("executors")
@@ -387,6 +458,21 @@ class DedupMachine(RuleBasedStateMachine):
         if owned:
             assert released
         elif not released:
+            assert self.store.get(executor.key) == before
+
+    @rule(executor=executors)
+    def renew(self, executor: Executor | None) -> None:
+        """A running executor's heartbeat: extends only its own live claim (fenced)."""
+        if executor is None:
+            return
+        before = self.store.get(executor.key)
+        owned = not executor.finished and self._owns(executor)
+        renewed = self.store.renew(executor.key, executor.token, lease=LEASE)
+        if owned:
+            assert renewed
+            executor.lease_until = self.clock.now + LEASE
+        else:
+            assert not renewed, "a stale or finished executor renewed a claim"
             assert self.store.get(executor.key) == before
 
     def _owns(self, executor: Executor) -> bool:
