@@ -49,6 +49,7 @@ import grpc
 from resilient_grpc import logs, telemetry
 from resilient_grpc.core.dedup import (
     DEFAULT_LEASE,
+    Abandoned,
     Action,
     Claim,
     ClaimResult,
@@ -788,7 +789,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         def unary_unary(raw: bytes, context: grpc.ServicerContext) -> bytes | None:
             driver = self._admit(method, raw, context)
 
-            def execute() -> Execution:
+            def execute() -> Generator[bytes, None, Execution]:
                 handler_context = HandlerContext(context)
                 with driver.scope():
                     try:
@@ -797,8 +798,9 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                         driver.error = error
                         return Execution(failed_outcome(handler_context))
                 return Execution(unary_outcome(driver, handler_context, response, serialize))
+                yield  # a generator of no messages, like a stream's
 
-            verdict = self._run(driver, execute)
+            verdict = finished(self._drive(driver, execute))
             if verdict.action is Action.EXECUTED:
                 driver.reraise()
                 return driver.response
@@ -832,39 +834,27 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
     # -- the effect loop (resilient_grpc.aio.server has the same lines, awaited)
 
-    def _drive(
-        self, driver: FlowDriver, execute: Callable[[], Generator[bytes, None, Execution]]
-    ) -> Generator[bytes, None, Verdict]:
-        """Perform a stream's flow; ``execute`` is a generator of the handler's messages."""
+    def _drive(self, driver: FlowDriver, execute: Executor) -> Generator[bytes, None, Verdict]:
+        """Perform a call's flow; ``execute`` is a generator of the handler's messages."""
         try:
             run = self._pump(driver, driver.first())
             if run is not None:  # a flow executes the handler at most once
-                self._beat(driver, run)
-                try:
-                    execution = yield from execute()
-                finally:
-                    driver.stop_beating()
-                self._pump(driver, driver.advance(run, execution))
+                yield from self._settle(driver, run, execute)
         finally:
             driver.close()
         assert driver.verdict is not None
         return driver.verdict
 
-    def _run(self, driver: FlowDriver, execute: Callable[[], Execution]) -> Verdict:
-        """Perform a unary call's flow (:meth:`_drive` without a generator)."""
+    def _settle(
+        self, driver: FlowDriver, run: Execute, execute: Executor
+    ) -> Generator[bytes, None, None]:
+        """Run the handler (unless its caller is already gone) and store its outcome."""
+        self._beat(driver, run)
         try:
-            run = self._pump(driver, driver.first())
-            if run is not None:
-                self._beat(driver, run)
-                try:
-                    execution = execute()
-                finally:
-                    driver.stop_beating()
-                self._pump(driver, driver.advance(run, execution))
+            execution: object = Abandoned() if driver.detached else (yield from execute())
         finally:
-            driver.close()
-        assert driver.verdict is not None
-        return driver.verdict
+            driver.stop_beating()
+        self._pump(driver, driver.advance(run, execution))
 
     def _pump(self, driver: FlowDriver, effect: Effect | None) -> Execute | None:
         """Perform store effects until the flow asks to run the handler (that effect) or decides."""
@@ -909,6 +899,19 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
         driver.beating = True
         driver.beat = HEARTBEATS.every(renewal_interval(lease), renew)
+
+
+Executor = Callable[[], Generator[bytes, None, Execution]]
+
+
+def finished(flow: Generator[bytes, None, Verdict]) -> Verdict:
+    """Run a unary call's flow (a generator that yields no messages) to its verdict."""
+    try:
+        next(flow)
+    except StopIteration as stop:
+        verdict: Verdict = stop.value
+        return verdict
+    raise AssertionError("a unary handler's flow yielded a message")
 
 
 def unchanged(value: Any) -> Any:
