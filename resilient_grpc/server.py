@@ -3,9 +3,11 @@
 A call that carries an idempotency key executes at most once per (method, caller identity, key)
 while its record lives; every repeat gets the stored answer (exact response bytes, or the stored
 status code, details and trailing metadata) plus the trailer ``idempotency-replayed: true``.
-The decisions are taken by :func:`resilient_grpc.core.dedup.dedup_flow`; this module only
-performs its effects with blocking calls. The ``grpc.aio`` flavour is
-:class:`resilient_grpc.aio.DedupInterceptor`; both share :class:`DedupSettings`.
+The decisions are taken by :class:`resilient_grpc.core.dedup.DedupFlow`, held by one
+:class:`FlowDriver` per call; this module only performs its effects with blocking calls. The
+``grpc.aio`` flavour is :class:`resilient_grpc.aio.DedupInterceptor`; both share
+:class:`DedupBase`, :class:`DedupSettings` and :class:`FlowDriver`, and their effect loops read
+line for line alike.
 
 Rules the design leaves open, chosen here:
 
@@ -24,14 +26,33 @@ Rules the design leaves open, chosen here:
   without one), then gets ABORTED with a ``grpc-retry-pushback-ms`` trailer: the in-flight
   attempt's remaining lease, capped at ``max_pushback`` (default 1 s). The client stack retries
   a keyed call that gets ABORTED with a pushback after that delay, whatever its ``retryable_codes``.
-* A call cancelled or interrupted between its claim and its outcome (an aio deadline, a client
-  gone mid-stream) releases the claim at once, as a retryable failure does.
+* At most ``max_waiters`` duplicates of one key wait at once in one process (default 64); more
+  are answered ABORTED with the pushback at once. A key re-claimed in this process (its old
+  claim's lease lapsed) wakes the old claim's waiters, so none sleeps out its deadline.
+* A cancellation (a client cancel, a deadline, a client gone mid-stream) never releases a
+  claim: it says nothing about whether the effect happened. A unary handler finishes (the sync
+  server never interrupts it; the aio one shields it) and its outcome is stored and replayed; a
+  stream cut short keeps its claim until its lease lapses. Only a call known not to have run
+  its handler (cancelled while its claim was being written) releases its claim.
+* Lease renewal: while a handler runs its claim is renewed every ``lease / 3`` s (one shared
+  timer thread here, a loop timer in aio), so a live handler is never duplicated however slow;
+  ``lease`` (per method if a mapping) only bounds how long a *dead* executor blocks its key.
+  A handler shorter than ``lease / 3`` costs no renewal. A renewal or completion the store
+  refuses (the claim was lost) is a WARNING, a dedup outcome and a span event, never silent.
 * An expired deadline on arrival is answered DEADLINE_EXCEEDED before any claim. (In
   ``grpc.aio`` the server usually cancels such a call before any interceptor runs.)
-* Store down: ``fail_open=False`` answers UNAVAILABLE without running the handler; with
-  ``fail_open=True`` the handler runs without dedup. If the store fails *after* the handler ran,
-  the live answer is still returned (the record stays claimed until its lease lapses).
-* Initial metadata sent by a handler is not stored; only the trailing metadata is replayed.
+* Store down: ``fail_open=False`` answers UNAVAILABLE ("idempotency store unavailable", no
+  more: paths, hosts and driver text go to the server log only) without running the handler;
+  with ``fail_open=True`` the handler runs without dedup. If the store fails *after* the handler
+  ran, the live answer is still returned and logged as not stored (the record stays claimed
+  until its lease lapses).
+* Store full (:class:`~resilient_grpc.stores.base.StoreFullError`: full of live claims):
+  RESOURCE_EXHAUSTED with a ``grpc-retry-pushback-ms`` trailer, handler not run. ``fail_open``
+  does not apply: it is an overload signal, and running handlers without dedup exactly when
+  the store is saturated would multiply duplicates.
+* Initial metadata sent by a handler (``send_initial_metadata``) is stored with the outcome and
+  replayed before the responses. The handler sees a thin wrapper of its servicer context
+  (:class:`HandlerContext`) that records it, and whether the handler aborted.
 """
 
 from __future__ import annotations
