@@ -537,13 +537,20 @@ class Heartbeats:
     :meth:`every` schedules ``renew`` after ``delay`` s; ``renew`` returns the delay to its next
     run, or ``None`` to stop. Renewals run one at a time on this thread, so a slow store delays
     the others by at most its own timeout (a renewal comes a third of a lease before it lapses).
+    Scheduling costs a heap push under a lock: the thread is woken only for a renewal due before
+    it would wake anyway (it wakes at least every :attr:`POLL` s to drop cancelled renewals), so
+    short calls never cost a thread switch.
     """
+
+    #: The longest the thread sleeps (seconds).
+    POLL = 0.5
 
     def __init__(self) -> None:
         self._condition = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int, Beat]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._wake_at = 0.0
         self.cancelled = 0
 
     def every(self, delay: float, renew: Callable[[], float | None]) -> Beat:
@@ -565,7 +572,7 @@ class Heartbeats:
                     target=self._run, name="resilient-grpc-lease-renewal", daemon=True
                 )
                 self._thread.start()
-            elif heap[0][2] is beat:  # due before everything else: wake the thread
+            elif due < self._wake_at:  # due before the thread wakes on its own
                 self._condition.notify()
 
     def _next(self) -> Beat:
@@ -575,13 +582,11 @@ class Heartbeats:
                 while heap and heap[0][2].cancelled:
                     heapq.heappop(heap)
                     self.cancelled = max(0, self.cancelled - 1)
-                if not heap:
-                    self._condition.wait()
-                    continue
-                left = heap[0][0] - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if heap and heap[0][0] <= now:
                     return heapq.heappop(heap)[2]
-                self._condition.wait(left)
+                self._wake_at = min(heap[0][0], now + self.POLL) if heap else now + self.POLL
+                self._condition.wait(self._wake_at - now)
 
     def _run(self) -> None:
         while True:

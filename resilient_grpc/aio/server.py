@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
-from collections.abc import Awaitable, Callable, Coroutine
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -62,6 +64,9 @@ from resilient_grpc.server import (
 from resilient_grpc.stores.base import AsyncStore, DirectAsyncStore, Store, StoreUnavailableError
 
 __all__ = ["DedupInterceptor"]
+
+#: Whether a task can run in a given context (``create_task(..., context=)``, Python >= 3.11).
+_EAGER = sys.version_info >= (3, 11)
 
 if TYPE_CHECKING:  # generic only in grpc-stubs
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -348,11 +353,31 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
     # -- owned tasks: shielded work, orphan claims, lease renewal
 
-    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(work)
+    def _spawn(
+        self, work: Coroutine[Any, Any, Any], context: contextvars.Context | None = None
+    ) -> asyncio.Task[Any]:
+        loop = asyncio.get_running_loop()
+        if context is None:
+            task = loop.create_task(work)
+        else:
+            create: Any = loop.create_task  # ``context=``: Python >= 3.11
+            task = create(work, context=context)
         self._tasks.add(task)
         task.add_done_callback(self._forget)
         return task
+
+    def _eager(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[Any] | None:
+        """Start ``work`` at once in a context of its own, as Python 3.12's eager tasks do:
+        ``None`` if it finished without waiting (the common case: no task, no extra loop turn),
+        else the owned task that runs the rest of it in the same context."""
+        if not _EAGER:  # Python 3.10: a task cannot be given the context the first step ran in
+            return self._spawn(work)
+        context = contextvars.copy_context()
+        try:
+            pending = context.run(work.send, None)
+        except StopIteration:
+            return None
+        return self._spawn(_rest(work, pending), context)
 
     def _forget(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -360,8 +385,11 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             server_logger.error("dedup background task failed", exc_info=task.exception())
 
     async def _shielded(self, driver: FlowDriver, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` in an owned task that a cancellation of this call does not stop."""
-        task = self._spawn(work)
+        """Run ``work`` so that a cancellation of this call does not stop it (an owned task,
+        started eagerly)."""
+        task = self._eager(work)
+        if task is None:
+            return
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -410,6 +438,36 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         if delay is not None and driver.beating:
             loop = asyncio.get_running_loop()
             driver.beat = loop.call_later(delay, self._renew, driver, token)
+
+
+async def _rest(work: Coroutine[Any, Any, None], pending: Any) -> None:
+    """The rest of a coroutine started by hand and suspended on ``pending`` (see ``_eager``)."""
+    await _Resume(work, pending)
+
+
+class _Resume:
+    """Awaitable relaying a started coroutine to the task that awaits it (``yield from``
+    semantics: what it waits on goes up, results and exceptions come back down)."""
+
+    def __init__(self, work: Coroutine[Any, Any, None], pending: Any) -> None:
+        self.work = work
+        self.pending = pending
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        work, pending = self.work, self.pending
+        while True:
+            try:
+                sent = yield pending
+            except BaseException as error:  # cancellation included: the work sees it
+                try:
+                    pending = work.throw(error)
+                except StopIteration:
+                    return
+                continue
+            try:
+                pending = work.send(sent)
+            except StopIteration:
+                return
 
 
 def _reattach(driver: FlowDriver) -> None:
