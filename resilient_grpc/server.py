@@ -34,8 +34,8 @@ Rules the design leaves open, chosen here:
   server never interrupts it; the aio one shields it) and its outcome is stored and replayed; a
   stream cut short keeps its claim until its lease lapses. Only a call known not to have run
   its handler (cancelled while its claim was being written) releases its claim.
-* Lease renewal: while a handler runs its claim is renewed every ``lease / 3`` s (one shared
-  timer thread here, a loop timer in aio), so a live handler is never duplicated however slow;
+* Lease renewal: while a handler runs its claim is renewed every ``lease / 3`` s (timed by one
+  shared thread for every call; aio renewals run on the loop), so a live handler is never duplicated however slow;
   ``lease`` (per method if a mapping) only bounds how long a *dead* executor blocks its key.
   A handler shorter than ``lease / 3`` costs no renewal. A renewal or completion the store
   refuses (the claim was lost) is a WARNING, a dedup outcome and a span event, never silent.
@@ -521,13 +521,18 @@ class Beat:
 
     def __init__(self, owner: Heartbeats, renew: Callable[[], float | None]) -> None:
         self._owner = owner
-        self.renew = renew
+        self.renew: Callable[[], float | None] | None = renew
         self.cancelled = False
 
     def cancel(self) -> None:
-        """Never renew again (a renewal already running finishes; its answer is ignored)."""
+        """Never renew again (a renewal already running finishes; its answer is ignored).
+
+        Drops the renewal function at once: a cancelled beat waits in the heap until it comes
+        due, and must not keep its call's objects alive until then.
+        """
         if not self.cancelled:
             self.cancelled = True
+            self.renew = None
             self._owner.cancelled += 1  # approximate (no lock): only used to compact the heap
 
 
@@ -591,8 +596,11 @@ class Heartbeats:
     def _run(self) -> None:
         while True:
             beat = self._next()
+            renew = beat.renew
+            if renew is None:
+                continue
             try:
-                delay = beat.renew()
+                delay = renew()
             except Exception:  # a renewal must never kill the thread every call relies on
                 logs.server_logger.exception("lease renewal failed unexpectedly")
                 delay = None

@@ -48,6 +48,7 @@ from resilient_grpc.core.dedup import (
 )
 from resilient_grpc.logs import server_logger
 from resilient_grpc.server import (
+    HEARTBEATS,
     CallPlan,
     Collector,
     DedupBase,
@@ -417,13 +418,26 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                 await self.store.release(key, result.token)
 
     def _beat(self, driver: FlowDriver, run: Execute) -> None:
-        """Renew the claim every third of its lease while the handler runs (a loop timer)."""
+        """Renew the claim every third of its lease while the handler runs.
+
+        Timed by the process's shared renewal thread (no loop timer per call: a call shorter
+        than ``lease / 3`` costs a heap push); when one is due, the renewal runs on this loop
+        as an owned task, which schedules the next.
+        """
         token = run.token
         if token is None:  # failing open: nothing claimed
             return
         driver.beating = True
+        self._schedule(driver, token, renewal_interval(driver.lease))
+
+    def _schedule(self, driver: FlowDriver, token: int, delay: float) -> None:
         loop = asyncio.get_running_loop()
-        driver.beat = loop.call_later(renewal_interval(driver.lease), self._renew, driver, token)
+
+        def due() -> None:  # on the renewal thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to renew
+                loop.call_soon_threadsafe(self._renew, driver, token)
+
+        driver.beat = HEARTBEATS.every(delay, due)
 
     def _renew(self, driver: FlowDriver, token: int) -> None:
         if driver.beating:
@@ -436,8 +450,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             answer = store_down(error)
         delay = driver.renewed(answer)
         if delay is not None and driver.beating:
-            loop = asyncio.get_running_loop()
-            driver.beat = loop.call_later(delay, self._renew, driver, token)
+            self._schedule(driver, token, delay)
 
 
 async def _rest(work: Coroutine[Any, Any, None], pending: Any) -> None:
