@@ -57,8 +57,6 @@ Rules the design leaves open, chosen here:
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -383,9 +381,17 @@ class Flights(Generic[E]):
 
 
 class Cancellable(Protocol):
-    """A scheduled renewal (``threading``: :class:`Beat`; asyncio: ``TimerHandle``)."""
+    """An in-flight asyncio renewal (a task) that stopping the heartbeat cancels."""
 
     def cancel(self) -> object: ...
+
+
+class Renewer(Protocol):
+    """What the renewal thread calls when a call's renewal is due: a shell's renewal."""
+
+    def renew_due(self, driver: FlowDriver) -> float | None:
+        """Renew ``driver``'s claim now; seconds to its next renewal (``None``: not from here)."""
+        ...
 
 
 class FlowDriver:
@@ -411,6 +417,7 @@ class FlowDriver:
         "flow",
         "key",
         "method",
+        "renewer",
         "response",
         "token",
         "verdict",
@@ -433,9 +440,10 @@ class FlowDriver:
         self._flights = flights
         #: our claim's token while we hold it (flight open), else ``None``
         self.token: int | None = None
-        #: the scheduled lease renewal while the handler runs
-        self.beat: Cancellable | None = None
+        #: while the handler runs: its claim is renewed (by ``renewer``); an aio renewal in flight
         self.beating = False
+        self.renewer: Renewer | None = None
+        self.beat: Cancellable | None = None
         #: the caller went away while the handler's execution was shielded (aio)
         self.detached = False
         self.verdict: Verdict | None = None
@@ -487,11 +495,13 @@ class FlowDriver:
 
     def stop_beating(self) -> None:
         """Stop renewing the lease (the handler returned, or the call stopped)."""
-        self.beating = False
-        beat = self.beat
-        if beat is not None:
-            self.beat = None
-            beat.cancel()
+        if self.beating:
+            self.beating = False
+            HEARTBEATS.stop(self)
+            beat = self.beat
+            if beat is not None:
+                self.beat = None
+                beat.cancel()
 
     def reraise(self) -> None:
         """Raise the handler's exception again, if it raised one (an EXECUTED verdict)."""
@@ -514,98 +524,64 @@ class FlowDriver:
         telemetry.dedup_outcome(self.method, "interrupted", "")
 
 
-class Beat:
-    """One call's lease renewal on the shared :class:`Heartbeats` thread."""
-
-    __slots__ = ("_owner", "cancelled", "renew")
-
-    def __init__(self, owner: Heartbeats, renew: Callable[[], float | None]) -> None:
-        self._owner = owner
-        self.renew: Callable[[], float | None] | None = renew
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        """Never renew again (a renewal already running finishes; its answer is ignored).
-
-        Drops the renewal function at once: a cancelled beat waits in the heap until it comes
-        due, and must not keep its call's objects alive until then.
-        """
-        if not self.cancelled:
-            self.cancelled = True
-            self.renew = None
-            self._owner.cancelled += 1  # approximate (no lock): only used to compact the heap
-
-
 class Heartbeats:
-    """One timer thread renewing every running handler's lease (never a thread per call).
+    """One thread renewing every running handler's lease (never a thread per call).
 
-    :meth:`every` schedules ``renew`` after ``delay`` s; ``renew`` returns the delay to its next
-    run, or ``None`` to stop. Renewals run one at a time on this thread, so a slow store delays
-    the others by at most its own timeout (a renewal comes a third of a lease before it lapses).
-    Scheduling costs a heap push under a lock: the thread is woken only for a renewal due before
-    it would wake anyway (it wakes at least every :attr:`POLL` s to drop cancelled renewals), so
-    short calls never cost a thread switch.
+    :meth:`start` registers a call whose claim is due for renewal after ``delay`` s; :meth:`stop`
+    forgets it. Both are one dict operation with no lock (atomic under the GIL), so a call
+    shorter than a third of its lease costs no round trip and almost nothing else. The thread
+    wakes every :attr:`POLL` s (sooner for shorter leases), renews what is due through the
+    call's :class:`Renewer` one at a time (a slow store delays the others by at most its own
+    timeout, and a renewal comes a third of a lease before the lease lapses).
     """
 
     #: The longest the thread sleeps (seconds).
     POLL = 0.5
 
     def __init__(self) -> None:
-        self._condition = threading.Condition(threading.Lock())
-        self._heap: list[tuple[float, int, Beat]] = []
-        self._order = itertools.count()
+        self._due: dict[FlowDriver, float] = {}
+        self._period = self.POLL
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._wake_at = 0.0
-        self.cancelled = 0
 
-    def every(self, delay: float, renew: Callable[[], float | None]) -> Beat:
-        """Run ``renew`` in ``delay`` s, then again after each delay it returns."""
-        beat = Beat(self, renew)
-        self._push(time.monotonic() + delay, beat)
-        return beat
+    def start(self, driver: FlowDriver, renewer: Renewer, delay: float) -> None:
+        """Renew ``driver``'s claim in ``delay`` s through ``renewer`` (and as it says after)."""
+        driver.renewer = renewer
+        self._due[driver] = time.monotonic() + delay
+        if delay < 2 * self._period or self._thread is None:
+            self._wake_sooner(delay)
 
-    def _push(self, due: float, beat: Beat) -> None:
-        with self._condition:
-            heap = self._heap
-            if self.cancelled > 1024 and self.cancelled * 2 > len(heap):
-                heap[:] = [item for item in heap if not item[2].cancelled]
-                heapq.heapify(heap)
-                self.cancelled = 0
-            heapq.heappush(heap, (due, next(self._order), beat))
+    def stop(self, driver: FlowDriver) -> None:
+        """Stop renewing ``driver``'s claim (a renewal already running finishes)."""
+        self._due.pop(driver, None)
+
+    def _wake_sooner(self, delay: float) -> None:
+        with self._lock:
+            self._period = min(self._period, delay / 2)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="resilient-grpc-lease-renewal", daemon=True
                 )
                 self._thread.start()
-            elif due < self._wake_at:  # due before the thread wakes on its own
-                self._condition.notify()
-
-    def _next(self) -> Beat:
-        with self._condition:
-            heap = self._heap
-            while True:
-                while heap and heap[0][2].cancelled:
-                    heapq.heappop(heap)
-                    self.cancelled = max(0, self.cancelled - 1)
-                now = time.monotonic()
-                if heap and heap[0][0] <= now:
-                    return heapq.heappop(heap)[2]
-                self._wake_at = min(heap[0][0], now + self.POLL) if heap else now + self.POLL
-                self._condition.wait(self._wake_at - now)
 
     def _run(self) -> None:
         while True:
-            beat = self._next()
-            renew = beat.renew
-            if renew is None:
-                continue
-            try:
-                delay = renew()
-            except Exception:  # a renewal must never kill the thread every call relies on
-                logs.server_logger.exception("lease renewal failed unexpectedly")
-                delay = None
-            if delay is not None and not beat.cancelled:
-                self._push(time.monotonic() + delay, beat)
+            time.sleep(self._period)
+            now = time.monotonic()
+            for driver, due in self._due.copy().items():  # a copy: calls come and go meanwhile
+                if due > now:
+                    continue
+                self._due.pop(driver, None)  # before renewing: an async renewal re-registers
+                renewer = driver.renewer
+                if not driver.beating or renewer is None:
+                    continue
+                try:
+                    delay = renewer.renew_due(driver)
+                except Exception:  # a renewal must never kill the thread every call relies on
+                    logs.server_logger.exception("lease renewal failed unexpectedly")
+                    continue
+                if delay is not None and driver.beating:
+                    self._due[driver] = time.monotonic() + delay
 
 
 #: The process's lease renewal thread (started at the first renewal scheduled).
@@ -919,20 +895,21 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
     def _beat(self, driver: FlowDriver, run: Execute) -> None:
         """Renew the claim every third of its lease while the handler runs (shared thread)."""
-        token = run.token
-        if token is None:  # failing open: nothing claimed
+        if run.token is None:  # failing open: nothing claimed
             return
-        store, key, lease = self.store, driver.key, driver.lease
-
-        def renew() -> float | None:
-            try:
-                answer: object = store.renew(key, token, lease=lease)
-            except StoreUnavailableError as error:
-                answer = store_down(error)
-            return driver.renewed(answer)
-
         driver.beating = True
-        driver.beat = HEARTBEATS.every(renewal_interval(lease), renew)
+        HEARTBEATS.start(driver, self, renewal_interval(driver.lease))
+
+    def renew_due(self, driver: FlowDriver) -> float | None:
+        """On the renewal thread: renew ``driver``'s claim; seconds to the next renewal."""
+        token = driver.token
+        if token is None:
+            return None
+        try:
+            answer: object = self.store.renew(driver.key, token, lease=driver.lease)
+        except StoreUnavailableError as error:
+            answer = store_down(error)
+        return driver.renewed(answer)
 
 
 Executor = Callable[[], Generator[bytes, None, Execution]]

@@ -131,6 +131,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         self._direct = _direct_store(self.store)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._refused: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def aclose(self, grace: float | None = None) -> None:
         """Wait for the tasks this interceptor owns (executions that outlived their calls,
@@ -418,39 +419,37 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                 await self.store.release(key, result.token)
 
     def _beat(self, driver: FlowDriver, run: Execute) -> None:
-        """Renew the claim every third of its lease while the handler runs.
-
-        Timed by the process's shared renewal thread (no loop timer per call: a call shorter
-        than ``lease / 3`` costs a heap push); when one is due, the renewal runs on this loop
-        as an owned task, which schedules the next.
-        """
-        token = run.token
-        if token is None:  # failing open: nothing claimed
+        """Renew the claim every third of its lease while the handler runs: timed by the shared
+        renewal thread, run on this loop (an owned task) when due."""
+        if run.token is None:  # failing open: nothing claimed
             return
         driver.beating = True
-        self._schedule(driver, token, renewal_interval(driver.lease))
+        self._loop = asyncio.get_running_loop()
+        HEARTBEATS.start(driver, self, renewal_interval(driver.lease))
 
-    def _schedule(self, driver: FlowDriver, token: int, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-
-        def due() -> None:  # on the renewal thread
+    def renew_due(self, driver: FlowDriver) -> float | None:
+        """On the renewal thread: start ``driver``'s renewal on the loop (it schedules the next)."""
+        loop = self._loop
+        if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to renew
-                loop.call_soon_threadsafe(self._renew, driver, token)
+                loop.call_soon_threadsafe(self._renew, driver)
+        return None
 
-        driver.beat = HEARTBEATS.every(delay, due)
-
-    def _renew(self, driver: FlowDriver, token: int) -> None:
+    def _renew(self, driver: FlowDriver) -> None:
         if driver.beating:
-            driver.beat = self._spawn(self._renewal(driver, token))
+            driver.beat = self._spawn(self._renewal(driver))
 
-    async def _renewal(self, driver: FlowDriver, token: int) -> None:
+    async def _renewal(self, driver: FlowDriver) -> None:
+        token = driver.token
+        if token is None:
+            return
         try:
             answer: object = await self.store.renew(driver.key, token, lease=driver.lease)
         except StoreUnavailableError as error:
             answer = store_down(error)
         delay = driver.renewed(answer)
         if delay is not None and driver.beating:
-            self._schedule(driver, token, delay)
+            HEARTBEATS.start(driver, self, delay)
 
 
 async def _rest(work: Coroutine[Any, Any, None], pending: Any) -> None:
