@@ -704,9 +704,10 @@ class DedupBase:
 
 
 def store_down(error: StoreUnavailableError) -> StoreDown:
-    """The flow's view of a store error: full (an overload signal) or down."""
+    """The flow's view of a store error: full (an overload signal) or down (counted as
+    ``StoreDown.outcome``; its message goes to the server log only)."""
     if isinstance(error, StoreFullError):
-        return StoreFull(str(error), error.retry_after)
+        return StoreFull(str(error), retry_after=error.retry_after)
     return StoreDown(str(error))
 
 

@@ -332,10 +332,12 @@ class StoreDown:
     """Sent back instead of an effect's answer when the store could not be used.
 
     ``message`` says why, for the server log only: it may name files, hosts or driver errors,
-    so it never goes into a status sent to a client.
+    so it never goes into a status sent to a client. ``outcome`` is the dedup outcome counted
+    when it refuses a call (e.g. a record the store could not decode gets its own).
     """
 
     message: str
+    outcome: str = "store_error"
 
 
 @dataclass(slots=True)
@@ -343,6 +345,7 @@ class StoreFull(StoreDown):
     """The store is full of live claims and refused a claim; one may free up in ``retry_after`` s."""
 
     retry_after: float = 1.0
+    outcome: str = "store_full"
 
 
 @dataclass(slots=True)
@@ -646,7 +649,7 @@ def _store_down(down: StoreDown, events: tuple[str, ...]) -> Verdict:
     return Verdict(
         Action.ANSWER,
         Outcome("UNAVAILABLE", STORE_UNAVAILABLE),
-        (*events, "store_error"),
+        (*events, down.outcome),
         down.message,
     )
 
@@ -660,7 +663,7 @@ def _store_full(settings: FlowSettings, full: StoreFull, events: tuple[str, ...]
             f"idempotency store is full of in-flight calls; retry after {pushback} ms",
             ((PUSHBACK_HEADER, pushback),),
         ),
-        (*events, "store_full"),
+        (*events, full.outcome),
         full.message,
     )
 
