@@ -68,6 +68,7 @@ import grpc
 from resilient_grpc import logs, telemetry
 from resilient_grpc.core.dedup import (
     DEFAULT_LEASE,
+    RENEWALS_PER_LEASE,
     Abandoned,
     Action,
     Claim,
@@ -88,7 +89,6 @@ from resilient_grpc.core.dedup import (
     Wait,
     admission_problem,
     fingerprint,
-    renewal_interval,
     renewed,
     scoped_key,
 )
@@ -416,6 +416,7 @@ class FlowDriver:
         "error",
         "flow",
         "key",
+        "lease",
         "method",
         "renewer",
         "response",
@@ -437,6 +438,8 @@ class FlowDriver:
         self.method = plan.method
         self.key = plan.store_key
         self.call_key = plan.key
+        #: this call's lease (seconds), as configured for its method
+        self.lease = lease
         self._flights = flights
         #: our claim's token while we hold it (flight open), else ``None``
         self.token: int | None = None
@@ -449,11 +452,6 @@ class FlowDriver:
         self.verdict: Verdict | None = None
         self.response: bytes | None = None
         self.error: Exception | None = None
-
-    @property
-    def lease(self) -> float:
-        """This call's lease (seconds), as configured for its method."""
-        return self.flow.lease
 
     def first(self) -> Effect:
         """The first effect (claim the key)."""
@@ -699,7 +697,7 @@ class DedupBase:
             fingerprint(request),
             self.settings.flow_settings,
             self._flights,
-            self.leases(plan.method),
+            self.leases(plan.method) if self.leases.per_method else self.leases.default,
         )
 
 
@@ -899,7 +897,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         if run.token is None:  # failing open: nothing claimed
             return
         driver.beating = True
-        HEARTBEATS.start(driver, self, renewal_interval(driver.lease))
+        HEARTBEATS.start(driver, self, driver.lease / RENEWALS_PER_LEASE)
 
     def renew_due(self, driver: FlowDriver) -> float | None:
         """On the renewal thread: renew ``driver``'s claim; seconds to the next renewal."""

@@ -33,6 +33,7 @@ import grpc
 import grpc.aio
 
 from resilient_grpc.core.dedup import (
+    RENEWALS_PER_LEASE,
     Abandoned,
     Action,
     Claim,
@@ -44,7 +45,6 @@ from resilient_grpc.core.dedup import (
     Outcome,
     Verdict,
     Wait,
-    renewal_interval,
 )
 from resilient_grpc.logs import server_logger
 from resilient_grpc.server import (
@@ -425,7 +425,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             return
         driver.beating = True
         self._loop = asyncio.get_running_loop()
-        HEARTBEATS.start(driver, self, renewal_interval(driver.lease))
+        HEARTBEATS.start(driver, self, driver.lease / RENEWALS_PER_LEASE)
 
     def renew_due(self, driver: FlowDriver) -> float | None:
         """On the renewal thread: start ``driver``'s renewal on the loop (it schedules the next)."""

@@ -815,7 +815,7 @@ class LeaseTable:
     methods get :data:`DEFAULT_LEASE`). Validated here, so a bad value fails at construction.
     """
 
-    __slots__ = ("_by_method", "_cache", "default")
+    __slots__ = ("_by_method", "_cache", "default", "per_method")
 
     def __init__(self, lease: float | Mapping[str, float]) -> None:
         if isinstance(lease, Mapping):
@@ -833,6 +833,8 @@ class LeaseTable:
             self._by_method = {}
             self.default = float(finite_number("lease", lease, above=0.0, unit=" of seconds"))
         self._cache: dict[str, float] = {}
+        #: whether any method has its own lease (else every call gets :attr:`default`)
+        self.per_method = bool(self._by_method)
 
     def __call__(self, method: str) -> float:
         """The lease of ``method`` in seconds."""
