@@ -202,6 +202,16 @@ def claim_entry(
     return Entry(RecordState.IN_PROGRESS, fingerprint, token, until, until)
 
 
+def _holds_live_claim(existing: Entry | None, token: int, now: float) -> bool:
+    """Whether ``existing`` is ``token``'s own IN_PROGRESS claim, its lease not lapsed (fencing)."""
+    return (
+        existing is not None
+        and existing.state is RecordState.IN_PROGRESS
+        and existing.token == token
+        and existing.lease_until > now
+    )
+
+
 def complete_entry(
     existing: Entry | None, token: int, outcome: Outcome, *, now: float, ttl: float
 ) -> Entry | None:
@@ -210,13 +220,9 @@ def complete_entry(
     Fencing: only the holder of the current, unexpired claim may complete; a stale executor
     (lease lapsed, maybe taken over) is refused and cannot overwrite anything.
     """
-    if (
-        existing is None
-        or existing.state is not RecordState.IN_PROGRESS
-        or existing.token != token
-        or existing.lease_until <= now
-    ):
+    if not _holds_live_claim(existing, token, now):
         return None
+    assert existing is not None
     return Entry(RecordState.COMPLETED, existing.fingerprint, token, now, now + ttl, outcome)
 
 
@@ -226,13 +232,9 @@ def renew_entry(existing: Entry | None, token: int, *, now: float, lease: float)
     Fenced like :func:`complete_entry`: only the token's own IN_PROGRESS claim whose lease has
     not lapsed is extended (to ``now + lease``); a lapsed claim stays lapsed.
     """
-    if (
-        existing is None
-        or existing.state is not RecordState.IN_PROGRESS
-        or existing.token != token
-        or existing.lease_until <= now
-    ):
+    if not _holds_live_claim(existing, token, now):
         return None
+    assert existing is not None
     until = now + lease
     return Entry(RecordState.IN_PROGRESS, existing.fingerprint, token, until, until)
 
