@@ -17,7 +17,8 @@ from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.keys import IdempotencyKeys, InvalidKeyError, idempotency_key
 from resilient_grpc.core.policy import RetryPolicy
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # what type checkers see; at run time these load on first use
+    from resilient_grpc import aio as aio
     from resilient_grpc.breaker import CircuitBreaker
     from resilient_grpc.client import client_interceptors, resilient_channel
     from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
@@ -53,6 +54,7 @@ __all__ = [
     "RetryPolicy",
     "SQLiteStore",
     "StoreUnavailableError",
+    "aio",
     "attempts_of",
     "client_interceptors",
     "idempotency_key",
@@ -60,14 +62,20 @@ __all__ = [
     "resilient_channel",
 ]
 
+if not TYPE_CHECKING:
+    # Only at run time: a module ``__getattr__`` visible to type checkers would make every
+    # name, typos included, an ``Any`` in a user's code.
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'resilient_grpc' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    def __getattr__(name: str) -> Any:
+        if name == "aio":  # the subpackage, as ``grpc.aio`` is reachable after ``import grpc``
+            value = importlib.import_module("resilient_grpc.aio")
+        else:
+            module = _LAZY.get(name)
+            if module is None:
+                raise AttributeError(f"module 'resilient_grpc' has no attribute {name!r}")
+            value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

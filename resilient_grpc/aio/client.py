@@ -511,9 +511,11 @@ class _Interceptor:
         metadata = grpc.aio.Metadata(*call.metadata)
 
         def send(step: Attempt) -> Awaitable[Any]:
+            # a retry's metadata also says how many attempts came before
+            sent = metadata if step.number == 1 else grpc.aio.Metadata(*step.metadata)
             return continuation(
                 grpc.aio.ClientCallDetails(
-                    details.method, step.timeout, metadata, details.credentials, step.wait_for_ready
+                    details.method, step.timeout, sent, details.credentials, step.wait_for_ready
                 ),
                 request,
             )
