@@ -158,20 +158,20 @@ def _drive(
 ) -> None:
     """Run a logical call's steps in this thread: return after success, raise when giving up."""
     try:
-        step = next(steps)
+        step: Any = next(steps)  # one of the Step classes, told apart by their exact class
         while True:
             kind = step.__class__
             if kind is Attempt:
-                result: Any = attempt(cast(Attempt, step))
+                result: Any = attempt(step)
             elif kind is Pause:
-                pause(cast(Pause, step).seconds)
+                pause(step.seconds)
                 result = None
             elif kind is WaitReady:
                 if wait_ready is not None:
-                    wait_ready(cast(WaitReady, step).seconds)
+                    wait_ready(step.seconds)
                 result = None
             else:
-                result = cast(BreakerIO, step).run()
+                result = step.run()
             step = steps.send(result)
     except StopIteration:
         return
@@ -760,12 +760,13 @@ def _finished_outcome_types() -> tuple[type, ...]:
     return tuple(t for module, name in names if isinstance(t := getattr(module, name, None), type))
 
 
-_FINISHED_OUTCOMES = _finished_outcome_types()
+_FINISHED_OUTCOME_TYPES = _finished_outcome_types()
+_FINISHED_OUTCOMES = (*_FINISHED_OUTCOME_TYPES, FinishedCallFuture)
 
 
 def _is_finished_outcome(outcome: Any) -> bool:
-    if _FINISHED_OUTCOMES:
-        return isinstance(outcome, (*_FINISHED_OUTCOMES, FinishedCallFuture))
+    if _FINISHED_OUTCOME_TYPES:
+        return isinstance(outcome, _FINISHED_OUTCOMES)
     return bool(outcome.done())
 
 
@@ -797,22 +798,22 @@ class _Interceptor(
         steps = call.steps()
         outcome: Any = None
         try:
-            step = next(steps)
+            step: Any = next(steps)
             while True:
                 kind = step.__class__
                 if kind is Attempt:
-                    outcome = send(cast(Attempt, step))
+                    outcome = send(step)
                     if not _is_finished_outcome(outcome):  # .future(): do not block
                         future = RetryingFuture(call, send, steps=steps)
                         return future._start(outcome)
                     result: Any = outcome.exception()
                 elif kind is Pause:
-                    time.sleep(cast(Pause, step).seconds)
+                    time.sleep(step.seconds)
                     result = None
                 elif kind is WaitReady:  # only channels the library owns wait for a reconnect
                     result = None
                 else:
-                    result = cast(BreakerIO, step).run()
+                    result = step.run()
                 step = steps.send(result)
         except StopIteration:
             return outcome

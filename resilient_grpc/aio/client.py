@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -49,7 +49,6 @@ from resilient_grpc.logical_call import (
     END_OF_STREAM,
     NO_MESSAGE,
     Attempt,
-    BreakerIO,
     ClientStack,
     LogicalCall,
     Pause,
@@ -91,21 +90,21 @@ class _Interruptible:
         """Run the logical call's steps in this task: return after success, raise when giving up."""
         steps = self._logical.steps()
         try:
-            step = next(steps)
+            step: Any = next(steps)  # one of the Step classes, told apart by their exact class
             while True:
                 if self._cancelled:
                     raise asyncio.CancelledError
                 kind = step.__class__
                 if kind is Attempt:
-                    result: Any = await attempt(cast(Attempt, step))
+                    result: Any = await attempt(step)
                 elif kind is Pause:
-                    await self._sleep(cast(Pause, step).seconds)
+                    await self._sleep(step.seconds)
                     result = None
                 elif kind is WaitReady:
-                    await self._wait_ready(cast(WaitReady, step).seconds)
+                    await self._wait_ready(step.seconds)
                     result = None
                 else:  # breaker storage I/O (Redis): off the event loop
-                    result = await asyncio.to_thread(cast(BreakerIO, step).run)
+                    result = await asyncio.to_thread(step.run)
                 step = steps.send(result)
         except StopIteration:
             return

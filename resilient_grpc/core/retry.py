@@ -102,22 +102,30 @@ class RetryState:
 
         The timeout is the smaller of ``per_attempt_timeout`` and the time left to the deadline.
         """
-        if self.attempts == 0 and self.budget is not None:
-            self.budget.deposit()
-        self.attempts += 1
-        self._unsent_retry = False
+        attempts = self.attempts
+        if attempts == 0:
+            if self.budget is not None:
+                self.budget.deposit()
+        else:
+            self._unsent_retry = False
+        self.attempts = attempts + 1
         timeout = self.policy.per_attempt_timeout
-        if timeout is None and self.deadline is None:
-            self._attempt_deadline = None
-            return None
+        deadline = self.deadline
+        if deadline is None:
+            if timeout is None:
+                self._attempt_deadline = None
+                return None
+            self._attempt_bound = TimeoutCause.ATTEMPT
+            self._attempt_deadline = self._clock() + timeout
+            return timeout
         now = self._clock()
-        bound = TimeoutCause.ATTEMPT
-        if self.deadline is not None:
-            remaining = max(self.deadline - now, 0.0)
-            if timeout is None or remaining <= timeout:
-                timeout, bound = remaining, TimeoutCause.CALL
-        self._attempt_bound = bound
-        self._attempt_deadline = now + timeout  # type: ignore[operator]
+        remaining = max(deadline - now, 0.0)
+        if timeout is None or remaining <= timeout:
+            self._attempt_bound = TimeoutCause.CALL
+            self._attempt_deadline = now + remaining
+            return remaining
+        self._attempt_bound = TimeoutCause.ATTEMPT
+        self._attempt_deadline = now + timeout
         return timeout
 
     def timeout_cause(self) -> TimeoutCause | None:
