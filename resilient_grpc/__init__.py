@@ -1,7 +1,8 @@
 """resilient-grpc: make gRPC calls safe to retry.
 
 Client side: capped exponential backoff with jitter (:class:`RetryPolicy`), a shared retry budget
-(:class:`RetryBudget`), a circuit breaker (:class:`CircuitBreaker`) and idempotency keys
+(:class:`RetryBudget`), a circuit breaker (:class:`CircuitBreaker`), adaptive client-side
+throttling (:class:`AdaptiveThrottle`) and idempotency keys
 (:class:`IdempotencyKeys`, :func:`idempotency_key`), attached with :func:`client_interceptors` or
 :func:`resilient_channel`. Server side: :class:`DedupInterceptor` replays the stored outcome of a
 key instead of executing the handler again, over :class:`MemoryStore`, :class:`SQLiteStore` or
@@ -16,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.keys import IdempotencyKeys, InvalidKeyError, idempotency_key
 from resilient_grpc.core.policy import RetryPolicy
+from resilient_grpc.core.throttle import AdaptiveThrottle
 
 if TYPE_CHECKING:  # what type checkers see; at run time these load on first use
     from resilient_grpc import aio as aio
     from resilient_grpc.breaker import CircuitBreaker
     from resilient_grpc.client import client_interceptors, resilient_channel
-    from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
+    from resilient_grpc.errors import BreakerOpenError, ThrottledError, attempts_of, reason_of
     from resilient_grpc.server import DedupInterceptor
     from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, StoreUnavailableError
 
@@ -33,6 +35,7 @@ _LAZY = {
     "client_interceptors": "resilient_grpc.client",
     "resilient_channel": "resilient_grpc.client",
     "BreakerOpenError": "resilient_grpc.errors",
+    "ThrottledError": "resilient_grpc.errors",
     "attempts_of": "resilient_grpc.errors",
     "reason_of": "resilient_grpc.errors",
     "DedupInterceptor": "resilient_grpc.server",
@@ -43,6 +46,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "AdaptiveThrottle",
     "BreakerOpenError",
     "CircuitBreaker",
     "DedupInterceptor",
@@ -54,6 +58,7 @@ __all__ = [
     "RetryPolicy",
     "SQLiteStore",
     "StoreUnavailableError",
+    "ThrottledError",
     "aio",
     "attempts_of",
     "client_interceptors",

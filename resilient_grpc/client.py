@@ -59,6 +59,7 @@ from resilient_grpc.call_outcome import FinishedCallFuture
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.keys import IdempotencyKeys
 from resilient_grpc.core.policy import RetryPolicy
+from resilient_grpc.core.throttle import AdaptiveThrottle
 from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
     END_OF_STREAM,
@@ -939,6 +940,7 @@ def client_interceptors(
     *,
     target: str | None = None,
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
+    throttle: AdaptiveThrottle | None = None,
 ) -> list[Any]:
     """Interceptors for ``grpc.intercept_channel(channel, *client_interceptors(...))``.
 
@@ -948,7 +950,10 @@ def client_interceptors(
     one breaker per target; ``None`` uses a breaker named ``"default"``). ``idempotency``: which
     calls carry an idempotency key (``None``: no keys, so only methods the policy marks
     idempotent are retried). ``reconnect_wait``: see :class:`~resilient_grpc.logical_call.ClientStack`.
-    Bad arguments raise ``ValueError`` naming the argument.
+    ``throttle``: an :class:`AdaptiveThrottle` (share one per backend) that rejects attempts
+    locally, with :class:`~resilient_grpc.errors.ThrottledError` or the last real error, while
+    the backend refuses most of them; usable instead of the breaker or with it (it is asked
+    first). Bad arguments raise ``ValueError`` naming the argument.
 
     Turn gRPC's native retries off on the channel you intercept: create it with the option
     ``("grpc.enable_retries", 0)``. Otherwise a service config with a ``retryPolicy`` (yours,
@@ -957,7 +962,9 @@ def client_interceptors(
     ``grpc-previous-rpc-attempts`` header this stack sets on retries. An interceptor cannot see
     its channel's options; :func:`resilient_channel` sets the option itself.
     """
-    stack = ClientStack(retry, budget, breaker, idempotency, target, reconnect_wait, "sync")
+    stack = ClientStack(
+        retry, budget, breaker, idempotency, target, reconnect_wait, "sync", throttle=throttle
+    )
     return [_Interceptor(stack)]
 
 
@@ -971,6 +978,7 @@ def resilient_channel(
     credentials: grpc.ChannelCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
+    throttle: AdaptiveThrottle | None = None,
 ) -> grpc.Channel:
     """A channel to ``target`` (secure if ``credentials`` is given) with the stack attached.
 
@@ -980,6 +988,13 @@ def resilient_channel(
     get a ``RuntimeWarning``), so one attempt of ours is one attempt on the wire.
     """
     stack = ClientStack.for_channel(
-        target, retry, budget, breaker, idempotency, reconnect_wait, "sync"
+        target,
+        retry,
+        budget,
+        breaker,
+        idempotency,
+        reconnect_wait,
+        "sync",
+        throttle=throttle,
     )
     return _Channel(open_channel(grpc, target, credentials, options), stack)

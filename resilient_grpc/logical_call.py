@@ -42,8 +42,9 @@ from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.keys import IdempotencyKeys, key_for_call
 from resilient_grpc.core.policy import RetryPolicy
 from resilient_grpc.core.retry import Reason, RetryDecision, RetryState, TimeoutCause
+from resilient_grpc.core.throttle import AdaptiveThrottle
 from resilient_grpc.core.validation import finite_number
-from resilient_grpc.errors import BreakerOpenError, mark_gave_up
+from resilient_grpc.errors import BreakerOpenError, ThrottledError, mark_gave_up
 
 Metadata = tuple[tuple[str, Any], ...]
 Transport = Literal["sync", "aio"]
@@ -144,8 +145,10 @@ class ClientStack:
         transport: Transport = "sync",
         *,
         owns_channel: bool = False,
+        throttle: AdaptiveThrottle | None = None,
     ) -> None:
         _check_instance("retry", retry, RetryPolicy, "RetryPolicy")
+        _check_instance("throttle", throttle, AdaptiveThrottle, "AdaptiveThrottle")
         _check_instance("budget", budget, RetryBudget, "RetryBudget")
         _check_instance("breaker", breaker, CircuitBreaker, "CircuitBreaker")
         _check_instance("idempotency", idempotency, IdempotencyKeys, "IdempotencyKeys")
@@ -161,6 +164,7 @@ class ClientStack:
         self.reconnect_wait = None if reconnect_wait is None else float(reconnect_wait)
         self.transport: Transport = transport
         self.owns_channel = owns_channel
+        self.throttle = throttle
         self.target_breaker: TargetBreaker | None = (
             breaker.for_target(target) if breaker is not None else None
         )
@@ -176,6 +180,8 @@ class ClientStack:
         idempotency: IdempotencyKeys | None = None,
         reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
         transport: Transport = "sync",
+        *,
+        throttle: AdaptiveThrottle | None = None,
     ) -> ClientStack:
         """The stack of a channel the library builds: ``target`` is required."""
         if not isinstance(target, str) or not target:
@@ -189,6 +195,7 @@ class ClientStack:
             reconnect_wait,
             transport,
             owns_channel=True,
+            throttle=throttle,
         )
 
     def begin(
@@ -287,6 +294,7 @@ class LogicalCall:
         token = tel.make_current()
         try:
             breaker = stack.target_breaker
+            throttle = stack.throttle
             state = self.state
             last_error: BaseException | None = None
             while True:
@@ -294,6 +302,8 @@ class LogicalCall:
                     wait = self._reconnect_wait()
                     if wait is not None:
                         yield WaitReady(wait)
+                if throttle is not None and not throttle.admit():
+                    self._throttled(tel, throttle, last_error)
                 admission = ADMITTED
                 if breaker is not None:
                     admission = (
@@ -317,12 +327,16 @@ class LogicalCall:
                     error = yield Attempt(state.attempts, timeout, metadata, wait_for_ready)
                     code = "OK" if error is None else status_name(error)
                     opened = False
+                    # The caller's own deadline running out says how patient the caller is,
+                    # not how healthy the backend is: neither the breaker nor the throttle
+                    # counts it.
+                    impatient = (
+                        code == "DEADLINE_EXCEEDED" and state.timeout_cause() is TimeoutCause.CALL
+                    )
+                    if throttle is not None and not impatient:
+                        throttle.record(code not in throttle.codes)
                     if breaker is not None:
-                        if code == "DEADLINE_EXCEEDED" and (
-                            state.timeout_cause() is TimeoutCause.CALL
-                        ):
-                            # The caller's own deadline ran out: that says how patient the
-                            # caller is, not how healthy the backend is. Neither outcome.
+                        if impatient:
                             breaker.release(admission)
                         else:
                             failed = code in stack.breaker_codes
@@ -411,6 +425,19 @@ class LogicalCall:
             self._give_up(tel, last_error, self.state.breaker_open())
         rejected = BreakerOpenError(self.stack.target or "default", breaker.rejected_until)
         tel.end("UNAVAILABLE", attempts=0, reason=Reason.BREAKER_OPEN)
+        raise rejected
+
+    def _throttled(
+        self,
+        tel: telemetry.CallTelemetry,
+        throttle: AdaptiveThrottle,
+        last_error: BaseException | None,
+    ) -> NoReturn:
+        """The throttle rejected an attempt: fail fast, or give up with the last real error."""
+        if last_error is not None:
+            self._give_up(tel, last_error, self.state.throttled())
+        rejected = ThrottledError(self.stack.target or "default", throttle.rejection_probability)
+        tel.end("UNAVAILABLE", attempts=0, reason=Reason.THROTTLED)
         raise rejected
 
     def _decide(self, code: str, error: BaseException) -> RetryDecision:

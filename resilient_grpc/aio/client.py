@@ -44,6 +44,7 @@ from resilient_grpc.breaker import CircuitBreaker
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.keys import IdempotencyKeys
 from resilient_grpc.core.policy import RetryPolicy
+from resilient_grpc.core.throttle import AdaptiveThrottle
 from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
     END_OF_STREAM,
@@ -625,12 +626,15 @@ def client_interceptors(
     *,
     target: str | None = None,
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
+    throttle: AdaptiveThrottle | None = None,
 ) -> list[Any]:
     """Interceptors for ``grpc.aio.insecure_channel(target, interceptors=...)``.
 
     Same arguments and meaning as :func:`resilient_grpc.client.client_interceptors`.
     """
-    stack = ClientStack(retry, budget, breaker, idempotency, target, reconnect_wait, "aio")
+    stack = ClientStack(
+        retry, budget, breaker, idempotency, target, reconnect_wait, "aio", throttle=throttle
+    )
     return [_UnaryUnaryInterceptor(stack), _UnaryStreamInterceptor(stack)]
 
 
@@ -644,6 +648,7 @@ def resilient_channel(
     credentials: grpc.ChannelCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
+    throttle: AdaptiveThrottle | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel to ``target`` with the stack attached (outside ``interceptors``).
@@ -652,7 +657,14 @@ def resilient_channel(
     the underlying channel, so they see every attempt.
     """
     stack = ClientStack.for_channel(
-        target, retry, budget, breaker, idempotency, reconnect_wait, "aio"
+        target,
+        retry,
+        budget,
+        breaker,
+        idempotency,
+        reconnect_wait,
+        "aio",
+        throttle=throttle,
     )
     channel = open_channel(
         grpc.aio, target, credentials, options, interceptors=list(interceptors) or None

@@ -31,6 +31,7 @@ class Reason(str, Enum):
     DEADLINE = "deadline"
     BUDGET_EXHAUSTED = "budget_exhausted"
     BREAKER_OPEN = "breaker_open"
+    THROTTLED = "throttled"
 
 
 class TimeoutCause(str, Enum):
@@ -211,3 +212,7 @@ class RetryState:
     def breaker_open(self) -> RetryDecision:
         """The decision when the circuit breaker is (or just went) open: stop now."""
         return RetryDecision(False, Reason.BREAKER_OPEN, attempt=self.attempts)
+
+    def throttled(self) -> RetryDecision:
+        """The decision when the adaptive throttle rejected the next attempt: stop now."""
+        return RetryDecision(False, Reason.THROTTLED, attempt=self.attempts)
