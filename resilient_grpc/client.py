@@ -689,11 +689,16 @@ class RetryingStream(grpc.Call):
         return self._logical.state.remaining()
 
     def cancel(self) -> bool:
-        """Cancel the call: the attempt in flight, a backoff pause, or the attempts to come."""
+        """Cancel the call: the attempt in flight, a backoff pause, or the attempts to come.
+
+        Once the call has committed, this is the committed call's own ``cancel()``.
+        """
         if self._error is not None:
             return False
-        self._cancelled.set()
         call = self._call
+        if self._started and call is not None and not self._lock.locked():
+            return bool(call.cancel())  # committed (or over): gRPC's own answer
+        self._cancelled.set()
         if call is not None:
             call.cancel()
         return True

@@ -15,7 +15,7 @@ import grpc.aio
 import pytest
 
 from protos import ledger_pb2, ledger_pb2_grpc
-from protos.ledger_service import GET_BALANCE, AioLedger, Fault, serve_aio
+from protos.ledger_service import GET_BALANCE, WATCH, AioLedger, Fault, serve_aio
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
 from resilient_grpc.aio.client import client_interceptors, resilient_channel
 
@@ -173,3 +173,26 @@ async def test_cancel_while_waiting_for_a_reconnect() -> None:
         assert stack.failures(target) == 1  # the attempt that met the dropped connection
     finally:
         await channel.close()
+
+
+async def test_a_stream_cancelled_during_backoff_stops_at_once(stub_and_stack, aio_ledger) -> None:
+    stub, stack, _ = stub_and_stack
+    servicer = aio_ledger[0]
+    servicer.state.faults.fail_times(WATCH, 10)
+    call = stub.Watch(ledger_pb2.WatchRequest(account="alice", count=2))
+
+    async def read() -> list[object]:
+        return [message async for message in call]
+
+    task = asyncio.ensure_future(read())
+    await _until(lambda: len(servicer.state.calls_to(WATCH)) == 1)
+    await asyncio.sleep(0.1)
+
+    assert call.cancel() is True
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 0.3)
+    await asyncio.sleep(0.8)
+    assert len(servicer.state.calls_to(WATCH)) == 1
+    assert stack.budget.balance == 1.0
+    assert call.cancelled()
+    assert await call.code() == grpc.StatusCode.CANCELLED

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from protos import ledger_pb2, ledger_pb2_grpc
-from protos.ledger_service import GET_BALANCE, Fault, SyncLedger
+from protos.ledger_service import GET_BALANCE, WATCH, Fault, SyncLedger
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
 from resilient_grpc.client import client_interceptors, resilient_channel
 from resilient_grpc.errors import attempts_of
@@ -149,3 +149,30 @@ def test_result_timeout_raises_future_timeout_error(make_stub, ledger) -> None:
     with pytest.raises(grpc.FutureTimeoutError):
         future.result(timeout=0.05)
     assert future.result(timeout=10).account == "alice"
+
+
+def test_a_stream_cancelled_during_backoff_stops_at_once(make_stub, ledger) -> None:
+    servicer = ledger[0]
+    stub = make_stub(retry=SLOW_RETRIES, idempotency=IdempotencyKeys())
+    servicer.state.faults.fail_times(WATCH, 10)
+    call = stub.Watch(ledger_pb2.WatchRequest(account="alice", count=2))
+    caught: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            list(call)
+        except grpc.RpcError as error:
+            caught.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    _wait_until(lambda: len(servicer.state.calls_to(WATCH)) == 1)
+    time.sleep(0.1)  # inside the 0.6 s backoff
+
+    assert call.cancel() is True
+    reader.join(1.0)
+    assert not reader.is_alive()
+    assert caught and caught[0].code() == grpc.StatusCode.CANCELLED
+    assert call.code() == grpc.StatusCode.CANCELLED
+    time.sleep(0.8)
+    assert len(servicer.state.calls_to(WATCH)) == 1

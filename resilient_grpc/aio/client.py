@@ -397,8 +397,13 @@ class RetryingAioStream(_Interruptible, _FinishedCall, grpc.aio.UnaryStreamCall)
                     self._add_done_callback_now(callback)
 
     async def _settled(self) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        try:
             await self._start()
+        except grpc.aio.AioRpcError:
+            pass
+        except asyncio.CancelledError as error:
+            if error is not self._error:  # this task is being cancelled, not the call
+                raise
 
     async def _final(self, name: str) -> Any:
         await self._settled()
@@ -466,6 +471,8 @@ class RetryingAioStream(_Interruptible, _FinishedCall, grpc.aio.UnaryStreamCall)
     def done(self) -> bool:
         if self._error is not None:
             return True
+        if not self._started or self._lock.locked():  # not started, or still retrying
+            return False
         return self._call is not None and bool(self._call.done())
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
