@@ -113,16 +113,6 @@ class _Interruptible:
             steps.close()  # cancelled or a failing step: frees, refunds, ends the span
             raise
 
-    async def _send_attempt(self, step: Attempt) -> Any:
-        """Start one attempt; its ``grpc.aio`` call becomes the one ``cancel()`` reaches."""
-        call = self._send(step)
-        if self._send_is_async:
-            call = await call
-        self._call = call
-        if self._cancelled:  # cancelled while the interceptor chain started it
-            call.cancel()
-        return call
-
     async def _sleep(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
         waker = self._waker = loop.create_future()
@@ -244,7 +234,12 @@ class ResilientUnaryCall(_Interruptible, _FinishedCall, grpc.aio.UnaryUnaryCall)
         return self._call
 
     async def _attempt(self, step: Attempt) -> BaseException | None:
-        call = await self._send_attempt(step)
+        call = self._send(step)
+        if self._send_is_async:
+            call = await call
+        self._call = call  # the call cancel() reaches
+        if self._cancelled:  # cancelled while the interceptor chain started it
+            call.cancel()
         try:
             self._response = await call
         except grpc.aio.AioRpcError as error:
@@ -369,7 +364,12 @@ class RetryingAioStream(_Interruptible, _FinishedCall, grpc.aio.UnaryStreamCall)
 
     async def _attempt(self, step: Attempt) -> BaseException | None:
         try:
-            call = await self._send_attempt(step)
+            call = self._send(step)
+            if self._send_is_async:
+                call = await call
+            self._call = call  # the call cancel() reaches
+            if self._cancelled:
+                call.cancel()
             self._messages = call.__aiter__()
             if not await call.initial_metadata():  # headers with metadata commit at once
                 self._logical.first = await self._messages.__anext__()
