@@ -305,3 +305,28 @@ async def test_aio_the_callers_own_short_deadline_does_not_count(aio_stub, aio_l
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     target = breaker.for_target(_target(aio_ledger[1]))
     assert target.state == "closed" and target.circuit.fail_counter == 0
+
+
+# Item 6: a bounded pushback ------------------------------------------------------------------------
+
+BOUNDED = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.02, max_pushback=0.3)
+
+
+def test_an_hour_of_pushback_waits_only_max_pushback(sync_stub, ledger) -> None:
+    servicer = ledger[0]
+    stub = sync_stub(retry=BOUNDED, idempotency=IdempotencyKeys())
+    servicer.state.faults.add(GET_BALANCE, Fault(pushback_ms="3600000"))
+    started = time.monotonic()
+    stub.GetBalance(BALANCE_REQUEST)  # no deadline: only max_pushback bounds the wait
+    assert time.monotonic() - started < 5.0
+    first, second = servicer.state.calls_to(GET_BALANCE)
+    assert second.at - first.at >= 0.29
+
+
+async def test_aio_an_hour_of_pushback_waits_only_max_pushback(aio_stub, aio_ledger) -> None:
+    servicer = aio_ledger[0]
+    stub = aio_stub(retry=BOUNDED, idempotency=IdempotencyKeys())
+    servicer.state.faults.add(GET_BALANCE, Fault(pushback_ms="3600000"))
+    await asyncio.wait_for(stub.GetBalance(BALANCE_REQUEST), 5.0)
+    first, second = servicer.state.calls_to(GET_BALANCE)
+    assert second.at - first.at >= 0.29
