@@ -314,7 +314,9 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
     ``grpc.Call`` methods (``code``, ``details``, metadata) block until the call is over, like
     gRPC's own futures. ``cancel()`` stops it in every state (attempt in flight, backoff,
     waiting for a reconnect): nothing more is sent and neither the retry budget nor the breaker
-    is charged for it.
+    is charged for it. Steps run in whichever thread moves the call on (the caller's for the
+    first attempt, gRPC's callback thread, the timer thread); with a Redis-backed breaker its
+    round trips run there too.
     """
 
     def __init__(
