@@ -386,6 +386,7 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
         except StopIteration:
             self._finish(None)
         except BaseException as error:  # the error the stack gave up with, or a failing step
+            steps.close()  # a no-op if the driver raised it; else ends its span
             self._finish(error)
 
     def _await_attempt(self, outcome: Any) -> None:
