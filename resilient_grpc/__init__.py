@@ -1,7 +1,8 @@
 """resilient-grpc: make gRPC calls safe to retry.
 
 Client side: capped exponential backoff with jitter (:class:`RetryPolicy`), a shared retry budget
-(:class:`RetryBudget`), a circuit breaker (:class:`CircuitBreaker`) and idempotency keys
+(:class:`RetryBudget`), a circuit breaker (:class:`CircuitBreaker`), adaptive client-side
+throttling (:class:`AdaptiveThrottle`) and idempotency keys
 (:class:`IdempotencyKeys`, :func:`idempotency_key`), attached with :func:`client_interceptors` or
 :func:`resilient_channel`. Server side: :class:`DedupInterceptor` replays the stored outcome of a
 key instead of executing the handler again, over :class:`MemoryStore`, :class:`SQLiteStore` or
@@ -16,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.keys import IdempotencyKeys, InvalidKeyError, idempotency_key
 from resilient_grpc.core.policy import RetryPolicy
+from resilient_grpc.core.throttle import AdaptiveThrottle
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # what type checkers see; at run time these load on first use
+    from resilient_grpc import aio as aio
     from resilient_grpc.breaker import CircuitBreaker
     from resilient_grpc.client import client_interceptors, resilient_channel
-    from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
+    from resilient_grpc.errors import BreakerOpenError, ThrottledError, attempts_of, reason_of
     from resilient_grpc.server import DedupInterceptor
     from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, StoreUnavailableError
 
@@ -32,6 +35,7 @@ _LAZY = {
     "client_interceptors": "resilient_grpc.client",
     "resilient_channel": "resilient_grpc.client",
     "BreakerOpenError": "resilient_grpc.errors",
+    "ThrottledError": "resilient_grpc.errors",
     "attempts_of": "resilient_grpc.errors",
     "reason_of": "resilient_grpc.errors",
     "DedupInterceptor": "resilient_grpc.server",
@@ -42,6 +46,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "AdaptiveThrottle",
     "BreakerOpenError",
     "CircuitBreaker",
     "DedupInterceptor",
@@ -53,6 +58,8 @@ __all__ = [
     "RetryPolicy",
     "SQLiteStore",
     "StoreUnavailableError",
+    "ThrottledError",
+    "aio",
     "attempts_of",
     "client_interceptors",
     "idempotency_key",
@@ -60,14 +67,20 @@ __all__ = [
     "resilient_channel",
 ]
 
+if not TYPE_CHECKING:
+    # Only at run time: a module ``__getattr__`` visible to type checkers would make every
+    # name, typos included, an ``Any`` in a user's code.
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'resilient_grpc' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    def __getattr__(name: str) -> Any:
+        if name == "aio":  # the subpackage, as ``grpc.aio`` is reachable after ``import grpc``
+            value = importlib.import_module("resilient_grpc.aio")
+        else:
+            module = _LAZY.get(name)
+            if module is None:
+                raise AttributeError(f"module 'resilient_grpc' has no attribute {name!r}")
+            value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

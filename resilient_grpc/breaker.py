@@ -260,6 +260,12 @@ class CircuitBreaker:
     ``failure_rate=0`` gives pybreaker's plain consecutive-failure rule. The window is kept per
     process, also with shared storage.
 
+    A DEADLINE_EXCEEDED caused by the caller's own deadline counts neither as a failure nor as
+    a success: it says how patient that caller is, not how healthy the backend is, and one
+    impatient caller must not open the breaker for everyone calling the target. An attempt cut
+    by the policy's ``per_attempt_timeout`` (the configured expectation of the backend) and a
+    DEADLINE_EXCEEDED returned by the server do count. A cancelled call counts neither way.
+
     ``per_target=True`` keeps one breaker per channel target (named ``f"{name}:{target}"``);
     ``False`` shares one breaker by every target. ``storage`` is where state lives: ``None``
     (process memory), a ``pybreaker`` storage instance (then one breaker for all targets, e.g.

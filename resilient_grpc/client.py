@@ -10,12 +10,14 @@ Two ways to attach it, with the same behaviour:
 Every decision is taken by the shared driver (:mod:`resilient_grpc.logical_call`); this module
 only runs its steps with blocking calls (the RPC, ``time.sleep``).
 
-* unary-unary calls are retried as a whole. ``stub.Method.future(...)`` works but runs the
-  retry loop in the calling thread (the returned future is already done).
-* unary-stream calls are retried until the first response message arrives; after that the call
-  is committed (gRFC A6) and a later error reaches the caller as is. The attempts start on the
-  first ``next()`` (or the first ``code()``/metadata access), with the key and deadline fixed
-  when the stub was called.
+* unary-unary calls are retried as a whole. ``stub.Method.future(...)`` returns at once a
+  :class:`RetryingFuture` (a ``grpc.Future`` and ``grpc.Call``): its attempts are driven by
+  gRPC's completion callbacks and its backoff pauses by one shared timer thread, so no thread
+  is held per call and ``cancel()`` stops it in any state.
+* unary-stream calls are retried until the call commits: its response headers arrive (gRFC A6);
+  after that an error reaches the caller as is. The attempts start on the first ``next()`` (or
+  the first ``code()``/metadata access), with the key and deadline fixed when the stub was
+  called; ``cancel()`` from another thread also stops a backoff pause.
 * stream-unary and stream-stream calls pass through (a request iterator cannot be replayed).
 
 When the stack gives up it raises the last real error gRPC produced, with ``attempts`` and
@@ -41,6 +43,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
+import itertools
+import logging
 import threading
 import time
 import types
@@ -54,6 +59,7 @@ from resilient_grpc.call_outcome import FinishedCallFuture
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.keys import IdempotencyKeys
 from resilient_grpc.core.policy import RetryPolicy
+from resilient_grpc.core.throttle import AdaptiveThrottle
 from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
     END_OF_STREAM,
@@ -65,27 +71,108 @@ from resilient_grpc.logical_call import (
     Pause,
     Steps,
     StubMethod,
+    WaitReady,
     open_channel,
 )
 
-__all__ = ["RetryingStream", "client_interceptors", "resilient_channel"]
+__all__ = ["RetryingFuture", "RetryingStream", "client_interceptors", "resilient_channel"]
+
+_log = logging.getLogger(__name__)
 
 #: Sends one attempt: returns what the transport returned for it.
 Send = Callable[[Attempt], Any]
 
+#: The details gRPC gives a call the application cancelled.
+CANCELLED_DETAILS = "Locally cancelled by application!"
 
-def _drive(steps: Steps, attempt: Callable[[Attempt], BaseException | None]) -> None:
+
+class LocallyCancelled(grpc.RpcError, FinishedCallFuture):
+    """The status of a call cancelled by the application between attempts (code CANCELLED)."""
+
+    def initial_metadata(self) -> Any:
+        return None
+
+    def trailing_metadata(self) -> Any:
+        return None
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return CANCELLED_DETAILS
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+    def cancelled(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise grpc.FutureCancelledError
+
+    def exception(self, timeout: float | None = None) -> Exception | None:
+        raise grpc.FutureCancelledError
+
+    def traceback(self, timeout: float | None = None) -> types.TracebackType | None:
+        raise grpc.FutureCancelledError
+
+
+#: How often a reconnect wait looks at the channel's state (seconds).
+READY_POLL_INTERVAL = 0.02
+
+_READY_STATE = grpc.ChannelConnectivity.READY.value[0]
+
+
+def _is_ready(channel: grpc.Channel) -> bool:
+    """Whether ``channel`` is READY (an idle channel is asked to connect).
+
+    Reads the state without ``channel.subscribe``: a subscription starts a gRPC polling thread
+    that outlives it and fails noisily if the channel is closed soon after. ``True`` when the
+    channel cannot tell (not a grpcio channel, or closed): the attempt then says what is wrong.
+    """
+    check = getattr(getattr(channel, "_channel", None), "check_connectivity_state", None)
+    if check is None:
+        return True
+    try:
+        return bool(check(True) == _READY_STATE)
+    except ValueError:  # closed
+        return True
+
+
+def _wait_ready(
+    channel: grpc.Channel, seconds: float, sleep: Callable[[float], Any] = time.sleep
+) -> None:
+    """Return once ``channel`` is READY or ``seconds`` have passed (``sleep`` may raise)."""
+    deadline = time.monotonic() + seconds
+    while not _is_ready(channel):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        sleep(min(READY_POLL_INTERVAL, left))
+
+
+def _drive(
+    steps: Steps,
+    attempt: Callable[[Attempt], BaseException | None],
+    wait_ready: Callable[[float], None] | None = None,
+    pause: Callable[[float], None] = time.sleep,
+) -> None:
     """Run a logical call's steps in this thread: return after success, raise when giving up."""
     try:
-        step = next(steps)
+        step: Any = next(steps)  # one of the Step classes, told apart by their exact class
         while True:
-            if step.__class__ is Attempt:
+            kind = step.__class__
+            if kind is Attempt:
                 result: Any = attempt(step)
-            elif step.__class__ is Pause:
-                time.sleep(step.seconds)
+            elif kind is Pause:
+                pause(step.seconds)
+                result = None
+            elif kind is WaitReady:
+                if wait_ready is not None:
+                    wait_ready(step.seconds)
                 result = None
             else:
-                result = cast(BreakerIO, step).run()
+                result = step.run()
             step = steps.send(result)
     except StopIteration:
         return
@@ -94,7 +181,9 @@ def _drive(steps: Steps, attempt: Callable[[Attempt], BaseException | None]) -> 
         raise
 
 
-def _run_unary(call: LogicalCall, send: Send) -> Any:
+def _run_unary(
+    call: LogicalCall, send: Send, wait_ready: Callable[[float], None] | None = None
+) -> Any:
     """Run a unary-unary logical call; return the last attempt's outcome (a Call-Future).
 
     ``send`` returns a finished Call-Future whose ``exception()`` is ``None`` on success (what
@@ -110,7 +199,7 @@ def _run_unary(call: LogicalCall, send: Send) -> Any:
         return error
 
     try:
-        _drive(call.steps(), attempt)
+        _drive(call.steps(), attempt, wait_ready)
     except grpc.RpcError as error:
         if isinstance(error, grpc.Future):
             return error  # a finished Call-Future: result() raises it, exception() returns it
@@ -152,15 +241,342 @@ class _Outcome(FinishedCallFuture):
         return None
 
 
-class RetryingStream(grpc.Call):
-    """A unary-stream call retried until its first message arrives (a Call and an iterator)."""
+# Futures -----------------------------------------------------------------------------------------
 
-    def __init__(self, call: LogicalCall, send: Send) -> None:
+
+class _Timer:
+    """A callback :class:`_Timers` runs later, unless cancelled first."""
+
+    __slots__ = ("callback", "cancelled")
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Timers:
+    """One daemon thread that runs the delayed steps (backoff pauses) of every sync future.
+
+    A pause holds no thread: thousands of futures backing off at once cost one heap entry
+    each. Callbacks must not block (they start the next attempt, which only enqueues it).
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._heap: list[tuple[float, int, _Timer]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> _Timer:
+        timer = _Timer(callback)
+        with self._condition:
+            heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._order), timer))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="resilient-grpc-timers", daemon=True
+                )
+                self._thread.start()
+            self._condition.notify()
+        return timer
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while True:
+                    if not self._heap:
+                        self._condition.wait()
+                        continue
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait > 0:
+                        self._condition.wait(wait)
+                        continue
+                    timer = heapq.heappop(self._heap)[2]
+                    break
+            if not timer.cancelled:
+                try:
+                    timer.callback()
+                except Exception:  # never lose the timer thread to one bad callback
+                    _log.exception("resilient_grpc: a delayed call step failed")
+
+
+_TIMERS = _Timers()
+
+
+class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
+    """A unary-unary call started with ``.future()``: a ``grpc.Future`` and ``grpc.Call``.
+
+    It returns at once; each attempt is an underlying ``.future()`` whose completion callback
+    (run by gRPC) takes the next step, and backoff pauses run on a shared timer thread, so the
+    retries block nobody and hold no thread. ``result``/``exception``/``traceback`` and the
+    ``grpc.Call`` methods (``code``, ``details``, metadata) block until the call is over, like
+    gRPC's own futures. ``cancel()`` stops it in every state (attempt in flight, backoff,
+    waiting for a reconnect): nothing more is sent and neither the retry budget nor the breaker
+    is charged for it. Steps run in whichever thread moves the call on (the caller's for the
+    first attempt, gRPC's callback thread, the timer thread); with a Redis-backed breaker its
+    round trips run there too.
+    """
+
+    def __init__(
+        self,
+        call: LogicalCall,
+        send: Send,
+        channel: grpc.Channel | None = None,
+        *,
+        steps: Steps | None = None,
+    ) -> None:
         self._logical = call
         self._send = send
+        self._channel = channel
+        self._steps = call.steps() if steps is None else steps
+        self._lock = threading.RLock()  # callbacks may run inline, in the thread holding it
+        self._finished = threading.Condition(self._lock)
+        #: What the call is waiting for now: an attempt's future, a ready future or a timer.
+        self._waiting: Any = None
+        self._last: Any = None  # the last attempt's Call-Future
+        self._error: BaseException | None = None
+        self._done = False
+        self._cancelled = False
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._pending: list[Callable[[Any], None]] = []
+
+    # Driving --------------------------------------------------------------------------------
+
+    def _start(self, in_flight: Any = None) -> RetryingFuture:
+        """Take the first step (or wait for ``in_flight``, an attempt already sent)."""
+        with self._lock:
+            if in_flight is None:
+                self._advance(None, first=True)
+            else:
+                self._await_attempt(in_flight)
+        self._run_callbacks()
+        return self
+
+    def _advance(self, value: Any, *, first: bool = False) -> None:
+        """Run steps (holding the lock) until one has to wait; finish the call if it ended."""
+        steps = self._steps
+        try:
+            step = next(steps) if first else steps.send(value)
+            while True:
+                if self._cancelled:
+                    self._abandon()
+                    return
+                kind = step.__class__
+                if kind is Attempt:
+                    outcome = self._send(cast(Attempt, step))
+                    if not outcome.done():
+                        self._await_attempt(outcome)
+                        return
+                    self._last = outcome
+                    value = outcome.exception()
+                elif kind is Pause:
+                    self._waiting = _TIMERS.call_later(cast(Pause, step).seconds, self._resume)
+                    return
+                elif kind is WaitReady:
+                    if self._channel is not None and self._await_ready(
+                        cast(WaitReady, step).seconds
+                    ):
+                        return
+                    value = None
+                else:
+                    value = cast(BreakerIO, step).run()
+                step = steps.send(value)
+        except StopIteration:
+            self._finish(None)
+        except BaseException as error:  # the error the stack gave up with, or a failing step
+            steps.close()  # a no-op if the driver raised it; else ends its span
+            self._finish(error)
+
+    def _await_attempt(self, outcome: Any) -> None:
+        self._waiting = outcome
+        self._last = outcome
+        outcome.add_done_callback(self._attempt_done)
+
+    def _attempt_done(self, outcome: Any) -> None:
+        with self._lock:
+            if self._waiting is outcome:
+                self._waiting = None
+                if self._cancelled or outcome.cancelled():
+                    self._abandon()
+                else:
+                    self._advance(outcome.exception())
+        self._run_callbacks()
+
+    def _resume(self) -> None:
+        with self._lock:
+            if self._waiting is not None and self._waiting.__class__ is _Timer:
+                self._waiting = None
+                self._advance(None)
+        self._run_callbacks()
+
+    def _await_ready(self, seconds: float) -> bool:
+        """Wait (polling on the timer thread) up to ``seconds`` for the channel to be READY.
+
+        ``False`` if it is READY now: nothing to wait for.
+        """
+        channel = cast(grpc.Channel, self._channel)
+        if _is_ready(channel):
+            return False
+        deadline = time.monotonic() + seconds
+        current: list[_Timer] = []
+
+        def poll() -> None:
+            with self._lock:
+                if self._waiting is not current[0]:
+                    return  # cancelled meanwhile
+                left = deadline - time.monotonic()
+                if left > 0 and not _is_ready(channel):
+                    self._waiting = _TIMERS.call_later(min(READY_POLL_INTERVAL, left), poll)
+                    current[0] = self._waiting
+                    return
+                self._waiting = None
+                self._advance(None)  # ready, or the wait is over: send the attempt
+            self._run_callbacks()
+
+        self._waiting = _TIMERS.call_later(min(READY_POLL_INTERVAL, seconds), poll)
+        current.append(self._waiting)  # the one timer of this wait that is live now
+        return True
+
+    def _abandon(self) -> None:
+        """The caller cancelled: close the driver (it refunds and frees what it held)."""
+        self._cancelled = True
+        self._steps.close()
+        self._finish(None)
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self._done:
+            return
+        self._error = error
+        self._done = True
+        self._waiting = None
+        self._pending, self._callbacks = self._callbacks, []
+        self._finished.notify_all()
+
+    def _run_callbacks(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for callback in pending:
+            try:
+                callback(self)
+            except Exception:  # as grpc does: a failing callback is logged, not raised
+                _log.exception("resilient_grpc: a done callback of a future failed")
+
+    # grpc.Future ----------------------------------------------------------------------------
+
+    def cancel(self) -> bool:
+        """Stop the call now, whatever it is doing; ``False`` if it has already ended."""
+        with self._lock:
+            if self._done:
+                return False
+            self._cancelled = True
+            waiting = self._waiting
+            if waiting is None or waiting.__class__ is _Timer:
+                if waiting is not None:
+                    waiting.cancel()
+                self._waiting = None
+                self._abandon()
+            else:
+                waiting.cancel()  # its callback (maybe inline) closes the driver
+                if not self._done and waiting.done():
+                    self._waiting = None
+                    self._abandon()
+        self._run_callbacks()
+        return True
+
+    def cancelled(self) -> bool:
+        return self._done and self._cancelled
+
+    def running(self) -> bool:
+        return not self._done
+
+    def done(self) -> bool:
+        return self._done
+
+    def _wait(self, timeout: float | None) -> None:
+        with self._lock:
+            if not self._finished.wait_for(lambda: self._done, timeout):
+                raise grpc.FutureTimeoutError
+            if self._cancelled:
+                raise grpc.FutureCancelledError
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._last.result()
+
+    def exception(self, timeout: float | None = None) -> Exception | None:
+        self._wait(timeout)
+        return cast(Exception | None, self._error)
+
+    def traceback(self, timeout: float | None = None) -> types.TracebackType | None:
+        self._wait(timeout)
+        return None if self._error is None else self._error.__traceback__
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        with self._lock:
+            if not self._done:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    # grpc.Call ------------------------------------------------------------------------------
+
+    def _status(self) -> Any:
+        """The finished call whose status the caller sees (blocks until the call is over)."""
+        with self._lock:
+            self._finished.wait_for(lambda: self._done)
+        if self._cancelled:
+            return LocallyCancelled()
+        return self._error if isinstance(self._error, grpc.Call) else self._last
+
+    def initial_metadata(self) -> Any:
+        return self._status().initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._status().trailing_metadata()
+
+    def code(self) -> grpc.StatusCode:
+        return cast(grpc.StatusCode, self._status().code())
+
+    def details(self) -> Any:
+        return self._status().details()
+
+    def is_active(self) -> bool:
+        return not self._done
+
+    def time_remaining(self) -> float | None:  # type: ignore[override]  # None: no deadline
+        return self._logical.state.remaining()
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        with self._lock:
+            if self._done:
+                return False
+            self._callbacks.append(lambda _future: callback())
+            return True
+
+
+# Streams -----------------------------------------------------------------------------------------
+
+
+class RetryingStream(grpc.Call):
+    """A unary-stream call retried until it commits (a Call and an iterator).
+
+    The call commits when its response headers arrive (gRFC A6), or its first message: from
+    then on its messages and its error, if any, reach the caller as they are. grpcio reports
+    empty response headers exactly like the empty headers of a trailers-only error, so headers
+    without metadata commit the call only with its first message.
+    """
+
+    def __init__(self, call: LogicalCall, send: Send, channel: grpc.Channel | None = None) -> None:
+        self._logical = call
+        self._send = send
+        self._channel = channel
         self._lock = threading.Lock()
         self._started = False
-        self._cancelled = False
+        self._cancelled = threading.Event()
         self._call: Any = None
         self._error: BaseException | None = None
         self._callbacks: list[Callable[[], None]] = []
@@ -168,16 +584,29 @@ class RetryingStream(grpc.Call):
     # The retry phase ---------------------------------------------------------------------------
 
     def _attempt(self, step: Attempt) -> BaseException | None:
+        if self._cancelled.is_set():
+            raise LocallyCancelled
         call = self._call = self._send(step)
-        if self._cancelled:
+        if self._cancelled.is_set():
             call.cancel()
         try:
-            self._logical.first = next(call)
+            if not call.initial_metadata():  # headers with metadata commit the call at once
+                self._logical.first = next(call)
         except StopIteration:
             self._logical.first = END_OF_STREAM
         except grpc.RpcError as error:
+            if self._cancelled.is_set():
+                raise LocallyCancelled from None
             return error
         return None
+
+    def _pause(self, seconds: float) -> None:
+        if self._cancelled.wait(seconds):
+            raise LocallyCancelled
+
+    def _wait_ready(self, seconds: float) -> None:
+        if self._channel is not None:
+            _wait_ready(self._channel, seconds, self._pause)
 
     def _start(self) -> None:
         with self._lock:
@@ -187,7 +616,7 @@ class RetryingStream(grpc.Call):
                 return
             self._started = True
             try:
-                _drive(self._logical.steps(), self._attempt)
+                _drive(self._logical.steps(), self._attempt, self._wait_ready, self._pause)
             except grpc.RpcError as error:
                 self._error = error
                 raise
@@ -197,14 +626,18 @@ class RetryingStream(grpc.Call):
     def _run_pending_callbacks(self) -> None:
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
-            if self._call is None or not self._call.add_callback(callback):
+            if (
+                self._call is None
+                or self._error is not None
+                or not self._call.add_callback(callback)
+            ):
                 callback()
 
     def _final(self) -> Any:
         """The attempt the caller sees: the committed one, or the error it ended with."""
         with contextlib.suppress(grpc.RpcError):
             self._start()
-        return self._call if self._call is not None else self._error
+        return self._error if self._error is not None else self._call
 
     # Iterator ------------------------------------------------------------------------------------
 
@@ -252,20 +685,30 @@ class RetryingStream(grpc.Call):
 
     def is_active(self) -> bool:
         if not self._started:
-            return not self._cancelled
+            return not self._cancelled.is_set()
         return self._call is not None and self._error is None and bool(self._call.is_active())
 
     def time_remaining(self) -> Any:
         return self._logical.state.remaining()
 
     def cancel(self) -> bool:
-        self._cancelled = True
+        """Cancel the call: the attempt in flight, a backoff pause, or the attempts to come.
+
+        Once the call has committed, this is the committed call's own ``cancel()``.
+        """
+        if self._error is not None:
+            return False
         call = self._call
-        return bool(call.cancel()) if call is not None else True
+        if self._started and call is not None and not self._lock.locked():
+            return bool(call.cancel())  # committed (or over): gRPC's own answer
+        self._cancelled.set()
+        if call is not None:
+            call.cancel()
+        return True
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         if self._started and not self._lock.locked():
-            if self._call is None:
+            if self._error is not None:
                 return False
             return bool(self._call.add_callback(callback))
         self._callbacks.append(callback)
@@ -309,11 +752,38 @@ def _continuation_sender(
     return send
 
 
+def _finished_outcome_types() -> tuple[type, ...]:
+    """What a continuation returns for a blocking call (``__call__``/``with_call``).
+
+    For ``.future()`` it returns a live Call-Future instead. The names are grpcio internals
+    (stable since 1.x); if they move, a finished outcome is recognised by ``done()``.
+    """
+    import grpc._channel as channel_module
+    import grpc._interceptor as interceptor_module
+
+    names = (
+        (interceptor_module, "_UnaryOutcome"),
+        (interceptor_module, "_FailureOutcome"),
+        (channel_module, "_InactiveRpcError"),
+    )
+    return tuple(t for module, name in names if isinstance(t := getattr(module, name, None), type))
+
+
+_FINISHED_OUTCOME_TYPES = _finished_outcome_types()
+_FINISHED_OUTCOMES = (*_FINISHED_OUTCOME_TYPES, FinishedCallFuture)
+
+
+def _is_finished_outcome(outcome: Any) -> bool:
+    if _FINISHED_OUTCOME_TYPES:
+        return isinstance(outcome, _FINISHED_OUTCOMES)
+    return bool(outcome.done())
+
+
 class _Interceptor(
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
 ):
-    """Retries whole unary-unary calls, and unary-stream calls until their first message."""
+    """Retries whole unary-unary calls, and unary-stream calls until they commit."""
 
     def __init__(self, stack: ClientStack) -> None:
         self._stack = stack
@@ -327,8 +797,42 @@ class _Interceptor(
         client_call_details: grpc.ClientCallDetails,
         request: Any,
     ) -> Any:
+        """Blocking calls retry in the caller's thread; ``.future()`` returns a RetryingFuture.
+
+        The interceptor learns which one it serves from what the continuation returns for the
+        first attempt: a finished outcome (blocking) or a live future.
+        """
         call = self._begin(client_call_details, stream=False)
-        return _run_unary(call, _continuation_sender(continuation, client_call_details, request))
+        send = _continuation_sender(continuation, client_call_details, request)
+        steps = call.steps()
+        outcome: Any = None
+        try:
+            step: Any = next(steps)
+            while True:
+                kind = step.__class__
+                if kind is Attempt:
+                    outcome = send(step)
+                    if not _is_finished_outcome(outcome):  # .future(): do not block
+                        future = RetryingFuture(call, send, steps=steps)
+                        return future._start(outcome)
+                    result: Any = outcome.exception()
+                elif kind is Pause:
+                    time.sleep(step.seconds)
+                    result = None
+                elif kind is WaitReady:  # only channels the library owns wait for a reconnect
+                    result = None
+                else:
+                    result = step.run()
+                step = steps.send(result)
+        except StopIteration:
+            return outcome
+        except grpc.RpcError as error:
+            if isinstance(error, grpc.Future):
+                return error  # a finished Call-Future: result() raises it
+            raise
+        except BaseException:
+            steps.close()
+            raise
 
     def intercept_unary_stream(
         self,
@@ -361,11 +865,15 @@ class _UnaryUnaryCallable(StubMethod, grpc.UnaryUnaryMultiCallable):  # type: ig
                 return error
             return None
 
-        _drive(call.steps(), attempt)  # raises the last error when the stack gives up
+        # raises the last error when the stack gives up
+        _drive(call.steps(), attempt, self._wait_ready)
         return response
 
-    def _invoke(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run a call for ``with_call``/``future``: return the last attempt's Call-Future."""
+    def _wait_ready(self, seconds: float) -> None:
+        _wait_ready(self._channel, seconds)
+
+    def with_call(self, request: Any, *args: Any, **kwargs: Any) -> tuple[Any, grpc.Call]:
+        """Run the call; return the response and the last attempt's Call."""
         call, send = self._start(request, args, kwargs, stream=False, via=self._inner.with_call)
 
         def attempt(step: Attempt) -> Any:
@@ -374,21 +882,20 @@ class _UnaryUnaryCallable(StubMethod, grpc.UnaryUnaryMultiCallable):  # type: ig
             except grpc.RpcError as error:
                 return error  # a finished Call-Future whose exception() is itself
 
-        return _run_unary(call, attempt)
-
-    def with_call(self, request: Any, *args: Any, **kwargs: Any) -> tuple[Any, grpc.Call]:
-        outcome = self._invoke(request, args, kwargs)
+        outcome = _run_unary(call, attempt, self._wait_ready)
         return outcome.result(), outcome
 
     def future(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._invoke(request, args, kwargs)
+        """Start the call and return at once (see :class:`RetryingFuture`)."""
+        call, send = self._start(request, args, kwargs, stream=False, via=self._inner.future)
+        return RetryingFuture(call, send, self._channel)._start()
 
 
 class _UnaryStreamCallable(StubMethod, grpc.UnaryStreamMultiCallable):  # type: ignore[type-arg]
     """A unary-stream method of :class:`_Channel`."""
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return RetryingStream(*self._start(request, args, kwargs, stream=True))
+        return RetryingStream(*self._start(request, args, kwargs, stream=True), self._channel)
 
 
 class _Channel(grpc.Channel):
@@ -408,11 +915,11 @@ class _Channel(grpc.Channel):
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         inner = self._channel.unary_unary(method, *args, **kwargs)
-        return _UnaryUnaryCallable(self._stack, method, inner)
+        return _UnaryUnaryCallable(self._stack, method, inner, self._channel)
 
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
         inner = self._channel.unary_stream(method, *args, **kwargs)
-        return _UnaryStreamCallable(self._stack, method, inner)
+        return _UnaryStreamCallable(self._stack, method, inner, self._channel)
 
     def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self._channel.stream_unary(method, *args, **kwargs)
@@ -441,6 +948,7 @@ def client_interceptors(
     *,
     target: str | None = None,
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
+    throttle: AdaptiveThrottle | None = None,
 ) -> list[Any]:
     """Interceptors for ``grpc.intercept_channel(channel, *client_interceptors(...))``.
 
@@ -450,9 +958,21 @@ def client_interceptors(
     one breaker per target; ``None`` uses a breaker named ``"default"``). ``idempotency``: which
     calls carry an idempotency key (``None``: no keys, so only methods the policy marks
     idempotent are retried). ``reconnect_wait``: see :class:`~resilient_grpc.logical_call.ClientStack`.
-    Bad arguments raise ``ValueError`` naming the argument.
+    ``throttle``: an :class:`AdaptiveThrottle` (share one per backend) that rejects attempts
+    locally, with :class:`~resilient_grpc.errors.ThrottledError` or the last real error, while
+    the backend refuses most of them; usable instead of the breaker or with it (it is asked
+    first). Bad arguments raise ``ValueError`` naming the argument.
+
+    Turn gRPC's native retries off on the channel you intercept: create it with the option
+    ``("grpc.enable_retries", 0)``. Otherwise a service config with a ``retryPolicy`` (yours,
+    or one delivered by name resolution) makes gRPC retry inside every attempt of ours, and the
+    attempts multiply (5 x 5 = 25). The option also lets gRPC send the
+    ``grpc-previous-rpc-attempts`` header this stack sets on retries. An interceptor cannot see
+    its channel's options; :func:`resilient_channel` sets the option itself.
     """
-    stack = ClientStack(retry, budget, breaker, idempotency, target, reconnect_wait, "sync")
+    stack = ClientStack(
+        retry, budget, breaker, idempotency, target, reconnect_wait, "sync", throttle=throttle
+    )
     return [_Interceptor(stack)]
 
 
@@ -466,13 +986,23 @@ def resilient_channel(
     credentials: grpc.ChannelCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
+    throttle: AdaptiveThrottle | None = None,
 ) -> grpc.Channel:
     """A channel to ``target`` (secure if ``credentials`` is given) with the stack attached.
 
     Same arguments as :func:`client_interceptors`; the breaker (if any) is the one of
-    ``target``. Closing the returned channel closes the underlying one.
+    ``target``. Closing the returned channel closes the underlying one. gRPC's native retries
+    are off on it (``grpc.enable_retries=0``, whatever ``options`` say; options asking for them
+    get a ``RuntimeWarning``), so one attempt of ours is one attempt on the wire.
     """
     stack = ClientStack.for_channel(
-        target, retry, budget, breaker, idempotency, reconnect_wait, "sync"
+        target,
+        retry,
+        budget,
+        breaker,
+        idempotency,
+        reconnect_wait,
+        "sync",
+        throttle=throttle,
     )
     return _Channel(open_channel(grpc, target, credentials, options), stack)

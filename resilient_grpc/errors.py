@@ -111,3 +111,44 @@ class BreakerOpenError(grpc.aio.AioRpcError, FinishedCallFuture):  # type: ignor
 
     def traceback(self, timeout: float | None = None) -> types.TracebackType | None:
         return self.__traceback__
+
+
+class ThrottledError(grpc.aio.AioRpcError, FinishedCallFuture):  # type: ignore[misc]
+    """The adaptive throttle of ``target`` rejected the call locally: nothing was sent.
+
+    Like :class:`BreakerOpenError`: a ``grpc.RpcError`` with ``code()`` UNAVAILABLE, a
+    ``grpc.Call``, a ``grpc.Future`` and a ``grpc.aio.AioRpcError``. ``probability`` is the
+    rejection probability the throttle had when it rejected the call.
+    """
+
+    def __init__(self, target: str, probability: float, *, attempts: int = 0) -> None:
+        self.target = target
+        self.probability = probability
+        self.attempts = attempts
+        self.retry_reason = Reason.THROTTLED
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            initial_metadata=grpc.aio.Metadata(),
+            trailing_metadata=grpc.aio.Metadata(),
+            details=(
+                f"adaptive throttle for {target} rejected the call locally (rejecting "
+                f"{probability:.0%} of calls while the backend refuses most of them)"
+            ),
+            debug_error_string=None,
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.target, self.probability), {"attempts": self.attempts})
+
+    def time_remaining(self) -> float | None:  # type: ignore[override]
+        return None
+
+    # grpc.Future: a finished future whose exception is this error.
+    def result(self, timeout: float | None = None) -> Any:
+        raise self
+
+    def exception(self, timeout: float | None = None) -> ThrottledError:
+        return self
+
+    def traceback(self, timeout: float | None = None) -> types.TracebackType | None:
+        return self.__traceback__

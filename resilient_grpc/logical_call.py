@@ -5,10 +5,16 @@ idempotency key, the metadata carrying it, the absolute deadline, the :class:`Re
 :meth:`LogicalCall.steps` is a generator that yields what the shell must do next:
 
 * :class:`Attempt`: make one attempt with this timeout/metadata/wait_for_ready and send back
-  ``None`` (it succeeded: the response or first stream message arrived) or the error it failed with;
+  ``None`` (it succeeded: the response arrived, or a stream committed: response headers with
+  metadata or its first message arrived, gRFC A6) or the error it failed with;
 * :class:`Pause`: sleep this long (``time.sleep`` or ``asyncio.sleep``), send back ``None``;
+* :class:`WaitReady`: before a retry on a channel the library owns, wait at most this long for
+  the channel to be READY (a reconnect), send back ``None``;
 * :class:`BreakerIO`: run this breaker operation and send back its result (only for breakers whose
   storage does I/O, so the aio shell can run it off the event loop; memory breakers are inline).
+
+Closing the generator (the caller cancelled the call) is an abandonment: the breaker's probe slot
+is freed and a retry granted by the budget but never sent is refunded.
 
 The generator returns after a success and raises the error to give the caller when it gives up:
 the last real error (with :func:`~resilient_grpc.errors.attempts_of` set) or
@@ -18,6 +24,7 @@ the last real error (with :func:`~resilient_grpc.errors.attempts_of` set) or
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Generator, Sequence
 from functools import partial
 from typing import Any, Literal, NoReturn
@@ -34,9 +41,10 @@ from resilient_grpc.call_outcome import (
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.keys import IdempotencyKeys, key_for_call
 from resilient_grpc.core.policy import RetryPolicy
-from resilient_grpc.core.retry import Reason, RetryDecision, RetryState
+from resilient_grpc.core.retry import Reason, RetryDecision, RetryState, TimeoutCause
+from resilient_grpc.core.throttle import AdaptiveThrottle
 from resilient_grpc.core.validation import finite_number
-from resilient_grpc.errors import BreakerOpenError, mark_gave_up
+from resilient_grpc.errors import BreakerOpenError, ThrottledError, mark_gave_up
 
 Metadata = tuple[tuple[str, Any], ...]
 Transport = Literal["sync", "aio"]
@@ -44,8 +52,11 @@ Transport = Literal["sync", "aio"]
 #: Used when the stack has no retry policy: one attempt, no retries.
 _SINGLE_ATTEMPT = RetryPolicy(max_attempts=1)
 
-#: Default bound of a retry attempt's wait for a reconnect when the call has no deadline.
+#: Default bound of the wait for a reconnect before a retry attempt (seconds).
 DEFAULT_RECONNECT_WAIT = 5.0
+
+#: gRFC A6: how many attempts of this call came before (sent on retries only).
+PREVIOUS_ATTEMPTS_HEADER = "grpc-previous-rpc-attempts"
 
 
 class Attempt:
@@ -71,6 +82,15 @@ class Pause:
         self.seconds = seconds
 
 
+class WaitReady:
+    """Wait at most ``seconds`` for the channel to be READY (then send the attempt regardless)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
 class BreakerIO:
     """Run a breaker operation that does I/O (Redis storage); send back its result."""
 
@@ -84,11 +104,12 @@ class BreakerIO:
         return self.function(*self.args)
 
 
-Step = Attempt | Pause | BreakerIO
+Step = Attempt | Pause | WaitReady | BreakerIO
 
 #: :attr:`LogicalCall.first` when no message is buffered, and once the stream has ended.
 NO_MESSAGE: Any = object()
 END_OF_STREAM: Any = object()
+
 Steps = Generator[Step, Any, None]
 
 
@@ -101,12 +122,16 @@ class ClientStack:
     """What every call through one set of client interceptors shares (validated once).
 
     ``reconnect_wait``: after a dropped connection a gRPC channel fails new RPCs at once while
-    it waits to reconnect (TRANSIENT_FAILURE), which would burn every retry in that window. So
-    retry attempts (not the first attempt) use gRPC's ``wait_for_ready``: they wait for the
-    channel to become ready, bounded by the call's deadline and the per-attempt timeout; a call
-    with neither gets ``reconnect_wait`` seconds as the timeout of each retry attempt.
-    ``None`` turns this off (retries fail fast like the first attempt). A ``wait_for_ready``
-    the caller set explicitly is always respected.
+    it waits to reconnect (TRANSIENT_FAILURE), which would burn every retry in that window.
+    On a channel the library owns (``owns_channel``: ``resilient_channel``), a retry first
+    waits up to ``reconnect_wait`` seconds (never past the call's deadline) for the channel to
+    be READY, then is sent as the caller sent the first attempt: the wait bounds only the
+    reconnect, never the attempt, so no call gets a deadline its caller did not ask for.
+    Interceptors cannot see their channel: there a retry of a call that has a deadline (or a
+    ``per_attempt_timeout``) uses gRPC's ``wait_for_ready`` bounded by that time, and a retry
+    of a call with neither is sent like the first attempt. ``None`` turns the wait off
+    (retries fail fast like the first attempt). A ``wait_for_ready`` the caller set
+    explicitly is always respected.
     """
 
     def __init__(
@@ -118,8 +143,12 @@ class ClientStack:
         target: str | None = None,
         reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
         transport: Transport = "sync",
+        *,
+        owns_channel: bool = False,
+        throttle: AdaptiveThrottle | None = None,
     ) -> None:
         _check_instance("retry", retry, RetryPolicy, "RetryPolicy")
+        _check_instance("throttle", throttle, AdaptiveThrottle, "AdaptiveThrottle")
         _check_instance("budget", budget, RetryBudget, "RetryBudget")
         _check_instance("breaker", breaker, CircuitBreaker, "CircuitBreaker")
         _check_instance("idempotency", idempotency, IdempotencyKeys, "IdempotencyKeys")
@@ -134,6 +163,8 @@ class ClientStack:
         self.target = target
         self.reconnect_wait = None if reconnect_wait is None else float(reconnect_wait)
         self.transport: Transport = transport
+        self.owns_channel = owns_channel
+        self.throttle = throttle
         self.target_breaker: TargetBreaker | None = (
             breaker.for_target(target) if breaker is not None else None
         )
@@ -149,11 +180,23 @@ class ClientStack:
         idempotency: IdempotencyKeys | None = None,
         reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
         transport: Transport = "sync",
+        *,
+        throttle: AdaptiveThrottle | None = None,
     ) -> ClientStack:
         """The stack of a channel the library builds: ``target`` is required."""
         if not isinstance(target, str) or not target:
             raise ValueError(f"target must be a non-empty string, got {target!r}")
-        return cls(retry, budget, breaker, idempotency, target, reconnect_wait, transport)
+        return cls(
+            retry,
+            budget,
+            breaker,
+            idempotency,
+            target,
+            reconnect_wait,
+            transport,
+            owns_channel=True,
+            throttle=throttle,
+        )
 
     def begin(
         self,
@@ -166,7 +209,7 @@ class ClientStack:
     ) -> LogicalCall:
         """Fix the key, metadata, deadline and retry state of a call made now.
 
-        ``stream``: a unary-stream call, whose span stays open after the first message until
+        ``stream``: a unary-stream call, whose span stays open after it committed until
         the shell reports the end of the stream (:meth:`LogicalCall.finish_stream`).
         """
         key: str | None = None
@@ -251,9 +294,16 @@ class LogicalCall:
         token = tel.make_current()
         try:
             breaker = stack.target_breaker
+            throttle = stack.throttle
             state = self.state
             last_error: BaseException | None = None
             while True:
+                if state.attempts:  # a retry: let a dropped connection come back first
+                    wait = self._reconnect_wait()
+                    if wait is not None:
+                        yield WaitReady(wait)
+                if throttle is not None and not throttle.admit():
+                    self._throttled(tel, throttle, last_error)
                 admission = ADMITTED
                 if breaker is not None:
                     admission = (
@@ -263,21 +313,38 @@ class LogicalCall:
                         self._refused(tel, breaker, last_error)
                 timeout = state.begin_attempt()
                 wait_for_ready = self.wait_for_ready
-                if state.attempts > 1 and wait_for_ready is None and stack.reconnect_wait:
-                    wait_for_ready = True
-                    if timeout is None:
-                        timeout = stack.reconnect_wait
+                metadata = self.metadata
+                if state.attempts > 1:
+                    metadata = (*metadata, (PREVIOUS_ATTEMPTS_HEADER, str(state.attempts - 1)))
+                    if (
+                        wait_for_ready is None
+                        and timeout is not None
+                        and stack.reconnect_wait is not None
+                        and not stack.owns_channel
+                    ):
+                        wait_for_ready = True  # bounded by the caller's own deadline
                 try:
-                    error = yield Attempt(state.attempts, timeout, self.metadata, wait_for_ready)
+                    error = yield Attempt(state.attempts, timeout, metadata, wait_for_ready)
                     code = "OK" if error is None else status_name(error)
                     opened = False
+                    # The caller's own deadline running out says how patient the caller is,
+                    # not how healthy the backend is: neither the breaker nor the throttle
+                    # counts it.
+                    impatient = (
+                        code == "DEADLINE_EXCEEDED" and state.timeout_cause() is TimeoutCause.CALL
+                    )
+                    if throttle is not None and not impatient:
+                        throttle.record(code not in throttle.codes)
                     if breaker is not None:
-                        failed = code in stack.breaker_codes
-                        opened = (
-                            (yield BreakerIO(breaker.record, admission, failed))
-                            if breaker.blocking
-                            else breaker.record(admission, failed)
-                        )
+                        if impatient:
+                            breaker.release(admission)
+                        else:
+                            failed = code in stack.breaker_codes
+                            opened = (
+                                (yield BreakerIO(breaker.record, admission, failed))
+                                if breaker.blocking
+                                else breaker.record(admission, failed)
+                            )
                 except GeneratorExit:  # abandoned mid-attempt: free the probe slot
                     if breaker is not None:
                         breaker.release(admission)
@@ -294,12 +361,25 @@ class LogicalCall:
                     self._give_up(tel, error, decision)
                 yield Pause(decision.delay)
         except BaseException as failure:
+            if isinstance(failure, GeneratorExit):  # the caller cancelled: charge nothing
+                self.state.abandon()
             tel.abandon(failure)
             raise
         finally:
             tel.restore(token)
             if not stream:
                 tel.close()
+
+    def _reconnect_wait(self) -> float | None:
+        """How long a retry may wait for a reconnect (``None``: do not wait)."""
+        stack = self.stack
+        wait = stack.reconnect_wait
+        if wait is None or not stack.owns_channel or self.wait_for_ready is not None:
+            return None
+        remaining = self.state.remaining()
+        if remaining is not None:
+            wait = min(wait, max(remaining, 0.0))
+        return wait
 
     def take_first(self) -> Any:
         """The committed stream's buffered first message, once; then :data:`NO_MESSAGE`.
@@ -314,7 +394,7 @@ class LogicalCall:
         return first
 
     def stream_ended(self, error: BaseException | None) -> None:
-        """The committed stream ended after its first message: cleanly (``None``) or with ``error``."""
+        """The committed stream ended: cleanly (``None``) or with ``error``."""
         if error is None:
             self.first = END_OF_STREAM
         self.finish_stream(error)
@@ -328,7 +408,7 @@ class LogicalCall:
             tel.abandon(error)
         elif error is None:
             tel.end("OK", attempts=self.state.attempts, reason=Reason.SUCCESS)
-        else:  # after the first message a call is committed: the error is not retried
+        else:  # a committed call (headers received) is not retried
             tel.end(
                 status_name(error), attempts=self.state.attempts, reason=Reason.NOT_RETRYABLE_CODE
             )
@@ -347,8 +427,25 @@ class LogicalCall:
         tel.end("UNAVAILABLE", attempts=0, reason=Reason.BREAKER_OPEN)
         raise rejected
 
+    def _throttled(
+        self,
+        tel: telemetry.CallTelemetry,
+        throttle: AdaptiveThrottle,
+        last_error: BaseException | None,
+    ) -> NoReturn:
+        """The throttle rejected an attempt: fail fast, or give up with the last real error."""
+        if last_error is not None:
+            self._give_up(tel, last_error, self.state.throttled())
+        rejected = ThrottledError(self.stack.target or "default", throttle.rejection_probability)
+        tel.end("UNAVAILABLE", attempts=0, reason=Reason.THROTTLED)
+        raise rejected
+
     def _decide(self, code: str, error: BaseException) -> RetryDecision:
-        if code not in self.state.policy.retryable_codes and code != "ABORTED":
+        if (
+            code not in self.state.policy.retryable_codes
+            and code != "ABORTED"
+            and code != "DEADLINE_EXCEEDED"
+        ):
             return self.state.on_failure(code)  # no trailer parsing on the common business error
         return self.state.on_failure(
             code, pushback=pushback_of(error), retry_info_delay=retry_info_delay(error)
@@ -404,10 +501,12 @@ class StubMethod:
     The sync and aio channels subclass it together with gRPC's multi-callable type.
     """
 
-    def __init__(self, stack: ClientStack, method: str, inner: Any) -> None:
+    def __init__(self, stack: ClientStack, method: str, inner: Any, channel: Any = None) -> None:
         self._stack = stack
         self._method = method
         self._inner = inner
+        #: The underlying channel (``grpc`` or ``grpc.aio``), watched for reconnects.
+        self._channel = channel
 
     def _start(
         self,
@@ -427,6 +526,23 @@ class StubMethod:
         return call, partial(arguments.send, self._inner if via is None else via)
 
 
+#: gRFC A6's switch for libraries that retry themselves: gRPC's own retries stay off.
+NATIVE_RETRIES_OFF = ("grpc.enable_retries", 0)
+
+
+def native_retries_requested(options: Sequence[tuple[str, Any]]) -> str | None:
+    """What in channel ``options`` asks for gRPC's native retries (``None``: nothing)."""
+    for key, value in options:
+        if key == "grpc.enable_retries" and value:
+            return "grpc.enable_retries=1"
+        if key == "grpc.service_config":
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            for policy in ("retryPolicy", "hedgingPolicy"):
+                if f'"{policy}"' in text:
+                    return f"a service config with a {policy}"
+    return None
+
+
 def open_channel(
     grpc_module: Any,
     target: str,
@@ -434,7 +550,25 @@ def open_channel(
     options: Sequence[tuple[str, Any]],
     **extra: Any,
 ) -> Any:
-    """The underlying channel of a resilient channel: ``grpc`` or ``grpc.aio``, secure or not."""
+    """The underlying channel of a resilient channel: ``grpc`` or ``grpc.aio``, secure or not.
+
+    gRPC's native retries are turned off (``grpc.enable_retries=0``): they would run inside
+    every attempt of ours and multiply them (5 x 5 = 25 attempts), and a service config that
+    asks for them may come from name resolution without the caller knowing. Options asking for
+    them are overridden, with a warning.
+    """
+    requested = native_retries_requested(options)
+    if requested is not None:
+        warnings.warn(
+            f"resilient_channel({target!r}): the options ask for gRPC's native retries "
+            f"({requested}); they are turned off (grpc.enable_retries=0) so that attempts do "
+            "not multiply: configure retries with RetryPolicy (RetryPolicy.from_service_config "
+            "reads a service config)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    merged = [option for option in options if option[0] != "grpc.enable_retries"]
+    merged.append(NATIVE_RETRIES_OFF)
     if credentials is not None:
-        return grpc_module.secure_channel(target, credentials, options=list(options), **extra)
-    return grpc_module.insecure_channel(target, options=list(options), **extra)
+        return grpc_module.secure_channel(target, credentials, options=merged, **extra)
+    return grpc_module.insecure_channel(target, options=merged, **extra)

@@ -47,8 +47,8 @@ throttle is per server name, a budget is shared by whoever you give it to. ``tok
 read with 3 decimals, as gRPC does.
 
 **Writing** (:func:`service_config_from_policy`) is lossy where native gRPC cannot express the
-policy: ``jitter`` other than ``"full"`` becomes gRPC's uniform jitter; ``per_attempt_timeout``
-and ``idempotent_methods`` are dropped; ``max_attempts`` above 5 is written as 5 (what gRPC would
+policy: ``jitter`` other than ``"full"`` becomes gRPC's uniform jitter; ``per_attempt_timeout``,
+``idempotent_methods`` and ``max_pushback`` are dropped; ``max_attempts`` above 5 is written as 5 (what gRPC would
 do anyway); ``max_attempts=1`` writes no ``retryPolicy`` (no retries); durations are rounded to
 the nanosecond (and at least 1 ns). A budget becomes ``retryThrottling`` by the inverse mapping:
 ``maxTokens = round(2 x min_retries_per_second x window)`` (at least 1), ``tokenRatio = ratio``

@@ -157,17 +157,35 @@ def test_counted_codes_are_configurable(ledger, ledger_target) -> None:
         assert [call_outcome(stub) for _ in range(3)] == ["UNAVAILABLE", "UNAVAILABLE", "breaker"]
 
 
-def test_deadline_exceeded_counts_as_unhealthy(ledger, ledger_target) -> None:
+def test_an_attempt_cut_by_per_attempt_timeout_counts_as_unhealthy(ledger, ledger_target) -> None:
     servicer, _ = ledger
     breaker = CircuitBreaker(fail_max=2, reset_timeout=30)
-    with resilient_channel(ledger_target, breaker=breaker) as channel:
+    policy = RetryPolicy(max_attempts=1, per_attempt_timeout=0.05)
+    with resilient_channel(ledger_target, retry=policy, breaker=breaker) as channel:
         stub = ledger_pb2_grpc.LedgerStub(channel)
         servicer.state.faults.fail_times(GET_BALANCE, 2, Fault(delay=0.3))
         for _ in range(2):
             with pytest.raises(grpc.RpcError) as caught:
-                stub.GetBalance(BALANCE_REQUEST, timeout=0.05)
+                stub.GetBalance(BALANCE_REQUEST, timeout=5)
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert breaker.for_target(ledger_target).state == "open"
+
+
+def test_the_callers_own_short_deadline_does_not_count(ledger, ledger_target) -> None:
+    """One impatient caller must not open the breaker for everyone (issue 9, item 8)."""
+    servicer, _ = ledger
+    breaker = CircuitBreaker(fail_max=2, reset_timeout=30, failure_rate=0.0)
+    with resilient_channel(ledger_target, breaker=breaker) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        servicer.state.faults.fail_times(GET_BALANCE, 5, Fault(code=None, delay=0.2))
+        for _ in range(5):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetBalance(BALANCE_REQUEST, timeout=0.05)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        target = breaker.for_target(ledger_target)
+        assert target.state == "closed"
+        assert target.circuit.fail_counter == 0
+        stub.GetBalance(BALANCE_REQUEST, timeout=5)  # everyone else still gets through
 
 
 @pytest.mark.parametrize("per_target", [True, False])

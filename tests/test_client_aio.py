@@ -143,7 +143,7 @@ async def test_pushback_delay_is_honoured(make_stub, servicer) -> None:
     assert second.at - first.at >= 0.29
 
 
-@pytest.mark.parametrize("value", ["-1", "soon"])
+@pytest.mark.parametrize("value", ["-1", "soon", "2147483648"])
 async def test_negative_or_malformed_pushback_stops_retrying(make_stub, servicer, value) -> None:
     stub = make_stub(retry=FAST, idempotency=IdempotencyKeys())
     servicer.state.faults.add(GET_BALANCE, Fault(pushback_ms=value))

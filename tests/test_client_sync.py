@@ -157,7 +157,7 @@ def test_pushback_delay_is_honoured(make_stub, servicer) -> None:
     assert second.at - first.at >= 0.29  # computed backoff alone would be <= 0.01 s
 
 
-@pytest.mark.parametrize("value", ["-1", "soon", "1.5"])
+@pytest.mark.parametrize("value", ["-1", "soon", "1.5", "2147483648"])
 def test_negative_or_malformed_pushback_stops_retrying(make_stub, servicer, value: str) -> None:
     stub = make_stub(retry=FAST, idempotency=IdempotencyKeys())
     servicer.state.faults.add(GET_BALANCE, Fault(pushback_ms=value))

@@ -16,8 +16,13 @@ that do I/O (Redis storage) in a worker thread.
 * unary-unary calls are retried as a whole. With ``resilient_channel`` the call starts when it
   is first awaited (or when its ``code()``, metadata or ``details()`` is awaited); the key and
   the deadline are fixed when the stub is called.
-* unary-stream calls are retried until the first response message arrives, then committed;
-  the attempts start on the first read (or the first ``code()``/metadata access).
+* unary-stream calls are retried until they commit (response headers with metadata, or the
+  first message: gRFC A6); the attempts start on the first read (or ``code()``/metadata).
+* ``cancel()`` stops a call at once in every state (attempt in flight, backoff, waiting for a
+  reconnect, not started yet): the awaiting task gets ``CancelledError``, nothing more is sent,
+  and neither the retry budget nor the breaker is charged for it. A call started by awaiting
+  its ``code()``/metadata runs in a task of its own that is cancelled when the last such
+  awaiter is (e.g. by ``asyncio.wait_for``).
 * stream-unary and stream-stream calls pass through.
 
 Giving up raises the last ``grpc.aio.AioRpcError`` with ``attempts``/``retry_reason`` set (see
@@ -30,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -39,17 +44,17 @@ from resilient_grpc.breaker import CircuitBreaker
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.keys import IdempotencyKeys
 from resilient_grpc.core.policy import RetryPolicy
+from resilient_grpc.core.throttle import AdaptiveThrottle
 from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
     END_OF_STREAM,
     NO_MESSAGE,
     Attempt,
-    BreakerIO,
     ClientStack,
     LogicalCall,
     Pause,
-    Steps,
     StubMethod,
+    WaitReady,
     open_channel,
 )
 
@@ -61,26 +66,107 @@ Send = Callable[[Attempt], Any]
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
-async def _drive(
-    steps: Steps, attempt: Callable[[Attempt], Awaitable[BaseException | None]]
-) -> None:
-    """Run a logical call's steps in this task: return after success, raise when giving up."""
-    try:
-        step = next(steps)
-        while True:
-            if step.__class__ is Attempt:
-                result: Any = await attempt(step)
-            elif step.__class__ is Pause:
-                await asyncio.sleep(step.seconds)
-                result = None
-            else:  # breaker storage I/O (Redis): off the event loop
-                result = await asyncio.to_thread(cast(BreakerIO, step).run)
-            step = steps.send(result)
-    except StopIteration:
-        return
-    except BaseException:
-        steps.close()  # ends the telemetry span on cancellation or a failing step
-        raise
+#: The details gRPC gives a call the application cancelled.
+CANCELLED_DETAILS = "Locally cancelled by application!"
+
+
+class _Interruptible:
+    """What both call types share: running the steps so that ``cancel()`` stops any of them.
+
+    The steps run in the task that awaits the call. An attempt in flight is stopped by
+    cancelling its ``grpc.aio`` call; a pause or a reconnect wait awaits a future that
+    ``cancel()`` cancels. Either way the awaiting task gets ``CancelledError`` (without being
+    cancelled itself), and closing the driver frees the breaker slot and refunds the budget.
+    """
+
+    _logical: LogicalCall
+    _send: Send
+    _send_is_async: bool
+    _channel: Any
+    _cancelled: bool
+    _call: Any
+    _waker: asyncio.Future[None] | None
+
+    async def _drive(self, attempt: Callable[[Attempt], Awaitable[BaseException | None]]) -> None:
+        """Run the logical call's steps in this task: return after success, raise when giving up."""
+        steps = self._logical.steps()
+        try:
+            step: Any = next(steps)  # one of the Step classes, told apart by their exact class
+            while True:
+                if self._cancelled:
+                    raise asyncio.CancelledError
+                kind = step.__class__
+                if kind is Attempt:
+                    result: Any = await attempt(step)
+                elif kind is Pause:
+                    await self._sleep(step.seconds)
+                    result = None
+                elif kind is WaitReady:
+                    await self._wait_ready(step.seconds)
+                    result = None
+                else:  # breaker storage I/O (Redis): off the event loop
+                    result = await asyncio.to_thread(step.run)
+                step = steps.send(result)
+        except StopIteration:
+            return
+        except BaseException:
+            steps.close()  # cancelled or a failing step: frees, refunds, ends the span
+            raise
+
+    async def _sleep(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        waker = self._waker = loop.create_future()
+        handle = loop.call_later(seconds, _wake, waker)
+        try:
+            await waker
+        finally:
+            handle.cancel()
+            self._waker = None
+
+    async def _wait_ready(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the channel to be READY (asking an idle one to connect)."""
+        channel = self._channel
+        if channel is None:
+            return
+        state = channel.get_state(try_to_connect=True)
+        if state is grpc.ChannelConnectivity.READY:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        waker = self._waker = loop.create_future()
+        try:
+            while state is not grpc.ChannelConnectivity.READY:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return
+                change = asyncio.ensure_future(channel.wait_for_state_change(state))
+                try:
+                    await asyncio.wait((change, waker), timeout=left, return_when="FIRST_COMPLETED")
+                finally:
+                    if not change.done():
+                        change.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await change
+                if waker.done():
+                    raise asyncio.CancelledError
+                state = channel.get_state(try_to_connect=True)
+        finally:
+            self._waker = None
+
+    def _interrupt(self) -> None:
+        """Stop what the call is doing now (see :meth:`cancel`)."""
+        self._cancelled = True
+        waker = self._waker
+        if waker is not None and not waker.done():
+            waker.cancel()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+
+def _wake(waker: asyncio.Future[None]) -> None:
+    if not waker.done():
+        waker.set_result(None)
 
 
 class _FinishedCall:
@@ -120,21 +206,26 @@ class _FinishedCall:
         return str(await self._final("debug_error_string") or "")
 
 
-class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignore[type-arg]
+class ResilientUnaryCall(_Interruptible, _FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignore[type-arg]
     """A unary-unary call of :func:`resilient_channel`: its attempts run in the awaiting task."""
 
-    def __init__(self, call: LogicalCall, send: Send, send_is_async: bool = True) -> None:
+    def __init__(
+        self, call: LogicalCall, send: Send, send_is_async: bool = True, channel: Any = None
+    ) -> None:
         self._logical = call
         self._send = send
         self._send_is_async = send_is_async
+        self._channel = channel
         self._started = False
         self._finished = False
         self._cancelled = False
         self._call: Any = None
+        self._waker = None
         self._response: Any = None
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Future[None] | None = None
+        self._status_readers = 0
         self._callbacks: list[Callable[[Any], None]] = []
 
     @property
@@ -146,7 +237,9 @@ class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignor
         call = self._send(step)
         if self._send_is_async:
             call = await call
-        self._call = call
+        self._call = call  # the call cancel() reaches
+        if self._cancelled:  # cancelled while the interceptor chain started it
+            call.cancel()
         try:
             self._response = await call
         except grpc.aio.AioRpcError as error:
@@ -159,9 +252,7 @@ class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignor
     async def _run(self) -> Any:
         self._started = True
         try:
-            if self._cancelled:
-                raise asyncio.CancelledError
-            await _drive(self._logical.steps(), self._attempt)
+            await self._drive(self._attempt)
         except BaseException as error:
             self._error = error
             raise
@@ -179,14 +270,30 @@ class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignor
             await self._run()
 
     async def _settled(self) -> None:
-        """Wait for the outcome, starting the call in a task if nobody has awaited it yet."""
+        """Wait for the outcome, starting the call in a task if nobody has awaited it yet.
+
+        That task serves the status readers: when the last of them is cancelled (say by
+        ``asyncio.wait_for``), nobody waits for the call any more and it is cancelled too.
+        """
         if not self._started:
             self._started = True
             self._task = asyncio.ensure_future(self._run_quietly())
-        if not self._finished:
-            if self._waiter is None:
-                self._waiter = asyncio.get_running_loop().create_future()
+        if self._finished:
+            return
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        self._status_readers += 1
+        try:
             await asyncio.shield(self._waiter)
+        except asyncio.CancelledError:
+            task = self._task
+            if self._status_readers == 1 and task is not None and not self._finished:
+                self._interrupt()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task  # owned: it ends at once now
+            raise
+        finally:
+            self._status_readers -= 1
 
     def __await__(self) -> Generator[Any, None, Any]:
         if not self._started:
@@ -196,21 +303,26 @@ class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignor
             raise self._error
         return self._response
 
+    async def _final(self, name: str) -> Any:
+        await self._settled()
+        if isinstance(self._error, asyncio.CancelledError):
+            if name == "code":
+                return grpc.StatusCode.CANCELLED
+            return CANCELLED_DETAILS if name == "details" else None
+        return await super()._final(name)
+
     async def wait_for_connection(self) -> None:
         await self._settled()
 
     def cancel(self) -> bool:
+        """Cancel the call now, whatever it is doing; ``False`` if it has already ended."""
         if self._finished:
             return False
-        self._cancelled = True
-        if self._call is not None:
-            return bool(self._call.cancel())
+        self._interrupt()
         return True
 
     def cancelled(self) -> bool:
-        if self._call is not None:
-            return bool(self._call.cancelled())
-        return self._cancelled
+        return self._cancelled or isinstance(self._error, asyncio.CancelledError)
 
     def done(self) -> bool:
         return self._finished
@@ -225,16 +337,24 @@ class ResilientUnaryCall(_FinishedCall, grpc.aio.UnaryUnaryCall):  # type: ignor
         return self._logical.state.remaining()
 
 
-class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignore[type-arg]
-    """A ``grpc.aio`` unary-stream call retried until its first message arrives."""
+class RetryingAioStream(_Interruptible, _FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignore[type-arg]
+    """A ``grpc.aio`` unary-stream call retried until it commits.
 
-    def __init__(self, call: LogicalCall, send: Send, send_is_async: bool = True) -> None:
+    It commits when response headers carrying metadata arrive, or its first message (gRFC A6;
+    grpcio reports empty headers exactly like the empty headers of a trailers-only error).
+    """
+
+    def __init__(
+        self, call: LogicalCall, send: Send, send_is_async: bool = True, channel: Any = None
+    ) -> None:
         self._logical = call
         self._send = send
         self._send_is_async = send_is_async
+        self._channel = channel
         self._lock = asyncio.Lock()
         self._started = False
         self._cancelled = False
+        self._waker = None
         self._call: Any = None
         self._messages: Any = None
         self._error: BaseException | None = None
@@ -247,11 +367,12 @@ class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignor
             call = self._send(step)
             if self._send_is_async:
                 call = await call
-            self._call = call
-            self._messages = call.__aiter__()
+            self._call = call  # the call cancel() reaches
             if self._cancelled:
                 call.cancel()
-            self._logical.first = await self._messages.__anext__()
+            self._messages = call.__aiter__()
+            if not await call.initial_metadata():  # headers with metadata commit at once
+                self._logical.first = await self._messages.__anext__()
         except StopAsyncIteration:
             self._logical.first = END_OF_STREAM
         except grpc.aio.AioRpcError as error:
@@ -266,8 +387,8 @@ class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignor
                 return
             self._started = True
             try:
-                await _drive(self._logical.steps(), self._attempt)
-            except grpc.aio.AioRpcError as error:
+                await self._drive(self._attempt)
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as error:
                 self._error = error
                 raise
             finally:
@@ -276,11 +397,24 @@ class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignor
                     self._add_done_callback_now(callback)
 
     async def _settled(self) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        try:
             await self._start()
+        except grpc.aio.AioRpcError:
+            pass
+        except asyncio.CancelledError as error:
+            if error is not self._error:  # this task is being cancelled, not the call
+                raise
+
+    async def _final(self, name: str) -> Any:
+        await self._settled()
+        if isinstance(self._error, asyncio.CancelledError):
+            if name == "code":
+                return grpc.StatusCode.CANCELLED
+            return CANCELLED_DETAILS if name == "details" else None
+        return await super()._final(name)
 
     def _add_done_callback_now(self, callback: Callable[[Any], None]) -> None:
-        if self._call is None:
+        if self._call is None or self._error is not None:
             callback(self)
         else:
             self._call.add_done_callback(lambda _call: callback(self))
@@ -325,16 +459,21 @@ class RetryingAioStream(_FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignor
         await self._call.wait_for_connection()
 
     def cancel(self) -> bool:
-        self._cancelled = True
-        return bool(self._call.cancel()) if self._call is not None else True
+        """Cancel the call now, whatever it is doing; ``False`` if it has already ended."""
+        if self.done():
+            return False
+        self._interrupt()
+        return True
 
     def cancelled(self) -> bool:
-        return bool(self._call.cancelled()) if self._call is not None else self._cancelled
+        return self._cancelled or isinstance(self._error, asyncio.CancelledError)
 
     def done(self) -> bool:
-        if self._call is not None:
-            return bool(self._call.done())
-        return self._error is not None
+        if self._error is not None:
+            return True
+        if not self._started or self._lock.locked():  # not started, or still retrying
+            return False
+        return self._call is not None and bool(self._call.done())
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         if self._started and not self._lock.locked():
@@ -379,9 +518,11 @@ class _Interceptor:
         metadata = grpc.aio.Metadata(*call.metadata)
 
         def send(step: Attempt) -> Awaitable[Any]:
+            # a retry's metadata also says how many attempts came before
+            sent = metadata if step.number == 1 else grpc.aio.Metadata(*step.metadata)
             return continuation(
                 grpc.aio.ClientCallDetails(
-                    details.method, step.timeout, metadata, details.credentials, step.wait_for_ready
+                    details.method, step.timeout, sent, details.credentials, step.wait_for_ready
                 ),
                 request,
             )
@@ -427,14 +568,18 @@ class _UnaryUnaryCallable(StubMethod, grpc.aio.UnaryUnaryMultiCallable):  # type
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> ResilientUnaryCall:
         # the underlying call starts as soon as it is made: nothing to await in send
-        return ResilientUnaryCall(*self._start(request, args, kwargs, stream=False), False)
+        return ResilientUnaryCall(
+            *self._start(request, args, kwargs, stream=False), False, self._channel
+        )
 
 
 class _UnaryStreamCallable(StubMethod, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[type-arg]
     """A unary-stream method of :class:`_Channel`."""
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> RetryingAioStream:
-        return RetryingAioStream(*self._start(request, args, kwargs, stream=True), False)
+        return RetryingAioStream(
+            *self._start(request, args, kwargs, stream=True), False, self._channel
+        )
 
 
 class _Channel(grpc.aio.Channel):
@@ -464,11 +609,11 @@ class _Channel(grpc.aio.Channel):
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         inner = self._channel.unary_unary(method, *args, **kwargs)
-        return _UnaryUnaryCallable(self._stack, _method_name(method), inner)
+        return _UnaryUnaryCallable(self._stack, _method_name(method), inner, self._channel)
 
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
         inner = self._channel.unary_stream(method, *args, **kwargs)
-        return _UnaryStreamCallable(self._stack, _method_name(method), inner)
+        return _UnaryStreamCallable(self._stack, _method_name(method), inner, self._channel)
 
     def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self._channel.stream_unary(method, *args, **kwargs)
@@ -488,12 +633,15 @@ def client_interceptors(
     *,
     target: str | None = None,
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
+    throttle: AdaptiveThrottle | None = None,
 ) -> list[Any]:
     """Interceptors for ``grpc.aio.insecure_channel(target, interceptors=...)``.
 
     Same arguments and meaning as :func:`resilient_grpc.client.client_interceptors`.
     """
-    stack = ClientStack(retry, budget, breaker, idempotency, target, reconnect_wait, "aio")
+    stack = ClientStack(
+        retry, budget, breaker, idempotency, target, reconnect_wait, "aio", throttle=throttle
+    )
     return [_UnaryUnaryInterceptor(stack), _UnaryStreamInterceptor(stack)]
 
 
@@ -507,6 +655,7 @@ def resilient_channel(
     credentials: grpc.ChannelCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
+    throttle: AdaptiveThrottle | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel to ``target`` with the stack attached (outside ``interceptors``).
@@ -515,7 +664,14 @@ def resilient_channel(
     the underlying channel, so they see every attempt.
     """
     stack = ClientStack.for_channel(
-        target, retry, budget, breaker, idempotency, reconnect_wait, "aio"
+        target,
+        retry,
+        budget,
+        breaker,
+        idempotency,
+        reconnect_wait,
+        "aio",
+        throttle=throttle,
     )
     channel = open_channel(
         grpc.aio, target, credentials, options, interceptors=list(interceptors) or None

@@ -83,6 +83,12 @@ class RetryBudget:
             self._refused += 1
             return False
 
+    def refund(self) -> None:
+        """Give back the latest retry taken: it was granted but never sent (the call was cancelled)."""
+        with self._lock:
+            if self._withdrawals:
+                self._withdrawals.pop()
+
     @property
     def balance(self) -> float:
         """Retries still allowed right now (may be fractional)."""

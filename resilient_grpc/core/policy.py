@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args
 
 from resilient_grpc.core.codes import DEFAULT_RETRYABLE_CODES, code_names
 from resilient_grpc.core.methods import method_matches, method_patterns
 from resilient_grpc.core.validation import finite_number, whole_number
 
+if TYPE_CHECKING:  # only for the annotation: the core never imports grpc at run time
+    import grpc
+
 Jitter = Literal["full", "equal", "decorrelated", "none"]
 JITTER_KINDS: tuple[str, ...] = get_args(Jitter)
 
+#: What ``retryable_codes`` accepts: code names (any case), ``grpc.StatusCode`` members, numbers.
+StatusCodeLike = Union[str, int, "grpc.StatusCode"]
 
-@dataclass(frozen=True)
+#: Default bound of a server-requested delay (``grpc-retry-pushback-ms`` / ``RetryInfo``).
+DEFAULT_MAX_PUSHBACK = 60.0
+
+
+@dataclass(frozen=True, init=False)
 class RetryPolicy:
     """Capped exponential backoff with jitter, in the shape of gRPC's own retry policy.
 
@@ -24,23 +33,58 @@ class RetryPolicy:
     ``"decorrelated"`` min(max_backoff, uniform(initial_backoff, 3 * previous delay)),
     ``"none"`` b. Only ``retryable_codes`` are retried (default: UNAVAILABLE only), and a method
     not listed in ``idempotent_methods`` is retried only when the call carries an idempotency
-    key. ``per_attempt_timeout`` (seconds) bounds each attempt inside the call's deadline.
+    key. ``per_attempt_timeout`` (seconds) bounds each attempt inside the call's deadline; an
+    attempt cut by it while the call's deadline is still alive is retried whatever
+    ``retryable_codes`` says (a ``DEADLINE_EXCEEDED`` the server itself returns follows
+    ``retryable_codes``).
+
+    ``max_pushback`` (seconds, default 60) caps a delay the server asks for (gRFC A6
+    ``grpc-retry-pushback-ms`` or a ``google.rpc.RetryInfo``): a longer request is shortened to
+    it, so a misbehaving server cannot park a caller without a deadline for an hour.
 
     ``idempotent_methods`` holds full method names (``"/pkg.Service/Method"``) or whole
     services (``"/pkg.Service/*"``). Every value is checked here: a bad one raises
     ``ValueError`` naming the field.
     """
 
-    max_attempts: int = 3
-    initial_backoff: float = 0.1
-    max_backoff: float = 5.0
-    multiplier: float = 2.0
-    jitter: Jitter = "full"
-    retryable_codes: frozenset[str] = DEFAULT_RETRYABLE_CODES
-    per_attempt_timeout: float | None = None
-    idempotent_methods: frozenset[str] = field(default_factory=frozenset)
+    max_attempts: int
+    initial_backoff: float
+    max_backoff: float
+    multiplier: float
+    jitter: Jitter
+    retryable_codes: frozenset[str]
+    per_attempt_timeout: float | None
+    idempotent_methods: frozenset[str]
+    max_pushback: float
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        max_attempts: int = 3,
+        initial_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        multiplier: float = 2.0,
+        jitter: Jitter = "full",
+        retryable_codes: Iterable[StatusCodeLike] = DEFAULT_RETRYABLE_CODES,
+        per_attempt_timeout: float | None = None,
+        idempotent_methods: Iterable[str] = frozenset(),
+        max_pushback: float = DEFAULT_MAX_PUSHBACK,
+    ) -> None:
+        values = {
+            "max_attempts": max_attempts,
+            "initial_backoff": initial_backoff,
+            "max_backoff": max_backoff,
+            "multiplier": multiplier,
+            "jitter": jitter,
+            "retryable_codes": retryable_codes,
+            "per_attempt_timeout": per_attempt_timeout,
+            "idempotent_methods": idempotent_methods,
+            "max_pushback": max_pushback,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        self._validate()
+
+    def _validate(self) -> None:
         whole_number("max_attempts", self.max_attempts, at_least=1)
         finite_number("initial_backoff", self.initial_backoff, above=0.0)
         finite_number("max_backoff", self.max_backoff, above=0.0)
@@ -68,6 +112,7 @@ class RetryPolicy:
             "idempotent_methods",
             method_patterns(self.idempotent_methods, field="idempotent_methods"),
         )
+        finite_number("max_pushback", self.max_pushback, above=0.0, unit=" of seconds")
 
     def is_idempotent(self, method: str) -> bool:
         """Whether ``method`` (``"/pkg.Service/Method"``) may be retried without a key."""

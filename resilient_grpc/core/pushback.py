@@ -10,6 +10,9 @@ PUSHBACK_HEADER = "grpc-retry-pushback-ms"
 
 _DIGITS = re.compile(r"^[0-9]{1,10}$")
 
+#: gRFC A6 carries the pushback as an int32: a larger value is malformed.
+INT32_MAX = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class Pushback:
@@ -27,8 +30,8 @@ class Pushback:
 def parse_pushback_ms(value: str | bytes) -> Pushback:
     """Interpret one ``grpc-retry-pushback-ms`` value as gRFC A6 says.
 
-    A non-negative decimal integer is a delay in milliseconds; anything else (negative,
-    malformed, empty) means "do not retry".
+    A decimal integer from 0 to 2**31 - 1 (an int32, as gRFC A6 defines it) is a delay in
+    milliseconds; anything else (negative, beyond int32, malformed, empty) means "do not retry".
     """
     if isinstance(value, bytes):
         try:
@@ -38,7 +41,10 @@ def parse_pushback_ms(value: str | bytes) -> Pushback:
     text = value.strip()
     if not _DIGITS.match(text):
         return Pushback(None, "pushback")
-    return Pushback(int(text) / 1000.0, "pushback")
+    milliseconds = int(text)
+    if milliseconds > INT32_MAX:
+        return Pushback(None, "pushback")
+    return Pushback(milliseconds / 1000.0, "pushback")
 
 
 def pushback_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Pushback | None:

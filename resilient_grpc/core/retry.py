@@ -31,6 +31,16 @@ class Reason(str, Enum):
     DEADLINE = "deadline"
     BUDGET_EXHAUSTED = "budget_exhausted"
     BREAKER_OPEN = "breaker_open"
+    THROTTLED = "throttled"
+
+
+class TimeoutCause(str, Enum):
+    """Which deadline ended an attempt that failed with DEADLINE_EXCEEDED."""
+
+    #: The policy's ``per_attempt_timeout`` cut it while the call's deadline was still alive.
+    ATTEMPT = "attempt"
+    #: The caller's own deadline for the whole call expired.
+    CALL = "call"
 
 
 class DelaySource(str, Enum):
@@ -55,9 +65,11 @@ class RetryDecision:
 class RetryState:
     """Retry bookkeeping for one logical call (all its attempts).
 
-    ``deadline`` is an absolute time on ``clock`` (``None``: no deadline). Making the state
-    deposits once into ``budget``; each retry it grants withdraws once. Not thread-safe: one
-    logical call is driven by one thread or task.
+    ``deadline`` is an absolute time on ``clock`` (``None``: no deadline). The first attempt
+    deposits once into ``budget`` (a call refused before anything was sent is not traffic); each
+    retry it grants withdraws once, and :meth:`abandon` refunds a granted retry that was never
+    sent (the call was cancelled meanwhile). Not thread-safe: one logical call is driven by one
+    thread or task.
     """
 
     def __init__(
@@ -80,20 +92,58 @@ class RetryState:
         self._uniform = uniform or default_uniform()
         self.attempts = 0
         self._previous_delay: float | None = None
-        if budget is not None:
-            budget.deposit()
+        #: Computed backoffs since the start or since the last server-requested delay.
+        self._backoff_retries = 0
+        self._unsent_retry = False
+        self._attempt_deadline: float | None = None
+        self._attempt_bound: TimeoutCause | None = None
 
     def begin_attempt(self) -> float | None:
         """Start the next attempt; return its timeout in seconds (``None``: unbounded).
 
         The timeout is the smaller of ``per_attempt_timeout`` and the time left to the deadline.
         """
-        self.attempts += 1
+        attempts = self.attempts
+        if attempts == 0:
+            if self.budget is not None:
+                self.budget.deposit()
+        else:
+            self._unsent_retry = False
+        self.attempts = attempts + 1
         timeout = self.policy.per_attempt_timeout
-        if self.deadline is not None:
-            remaining = max(self.deadline - self._clock(), 0.0)
-            timeout = remaining if timeout is None else min(timeout, remaining)
+        deadline = self.deadline
+        if deadline is None:
+            if timeout is None:
+                self._attempt_deadline = None
+                return None
+            self._attempt_bound = TimeoutCause.ATTEMPT
+            self._attempt_deadline = self._clock() + timeout
+            return timeout
+        now = self._clock()
+        remaining = max(deadline - now, 0.0)
+        if timeout is None or remaining <= timeout:
+            self._attempt_bound = TimeoutCause.CALL
+            self._attempt_deadline = now + remaining
+            return remaining
+        self._attempt_bound = TimeoutCause.ATTEMPT
+        self._attempt_deadline = now + timeout
         return timeout
+
+    def timeout_cause(self) -> TimeoutCause | None:
+        """Which deadline the last attempt ran into, if it has passed (``None``: neither).
+
+        Asked about an attempt that failed with DEADLINE_EXCEEDED: ``None`` then means the
+        server itself returned that status before the attempt's time was up.
+        """
+        if self._attempt_deadline is None or self._clock() < self._attempt_deadline:
+            return None
+        return self._attempt_bound
+
+    def abandon(self) -> None:
+        """The caller gave up on the call (cancelled it): refund a retry granted but not sent."""
+        if self._unsent_retry and self.budget is not None:
+            self._unsent_retry = False
+            self.budget.refund()
 
     def remaining(self) -> float | None:
         """Seconds left before the call's deadline (``None``: no deadline)."""
@@ -111,14 +161,22 @@ class RetryState:
         """Decide what follows a failed attempt with status ``code`` (its name).
 
         ``pushback`` is the parsed ``grpc-retry-pushback-ms`` trailer and ``retry_info_delay``
-        the delay from a ``google.rpc.RetryInfo`` detail; either overrides the computed backoff.
+        the delay from a ``google.rpc.RetryInfo`` detail; either overrides the computed backoff
+        (capped at ``max_pushback``), and the computed backoff restarts from
+        ``initial_backoff`` after it (gRFC A6). A DEADLINE_EXCEEDED caused by the policy's
+        ``per_attempt_timeout`` is retried whatever ``retryable_codes`` says.
         """
         attempt = self.attempts
-        if code not in self.policy.retryable_codes and not (
-            # A dedup server answers a duplicate of a call still running elsewhere with ABORTED
-            # and a pushback: "the same key is in flight, ask again in N ms". Retrying a keyed
-            # call then cannot duplicate anything, so it is honoured whatever the policy lists.
-            code == "ABORTED" and self.has_key and pushback is not None and not pushback.stop
+        policy = self.policy
+        if (
+            code not in policy.retryable_codes
+            and not (code == "DEADLINE_EXCEEDED" and self.timeout_cause() is TimeoutCause.ATTEMPT)
+            and not (
+                # A dedup server answers a duplicate of a call still running elsewhere with ABORTED
+                # and a pushback: "the same key is in flight, ask again in N ms". Retrying a keyed
+                # call then cannot duplicate anything, so it is honoured whatever the policy lists.
+                code == "ABORTED" and self.has_key and pushback is not None and not pushback.stop
+            )
         ):
             return RetryDecision(False, Reason.NOT_RETRYABLE_CODE, attempt=attempt)
         if not self.has_key and not self.policy.is_idempotent(self.method):
@@ -128,21 +186,33 @@ class RetryState:
         if pushback is not None and pushback.stop:
             return RetryDecision(False, Reason.PUSHBACK_STOP, attempt=attempt)
         if pushback is not None and pushback.delay is not None:
-            delay, source = pushback.delay, DelaySource.PUSHBACK
+            delay, source = min(pushback.delay, policy.max_pushback), DelaySource.PUSHBACK
         elif retry_info_delay is not None:
             if retry_info_delay < 0:
                 return RetryDecision(False, Reason.PUSHBACK_STOP, attempt=attempt)
-            delay, source = retry_info_delay, DelaySource.RETRY_INFO
+            delay, source = min(retry_info_delay, policy.max_pushback), DelaySource.RETRY_INFO
         else:
-            delay = jittered_backoff(self.policy, attempt, self._previous_delay, self._uniform)
+            retry_number = self._backoff_retries + 1
+            delay = jittered_backoff(policy, retry_number, self._previous_delay, self._uniform)
             source = DelaySource.COMPUTED
         if self.deadline is not None and self._clock() + delay >= self.deadline:
             return RetryDecision(False, Reason.DEADLINE, delay, source, attempt)
-        if self.budget is not None and not self.budget.try_withdraw():
-            return RetryDecision(False, Reason.BUDGET_EXHAUSTED, delay, source, attempt)
-        self._previous_delay = delay
+        if self.budget is not None:
+            if not self.budget.try_withdraw():
+                return RetryDecision(False, Reason.BUDGET_EXHAUSTED, delay, source, attempt)
+            self._unsent_retry = True
+        if source is DelaySource.COMPUTED:
+            self._backoff_retries += 1
+            self._previous_delay = delay
+        else:  # gRFC A6: after a server-chosen delay the backoff starts again
+            self._backoff_retries = 0
+            self._previous_delay = None
         return RetryDecision(True, Reason.RETRY, delay, source, attempt)
 
     def breaker_open(self) -> RetryDecision:
         """The decision when the circuit breaker is (or just went) open: stop now."""
         return RetryDecision(False, Reason.BREAKER_OPEN, attempt=self.attempts)
+
+    def throttled(self) -> RetryDecision:
+        """The decision when the adaptive throttle rejected the next attempt: stop now."""
+        return RetryDecision(False, Reason.THROTTLED, attempt=self.attempts)
