@@ -603,6 +603,31 @@ class HandlerContext:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
+    # the methods handlers and the interceptor call most, without the ``__getattr__`` detour
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+    def time_remaining(self) -> Any:
+        return self._context.time_remaining()
+
+    def code(self) -> Any:
+        return self._context.code()
+
+    def details(self) -> Any:
+        return self._context.details()
+
+    def trailing_metadata(self) -> Any:
+        return self._context.trailing_metadata()
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self._context.set_trailing_metadata(trailing_metadata)
+
+    def set_code(self, code: Any) -> None:
+        self._context.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        self._context.set_details(details)
+
     def send_initial_metadata(self, initial_metadata: Any) -> Any:
         self.initial_metadata = tuple(initial_metadata)
         return self._context.send_initial_metadata(initial_metadata)
