@@ -540,6 +540,7 @@ class Heartbeats:
         self._due: dict[FlowDriver, float] = {}
         self._period = self.POLL
         self._lock = threading.Lock()
+        self._sooner = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self, driver: FlowDriver, renewer: Renewer, delay: float) -> None:
@@ -554,8 +555,10 @@ class Heartbeats:
         self._due.pop(driver, None)
 
     def _wake_sooner(self, delay: float) -> None:
+        """Poll at least every ``delay / 2`` s from now on (a shorter lease than any so far)."""
         with self._lock:
             self._period = min(self._period, delay / 2)
+            self._sooner.set()  # a sleeping thread starts over with the shorter period
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="resilient-grpc-lease-renewal", daemon=True
@@ -564,7 +567,8 @@ class Heartbeats:
 
     def _run(self) -> None:
         while True:
-            time.sleep(self._period)
+            if self._sooner.wait(self._period):
+                self._sooner.clear()
             now = time.monotonic()
             for driver, due in self._due.copy().items():  # a copy: calls come and go meanwhile
                 if due > now:

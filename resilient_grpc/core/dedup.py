@@ -2,11 +2,13 @@
 
 A key lives in a store as one :class:`Entry`: ``IN_PROGRESS`` (claimed by one executor, holding a
 random fencing token, until its lease lapses) or ``COMPLETED`` (the :class:`Outcome`: response
-bytes or a status, until its TTL lapses). :func:`claim_entry`, :func:`complete_entry` and
-:func:`release_allowed` are the only transitions; the in-process stores apply them under a lock
-or inside one SQLite transaction, the Redis store mirrors them in Lua. :func:`dedup_flow` is the
-whole decision procedure of one call as a generator of effects, so the sync and ``grpc.aio``
-interceptors only perform the effects (claim, run, complete, release, wait) and never decide.
+bytes or a status, until its TTL lapses). :func:`claim_entry`, :func:`complete_entry`,
+:func:`renew_entry` and :func:`release_allowed` are the only transitions; the in-process stores
+apply them under a lock or inside one SQLite transaction, the Redis store mirrors them in Lua. :class:`DedupFlow` is the
+whole decision procedure of one call as a state machine of effects (held by one
+:class:`resilient_grpc.server.FlowDriver` per call), so the sync and ``grpc.aio`` interceptors
+only perform the effects (claim, run, complete, release, wait) and never decide. Lease renewal
+decisions (:func:`renewed`) and per-method leases (:class:`LeaseTable`) live here too.
 
 Nothing here imports grpc, sleeps or does I/O; clocks are passed in. The small records and
 effects are plain (non-frozen) slotted dataclasses because frozen ones cost several times more
