@@ -787,3 +787,49 @@ async def test_an_aio_stream_whose_client_goes_away_keeps_its_claim(
 
 async def _drain(call: Any) -> list[bytes]:
     return [message async for message in call]
+
+
+async def test_aio_aclose_cancels_executions_that_outlived_their_calls_and_keeps_their_claims() -> (
+    None
+):
+    """An execution shielded from its call's cancellation is owned by the interceptor:
+    ``aclose`` cancels it (the handler sees the cancellation) and awaits it; the outcome is
+    unknown, so the claim is kept."""
+    seen: list[str] = []
+    started = asyncio.Event()
+
+    async def slow(request: bytes, context: Any) -> bytes:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        return b"never"
+
+    store = MemoryStore()
+    interceptor = AioDedupInterceptor(store, lease=30.0)
+    server = grpc.aio.server(interceptors=[interceptor])
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "test.Raw", {"Slow": grpc.unary_unary_rpc_method_handler(slow)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        method = channel.unary_unary("/test.Raw/Slow")
+        error = await _error(method(b"req", metadata=_keyed("slow"), timeout=0.3))
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert started.is_set() and seen == []  # the execution outlived its call
+        await interceptor.aclose(0)
+        assert seen == ["cancelled"] and not interceptor._tasks
+        (key,) = list(store._entries)
+        record = store.get(key)
+        assert record is not None and record.state.value == "in_progress"  # claim kept
+    finally:
+        await channel.close()
+        await server.stop(None)
