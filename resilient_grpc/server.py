@@ -590,12 +590,10 @@ class Heartbeats:
 HEARTBEATS = Heartbeats()
 
 
-class HandlerContext:
-    """The servicer context a deduplicated handler sees: the real one, plus a record of what
-    it sent that the stored outcome needs (initial metadata, whether it aborted).
-
-    Every other attribute is the real context's.
-    """
+class RecordingContext:
+    """The part of a handler's servicer context both shells share: it delegates to the real
+    context and records what the stored outcome needs (initial metadata, whether the handler
+    aborted). Every attribute it does not define is the real context's."""
 
     __slots__ = ("_context", "aborted", "initial_metadata")
 
@@ -607,12 +605,23 @@ class HandlerContext:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
-    # the methods handlers and the interceptor call most, without the ``__getattr__`` detour
     def invocation_metadata(self) -> Any:
         return self._context.invocation_metadata()
 
     def time_remaining(self) -> Any:
         return self._context.time_remaining()
+
+    def peer(self) -> Any:
+        return self._context.peer()
+
+    def peer_identities(self) -> Any:
+        return self._context.peer_identities()
+
+    def peer_identity_key(self) -> Any:
+        return self._context.peer_identity_key()
+
+    def auth_context(self) -> Any:
+        return self._context.auth_context()
 
     def code(self) -> Any:
         return self._context.code()
@@ -629,12 +638,25 @@ class HandlerContext:
     def set_code(self, code: Any) -> None:
         self._context.set_code(code)
 
-    def set_details(self, details: str) -> None:
+    def set_details(self, details: Any) -> None:
         self._context.set_details(details)
 
-    def send_initial_metadata(self, initial_metadata: Any) -> Any:
+    def set_compression(self, compression: Any) -> None:
+        self._context.set_compression(compression)
+
+    def disable_next_message_compression(self) -> None:
+        self._context.disable_next_message_compression()
+
+
+class HandlerContext(RecordingContext, grpc.ServicerContext):
+    """The servicer context a deduplicated sync handler sees: a ``grpc.ServicerContext`` (for
+    ``isinstance`` checks) that delegates to the real one and records what it sent."""
+
+    __slots__ = ()
+
+    def send_initial_metadata(self, initial_metadata: Any) -> None:
         self.initial_metadata = tuple(initial_metadata)
-        return self._context.send_initial_metadata(initial_metadata)
+        self._context.send_initial_metadata(initial_metadata)
 
     def abort(self, code: grpc.StatusCode, details: str) -> Any:
         self.aborted = True
@@ -643,6 +665,15 @@ class HandlerContext:
     def abort_with_status(self, status: Any) -> Any:
         self.aborted = True
         return self._context.abort_with_status(status)
+
+    def is_active(self) -> bool:
+        return bool(self._context.is_active())
+
+    def cancel(self) -> None:
+        self._context.cancel()
+
+    def add_callback(self, callback: Any) -> bool:
+        return bool(self._context.add_callback(callback))
 
 
 class DedupBase:
@@ -958,7 +989,7 @@ def unchanged(value: Any) -> Any:
 
 
 def unary_outcome(
-    driver: FlowDriver, context: HandlerContext, response: Any, serialize: Callable[[Any], bytes]
+    driver: FlowDriver, context: RecordingContext, response: Any, serialize: Callable[[Any], bytes]
 ) -> Outcome | None:
     """The outcome of a unary handler that returned ``response`` (kept as the live answer)."""
     if response is None:  # the handler set an error code and returned nothing
@@ -968,12 +999,12 @@ def unary_outcome(
     return handler_outcome(context, (data,))
 
 
-def returned_outcome(context: HandlerContext, collected: Collector) -> Outcome:
+def returned_outcome(context: RecordingContext, collected: Collector) -> Outcome:
     """The outcome of a stream handler that returned."""
     return handler_outcome(context, tuple(collected.messages), omitted=collected.omitted)
 
 
-def failed_outcome(context: HandlerContext, collected: Collector | None = None) -> Outcome | None:
+def failed_outcome(context: RecordingContext, collected: Collector | None = None) -> Outcome | None:
     """After a handler raised: its status if it aborted, ``None`` for an unexpected exception."""
     if not context.aborted:
         return None

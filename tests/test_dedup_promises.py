@@ -833,3 +833,45 @@ async def test_aio_aclose_cancels_executions_that_outlived_their_calls_and_keeps
     finally:
         await channel.close()
         await server.stop(None)
+
+
+def test_a_sync_handler_sees_a_servicer_context() -> None:
+    """The context wrapper that records initial metadata and aborts is still a ServicerContext."""
+    seen: list[bool] = []
+
+    def pay(request: bytes, context: Any) -> bytes:
+        seen.append(isinstance(context, grpc.ServicerContext) and context.is_active())
+        return b"paid"
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2), interceptors=[DedupInterceptor()]
+    )
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "test.Raw", {"Pay": grpc.unary_unary_rpc_method_handler(pay)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert channel.unary_unary("/test.Raw/Pay")(b"r", metadata=_keyed("p"), timeout=5)
+    finally:
+        server.stop(None)
+    assert seen == [True]
+
+
+async def test_an_aio_handler_sees_an_aio_servicer_context(
+    raw_aio_server: Callable[..., Awaitable[grpc.aio.Channel]],
+) -> None:
+    seen: list[bool] = []
+
+    async def pay(request: bytes, context: Any) -> bytes:
+        seen.append(isinstance(context, grpc.aio.ServicerContext) and not context.done())
+        return b"paid"
+
+    channel = await raw_aio_server({"Pay": grpc.unary_unary_rpc_method_handler(pay)})
+    assert await channel.unary_unary("/test.Raw/Pay")(b"r", metadata=_keyed("p"), timeout=5)
+    assert seen == [True]

@@ -27,7 +27,7 @@ import contextvars
 import inspect
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -54,7 +54,7 @@ from resilient_grpc.server import (
     DedupBase,
     Flights,
     FlowDriver,
-    HandlerContext,
+    RecordingContext,
     failed_outcome,
     returned_outcome,
     status_code,
@@ -72,14 +72,17 @@ _EAGER = sys.version_info >= (3, 11)
 if TYPE_CHECKING:  # generic only in grpc-stubs
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
     _Handler = grpc.RpcMethodHandler[Any, Any]
+    _AioContext = grpc.aio.ServicerContext[Any, Any]
 else:
     _ServerInterceptor = grpc.aio.ServerInterceptor
     _Handler = grpc.RpcMethodHandler
+    _AioContext = grpc.aio.ServicerContext
 
 
-class AioHandlerContext(HandlerContext):
-    """:class:`~resilient_grpc.server.HandlerContext` for ``grpc.aio``: its sends are awaited,
-    and ``write`` serializes and collects each message of a stream before sending it."""
+class AioHandlerContext(RecordingContext, _AioContext):
+    """The servicer context a deduplicated aio handler sees: a ``grpc.aio.ServicerContext``
+    (for ``isinstance`` checks) that delegates to the real one and records what it sent; its
+    ``write`` serializes and collects each message of a stream before sending it."""
 
     __slots__ = ("_collected", "_serialize")
 
@@ -99,9 +102,10 @@ class AioHandlerContext(HandlerContext):
 
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
-    ) -> None:
+    ) -> NoReturn:
         self.aborted = True
         await self._context.abort(code, details, trailing_metadata)
+        raise AssertionError("grpc.aio ServicerContext.abort returned")
 
     async def abort_with_status(self, status: Any) -> None:
         self.aborted = True
@@ -112,6 +116,18 @@ class AioHandlerContext(HandlerContext):
         if self._collected is not None:
             self._collected.add(data)
         await self._context.write(data)
+
+    async def read(self) -> Any:
+        return await self._context.read()
+
+    def cancelled(self) -> bool:
+        return bool(self._context.cancelled())
+
+    def done(self) -> bool:
+        return bool(self._context.done())
+
+    def add_done_callback(self, callback: Any) -> None:
+        self._context.add_done_callback(callback)
 
 
 class DedupInterceptor(DedupBase, _ServerInterceptor):
