@@ -513,9 +513,11 @@ class FlowDriver:
         lapses (renewal stops here). Nothing to do once the flow decided, or while a detached
         execution still owns the flight.
         """
+        if self.detached:  # the execution goes on (and renews its lease) without the call
+            return
         self.stop_beating()
         token = self.token
-        if token is None or self.detached:
+        if token is None:
             return
         self.token = None
         self._flights.end(self.key, token)

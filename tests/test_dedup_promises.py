@@ -875,3 +875,16 @@ async def test_an_aio_handler_sees_an_aio_servicer_context(
     channel = await raw_aio_server({"Pay": grpc.unary_unary_rpc_method_handler(pay)})
     assert await channel.unary_unary("/test.Raw/Pay")(b"r", metadata=_keyed("p"), timeout=5)
     assert seen == [True]
+
+
+async def test_an_aio_execution_that_outlives_its_call_keeps_renewing_its_lease(
+    start: Start,
+) -> None:
+    """Cancelled at 0.2 s, the shielded handler runs on for 1.5 s with a 0.6 s lease: its claim
+    is still renewed, so a retry after the first lease would have lapsed waits and replays."""
+    server = await start("aio", Script(before=1.5), lease=0.6)
+    error = await _error(server.stub.Transfer(transfer(), metadata=_keyed("k"), timeout=0.2))
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.sleep(0.8)  # past the first lease
+    await _replayed(server.stub, "k")
+    assert server.executions("k") == 1 and server.servicer.started == 1
