@@ -739,6 +739,9 @@ class HedgedFuture(RetryingFuture):
         self._attempts: dict[int, Any] = {}
         self._events: collections.deque[tuple[int, Any]] = collections.deque()
         self._pumping = False
+        #: Set once an attempt came back already finished (a blocking interceptor
+        #: continuation): from then on the waiting caller, not the timer thread, runs events.
+        self._caller_pumps = False
         self._timer: _Timer | None = None
         self._last: Any = None
         self._error: BaseException | None = None
@@ -804,6 +807,8 @@ class HedgedFuture(RetryingFuture):
         self._arm_timer()
 
     def _track(self, number: int, outcome: Any) -> None:
+        if _is_finished_outcome(outcome):
+            self._caller_pumps = True  # sending blocks: keep it off the shared timer thread
         self._attempts[number] = outcome
         outcome.add_done_callback(lambda done: self._post(_DONE, (number, done)))
 
@@ -819,9 +824,33 @@ class HedgedFuture(RetryingFuture):
                 self._timer.cancel()
                 self._timer = None
             if wake is not None and not self._done:
-                self._timer = _TIMERS.call_later(
-                    max(wake - time.monotonic(), 0.0), lambda: self._post(_TIMER, None)
-                )
+                self._timer = _TIMERS.call_later(max(wake - time.monotonic(), 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        if not self._caller_pumps:
+            self._post(_TIMER, None)
+            return
+        with self._lock:  # the caller waiting in result() sends it (see _wait)
+            self._events.append((_TIMER, None))
+            self._finished.notify_all()
+
+    def _wait(self, timeout: float | None) -> None:
+        """Wait for the end of the call; a caller whose attempts block runs the due events."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._done:
+                    break
+                if not (self._caller_pumps and self._events and not self._pumping):
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise grpc.FutureTimeoutError
+                    self._finished.wait(left)
+                    continue
+                self._pumping = True
+            self._pump()
+        if self._cancelled:
+            raise grpc.FutureCancelledError
 
     def _complete(self, error: BaseException | None, *, cancelled: bool = False) -> None:
         with self._lock:

@@ -167,7 +167,6 @@ class HedgedCall:
         if breaker is not None:
             self._admission = breaker.admit()
             if not self._admission:
-                self.telemetry.breaker_rejected()
                 return Reason.BREAKER_OPEN
         return None
 
@@ -255,6 +254,7 @@ class HedgedCall:
         target = stack.target or "default"
         error: BaseException
         if refusal is Reason.BREAKER_OPEN:
+            tel.breaker_rejected()
             breaker: TargetBreaker | None = stack.target_breaker
             error = BreakerOpenError(target, breaker.rejected_until if breaker else None)
         else:

@@ -228,3 +228,37 @@ def test_blocking_calls_through_sync_interceptors_send_copies_one_after_another(
         assert reply.account == "alice" and grpc_call.code() == grpc.StatusCode.OK
     calls = servicer.state.calls_to(GET_BALANCE)
     assert [attempt_number(c.metadata) for c in calls] == [1, 2, 3, 1]
+
+
+class _ThreadRecorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Records which thread sends each attempt (placed inside the resilient interceptor)."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        return continuation(client_call_details, request)
+
+
+def test_a_delayed_copy_of_a_blocking_intercepted_call_is_sent_by_the_caller(
+    hedge_ledger,
+) -> None:
+    """After a pushback the next copy waits on the timer; a blocking continuation must then run
+    in the caller's thread, never on the timer thread every future shares."""
+    servicer, port = hedge_ledger
+    servicer.slow_first = False
+    target = f"127.0.0.1:{port}"
+    servicer.state.faults.add(GET_BALANCE, Fault(pushback_ms="200"))
+    recorder = _ThreadRecorder()
+    with grpc.intercept_channel(
+        grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)]),
+        *client_interceptors(target=target, hedging=HEDGE, idempotency=IdempotencyKeys()),
+        recorder,
+    ) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        assert stub.GetBalance(BALANCE, timeout=15).account == "alice"
+    assert len(recorder.threads) == 2
+    assert "resilient-grpc-timers" not in recorder.threads
