@@ -262,3 +262,22 @@ def test_a_delayed_copy_of_a_blocking_intercepted_call_is_sent_by_the_caller(
         assert stub.GetBalance(BALANCE, timeout=15).account == "alice"
     assert len(recorder.threads) == 2
     assert "resilient-grpc-timers" not in recorder.threads
+
+
+def test_cancelling_a_hedged_future_cancels_every_copy(make_stub, hedge_ledger) -> None:
+    servicer, _ = hedge_ledger
+    stub = make_stub(hedging=HedgingPolicy(max_attempts=2, delay=0.05), idempotency=IdempotencyKeys())
+    servicer.state.faults.add(GET_BALANCE, Fault(code=None, delay=3.0))  # the copy is slow too
+
+    future = stub.GetBalance.future(BALANCE, timeout=15)
+    deadline = time.monotonic() + 10
+    while len(servicer.state.calls_to(GET_BALANCE)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 2
+    assert future.cancel()
+    with pytest.raises(grpc.FutureCancelledError):
+        future.result(timeout=5)
+    assert future.cancelled() and future.done()
+    assert servicer.cancellations(1) == 1  # the first copy saw the cancellation
+    time.sleep(0.2)
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 2  # nothing sent after the cancel

@@ -153,7 +153,8 @@ async def test_non_fatal_failures_send_the_next_copy_at_once(make_stub, hedge_le
     assert reason_of(caught.value) is Reason.MAX_ATTEMPTS
 
 
-async def test_cancel_cancels_every_attempt_in_flight(make_stub, hedge_ledger) -> None:
+@pytest.mark.parametrize("how", ["task", "call"])
+async def test_cancel_cancels_every_attempt_in_flight(make_stub, hedge_ledger, how) -> None:
     servicer, _ = hedge_ledger
     servicer.slow_first = True
     # every attempt is slow: attempt 1 holds, later ones hold too
@@ -167,7 +168,10 @@ async def test_cancel_cancels_every_attempt_in_flight(make_stub, hedge_ledger) -
     while len(servicer.state.calls_to(GET_BALANCE)) < 2 and loop.time() < deadline:
         await asyncio.sleep(0.01)
     assert len(servicer.state.calls_to(GET_BALANCE)) == 2
-    task.cancel()
+    if how == "task":
+        task.cancel()
+    else:
+        assert call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await servicer.cancellations(1) == 1  # the first attempt saw the cancellation
