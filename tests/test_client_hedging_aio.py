@@ -184,3 +184,41 @@ async def test_retry_and_hedging_on_the_same_methods_is_refused() -> None:
         resilient_channel("127.0.0.1:1", retry=RetryPolicy(), hedging=HEDGE)
     with pytest.raises(ValueError, match="retry= and hedging= both apply"):
         client_interceptors(retry=RetryPolicy(), hedging=HEDGE)
+
+
+async def test_hedging_with_a_redis_breaker_runs_breaker_io_off_the_loop(
+    hedge_ledger, redis_url, monkeypatch
+) -> None:
+    """With a breaker whose state lives in Redis, every event of the hedged call does Redis
+    round trips: they run in worker threads, never on the event loop."""
+    import threading
+
+    import redis
+
+    from resilient_grpc.breaker import TargetBreaker
+
+    servicer, port = hedge_ledger
+    loop_thread = threading.get_ident()
+    admit_threads: list[int] = []
+    original = TargetBreaker.admit
+
+    def admit(self: TargetBreaker) -> int:
+        admit_threads.append(threading.get_ident())
+        return original(self)
+
+    monkeypatch.setattr(TargetBreaker, "admit", admit)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        async with resilient_channel(
+            f"127.0.0.1:{port}",
+            hedging=HEDGE,
+            breaker=CircuitBreaker.redis(client, namespace="hedge-test"),
+            idempotency=IdempotencyKeys(),
+        ) as channel:
+            reply = await ledger_pb2_grpc.LedgerStub(channel).GetBalance(BALANCE, timeout=15)
+        assert reply.account == "alice"
+        assert len(admit_threads) >= 2  # the first copy and at least one hedge
+        assert loop_thread not in admit_threads
+        assert await servicer.cancellations(1) == 1
+    finally:
+        client.close()
