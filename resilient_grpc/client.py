@@ -19,6 +19,9 @@ only runs its steps with blocking calls (the RPC, ``time.sleep``).
   the first ``code()``/metadata access), with the key and deadline fixed when the stub was
   called; ``cancel()`` from another thread also stops a backoff pause.
 * stream-unary and stream-stream calls pass through (a request iterator cannot be replayed).
+* with ``hedging=`` (:class:`~resilient_grpc.core.hedging.HedgingPolicy`), a hedged method's
+  unary-unary calls run as a :class:`HedgedFuture` (several attempts in flight, the first good
+  answer wins, the others are cancelled); its unary-stream calls are sent once.
 
 When the stack gives up it raises the last real error gRPC produced, with ``attempts`` and
 ``retry_reason`` attributes (see :mod:`resilient_grpc.errors`); an open breaker raises
@@ -79,7 +82,13 @@ from resilient_grpc.logical_call import (
     open_channel,
 )
 
-__all__ = ["RetryingFuture", "RetryingStream", "client_interceptors", "resilient_channel"]
+__all__ = [
+    "HedgedFuture",
+    "RetryingFuture",
+    "RetryingStream",
+    "client_interceptors",
+    "resilient_channel",
+]
 
 _log = logging.getLogger(__name__)
 

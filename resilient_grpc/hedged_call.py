@@ -19,7 +19,6 @@ the events of one call (one task, or one thread at a time).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -285,9 +284,4 @@ def begin_hedged(
     return HedgedCall(stack, method, key, call_metadata, wait_for_ready, state)
 
 
-def now() -> float:
-    """The clock of :meth:`HedgedCall.wake_at`."""
-    return time.monotonic()
-
-
-__all__ = ["Actions", "HedgedCall", "begin_hedged", "now"]
+__all__ = ["Actions", "HedgedCall", "begin_hedged"]

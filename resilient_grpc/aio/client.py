@@ -24,6 +24,9 @@ that do I/O (Redis storage) in a worker thread.
   its ``code()``/metadata runs in a task of its own that is cancelled when the last such
   awaiter is (e.g. by ``asyncio.wait_for``).
 * stream-unary and stream-stream calls pass through.
+* with ``hedging=``, a hedged method's unary-unary calls run as a :class:`HedgedAioCall` (one
+  owned task per attempt, the first good answer wins, the others are cancelled); its
+  unary-stream calls are sent once.
 
 Giving up raises the last ``grpc.aio.AioRpcError`` with ``attempts``/``retry_reason`` set (see
 :mod:`resilient_grpc.errors`); an open breaker raises
@@ -63,7 +66,13 @@ from resilient_grpc.logical_call import (
     open_channel,
 )
 
-__all__ = ["ResilientUnaryCall", "RetryingAioStream", "client_interceptors", "resilient_channel"]
+__all__ = [
+    "HedgedAioCall",
+    "ResilientUnaryCall",
+    "RetryingAioStream",
+    "client_interceptors",
+    "resilient_channel",
+]
 
 #: Starts one attempt and returns its ``grpc.aio`` call (or an awaitable of it).
 Send = Callable[[Attempt], Any]
