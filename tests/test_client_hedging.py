@@ -281,3 +281,44 @@ def test_cancelling_a_hedged_future_cancels_every_copy(make_stub, hedge_ledger) 
     assert servicer.cancellations(1) == 1  # the first copy saw the cancellation
     time.sleep(0.2)
     assert len(servicer.state.calls_to(GET_BALANCE)) == 2  # nothing sent after the cancel
+
+
+class _SlowReplica(HedgeLedger):
+    """A replica on which every GetBalance holds until the client cancels it."""
+
+    def GetBalance(self, request, context):  # type: ignore[no-untyped-def]
+        self.state.record(GET_BALANCE, context.invocation_metadata())
+        gone = __import__("threading").Event()
+        context.add_callback(gone.set)
+        if gone.wait(self.hold) and not context.is_active():
+            with self._lock:
+                self.cancelled.append(attempt_number(context.invocation_metadata()))
+        return self.state.balance(request.account)
+
+
+def test_a_slow_replica_and_a_fast_one_behind_one_round_robin_channel() -> None:
+    """Two servers behind one ``round_robin`` channel, one of them hanging: every call is
+    answered by the fast replica, and every copy the slow one received was cancelled."""
+    slow, fast = _SlowReplica(), HedgeLedger()
+    fast.slow_first = False
+    slow_server, slow_port, _ = serve(slow)
+    fast_server, fast_port, _ = serve(fast)
+    try:
+        with resilient_channel(
+            f"ipv4:127.0.0.1:{slow_port},127.0.0.1:{fast_port}",
+            hedging=HedgingPolicy(max_attempts=2, delay=0.1),
+            idempotency=IdempotencyKeys(),
+            options=[("grpc.lb_policy_name", "round_robin")],
+        ) as channel:
+            stub = ledger_pb2_grpc.LedgerStub(channel)
+            for _ in range(6):
+                started = time.monotonic()
+                assert stub.GetBalance(BALANCE, timeout=15).account == "alice"
+                assert time.monotonic() - started < slow.hold
+        reached_slow = len(slow.state.calls_to(GET_BALANCE))
+        assert reached_slow >= 1  # round robin sent it some copies
+        assert len(fast.state.calls_to(GET_BALANCE)) >= 6  # the fast replica answered all
+        assert slow.cancellations(reached_slow) == reached_slow  # each one was cancelled
+    finally:
+        slow_server.stop(None)
+        fast_server.stop(None)
