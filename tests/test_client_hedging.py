@@ -332,3 +332,21 @@ def test_a_slow_replica_and_a_fast_one_behind_one_round_robin_channel() -> None:
     finally:
         slow_server.stop(None)
         fast_server.stop(None)
+
+
+def test_no_hedges_when_the_throttle_rejects_them(hedge_ledger) -> None:
+    from resilient_grpc import AdaptiveThrottle
+
+    servicer, port = hedge_ledger
+    servicer.hold = 0.5
+    draws = iter([0.99, 0.0, 0.0, 0.0])  # admit the first copy, reject every hedge
+    throttle = AdaptiveThrottle(uniform=lambda: next(draws))
+    for _ in range(10):
+        throttle.record(False)  # a backend that has been refusing: p = 0.9
+    with resilient_channel(
+        f"127.0.0.1:{port}", hedging=HEDGE, throttle=throttle, idempotency=IdempotencyKeys()
+    ) as channel:
+        reply = ledger_pb2_grpc.LedgerStub(channel).GetBalance(BALANCE, timeout=15)
+    assert reply.account == "alice"
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 1
+    assert throttle.rejected == 1
