@@ -1,6 +1,7 @@
 """resilient-grpc: make gRPC calls safe to retry.
 
-Client side: capped exponential backoff with jitter (:class:`RetryPolicy`), a shared retry budget
+Client side: capped exponential backoff with jitter (:class:`RetryPolicy`) or gRFC A6 hedging
+(:class:`HedgingPolicy`), a shared retry budget
 (:class:`RetryBudget`), a circuit breaker (:class:`CircuitBreaker`), adaptive client-side
 throttling (:class:`AdaptiveThrottle`) and idempotency keys
 (:class:`IdempotencyKeys`, :func:`idempotency_key`), attached with :func:`client_interceptors` or
@@ -15,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from resilient_grpc.core.budget import RetryBudget
+from resilient_grpc.core.hedging import HedgingPolicy
 from resilient_grpc.core.keys import IdempotencyKeys, InvalidKeyError, idempotency_key
 from resilient_grpc.core.policy import RetryPolicy
 from resilient_grpc.core.throttle import AdaptiveThrottle
@@ -50,6 +52,7 @@ __all__ = [
     "BreakerOpenError",
     "CircuitBreaker",
     "DedupInterceptor",
+    "HedgingPolicy",
     "IdempotencyKeys",
     "InvalidKeyError",
     "MemoryStore",

@@ -19,6 +19,9 @@ only runs its steps with blocking calls (the RPC, ``time.sleep``).
   the first ``code()``/metadata access), with the key and deadline fixed when the stub was
   called; ``cancel()`` from another thread also stops a backoff pause.
 * stream-unary and stream-stream calls pass through (a request iterator cannot be replayed).
+* with ``hedging=`` (:class:`~resilient_grpc.core.hedging.HedgingPolicy`), a hedged method's
+  unary-unary calls run as a :class:`HedgedFuture` (several attempts in flight, the first good
+  answer wins, the others are cancelled); its unary-stream calls are sent once.
 
 When the stack gives up it raises the last real error gRPC produced, with ``attempts`` and
 ``retry_reason`` attributes (see :mod:`resilient_grpc.errors`); an open breaker raises
@@ -50,6 +53,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, cast
 
 import grpc
@@ -57,15 +61,18 @@ import grpc
 from resilient_grpc.breaker import CircuitBreaker
 from resilient_grpc.call_outcome import FinishedCallFuture
 from resilient_grpc.core.budget import RetryBudget
+from resilient_grpc.core.hedging import HedgingPolicy
 from resilient_grpc.core.keys import IdempotencyKeys
 from resilient_grpc.core.policy import RetryPolicy
 from resilient_grpc.core.throttle import AdaptiveThrottle
+from resilient_grpc.hedged_call import Actions, HedgedCall, begin_hedged
 from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
     END_OF_STREAM,
     NO_MESSAGE,
     Attempt,
     BreakerIO,
+    CallArguments,
     ClientStack,
     LogicalCall,
     Pause,
@@ -75,7 +82,13 @@ from resilient_grpc.logical_call import (
     open_channel,
 )
 
-__all__ = ["RetryingFuture", "RetryingStream", "client_interceptors", "resilient_channel"]
+__all__ = [
+    "HedgedFuture",
+    "RetryingFuture",
+    "RetryingStream",
+    "client_interceptors",
+    "resilient_channel",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -715,6 +728,161 @@ class RetryingStream(grpc.Call):
         return True
 
 
+class HedgedFuture(RetryingFuture):
+    """A hedged unary-unary call (see :class:`~resilient_grpc.core.hedging.HedgingPolicy`).
+
+    The same ``grpc.Future`` and ``grpc.Call`` as :class:`RetryingFuture`, driven by events:
+    each attempt is an underlying ``.future()`` whose completion callback reports its answer,
+    and the hedge delay runs on the shared timer thread. The events of the call are handled
+    one at a time, outside the lock, by whichever thread posts one while none is being
+    handled (so no thread waits on another's RPC). The losers are cancelled at once, which
+    the server sees as a cancellation. A blocking call is this future's ``result()``.
+    """
+
+    def __init__(self, call: HedgedCall, send: Send) -> None:
+        self._hedged = call
+        self._logical = call  # type: ignore[assignment]  # state.remaining() is all it reads
+        self._send = send
+        self._lock = threading.RLock()
+        self._finished = threading.Condition(self._lock)
+        self._attempts: dict[int, Any] = {}
+        self._events: collections.deque[tuple[int, Any]] = collections.deque()
+        self._pumping = False
+        #: Set once an attempt came back already finished (a blocking interceptor
+        #: continuation): from then on the waiting caller, not the timer thread, runs events.
+        self._caller_pumps = False
+        self._timer: _Timer | None = None
+        self._last: Any = None
+        self._error: BaseException | None = None
+        self._done = False
+        self._cancelled = False
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._pending: list[Callable[[Any], None]] = []
+
+    def _begin(self) -> HedgedFuture:
+        """Start the call (its first attempt goes out from this thread)."""
+        self._post(_START, None)
+        return self
+
+    def _tracks(self, number: int, outcome: Any) -> bool:
+        """Whether ``outcome`` is attempt ``number`` still in play (not a cancelled loser)."""
+        return not outcome.cancelled() and self._attempts.get(number) is outcome
+
+    def _post(self, kind: int, value: Any) -> None:
+        """Queue one event; handle the queue unless another thread is handling it."""
+        with self._lock:
+            self._events.append((kind, value))
+            if self._pumping:
+                return
+            self._pumping = True
+        self._pump()
+
+    def _pump(self) -> None:
+        call = self._hedged
+        while True:
+            with self._lock:
+                if not self._events:
+                    self._pumping = False
+                    break
+                kind, value = self._events.popleft()
+            if kind == _START:
+                actions = call.start()
+            elif kind == _TIMER:
+                actions = call.on_timer()
+            elif kind == _CANCEL:
+                for number in call.abandon():
+                    self._cancel_attempt(number)
+                self._complete(None, cancelled=True)
+                continue
+            else:
+                number, outcome = value
+                if not self._tracks(number, outcome):
+                    continue  # a loser we cancelled
+                actions = call.on_done(number, outcome.exception())
+                if actions.done and actions.winner == number:
+                    self._last = outcome
+            self._apply(actions)
+        self._run_callbacks()
+
+    def _apply(self, actions: Actions) -> None:
+        for number in actions.cancel:
+            self._cancel_attempt(number)
+        if actions.done:
+            self._complete(actions.error)
+            return
+        with self._hedged.telemetry.use():
+            for attempt in actions.send:
+                self._track(attempt.number, self._send(attempt))
+        self._arm_timer()
+
+    def _track(self, number: int, outcome: Any) -> None:
+        if _is_finished_outcome(outcome):
+            self._caller_pumps = True  # sending blocks: keep it off the shared timer thread
+        self._attempts[number] = outcome
+        outcome.add_done_callback(lambda done: self._post(_DONE, (number, done)))
+
+    def _cancel_attempt(self, number: int) -> None:
+        outcome = self._attempts.pop(number, None)
+        if outcome is not None:
+            outcome.cancel()
+
+    def _arm_timer(self) -> None:
+        wake = self._hedged.wake_at()
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if wake is not None and not self._done:
+                self._timer = _TIMERS.call_later(max(wake - time.monotonic(), 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        if not self._caller_pumps:
+            self._post(_TIMER, None)
+            return
+        with self._lock:  # the caller waiting in result() sends it (see _wait)
+            self._events.append((_TIMER, None))
+            self._finished.notify_all()
+
+    def _wait(self, timeout: float | None) -> None:
+        """Wait for the end of the call; a caller whose attempts block runs the due events."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._done:
+                    break
+                if not (self._caller_pumps and self._events and not self._pumping):
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise grpc.FutureTimeoutError
+                    self._finished.wait(left)
+                    continue
+                self._pumping = True
+            self._pump()
+        if self._cancelled:
+            raise grpc.FutureCancelledError
+
+    def _complete(self, error: BaseException | None, *, cancelled: bool = False) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._cancelled = self._cancelled or cancelled
+            self._attempts.clear()
+            self._finish(error)
+
+    def cancel(self) -> bool:
+        """Stop the call now: every attempt in flight is cancelled; ``False`` if it has ended."""
+        with self._lock:
+            if self._done:
+                return False
+            self._cancelled = True
+        self._post(_CANCEL, None)
+        return True
+
+
+_START, _TIMER, _DONE, _CANCEL = range(4)
+
+
 # Interceptors (for grpc.intercept_channel) -------------------------------------------------------
 
 
@@ -802,6 +970,20 @@ class _Interceptor(
         The interceptor learns which one it serves from what the continuation returns for the
         first attempt: a finished outcome (blocking) or a live future.
         """
+        stack = self._stack
+        if stack.hedging is not None and stack.hedges(client_call_details.method):
+            # A blocking call's continuation returns only when its attempt is over, so its
+            # copies go one after another (on non-fatal failures); .future() is truly hedged.
+            return HedgedFuture(
+                begin_hedged(
+                    stack,
+                    client_call_details.method,
+                    client_call_details.timeout,
+                    client_call_details.metadata,
+                    getattr(client_call_details, "wait_for_ready", None),
+                ),
+                _continuation_sender(continuation, client_call_details, request),
+            )._begin()
         call = self._begin(client_call_details, stream=False)
         send = _continuation_sender(continuation, client_call_details, request)
         steps = call.steps()
@@ -849,10 +1031,37 @@ class _Interceptor(
 # The channel (resilient_channel) -------------------------------------------------------------
 
 
+def _result(future: HedgedFuture) -> Any:
+    """Wait for a hedged call in the caller's thread; if the wait is interrupted, cancel it."""
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()  # a no-op once it is over
+        raise
+
+
 class _UnaryUnaryCallable(StubMethod, grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
     """A unary-unary method of :class:`_Channel`: the stack around the underlying callable."""
 
+    def __init__(self, stack: ClientStack, method: str, inner: Any, channel: Any = None) -> None:
+        super().__init__(stack, method, inner, channel)
+        self._hedging = stack.hedges(method)
+
+    def _hedged(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HedgedFuture:
+        """Start a hedged call; its attempts are the underlying method's futures."""
+        arguments = CallArguments(request, *args, **kwargs)
+        call = begin_hedged(
+            self._stack,
+            self._method,
+            arguments.timeout,
+            arguments.metadata,
+            arguments.wait_for_ready,
+        )
+        return HedgedFuture(call, partial(arguments.send, self._inner.future))._begin()
+
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._hedging:
+            return _result(self._hedged(request, args, kwargs))
         call, send = self._start(request, args, kwargs, stream=False)
         response: Any = None
 
@@ -874,6 +1083,9 @@ class _UnaryUnaryCallable(StubMethod, grpc.UnaryUnaryMultiCallable):  # type: ig
 
     def with_call(self, request: Any, *args: Any, **kwargs: Any) -> tuple[Any, grpc.Call]:
         """Run the call; return the response and the last attempt's Call."""
+        if self._hedging:
+            future = self._hedged(request, args, kwargs)
+            return _result(future), future
         call, send = self._start(request, args, kwargs, stream=False, via=self._inner.with_call)
 
         def attempt(step: Attempt) -> Any:
@@ -887,6 +1099,8 @@ class _UnaryUnaryCallable(StubMethod, grpc.UnaryUnaryMultiCallable):  # type: ig
 
     def future(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         """Start the call and return at once (see :class:`RetryingFuture`)."""
+        if self._hedging:
+            return self._hedged(request, args, kwargs)
         call, send = self._start(request, args, kwargs, stream=False, via=self._inner.future)
         return RetryingFuture(call, send, self._channel)._start()
 
@@ -949,6 +1163,7 @@ def client_interceptors(
     target: str | None = None,
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
     throttle: AdaptiveThrottle | None = None,
+    hedging: HedgingPolicy | None = None,
 ) -> list[Any]:
     """Interceptors for ``grpc.intercept_channel(channel, *client_interceptors(...))``.
 
@@ -961,7 +1176,12 @@ def client_interceptors(
     ``throttle``: an :class:`AdaptiveThrottle` (share one per backend) that rejects attempts
     locally, with :class:`~resilient_grpc.errors.ThrottledError` or the last real error, while
     the backend refuses most of them; usable instead of the breaker or with it (it is asked
-    first). Bad arguments raise ``ValueError`` naming the argument.
+    first). ``hedging``: a :class:`~resilient_grpc.core.hedging.HedgingPolicy` for the methods it
+    lists (every method if it lists none; then ``retry`` must be ``None``). With interceptors a
+    blocking call's continuation returns only when its attempt is over, so a blocking hedged
+    call sends its copies one after another (on non-fatal failures); ``.future()`` calls and
+    :func:`resilient_channel` hedge for real. Bad arguments raise ``ValueError`` naming the
+    argument.
 
     Turn gRPC's native retries off on the channel you intercept: create it with the option
     ``("grpc.enable_retries", 0)``. Otherwise a service config with a ``retryPolicy`` (yours,
@@ -971,7 +1191,15 @@ def client_interceptors(
     its channel's options; :func:`resilient_channel` sets the option itself.
     """
     stack = ClientStack(
-        retry, budget, breaker, idempotency, target, reconnect_wait, "sync", throttle=throttle
+        retry,
+        budget,
+        breaker,
+        idempotency,
+        target,
+        reconnect_wait,
+        "sync",
+        throttle=throttle,
+        hedging=hedging,
     )
     return [_Interceptor(stack)]
 
@@ -987,6 +1215,7 @@ def resilient_channel(
     options: Sequence[tuple[str, Any]] = (),
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
     throttle: AdaptiveThrottle | None = None,
+    hedging: HedgingPolicy | None = None,
 ) -> grpc.Channel:
     """A channel to ``target`` (secure if ``credentials`` is given) with the stack attached.
 
@@ -1004,5 +1233,6 @@ def resilient_channel(
         reconnect_wait,
         "sync",
         throttle=throttle,
+        hedging=hedging,
     )
     return _Channel(open_channel(grpc, target, credentials, options), stack)

@@ -39,6 +39,7 @@ from resilient_grpc.call_outcome import (
     status_name,
 )
 from resilient_grpc.core.budget import RetryBudget
+from resilient_grpc.core.hedging import HedgingPolicy
 from resilient_grpc.core.keys import IdempotencyKeys, key_for_call
 from resilient_grpc.core.policy import RetryPolicy
 from resilient_grpc.core.retry import Reason, RetryDecision, RetryState, TimeoutCause
@@ -146,8 +147,16 @@ class ClientStack:
         *,
         owns_channel: bool = False,
         throttle: AdaptiveThrottle | None = None,
+        hedging: HedgingPolicy | None = None,
     ) -> None:
         _check_instance("retry", retry, RetryPolicy, "RetryPolicy")
+        _check_instance("hedging", hedging, HedgingPolicy, "HedgingPolicy")
+        if retry is not None and hedging is not None and not hedging.methods:
+            raise ValueError(
+                "retry= and hedging= both apply to every method (gRFC A6: a method is retried "
+                "or hedged, not both); list the hedged methods in HedgingPolicy(methods=...) "
+                "and retry= serves the others"
+            )
         _check_instance("throttle", throttle, AdaptiveThrottle, "AdaptiveThrottle")
         _check_instance("budget", budget, RetryBudget, "RetryBudget")
         _check_instance("breaker", breaker, CircuitBreaker, "CircuitBreaker")
@@ -158,6 +167,9 @@ class ClientStack:
             finite_number("reconnect_wait", reconnect_wait, above=0.0, unit=" of seconds")
         self.policy = retry if retry is not None else _SINGLE_ATTEMPT
         self.budget = budget if retry is not None else None
+        self.hedging = hedging
+        #: The budget hedges withdraw from (one withdrawal per hedge after the first attempt).
+        self.hedging_budget = budget if hedging is not None else None
         self.breaker = breaker
         self.idempotency = idempotency
         self.target = target
@@ -182,6 +194,7 @@ class ClientStack:
         transport: Transport = "sync",
         *,
         throttle: AdaptiveThrottle | None = None,
+        hedging: HedgingPolicy | None = None,
     ) -> ClientStack:
         """The stack of a channel the library builds: ``target`` is required."""
         if not isinstance(target, str) or not target:
@@ -196,7 +209,28 @@ class ClientStack:
             transport,
             owns_channel=True,
             throttle=throttle,
+            hedging=hedging,
         )
+
+    def hedges(self, method: str, *, stream: bool = False) -> bool:
+        """Whether calls of ``method`` are hedged (unary-unary only; see :meth:`begin`)."""
+        hedging = self.hedging
+        return hedging is not None and not stream and hedging.applies_to(method)
+
+    def key_and_metadata(
+        self, method: str, metadata: Sequence[tuple[str, Any]] | None
+    ) -> tuple[str | None, Metadata]:
+        """The call's idempotency key (``None``: none) and its metadata carrying it."""
+        key: str | None = None
+        call_metadata: Metadata = tuple(metadata) if metadata else ()
+        idempotency = self.idempotency
+        if idempotency is not None:
+            header = idempotency.header
+            present = metadata_value(call_metadata, header)
+            key = key_for_call(method, present, generate=idempotency.applies_to(method))
+            if key is not None and present is None:
+                call_metadata = (*call_metadata, (header, key))
+        return key, call_metadata
 
     def begin(
         self,
@@ -210,23 +244,22 @@ class ClientStack:
         """Fix the key, metadata, deadline and retry state of a call made now.
 
         ``stream``: a unary-stream call, whose span stays open after it committed until
-        the shell reports the end of the stream (:meth:`LogicalCall.finish_stream`).
+        the shell reports the end of the stream (:meth:`LogicalCall.finish_stream`). A
+        unary-stream call of a hedged method is sent once, neither hedged nor retried: gRFC A6
+        commits a stream on its response headers, and copies of a stream would have to be
+        buffered until then; a retry policy does not serve a hedged method either.
         """
-        key: str | None = None
-        call_metadata: Metadata = tuple(metadata) if metadata else ()
-        idempotency = self.idempotency
-        if idempotency is not None:
-            header = idempotency.header
-            present = metadata_value(call_metadata, header)
-            key = key_for_call(method, present, generate=idempotency.applies_to(method))
-            if key is not None and present is None:
-                call_metadata = (*call_metadata, (header, key))
+        key, call_metadata = self.key_and_metadata(method, metadata)
+        hedging = self.hedging
+        policy = self.policy
+        if hedging is not None and hedging.applies_to(method):
+            policy = _SINGLE_ATTEMPT
         state = RetryState(
-            self.policy,
+            policy,
             method=method,
             has_key=key is not None,
             deadline=deadline_from_timeout(timeout),
-            budget=self.budget,
+            budget=self.budget if policy is self.policy else None,
         )
         return LogicalCall(self, method, key, call_metadata, wait_for_ready, state, stream)
 

@@ -1,4 +1,5 @@
-"""gRPC service config (gRFC A6 JSON) to and from :class:`RetryPolicy` and :class:`RetryBudget`.
+"""gRPC service config (gRFC A6 JSON) to and from :class:`RetryPolicy`, :class:`HedgingPolicy`
+and :class:`RetryBudget`.
 
 A team moving from gRPC's native retries keeps its service config: :func:`retry_policy_from_service_config`
 reads a ``methodConfig[].retryPolicy`` and :func:`budget_from_service_config` reads
@@ -19,8 +20,11 @@ reads a ``methodConfig[].retryPolicy`` and :func:`budget_from_service_config` re
   ``jitter="full"``. gRPC caps every backoff at ``maxBackoff``, so an ``initialBackoff`` above
   ``maxBackoff`` behaves as ``maxBackoff`` and is read so.
 * Not supported, so refused with ``ValueError`` rather than silently changed: a
-  ``backoffMultiplier`` below 1 (a shrinking backoff), and ``hedgingPolicy`` for the chosen
-  method.
+  ``backoffMultiplier`` below 1 (a shrinking backoff). A method with a ``hedgingPolicy`` is
+  read with :func:`hedging_policy_from_service_config` (``HedgingPolicy.from_service_config``):
+  ``maxAttempts`` (> 1, capped at 5 like ``retryPolicy``), ``hedgingDelay`` (a duration >= 0,
+  default ``"0s"``), ``nonFatalStatusCodes`` (default none); asking
+  :func:`retry_policy_from_service_config` for such a method is refused, and the other way round.
 * ``timeout`` in a method config is gRPC's default deadline for the *whole call*, not a
   per-attempt limit, so it does not go into :class:`RetryPolicy` (whose
   ``per_attempt_timeout`` bounds one attempt): read it with
@@ -69,6 +73,7 @@ from typing import Any
 
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.codes import code_name
+from resilient_grpc.core.hedging import HedgingPolicy
 from resilient_grpc.core.methods import method_patterns
 from resilient_grpc.core.policy import RetryPolicy
 from resilient_grpc.core.validation import finite_number
@@ -93,7 +98,7 @@ class MethodConfig:
     ``names`` holds ``(service, method)`` pairs, ``""`` where gRPC leaves a part out.
     ``retry_policy`` is ``None`` without a ``retryPolicy``; ``timeout`` is the default deadline
     of the whole call in seconds; ``hedging`` tells that the entry has a ``hedgingPolicy``
-    (unsupported here).
+    (read into ``hedging_policy``).
     """
 
     index: int
@@ -102,6 +107,8 @@ class MethodConfig:
     timeout: float | None
     wait_for_ready: bool | None
     hedging: bool
+    #: The entry's ``hedgingPolicy`` (``None``: none), with ``methods`` set to its names.
+    hedging_policy: HedgingPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -186,8 +193,8 @@ def retry_policy_from_service_config(
             return RetryPolicy(max_attempts=1)
         if entry.hedging:
             raise ValueError(
-                f"methodConfig[{entry.index}].hedgingPolicy: hedging is not supported by "
-                f"resilient_grpc (method {method})"
+                f"methodConfig[{entry.index}].hedgingPolicy: method {method} is hedged, not "
+                "retried: read it with HedgingPolicy.from_service_config"
             )
         return entry.retry_policy or RetryPolicy(max_attempts=1)
     with_policy = [entry for entry in parsed.method_configs if entry.retry_policy is not None]
@@ -201,6 +208,46 @@ def retry_policy_from_service_config(
             f"({where}); pass method='/package.Service/Method' to choose one"
         )
     policy = with_policy[0].retry_policy
+    assert policy is not None
+    return policy
+
+
+def hedging_policy_from_service_config(
+    config: str | bytes | Mapping[str, Any],
+    *,
+    method: str | None = None,
+    max_attempts_cap: int | None = MAX_ATTEMPTS_CAP,
+) -> HedgingPolicy:
+    """The :class:`HedgingPolicy` equivalent to a gRPC ``hedgingPolicy``.
+
+    Its ``methods`` are the entry's names (empty: the entry is the default for every method).
+    ``method`` selects the entry with gRPC's matching rules; a method that gRPC would neither
+    hedge nor retry gets a single-attempt policy for that method, and one that it would retry
+    is refused (read it with :meth:`RetryPolicy.from_service_config`). Without ``method`` the
+    config must hold exactly one distinct ``hedgingPolicy``.
+    """
+    parsed = parse_service_config(config, max_attempts_cap=max_attempts_cap)
+    if method is not None:
+        entry = parsed.for_method(method)
+        if entry is not None and entry.hedging_policy is not None:
+            return entry.hedging_policy
+        if entry is not None and entry.retry_policy is not None:
+            raise ValueError(
+                f"methodConfig[{entry.index}].retryPolicy: method {method} is retried, not "
+                "hedged: read it with RetryPolicy.from_service_config"
+            )
+        return HedgingPolicy(max_attempts=1, delay=0.0, non_fatal_codes=(), methods=[method])
+    with_policy = [entry for entry in parsed.method_configs if entry.hedging_policy is not None]
+    if not with_policy:
+        raise ValueError("methodConfig: no entry has a hedgingPolicy")
+    policies = {entry.hedging_policy for entry in with_policy}
+    if len(policies) > 1:
+        where = ", ".join(f"methodConfig[{entry.index}]" for entry in with_policy)
+        raise ValueError(
+            f"methodConfig: {len(with_policy)} entries have different hedgingPolicy values "
+            f"({where}); pass method='/package.Service/Method' to choose one"
+        )
+    policy = with_policy[0].hedging_policy
     assert policy is not None
     return policy
 
@@ -252,13 +299,18 @@ def _method_config(raw: object, index: int, cap: int | None) -> MethodConfig:
     if hedging is not None and not isinstance(hedging, Mapping):
         raise ValueError(f"{path}.hedgingPolicy: expected an object, got {_kind(hedging)}")
     policy = None if retry is None else _retry_policy(retry, f"{path}.retryPolicy", cap)
+    hedging_policy = (
+        None if hedging is None else _hedging_policy(hedging, f"{path}.hedgingPolicy", cap, names)
+    )
     timeout = None
     if raw.get("timeout") is not None:
         timeout = _duration(raw["timeout"], f"{path}.timeout")
     wait_for_ready = raw.get("waitForReady")
     if wait_for_ready is not None and not isinstance(wait_for_ready, bool):
         raise ValueError(f"{path}.waitForReady: expected true or false, got {wait_for_ready!r}")
-    return MethodConfig(index, names, policy, timeout, wait_for_ready, hedging is not None)
+    return MethodConfig(
+        index, names, policy, timeout, wait_for_ready, hedging is not None, hedging_policy
+    )
 
 
 def _names(raw: object, path: str) -> tuple[tuple[str, str], ...]:
@@ -327,6 +379,39 @@ def _retry_policy(raw: object, path: str, cap: int | None) -> RetryPolicy:
         raise ValueError(f"{path}: {error}") from None
 
 
+def _hedging_policy(
+    raw: object, path: str, cap: int | None, names: tuple[tuple[str, str], ...]
+) -> HedgingPolicy:
+    """gRFC A6 ``hedgingPolicy``: ``maxAttempts`` (> 1, capped like gRPC), ``hedgingDelay``
+    (a duration >= 0, default 0s) and ``nonFatalStatusCodes`` (default none)."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path}: expected an object, got {_kind(raw)}")
+    max_attempts = _integer(_required(raw, "maxAttempts", path), f"{path}.maxAttempts")
+    if max_attempts < 2:
+        raise ValueError(f"{path}.maxAttempts: must be greater than 1, got {max_attempts}")
+    if cap is not None:
+        max_attempts = min(max_attempts, cap)
+    delay = 0.0
+    if raw.get("hedgingDelay") is not None:
+        delay = _duration(raw["hedgingDelay"], f"{path}.hedgingDelay", allow_zero=True)
+    codes: frozenset[str] = frozenset()
+    raw_codes = raw.get("nonFatalStatusCodes")
+    if raw_codes is not None:
+        codes = _status_codes(
+            raw_codes, f"{path}.nonFatalStatusCodes", allow_empty=True, what="non-fatal"
+        )
+    methods = () if ("", "") in names else tuple(_pattern_of(name) for name in names)
+    try:
+        return HedgingPolicy(max_attempts, delay, codes, methods=methods)
+    except ValueError as error:  # not expected after the checks above; keep the path anyway
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _pattern_of(name: tuple[str, str]) -> str:
+    service, method = name
+    return f"/{service}/{method or '*'}"
+
+
 def _retry_throttling(raw: object) -> RetryThrottling:
     path = "retryThrottling"
     if not isinstance(raw, Mapping):
@@ -384,8 +469,8 @@ def _number(raw: object, path: str) -> float:
     return value
 
 
-def _duration(raw: object, path: str) -> float:
-    """A protobuf JSON duration (``"0.1s"``) that must be > 0, in seconds."""
+def _duration(raw: object, path: str, *, allow_zero: bool = False) -> float:
+    """A protobuf JSON duration (``"0.1s"``) that must be > 0 (or >= 0), in seconds."""
     if not isinstance(raw, str):
         raise ValueError(f'{path}: expected a duration string like "0.1s", got {raw!r}')
     match = _DURATION.match(raw)
@@ -398,15 +483,19 @@ def _duration(raw: object, path: str) -> float:
     value = Decimal(f"{sign}{whole}.{fraction or '0'}")
     if value > _MAX_DURATION_SECONDS:
         raise ValueError(f"{path}: {raw!r} is beyond the protobuf Duration range")
-    if value <= 0:
+    if allow_zero and value < 0:
+        raise ValueError(f"{path}: must not be negative, got {raw!r}")
+    if not allow_zero and value <= 0:
         raise ValueError(f"{path}: must be greater than 0, got {raw!r}")
     return float(value)
 
 
-def _status_codes(raw: object, path: str) -> frozenset[str]:
+def _status_codes(
+    raw: object, path: str, *, allow_empty: bool = False, what: str = "retried"
+) -> frozenset[str]:
     if not isinstance(raw, list):
         raise ValueError(f"{path}: expected a list of status codes, got {_kind(raw)}")
-    if not raw:
+    if not raw and not allow_empty:
         raise ValueError(f"{path}: must not be empty")
     codes: set[str] = set()
     for position, item in enumerate(raw):
@@ -418,7 +507,7 @@ def _status_codes(raw: object, path: str) -> frozenset[str]:
         except ValueError:
             raise ValueError(f"{here}: {item!r} is not a gRPC status code") from None
         if name == "OK":
-            raise ValueError(f"{here}: OK is not an error and cannot be retried")
+            raise ValueError(f"{here}: OK is not an error and cannot be {what}")
         codes.add(name)
     return frozenset(codes)
 
@@ -510,6 +599,36 @@ def service_config_from_policy(
     config: dict[str, Any] = {"methodConfig": [entry]}
     if budget is not None:
         config["retryThrottling"] = retry_throttling_from_budget(budget)
+    return config
+
+
+def service_config_from_hedging(
+    policy: HedgingPolicy,
+    methods: Iterable[str] | None = None,
+    *,
+    budget: RetryBudget | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """A gRPC service config (a dict) applying the ``hedgingPolicy`` of ``policy`` to ``methods``.
+
+    ``methods`` defaults to ``policy.methods`` (``"*"``, every method, when it lists none).
+    Lossy where gRPC cannot express the policy: ``idempotent_methods`` and ``max_pushback`` are
+    dropped, ``max_attempts`` above 5 is written as 5, ``max_attempts=1`` writes no
+    ``hedgingPolicy`` (one attempt), the delay is rounded to the nanosecond.
+    """
+    if not isinstance(policy, HedgingPolicy):
+        raise ValueError(f"policy: expected a HedgingPolicy, got {type(policy).__name__}")
+    if methods is None:
+        methods = policy.methods or {"*"}
+    config = service_config_from_policy(
+        RetryPolicy(max_attempts=1), methods, budget=budget, timeout=timeout
+    )
+    if policy.max_attempts >= 2:
+        config["methodConfig"][0]["hedgingPolicy"] = {
+            "maxAttempts": min(policy.max_attempts, MAX_ATTEMPTS_CAP),
+            "hedgingDelay": "0s" if policy.delay == 0 else format_duration(policy.delay),
+            "nonFatalStatusCodes": sorted(policy.non_fatal_codes),
+        }
     return config
 
 

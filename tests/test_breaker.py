@@ -80,7 +80,7 @@ def test_opens_after_threshold_then_no_requests_then_exactly_one_probe(
     ledger, ledger_target, transitions
 ) -> None:
     servicer, _ = ledger
-    breaker = CircuitBreaker(fail_max=3, reset_timeout=0.3)
+    breaker = CircuitBreaker(fail_max=3, reset_timeout=0.3, probe_every=None)
     with resilient_channel(ledger_target, breaker=breaker) as channel:
         stub = ledger_pb2_grpc.LedgerStub(channel)
         servicer.state.faults.fail_times(GET_BALANCE, 3)
@@ -460,3 +460,83 @@ def test_a_cut_connection_does_not_open_the_breaker_and_the_calls_recover(ledger
         assert results == ["ok"] * 12, results
         assert proxy.counters.collateral_calls >= 12
         assert breaker.for_target(proxy.target).state == "closed"
+
+
+def test_an_open_breaker_lets_one_call_in_n_through_and_closes_when_it_succeeds(
+    ledger, ledger_target, transitions
+) -> None:
+    """Issue 11: no self-inflicted downtime after an outage. While open, every ``probe_every``-th
+    call is sent as a probe; a failed one keeps the breaker open (and is not retried), the first
+    that succeeds closes it, long before ``reset_timeout``."""
+    servicer, _ = ledger
+    breaker = CircuitBreaker(fail_max=3, reset_timeout=30, probe_every=5, failure_rate=0)
+    with resilient_channel(
+        ledger_target, breaker=breaker, retry=RetryPolicy(), idempotency=IdempotencyKeys()
+    ) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        servicer.state.faults.fail_times(GET_BALANCE, 4)  # opens it; the first probe fails too
+
+        assert [call_outcome(stub) for _ in range(1)] == ["UNAVAILABLE"]  # 3 attempts
+        assert breaker.for_target(ledger_target).state == "open"
+        assert [call_outcome(stub) for _ in range(5)] == ["breaker"] * 4 + ["UNAVAILABLE"]
+        assert len(servicer.state.calls_to(GET_BALANCE)) == 4  # the failed probe: no retry
+        assert breaker.for_target(ledger_target).state == "open"
+        # the backend is back: the next probe closes the breaker, traffic flows at once
+        assert [call_outcome(stub) for _ in range(5)] == ["breaker"] * 4 + ["ok"]
+        assert breaker.for_target(ledger_target).state == "closed"
+        assert [call_outcome(stub) for _ in range(5)] == ["ok"] * 5
+        assert len(servicer.state.calls_to(GET_BALANCE)) == 10
+
+
+def simulate_breaker_outage(probe_every: int | None) -> tuple[float, int]:
+    """100 logical calls a second (on a fake clock for the budget) through the sans-IO decisions
+    (RetryState, a shared RetryBudget, the breaker's admit/record) to a backend that answers
+    UNAVAILABLE for calls 200..699; returns (attempts sent per logical call during the outage,
+    calls failed after it). ``reset_timeout`` (30 s of real time) never elapses here."""
+    from resilient_grpc import RetryBudget
+    from resilient_grpc.core.retry import RetryState
+
+    now = [0.0]
+    budget = RetryBudget(clock=lambda: now[0])
+    target = CircuitBreaker(
+        fail_max=5, reset_timeout=30, failure_rate=0, probe_every=probe_every
+    ).for_target("sim")
+    policy = RetryPolicy(max_attempts=3)
+    sent_during = failed_after = 0
+    for index in range(1200):
+        now[0] = index / 100
+        down = 200 <= index < 700
+        state = RetryState(policy, method="/a.B/C", has_key=True, budget=budget, clock=lambda: now[0])
+        ok = False
+        while True:
+            admission = target.admit()
+            if not admission:
+                break
+            state.begin_attempt()
+            sent_during += down
+            opened = target.record(admission, failed=down)
+            if not down:
+                ok = True
+                break
+            if opened or not state.on_failure("UNAVAILABLE").retry:
+                break
+        if not ok and index >= 700:
+            failed_after += 1
+    return sent_during / 500, failed_after
+
+
+def test_recovery_after_an_outage_is_bounded_by_probe_every_and_the_outage_not_amplified() -> (
+    None
+):
+    amplification, failed_after = simulate_breaker_outage(probe_every=20)
+    assert amplification <= 1.1
+    assert failed_after <= 20  # at most probe_every calls after the backend is back
+    classic_amplification, classic_failed = simulate_breaker_outage(probe_every=None)
+    assert classic_amplification <= 1.1
+    assert classic_failed == 500  # every call until reset_timeout (30 s) fails
+
+
+def test_probe_every_is_validated() -> None:
+    for bad in (0, -1, 2.5, "20"):
+        with pytest.raises(ValueError, match="probe_every must be an integer >= 1"):
+            CircuitBreaker(probe_every=bad)  # type: ignore[arg-type]

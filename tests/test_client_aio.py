@@ -430,7 +430,7 @@ async def test_time_remaining_counts_down_from_the_deadline(channel_stub) -> Non
 
 async def test_exactly_one_probe_after_reset_with_concurrent_tasks(aio_ledger, servicer) -> None:
     target = f"127.0.0.1:{aio_ledger[1]}"
-    breaker = CircuitBreaker(fail_max=2, reset_timeout=0.3)
+    breaker = CircuitBreaker(fail_max=2, reset_timeout=0.3, probe_every=None)
     async with resilient_channel(target, breaker=breaker) as channel:
         stub = ledger_pb2_grpc.LedgerStub(channel)
         servicer.state.faults.fail_times(GET_BALANCE, 2)

@@ -265,7 +265,7 @@ async def test_aio_retries_carry_the_previous_attempts_header(aio_stub, aio_ledg
 def test_calls_refused_by_an_open_breaker_do_not_feed_the_budget(sync_stub, ledger) -> None:
     servicer = ledger[0]
     budget = RetryBudget(ratio=0.1, min_retries_per_second=1.0, window=10.0)
-    breaker = CircuitBreaker(fail_max=1, reset_timeout=60, failure_rate=0.0)
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=60, failure_rate=0.0, probe_every=None)
     stub = sync_stub(retry=FAST, budget=budget, breaker=breaker, idempotency=IdempotencyKeys())
     servicer.state.faults.fail_times(GET_BALANCE, 1)
     with pytest.raises(grpc.RpcError):
@@ -282,7 +282,7 @@ async def test_aio_calls_refused_by_an_open_breaker_do_not_feed_the_budget(
 ) -> None:
     servicer = aio_ledger[0]
     budget = RetryBudget(ratio=0.1, min_retries_per_second=1.0, window=10.0)
-    breaker = CircuitBreaker(fail_max=1, reset_timeout=60, failure_rate=0.0)
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=60, failure_rate=0.0, probe_every=None)
     stub = aio_stub(retry=FAST, budget=budget, breaker=breaker, idempotency=IdempotencyKeys())
     servicer.state.faults.fail_times(GET_BALANCE, 1)
     with pytest.raises(grpc.aio.AioRpcError):

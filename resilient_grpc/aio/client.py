@@ -24,6 +24,9 @@ that do I/O (Redis storage) in a worker thread.
   its ``code()``/metadata runs in a task of its own that is cancelled when the last such
   awaiter is (e.g. by ``asyncio.wait_for``).
 * stream-unary and stream-stream calls pass through.
+* with ``hedging=``, a hedged method's unary-unary calls run as a :class:`HedgedAioCall` (one
+  owned task per attempt, the first good answer wins, the others are cancelled); its
+  unary-stream calls are sent once.
 
 Giving up raises the last ``grpc.aio.AioRpcError`` with ``attempts``/``retry_reason`` set (see
 :mod:`resilient_grpc.errors`); an open breaker raises
@@ -34,7 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
@@ -42,14 +47,17 @@ import grpc.aio
 
 from resilient_grpc.breaker import CircuitBreaker
 from resilient_grpc.core.budget import RetryBudget
+from resilient_grpc.core.hedging import HedgingPolicy
 from resilient_grpc.core.keys import IdempotencyKeys
 from resilient_grpc.core.policy import RetryPolicy
 from resilient_grpc.core.throttle import AdaptiveThrottle
+from resilient_grpc.hedged_call import Actions, HedgedCall, begin_hedged
 from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
     END_OF_STREAM,
     NO_MESSAGE,
     Attempt,
+    CallArguments,
     ClientStack,
     LogicalCall,
     Pause,
@@ -58,7 +66,13 @@ from resilient_grpc.logical_call import (
     open_channel,
 )
 
-__all__ = ["ResilientUnaryCall", "RetryingAioStream", "client_interceptors", "resilient_channel"]
+__all__ = [
+    "HedgedAioCall",
+    "ResilientUnaryCall",
+    "RetryingAioStream",
+    "client_interceptors",
+    "resilient_channel",
+]
 
 #: Starts one attempt and returns its ``grpc.aio`` call (or an awaitable of it).
 Send = Callable[[Attempt], Any]
@@ -337,6 +351,92 @@ class ResilientUnaryCall(_Interruptible, _FinishedCall, grpc.aio.UnaryUnaryCall)
         return self._logical.state.remaining()
 
 
+class HedgedAioCall(ResilientUnaryCall):
+    """A hedged unary-unary call (see :class:`~resilient_grpc.core.hedging.HedgingPolicy`).
+
+    Each attempt runs in a task of its own, owned by the task that awaits the call: it waits
+    for the first attempt to answer or for the next hedge to be due, hands the event to the
+    shared driver (:class:`~resilient_grpc.hedged_call.HedgedCall`; in a worker thread when the
+    breaker's storage does I/O) and applies what it says. Losing attempts are cancelled (the
+    server sees it) and awaited; ``cancel()`` cancels every attempt in flight.
+    """
+
+    def __init__(
+        self, call: HedgedCall, send: Send, send_is_async: bool = True, channel: Any = None
+    ) -> None:
+        super().__init__(call, send, send_is_async, channel)  # type: ignore[arg-type]
+        self._hedged = call
+
+    async def _event(self, handler: Callable[..., Actions], *args: Any) -> Actions:
+        """Run one event of the driver (off the loop if it does breaker I/O)."""
+        if self._hedged.blocking:
+            return await asyncio.to_thread(handler, *args)
+        return handler(*args)
+
+    async def _one(self, step: Attempt, calls: dict[int, Any]) -> Any:
+        """Make one attempt: return ``(response, None)`` or ``(None, error)``."""
+        call = self._send(step)
+        if self._send_is_async:
+            call = await call
+        calls[step.number] = call
+        try:
+            return await call, None
+        except grpc.aio.AioRpcError as error:
+            return None, error
+        except asyncio.CancelledError:
+            call.cancel()  # a loser, or the caller gave up: the server sees the cancellation
+            raise
+
+    async def _drive(self, attempt: Callable[[Attempt], Awaitable[BaseException | None]]) -> None:
+        """Run the hedged call in this task (``attempt`` is not used: attempts are tasks)."""
+        hedged = self._hedged
+        waker = self._waker = asyncio.get_running_loop().create_future()
+        tasks: dict[int, asyncio.Task[Any]] = {}
+        calls: dict[int, Any] = {}
+        over = False
+        try:
+            actions = await self._event(hedged.start)
+            while True:
+                for number in actions.cancel:
+                    tasks.pop(number).cancel()
+                if actions.done:
+                    over = True
+                    if actions.winner is not None:
+                        self._call = calls.get(actions.winner)
+                    if actions.error is not None:
+                        raise actions.error
+                    return
+                with hedged.telemetry.use():
+                    for step in actions.send:
+                        tasks[step.number] = asyncio.ensure_future(self._one(step, calls))
+                wake = hedged.wake_at()
+                timeout = None if wake is None else max(wake - time.monotonic(), 0.0)
+                done, _ = await asyncio.wait(
+                    (*tasks.values(), waker), timeout=timeout, return_when="FIRST_COMPLETED"
+                )
+                if waker.done():
+                    raise asyncio.CancelledError
+                finished = [n for n, task in tasks.items() if task in done]
+                if not finished:
+                    actions = await self._event(hedged.on_timer)
+                    continue
+                number = min(finished)
+                response, error = tasks.pop(number).result()
+                if error is None:
+                    self._response = response
+                actions = await self._event(hedged.on_done, number, error)
+        except BaseException:
+            if not over:
+                hedged.abandon()
+            raise
+        finally:
+            self._waker = None
+            for task in tasks.values():
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
 class RetryingAioStream(_Interruptible, _FinishedCall, grpc.aio.UnaryStreamCall):  # type: ignore[type-arg]
     """A ``grpc.aio`` unary-stream call retried until it commits.
 
@@ -515,7 +615,17 @@ class _Interceptor:
         stream: bool,
     ) -> tuple[LogicalCall, Send]:
         call = self._stack.begin_intercepted(details, _method_name(details.method), stream=stream)
-        metadata = grpc.aio.Metadata(*call.metadata)
+        return call, self._sender(continuation, details, request, call.metadata)
+
+    @staticmethod
+    def _sender(
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        details: grpc.aio.ClientCallDetails,
+        request: Any,
+        call_metadata: Sequence[tuple[str, Any]],
+    ) -> Send:
+        """How one attempt is sent through the rest of the interceptor chain."""
+        metadata = grpc.aio.Metadata(*call_metadata)
 
         def send(step: Attempt) -> Awaitable[Any]:
             # a retry's metadata also says how many attempts came before
@@ -527,7 +637,7 @@ class _Interceptor:
                 request,
             )
 
-        return call, send
+        return send
 
 
 class _UnaryUnaryInterceptor(_Interceptor, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
@@ -539,9 +649,21 @@ class _UnaryUnaryInterceptor(_Interceptor, grpc.aio.UnaryUnaryClientInterceptor)
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        unary = ResilientUnaryCall(
-            *self._start(continuation, client_call_details, request, stream=False)
-        )
+        stack = self._stack
+        method = _method_name(client_call_details.method)
+        unary: ResilientUnaryCall
+        if stack.hedging is not None and stack.hedges(method):
+            details: Any = client_call_details  # its metadata is a grpc.aio.Metadata
+            hedged = begin_hedged(
+                stack, method, details.timeout, details.metadata, details.wait_for_ready
+            )
+            unary = HedgedAioCall(
+                hedged, self._sender(continuation, details, request, hedged.metadata)
+            )
+        else:
+            unary = ResilientUnaryCall(
+                *self._start(continuation, client_call_details, request, stream=False)
+            )
         await unary
         return unary.last_call
 
@@ -566,8 +688,22 @@ class _UnaryStreamInterceptor(_Interceptor, grpc.aio.UnaryStreamClientIntercepto
 class _UnaryUnaryCallable(StubMethod, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
     """A unary-unary method of :class:`_Channel`: the call runs in the task that awaits it."""
 
+    def __init__(self, stack: ClientStack, method: str, inner: Any, channel: Any = None) -> None:
+        super().__init__(stack, method, inner, channel)
+        self._hedging = stack.hedges(method)
+
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> ResilientUnaryCall:
         # the underlying call starts as soon as it is made: nothing to await in send
+        if self._hedging:
+            arguments = CallArguments(request, *args, **kwargs)
+            hedged = begin_hedged(
+                self._stack,
+                self._method,
+                arguments.timeout,
+                arguments.metadata,
+                arguments.wait_for_ready,
+            )
+            return HedgedAioCall(hedged, partial(arguments.send, self._inner), False, self._channel)
         return ResilientUnaryCall(
             *self._start(request, args, kwargs, stream=False), False, self._channel
         )
@@ -634,13 +770,22 @@ def client_interceptors(
     target: str | None = None,
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
     throttle: AdaptiveThrottle | None = None,
+    hedging: HedgingPolicy | None = None,
 ) -> list[Any]:
     """Interceptors for ``grpc.aio.insecure_channel(target, interceptors=...)``.
 
     Same arguments and meaning as :func:`resilient_grpc.client.client_interceptors`.
     """
     stack = ClientStack(
-        retry, budget, breaker, idempotency, target, reconnect_wait, "aio", throttle=throttle
+        retry,
+        budget,
+        breaker,
+        idempotency,
+        target,
+        reconnect_wait,
+        "aio",
+        throttle=throttle,
+        hedging=hedging,
     )
     return [_UnaryUnaryInterceptor(stack), _UnaryStreamInterceptor(stack)]
 
@@ -657,6 +802,7 @@ def resilient_channel(
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
     throttle: AdaptiveThrottle | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    hedging: HedgingPolicy | None = None,
 ) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel to ``target`` with the stack attached (outside ``interceptors``).
 
@@ -672,6 +818,7 @@ def resilient_channel(
         reconnect_wait,
         "aio",
         throttle=throttle,
+        hedging=hedging,
     )
     channel = open_channel(
         grpc.aio, target, credentials, options, interceptors=list(interceptors) or None

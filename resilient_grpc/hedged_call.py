@@ -1,0 +1,287 @@
+"""One hedged logical call as an event-driven driver shared by the sync and ``grpc.aio`` shells.
+
+A hedged call has several attempts in flight at once, so it cannot be a generator of one step
+after another like :class:`~resilient_grpc.logical_call.LogicalCall`. The shell reports events
+and applies the :class:`Actions` it gets back:
+
+* :meth:`HedgedCall.start` when the call starts;
+* :meth:`HedgedCall.on_timer` when :meth:`HedgedCall.wake_at` has come (the next hedge is due);
+* :meth:`HedgedCall.on_done` when attempt ``n`` answered (``None``: OK, or its error);
+* :meth:`HedgedCall.abandon` when the caller cancelled the call.
+
+Actions say which attempts to send (:class:`~resilient_grpc.logical_call.Attempt`, with the
+call's idempotency key and ``grpc-previous-rpc-attempts``), which to cancel (the losers, so the
+server sees the cancellation), and whether the call is over: with which attempt's outcome, or
+with which error. Every hedge asks the throttle, the breaker and the retry budget first; all
+decisions come from :class:`~resilient_grpc.core.hedging.HedgingState`. The shell serializes
+the events of one call (one task, or one thread at a time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from resilient_grpc import telemetry
+from resilient_grpc.breaker import TargetBreaker
+from resilient_grpc.call_outcome import deadline_from_timeout, pushback_of, status_name
+from resilient_grpc.core.hedging import HedgingState, Verdict
+from resilient_grpc.core.retry import Reason
+from resilient_grpc.errors import BreakerOpenError, ThrottledError, mark_gave_up
+from resilient_grpc.logical_call import PREVIOUS_ATTEMPTS_HEADER, Attempt, ClientStack, Metadata
+
+
+class Actions:
+    """What the shell must do after an event."""
+
+    __slots__ = ("cancel", "done", "error", "send", "winner")
+
+    def __init__(
+        self,
+        send: tuple[Attempt, ...] = (),
+        cancel: tuple[int, ...] = (),
+        *,
+        done: bool = False,
+        winner: int | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        #: Attempts to send now.
+        self.send = send
+        #: Numbers of the attempts in flight to cancel.
+        self.cancel = cancel
+        #: The call is over: its outcome is attempt ``winner``'s, or ``error`` when that is set.
+        self.done = done
+        self.winner = winner
+        self.error = error
+
+
+_NOTHING = Actions()
+
+
+class HedgedCall:
+    """One hedged logical call: its fixed parts and its hedging state."""
+
+    def __init__(
+        self,
+        stack: ClientStack,
+        method: str,
+        key: str | None,
+        metadata: Metadata,
+        wait_for_ready: bool | None,
+        state: HedgingState,
+    ) -> None:
+        self.stack = stack
+        self.method = method
+        self.key = key
+        self.metadata = metadata
+        self.wait_for_ready = wait_for_ready
+        self.state = state
+        self.telemetry = telemetry.start_client_call(
+            method, target=stack.target, transport=stack.transport
+        )
+        #: Breaker admissions of the attempts in flight (to record or release each).
+        self._admissions: dict[int, int] = {}
+        self._last_error: BaseException | None = None
+        self.over = False
+
+    @property
+    def blocking(self) -> bool:
+        """Whether events do breaker I/O (Redis storage): aio shells run them off the loop."""
+        breaker = self.stack.target_breaker
+        return breaker is not None and breaker.blocking
+
+    def wake_at(self) -> float | None:
+        """When (``time.monotonic()``) the shell should call :meth:`on_timer` (``None``: never)."""
+        state = self.state
+        if self.over or state.committed or state.stopped is not None:
+            return None
+        return state.next_at
+
+    # Events ----------------------------------------------------------------------------------
+
+    def start(self) -> Actions:
+        """The call starts: send the first attempt (or fail fast: breaker open, throttled)."""
+        refusal = self._admit()
+        if refusal is not None:
+            return self._refused(refusal)
+        self._admissions[self.state.begin()] = self._admission
+        return Actions((self._attempt(1),))
+
+    def on_timer(self) -> Actions:
+        """The hedge timer fired: send the hedge that is due, if it may go."""
+        if self.over:
+            return _NOTHING
+        return self._hedge()
+
+    def on_done(self, number: int, error: BaseException | None) -> Actions:
+        """Attempt ``number`` answered: ``None`` (OK) or the error it failed with."""
+        state = self.state
+        admission = self._admissions.pop(number, 0)
+        if self.over:
+            self._release(admission)
+            return _NOTHING
+        code = "OK" if error is None else status_name(error)
+        tel = self.telemetry
+        tel.attempt(number, code, None)
+        opened = self._record(code, admission)
+        answer = state.on_answer(
+            number, code, pushback=pushback_of(error) if error is not None else None
+        )
+        if error is not None:
+            self._last_error = error
+        if answer.verdict is Verdict.COMMIT:
+            losers = self._cancel_others()
+            self.over = True
+            if error is None:
+                tel.end(code, attempts=state.sent, reason=Reason.SUCCESS)
+                return Actions(cancel=losers, done=True, winner=number)
+            return Actions(cancel=losers, done=True, winner=number, error=self._give_up(error))
+        if opened:
+            state.stop(Reason.BREAKER_OPEN)
+        if answer.verdict is Verdict.GIVE_UP:
+            return self._fail(number, answer.reason)
+        return self._hedge()
+
+    def abandon(self) -> tuple[int, ...]:
+        """The caller cancelled the call: return the attempts to cancel; nothing is charged."""
+        if self.over:
+            return ()
+        self.over = True
+        losers = self._cancel_others()
+        self.telemetry.abandon(GeneratorExit())
+        return losers
+
+    # Internals -------------------------------------------------------------------------------
+
+    _admission = 0
+
+    def _admit(self) -> Reason | None:
+        """Ask the throttle and the breaker for one more attempt (``None``: it may go)."""
+        stack = self.stack
+        throttle = stack.throttle
+        if throttle is not None and not throttle.admit():
+            return Reason.THROTTLED
+        breaker = stack.target_breaker
+        self._admission = 1
+        if breaker is not None:
+            self._admission = breaker.admit()
+            if not self._admission:
+                return Reason.BREAKER_OPEN
+        return None
+
+    def _hedge(self) -> Actions:
+        state = self.state
+        if not state.due():
+            return self._settle()
+        refusal = self._admit()
+        if refusal is not None:
+            state.stop(refusal)
+        else:
+            number = state.hedge()
+            if number is not None:
+                self._admissions[number] = self._admission
+                return Actions((self._attempt(number),))
+            self._release(self._admission)
+        return self._settle()
+
+    def _settle(self) -> Actions:
+        """Nothing to send now: wait, or fail if nothing is in flight and nothing will be."""
+        answer = self.state.settle()
+        if answer.verdict is Verdict.GIVE_UP:
+            return self._fail(None, answer.reason)
+        return _NOTHING
+
+    def _attempt(self, number: int) -> Attempt:
+        metadata = self.metadata
+        if number > 1:
+            metadata = (*metadata, (PREVIOUS_ATTEMPTS_HEADER, str(number - 1)))
+        return Attempt(number, self.state.attempt_timeout(), metadata, self.wait_for_ready)
+
+    def _record(self, code: str, admission: int) -> bool:
+        """Feed an answer to the throttle and the breaker; True if the breaker is open now."""
+        stack = self.stack
+        remaining = self.state.remaining()
+        # The caller's own deadline says how patient it is, not how healthy the backend is.
+        impatient = code == "DEADLINE_EXCEEDED" and remaining is not None and remaining <= 0
+        throttle = stack.throttle
+        if throttle is not None and not impatient:
+            throttle.record(code not in throttle.codes)
+        breaker = stack.target_breaker
+        if breaker is None:
+            return False
+        if impatient:
+            breaker.release(admission)
+            return False
+        return breaker.record(admission, code in stack.breaker_codes)
+
+    def _release(self, admission: int) -> None:
+        breaker = self.stack.target_breaker
+        if breaker is not None:
+            breaker.release(admission)
+
+    def _cancel_others(self) -> tuple[int, ...]:
+        state = self.state
+        losers = tuple(sorted(state.in_flight))
+        for number in losers:
+            state.cancelled(number)
+            self._release(self._admissions.pop(number, 0))
+            self.telemetry.attempt(number, "CANCELLED", None)
+        return losers
+
+    def _give_up(self, error: BaseException) -> BaseException:
+        reason = Reason.NOT_RETRYABLE_CODE  # a fatal code: the call's answer
+        self.telemetry.end(status_name(error), attempts=self.state.sent, reason=reason)
+        mark_gave_up(error, self.state.sent, reason)
+        return error
+
+    def _fail(self, number: int | None, reason: Reason | None) -> Actions:
+        """Every attempt failed and none will follow: the call ends with the last error."""
+        self.over = True
+        error = self._last_error
+        if error is None:  # nothing answered (refused before the first attempt): impossible
+            raise RuntimeError("a hedged call failed without any answer")
+        reason = reason or Reason.MAX_ATTEMPTS
+        self.telemetry.end(status_name(error), attempts=self.state.sent, reason=reason)
+        mark_gave_up(error, self.state.sent, reason)
+        return Actions(done=True, winner=number, error=error)
+
+    def _refused(self, refusal: Reason) -> Actions:
+        """The first attempt was refused locally: fail fast, nothing was sent."""
+        self.over = True
+        stack = self.stack
+        tel = self.telemetry
+        target = stack.target or "default"
+        error: BaseException
+        if refusal is Reason.BREAKER_OPEN:
+            tel.breaker_rejected()
+            breaker: TargetBreaker | None = stack.target_breaker
+            error = BreakerOpenError(target, breaker.rejected_until if breaker else None)
+        else:
+            throttle = stack.throttle
+            error = ThrottledError(target, throttle.rejection_probability if throttle else 1.0)
+        tel.end("UNAVAILABLE", attempts=0, reason=refusal)
+        return Actions(done=True, error=error)
+
+
+def begin_hedged(
+    stack: ClientStack,
+    method: str,
+    timeout: float | None,
+    metadata: Sequence[tuple[str, Any]] | None,
+    wait_for_ready: bool | None,
+) -> HedgedCall:
+    """Fix the key, metadata, deadline and hedging state of a hedged call made now."""
+    policy = stack.hedging
+    if policy is None:
+        raise RuntimeError("begin_hedged() on a stack without a hedging policy")
+    key, call_metadata = stack.key_and_metadata(method, metadata)
+    state = HedgingState(
+        policy,
+        hedgeable=key is not None or policy.is_idempotent(method),
+        deadline=deadline_from_timeout(timeout),
+        budget=stack.hedging_budget,
+    )
+    return HedgedCall(stack, method, key, call_metadata, wait_for_ready, state)
+
+
+__all__ = ["Actions", "HedgedCall", "begin_hedged"]
