@@ -20,7 +20,9 @@ from resilient_grpc.core.policy import RetryPolicy
 if TYPE_CHECKING:
     from resilient_grpc.breaker import CircuitBreaker
     from resilient_grpc.client import client_interceptors, resilient_channel
+    from resilient_grpc.core.admission import AdmissionController
     from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
+    from resilient_grpc.overload import OverloadExecutor, OverloadInterceptor, resilient_server
     from resilient_grpc.server import DedupInterceptor
     from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, StoreUnavailableError
 
@@ -35,6 +37,10 @@ _LAZY = {
     "attempts_of": "resilient_grpc.errors",
     "reason_of": "resilient_grpc.errors",
     "DedupInterceptor": "resilient_grpc.server",
+    "AdmissionController": "resilient_grpc.core.admission",
+    "OverloadExecutor": "resilient_grpc.overload",
+    "OverloadInterceptor": "resilient_grpc.overload",
+    "resilient_server": "resilient_grpc.overload",
     "MemoryStore": "resilient_grpc.stores",
     "SQLiteStore": "resilient_grpc.stores",
     "RedisStore": "resilient_grpc.stores",
@@ -42,12 +48,15 @@ _LAZY = {
 }
 
 __all__ = [
+    "AdmissionController",
     "BreakerOpenError",
     "CircuitBreaker",
     "DedupInterceptor",
     "IdempotencyKeys",
     "InvalidKeyError",
     "MemoryStore",
+    "OverloadExecutor",
+    "OverloadInterceptor",
     "RedisStore",
     "RetryBudget",
     "RetryPolicy",
@@ -58,6 +67,7 @@ __all__ = [
     "idempotency_key",
     "reason_of",
     "resilient_channel",
+    "resilient_server",
 ]
 
 
