@@ -73,7 +73,7 @@ Admission = Admit | Shed
 #: Weight of a new sample in the short (recent) execution-time average.
 RECENT_WEIGHT = 0.2
 #: How fast the no-load estimate drifts up towards slower samples (it drops at once on faster ones).
-NO_LOAD_DRIFT = 0.01
+NO_LOAD_DRIFT = 0.002
 #: Weight of one decision in the recent shed fraction.
 SHED_WEIGHT = 0.02
 #: The pressure factor never exceeds this (a 90% shed fraction).
