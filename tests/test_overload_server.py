@@ -27,9 +27,13 @@ from protos import ledger_pb2, ledger_pb2_grpc
 from resilient_grpc import (
     AdmissionController,
     DedupInterceptor,
+    IdempotencyKeys,
     MemoryStore,
     OverloadExecutor,
     OverloadInterceptor,
+    RetryBudget,
+    RetryPolicy,
+    resilient_channel,
     resilient_server,
 )
 from resilient_grpc import aio as rg_aio
@@ -368,3 +372,71 @@ async def test_aio_server_sheds_and_native_retries_come_back_after_the_pushback(
         await server.stop(None)
     assert outcomes.count("OK") >= 0.3 * len(outcomes)
     log.check()
+
+
+def _release_after_first_shed(log: Log, release: threading.Event) -> threading.Thread:
+    def watch() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+            a.memo == "order" and a.code == "RESOURCE_EXHAUSTED" for a in log.attempts
+        ):
+            time.sleep(0.002)
+        release.set()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("budget_left", [True, False])
+def test_client_stack_waits_the_pushback_and_its_budget_counts_the_retry(
+    budget_left: bool,
+) -> None:
+    """Our client stack against a protected server: the pushback replaces the computed backoff
+    (1 ms here, the pushback 200 ms), and the retry is withdrawn from the budget."""
+    log = Log()
+    release = threading.Event()
+    controller = AdmissionController(
+        initial_limit=1, min_limit=1, max_limit=1, min_pushback=0.2, max_pushback=0.2
+    )
+    server, port = _sync_server(
+        log, [SyncRecorder(log), OverloadInterceptor(controller)], release=release
+    )
+    policy = RetryPolicy(
+        max_attempts=3,
+        initial_backoff=0.001,
+        jitter="none",
+        retryable_codes={"RESOURCE_EXHAUSTED"},
+    )
+    budget = RetryBudget(1.0 if budget_left else 0.0, 100.0 if budget_left else 0.0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
+            hold = ledger_pb2_grpc.LedgerStub(plain).Transfer.future(
+                ledger_pb2.TransferRequest(memo="hold"), timeout=10
+            )
+            deadline = time.monotonic() + 10
+            while controller.in_flight < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            watcher = _release_after_first_shed(log, release)
+            with resilient_channel(
+                f"127.0.0.1:{port}", retry=policy, budget=budget, idempotency=IdempotencyKeys()
+            ) as channel:
+                stub = ledger_pb2_grpc.LedgerStub(channel)
+                request = ledger_pb2.TransferRequest(memo="order")
+                if budget_left:
+                    stub.Transfer(request, timeout=5)
+                else:
+                    with pytest.raises(grpc.RpcError) as refused:
+                        stub.Transfer(request, timeout=5)
+                    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            hold.result(timeout=10)
+            watcher.join(10)
+    finally:
+        release.set()
+        server.stop(None).wait(10)
+    order = [a for a in log.attempts if a.memo == "order"]
+    if budget_left:
+        assert [a.code for a in order] == ["RESOURCE_EXHAUSTED", "OK"]
+        assert order[1].arrived - order[0].arrived >= 0.18
+    else:
+        assert [a.code for a in order] == ["RESOURCE_EXHAUSTED"]
