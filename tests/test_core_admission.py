@@ -113,10 +113,10 @@ def test_limit_rule_refuses_beyond_the_concurrency_limit() -> None:
 def test_limit_shrinks_when_latency_climbs_and_grows_back_when_it_is_used() -> None:
     clock = Clock()
     c = controller(clock, initial_limit=40, min_limit=2, max_limit=200, tolerance=2.0)
-    for _ in range(5):
-        run(c, clock, 0.010)  # no-load time 10 ms
+    for _ in range(600):
+        run(c, clock, 0.010)  # baseline 10 ms (learnt over the first ~500 calls)
     start = c.limit
-    # executions slow to 50 ms (5x no-load, beyond the 2x tolerance): the limit comes down
+    # executions slow to 50 ms (5x the baseline, beyond the 2x tolerance): the limit comes down
     for _ in range(40):
         run(c, clock, 0.050)
     assert c.limit < start / 2
@@ -129,6 +129,22 @@ def test_limit_shrinks_when_latency_climbs_and_grows_back_when_it_is_used() -> N
             assert isinstance(ticket, Admit)
             c.finish(ticket)
     assert c.limit > low * 2
+
+
+def test_fast_replays_mixed_in_do_not_shrink_the_limit() -> None:
+    """A dedup replay takes 0.1 ms, an execution 28 ms: the mix is the method's normal cost."""
+    clock = Clock()
+    c = controller(clock, initial_limit=16, min_limit=2, max_limit=16)
+    for _ in range(400):
+        tickets = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(8)]
+        assert all(isinstance(ticket, Admit) for ticket in tickets)
+        clock.now += 0.0001
+        for ticket in tickets[:2]:  # a quarter of the calls are replays
+            c.finish(ticket)  # type: ignore[arg-type]
+        clock.now += 0.0279
+        for ticket in tickets[2:]:
+            c.finish(ticket)  # type: ignore[arg-type]
+    assert c.limit == 16
 
 
 def test_limit_does_not_grow_while_unused() -> None:

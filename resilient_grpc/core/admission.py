@@ -14,9 +14,12 @@ checked in this order when a call is about to start:
   thus kept short (latency stays low for the admitted calls) while a burst is still absorbed.
 * ``limit``: the calls already executing reach the adaptive concurrency limit. The limit follows
   the latency gradient (Netflix concurrency-limits' Gradient2, Envoy's adaptive concurrency):
-  each finished call compares its method's recent execution time with the method's no-load
-  time; while recent <= ``tolerance`` x no-load the limit grows by about sqrt(limit) per sample
-  (when it is actually used), above that it shrinks in proportion.
+  each finished call compares its method's recent execution time (a short EWMA) with the
+  method's baseline (a long EWMA, pulled down quickly when recent runs are much faster); while
+  recent <= ``tolerance`` x baseline the limit grows by about sqrt(limit) per sample (when it is
+  actually used), above that it shrinks in proportion. A long average rather than a minimum,
+  so that a method whose calls are sometimes much faster (a dedup replay, a cache hit) does not
+  make its normal executions look like an overload.
 
 A refused call gets a pushback (seconds before a retry is worth it) scaled to the overload:
 the longer of the method's service-time estimate and the wait the call saw, times the pressure
@@ -72,8 +75,10 @@ Admission = Admit | Shed
 
 #: Weight of a new sample in the short (recent) execution-time average.
 RECENT_WEIGHT = 0.2
-#: How fast the no-load estimate drifts up towards slower samples (it drops at once on faster ones).
-NO_LOAD_DRIFT = 0.002
+#: Weight of a new sample in the long (baseline) execution-time average (about 500 samples).
+BASELINE_WEIGHT = 0.002
+#: When the baseline exceeds twice the recent average, it is scaled by this per sample.
+BASELINE_DECAY = 0.95
 #: Weight of one decision in the recent shed fraction.
 SHED_WEIGHT = 0.02
 #: The pressure factor never exceeds this (a 90% shed fraction).
@@ -81,26 +86,27 @@ MAX_PRESSURE = 10.0
 
 
 class MethodEstimate:
-    """What one method usually costs: recent execution time and its no-load execution time."""
+    """What one method costs: recent execution time (short EWMA) and its baseline (long EWMA)."""
 
-    __slots__ = ("no_load", "recent", "samples")
+    __slots__ = ("baseline", "recent", "samples")
 
     def __init__(self) -> None:
         self.recent = 0.0
-        self.no_load = 0.0
+        self.baseline = 0.0
         self.samples = 0
 
     def add(self, seconds: float) -> None:
         """Fold one execution time in (negative clock steps count as zero)."""
         seconds = max(0.0, seconds)
         if self.samples == 0:
-            self.recent = self.no_load = seconds
+            self.recent = self.baseline = seconds
         else:
             self.recent += RECENT_WEIGHT * (seconds - self.recent)
-            if seconds < self.no_load:
-                self.no_load = seconds
-            else:
-                self.no_load += NO_LOAD_DRIFT * (seconds - self.no_load)
+            # a plain mean over the first samples, then the long EWMA
+            weight = max(BASELINE_WEIGHT, 1.0 / (self.samples + 1))
+            self.baseline += weight * (seconds - self.baseline)
+            if self.baseline > 2 * self.recent:
+                self.baseline *= BASELINE_DECAY
         self.samples += 1
 
 
@@ -109,7 +115,7 @@ class AdmissionController:
 
     ``queue_target`` / ``queue_interval`` (seconds): the CoDel queue allowances (see the module
     docstring). ``initial_limit``, ``min_limit``, ``max_limit``: the concurrency limit's start
-    and bounds; ``tolerance``: how much slower than no-load a method may run before the limit
+    and bounds; ``tolerance``: how much slower than its baseline a method may run before the limit
     shrinks; ``min_pushback`` / ``max_pushback`` (seconds): bounds of the retry delay sent with
     a refusal. ``clock`` (monotonic seconds) and ``uniform`` (a [0, 1) source for the pushback
     jitter) are injectable for tests.
@@ -232,7 +238,7 @@ class AdmissionController:
             estimate.add(now - ticket.started)
             if estimate.recent <= 0:
                 return
-            gradient = min(1.0, max(0.5, self.tolerance * estimate.no_load / estimate.recent))
+            gradient = min(1.0, max(0.5, self.tolerance * estimate.baseline / estimate.recent))
             if gradient >= 1.0 and busy < self._limit / 2:
                 return  # the limit is not what holds the server back: do not grow it
             target = self._limit * gradient + math.sqrt(self._limit)
