@@ -4,9 +4,9 @@ Plain Python (no grpc, no sleeping, clock and randomness injected); the sync and
 ``OverloadInterceptor`` shells only feed it what they see and act on what it says. Three rules,
 checked in this order when a call is about to start:
 
-* ``deadline``: the caller's remaining time is shorter than the method's service-time estimate
-  (an EWMA of its recent execution times): the answer would arrive after the caller has gone,
-  so the work would be wasted.
+* ``deadline``: the caller's remaining time is shorter than 1.5 x the method's service-time
+  estimate (an EWMA of its recent execution times; the margin covers the slower half): the
+  answer would arrive after the caller has gone, so the work would be wasted.
 * ``queue`` (CoDel, as in Facebook's "Fail at Scale"): the call waited in the server's queue
   longer than allowed. While the queue has not drained for a whole ``queue_interval`` (no call
   started after waiting less than a quarter of ``queue_target``), the server is overloaded and
@@ -15,11 +15,11 @@ checked in this order when a call is about to start:
 * ``limit``: the calls already executing reach the adaptive concurrency limit. The limit follows
   the latency gradient (Netflix concurrency-limits' Gradient2, Envoy's adaptive concurrency):
   each finished call compares its method's recent execution time (a short EWMA) with the
-  method's baseline (a long EWMA, pulled down quickly when recent runs are much faster); while
+  method's baseline (the lowest that average has been, drifting slowly up towards it); while
   recent <= ``tolerance`` x baseline the limit grows by about sqrt(limit) per sample (when it is
-  actually used), above that it shrinks in proportion. A long average rather than a minimum,
-  so that a method whose calls are sometimes much faster (a dedup replay, a cache hit) does not
-  make its normal executions look like an overload.
+  actually used), above that it shrinks in proportion. The baseline follows the smoothed
+  average, not single samples, so that a method whose calls are sometimes much faster (a
+  dedup replay, a cache hit) does not make its normal executions look like an overload.
 
 A refused call gets a pushback (seconds before a retry is worth it) scaled to the overload:
 the longer of the method's service-time estimate and the wait the call saw, times the pressure
@@ -73,12 +73,13 @@ class Shed:
 
 Admission = Admit | Shed
 
+#: A call is admitted only if its deadline leaves this multiple of the method's recent
+#: execution time (an average: a margin for the slower half of the executions).
+DEADLINE_MARGIN = 1.5
 #: Weight of a new sample in the short (recent) execution-time average.
 RECENT_WEIGHT = 0.2
-#: Weight of a new sample in the long (baseline) execution-time average (about 500 samples).
-BASELINE_WEIGHT = 0.002
-#: When the baseline exceeds twice the recent average, it is scaled by this per sample.
-BASELINE_DECAY = 0.95
+#: How fast the baseline drifts up towards a slower recent average (per sample).
+BASELINE_DRIFT = 0.002
 #: Weight of one decision in the recent shed fraction.
 SHED_WEIGHT = 0.02
 #: The pressure factor never exceeds this (a 90% shed fraction).
@@ -86,7 +87,7 @@ MAX_PRESSURE = 10.0
 
 
 class MethodEstimate:
-    """What one method costs: recent execution time (short EWMA) and its baseline (long EWMA)."""
+    """What one method costs: recent execution time (short EWMA) and its baseline (its low)."""
 
     __slots__ = ("baseline", "recent", "samples")
 
@@ -102,11 +103,10 @@ class MethodEstimate:
             self.recent = self.baseline = seconds
         else:
             self.recent += RECENT_WEIGHT * (seconds - self.recent)
-            # a plain mean over the first samples, then the long EWMA
-            weight = max(BASELINE_WEIGHT, 1.0 / (self.samples + 1))
-            self.baseline += weight * (seconds - self.baseline)
-            if self.baseline > 2 * self.recent:
-                self.baseline *= BASELINE_DECAY
+            if self.recent < self.baseline:
+                self.baseline = self.recent
+            else:
+                self.baseline += BASELINE_DRIFT * (self.recent - self.baseline)
         self.samples += 1
 
 
@@ -209,7 +209,7 @@ class AdmissionController:
                     self._last_empty = now
             reason: ShedReason | None = None
             if deadline_remaining is not None and (
-                deadline_remaining <= 0 or deadline_remaining < expected
+                deadline_remaining <= 0 or deadline_remaining < DEADLINE_MARGIN * expected
             ):
                 reason = ShedReason.DEADLINE
             elif queued_for is not None and queued_for > self._allowed_wait(now):
