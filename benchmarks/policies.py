@@ -272,7 +272,7 @@ POLICIES: tuple[Policy, ...] = (
     ),
     Policy(
         "full-stack-unprotected",
-        "full stack + server dedup, unprotected",
+        "full stack, unprotected server",
         "ours: full jitter + budget + breaker + idempotency keys; server DedupInterceptor(MemoryStore())",
         True,
         _ours(jitter="full", budget=True, breaker=True),

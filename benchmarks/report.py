@@ -79,7 +79,7 @@ def print_tables(
             continue
         table = Table(title=f"{scenario['label']}: {scenario['description']}", title_justify="left")
         for index, column in enumerate(COLUMNS):
-            table.add_column(column, justify="left" if index == 0 else "right")
+            table.add_column(column, justify="left" if index == 0 else "right", no_wrap=index == 0)
         for cells in scenario_rows(scenario, results[scenario["name"]], labels):
             table.add_row(*cells)
         console.print(table)
