@@ -79,6 +79,25 @@ def test_deadline_rule_refuses_work_that_cannot_finish_in_time() -> None:
     assert isinstance(c.decide(OTHER, queued_for=0.0, deadline_remaining=0.020), Admit)
 
 
+def test_deadline_rule_scales_the_estimate_with_the_concurrency_now() -> None:
+    """30 ms measured with 1-2 calls executing; with 8 executing, a call expects ~6x longer."""
+    clock = Clock()
+    c = controller(clock, initial_limit=100)
+    for _ in range(20):
+        pair = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(2)]
+        clock.now += 0.030
+        for ticket in pair:
+            c.finish(ticket)  # type: ignore[arg-type]
+    assert c.expected_time(M) == pytest.approx(0.030)
+    assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=0.1), Admit)
+    for _ in range(7):
+        c.decide(M, queued_for=0.0, deadline_remaining=None)
+    # it ran with 1-2 calls executing (1.5 on average); now it would be the 9th
+    assert c.expected_time(M) == pytest.approx(0.030 * 9 / 1.5, rel=0.05)
+    shed = c.decide(M, queued_for=0.0, deadline_remaining=0.1)
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
+
+
 def test_queue_rule_allows_a_burst_but_not_a_standing_queue() -> None:
     clock = Clock()
     c = controller(clock, queue_target=0.05, queue_interval=0.2, initial_limit=1000)
@@ -176,8 +195,10 @@ def test_pushback_grows_with_the_shed_fraction_and_stays_in_bounds() -> None:
         shed = c.decide(M, queued_for=0.0, deadline_remaining=None)
         assert isinstance(shed, Shed)
         pushbacks.append(shed.pushback)
-    # based on the 40 ms service time, scaled up as refusals pile up, never past max_pushback
-    assert pushbacks[0] == pytest.approx(0.040, rel=0.05)
+    # based on the expected time (40 ms measured alone, x2 with the held call running), scaled up
+    # as refusals pile up, never past max_pushback
+    assert c.expected_time(M) == pytest.approx(0.080)
+    assert pushbacks[0] == pytest.approx(0.080, rel=0.05)
     assert pushbacks[-1] > 1.5 * pushbacks[0]
     assert all(0.01 <= p <= 2.0 for p in pushbacks)
     assert Shed(ShedReason.LIMIT, 0.1234).pushback_ms == 123
@@ -213,7 +234,7 @@ def test_invariants_over_any_sequence(ops: list[tuple[Any, ...]], jitter: float)
             c.finish(running.pop(op[1] % len(running)))
         elif op[0] == "call":
             _, method, queued_for, remaining = op
-            estimate = c.service_time(method)
+            estimate = c.expected_time(method)
             in_flight, limit = c.in_flight, c.limit
             decision = c.decide(method, queued_for=queued_for, deadline_remaining=remaining)
             if isinstance(decision, Admit):

@@ -4,9 +4,12 @@ Plain Python (no grpc, no sleeping, clock and randomness injected); the sync and
 ``OverloadInterceptor`` shells only feed it what they see and act on what it says. Three rules,
 checked in this order when a call is about to start:
 
-* ``deadline``: the caller's remaining time is shorter than 1.5 x the method's service-time
-  estimate (an EWMA of its recent execution times; the margin covers the slower half): the
-  answer would arrive after the caller has gone, so the work would be wasted.
+* ``deadline``: the caller's remaining time is shorter than 1.5 x the method's expected
+  execution time (the margin covers the slower half): the answer would arrive after the caller
+  has gone, so the work would be wasted. Expected = the EWMA of its recent execution times,
+  scaled up by how many more calls are executing now than usually were when it ran (Little's
+  law: where calls share a resource, time grows with concurrency), so a sudden jump in
+  concurrency is not judged by the times measured before it.
 * ``queue`` (CoDel, as in Facebook's "Fail at Scale"): the call waited in the server's queue
   longer than allowed. While the queue has not drained for a whole ``queue_interval`` (no call
   started after waiting less than a quarter of ``queue_target``), the server is overloaded and
@@ -22,7 +25,7 @@ checked in this order when a call is about to start:
   dedup replay, a cache hit) does not make its normal executions look like an overload.
 
 A refused call gets a pushback (seconds before a retry is worth it) scaled to the overload:
-the longer of the method's service-time estimate and the wait the call saw, times the pressure
+the longer of the method's expected time and the wait the call saw, times the pressure
 1 / (1 - recent shed fraction), jittered by x0.5-1.5 so refused clients do not return together,
 and clamped to [``min_pushback``, ``max_pushback``].
 """
@@ -56,6 +59,7 @@ class Admit:
 
     method: str
     started: float
+    concurrency: int = 1
 
 
 @dataclass(frozen=True)
@@ -89,20 +93,23 @@ MAX_PRESSURE = 10.0
 class MethodEstimate:
     """What one method costs: recent execution time (short EWMA) and its baseline (its low)."""
 
-    __slots__ = ("baseline", "recent", "samples")
+    __slots__ = ("baseline", "concurrency", "recent", "samples")
 
     def __init__(self) -> None:
         self.recent = 0.0
         self.baseline = 0.0
+        self.concurrency = 1.0
         self.samples = 0
 
-    def add(self, seconds: float) -> None:
-        """Fold one execution time in (negative clock steps count as zero)."""
+    def add(self, seconds: float, concurrency: int = 1) -> None:
+        """Fold in one execution time and the calls executing when it started (its own included)."""
         seconds = max(0.0, seconds)
         if self.samples == 0:
             self.recent = self.baseline = seconds
+            self.concurrency = float(max(1, concurrency))
         else:
             self.recent += RECENT_WEIGHT * (seconds - self.recent)
+            self.concurrency += RECENT_WEIGHT * (max(1, concurrency) - self.concurrency)
             if self.recent < self.baseline:
                 self.baseline = self.recent
             else:
@@ -183,6 +190,12 @@ class AdmissionController:
         estimate = self._methods.get(method)
         return estimate.recent if estimate is not None and estimate.samples else None
 
+    def expected_time(self, method: str) -> float | None:
+        """How long a call of ``method`` started now should take: its recent execution time,
+        scaled by the concurrency it would start at over the concurrency it usually ran at."""
+        with self._lock:
+            return self._expected(method)
+
     def overloaded(self) -> bool:
         """True while the queue has not drained for a whole ``queue_interval``."""
         with self._lock:
@@ -201,8 +214,7 @@ class AdmissionController:
         """
         now = self._clock()
         with self._lock:
-            estimate = self._methods.get(method)
-            expected = estimate.recent if estimate is not None and estimate.samples else 0.0
+            expected = self._expected(method) or 0.0
             if queued_for is not None:
                 queued_for = max(0.0, queued_for)
                 if queued_for < self.queue_target / 4 or self._last_empty is None:
@@ -219,7 +231,7 @@ class AdmissionController:
             if reason is None:
                 self._shed_fraction -= SHED_WEIGHT * self._shed_fraction
                 self._in_flight += 1
-                return Admit(method, now)
+                return Admit(method, now, self._in_flight)
             self._shed_fraction += SHED_WEIGHT * (1.0 - self._shed_fraction)
             pressure = min(MAX_PRESSURE, 1.0 / max(1e-9, 1.0 - self._shed_fraction))
             base = max(expected, queued_for or 0.0, self.min_pushback)
@@ -235,7 +247,7 @@ class AdmissionController:
             estimate = self._methods.get(ticket.method)
             if estimate is None:
                 estimate = self._methods[ticket.method] = MethodEstimate()
-            estimate.add(now - ticket.started)
+            estimate.add(now - ticket.started, ticket.concurrency)
             if estimate.recent <= 0:
                 return
             gradient = min(1.0, max(0.5, self.tolerance * estimate.baseline / estimate.recent))
@@ -246,6 +258,12 @@ class AdmissionController:
             self._limit = min(float(self.max_limit), max(float(self.min_limit), smoothed))
 
     # -- internals (lock held)
+
+    def _expected(self, method: str) -> float | None:
+        estimate = self._methods.get(method)
+        if estimate is None or not estimate.samples:
+            return None
+        return estimate.recent * max(1.0, (self._in_flight + 1) / estimate.concurrency)
 
     def _overloaded(self, now: float) -> bool:
         return self._last_empty is not None and now - self._last_empty > self.queue_interval
