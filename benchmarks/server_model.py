@@ -1,8 +1,8 @@
 """The benchmark's server: the demo ledger behind a capacity model, in its own process.
 
 Capacity model: ``workers`` workers (a thread pool) take calls in FIFO order from a queue of
-at most ``queue`` calls; a worker spends ``service_time`` seconds (a sleep, so the capacity does not depend on
-how busy the shared CPU is) and then applies the transfer. A call that finds the queue full is
+at most ``queue`` calls; a worker spends ``service_time`` seconds (a sleep, so the capacity does
+not depend on how busy the shared CPU is) and then applies the transfer. A call that finds the queue full is
 answered ``UNAVAILABLE`` at once. Server interceptors and the handler run on the worker, as in
 ``grpc.server``; unlike ``grpc.server``'s own executor (which skips calls cancelled while
 queued), the model never looks at cancellation: a call whose client has given up is still
@@ -14,9 +14,9 @@ Every attempt that reaches the server is logged with its arrival time and status
 attempt of one logical request), so amplification and duplicates are measured, not guessed.
 
 The process is driven over stdin/stdout with one JSON object per line (see :class:`ServerProcess`
-for the client side): ``start`` a fresh server (optionally with the server ``DedupInterceptor``, with
-overload protection: ``OverloadInterceptor`` on an ``OverloadExecutor`` pool, and an outage
-window), ``go`` (fix the time origin of the outage window), ``stop`` (drain, return the
+for the client side): ``start`` a fresh server (optionally with the server ``DedupInterceptor``,
+with overload protection: ``OverloadInterceptor`` on an ``OverloadExecutor`` pool, and an
+outage window), ``go`` (fix the time origin of the outage window), ``stop`` (drain, return the
 logs), ``exit``. The same program in a second process runs the response-cutting
 :class:`~resilient_grpc.testing.proxy.FaultProxy` (``proxy`` / ``proxy_stop``), so neither the
 proxy's threads nor the client distort the server's capacity.
