@@ -40,7 +40,15 @@ from protos import ledger_pb2
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUICK_SCALE = 0.35
-QUICK_POLICIES = ("naive-x3", "exp-full-jitter", "budget", "full-stack", "grpc-native")
+QUICK_POLICIES = (
+    "naive-x3",
+    "naive-x3-protected",
+    "exp-full-jitter",
+    "budget",
+    "full-stack-unprotected",
+    "full-stack",
+    "grpc-native",
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -48,7 +56,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks",
         description=(
             "Compare retry policies (no retry, naive x3, exponential with/without jitter, "
-            "retry budget, circuit breaker, the full resilient-grpc stack with server dedup, "
+            "retry budget, circuit breaker, the full resilient-grpc stack with server dedup and "
+            "overload protection, naive x3 against a protected server, "
             "gRPC native retry, tenacity) under an outage, an overload spike and lost responses."
         ),
     )
@@ -150,6 +159,7 @@ async def run_trial(
         queue=capacity.queue,
         service_time=capacity.service_time,
         dedup=policy.server_dedup,
+        protected=policy.server_protected,
         outage=list(scenario.trigger) if scenario.outage else None,
     )
     port = start["port"]
@@ -280,7 +290,12 @@ async def run(args: argparse.Namespace, console: Console) -> tuple[dict[str, Any
         "server": {**asdict(capacity), "capacity_per_s": round(capacity.capacity, 1)},
         "scenarios": [scenario_document(s) for s in scenarios],
         "policies": {
-            p.name: {"label": p.label, "description": p.description, "server_dedup": p.server_dedup}
+            p.name: {
+                "label": p.label,
+                "description": p.description,
+                "server_dedup": p.server_dedup,
+                "server_protected": p.server_protected,
+            }
             for p in policies
         },
         "definitions": metrics_module.__doc__,

@@ -3,7 +3,9 @@
 Definitions (also printed under the table):
 
 * goodput: logical requests that succeeded, as a fraction of those offered (overall, and
-  "after": of those arriving after the trigger);
+  "after": of those arriving after the trigger); "ok/s during": logical requests that
+  succeeded per second during the trigger window (counted by the time they succeeded), to
+  compare with the server's capacity;
 * amplification: attempts that reached the server per logical request, counted by arrival time
   during the trigger window and after it (attempts after the trigger, tail included, over the
   requests that arrived after it);
@@ -42,6 +44,7 @@ class TrialMetrics:
     succeeded: int
     goodput: float
     goodput_after: float | None
+    goodput_during_per_s: float | None
     amplification_during: float | None
     amplification_after: float | None
     p50_ms: float | None
@@ -156,6 +159,11 @@ def compute(
         goodput=round(len(succeeded) / len(records), 4) if records else 0.0,
         goodput_after=(
             _round(_ratio(sum(r.ok for r in after), after_requests), 4) if runs_on else None
+        ),
+        goodput_during_per_s=(
+            round(sum(1 for r in succeeded if start <= r.end < end) / (end - start), 1)
+            if end > start
+            else None
         ),
         amplification_during=_round(_ratio(during_attempts, during_requests)),
         amplification_after=_round(_ratio(after_attempts, after_requests)) if runs_on else None,

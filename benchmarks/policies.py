@@ -23,8 +23,15 @@ import grpc
 import grpc.aio
 
 from protos import ledger_pb2, ledger_pb2_grpc
+from resilient_grpc.core.codes import UNHEALTHY_CODES
 
-RETRIED_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+#: RESOURCE_EXHAUSTED is what a protected server (``OverloadInterceptor``) refuses with, always
+#: with a ``grpc-retry-pushback-ms``; no unprotected server in the comparison sends it.
+RETRIED_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
+#: What the circuit breaker counts: the default unhealthy codes except RESOURCE_EXHAUSTED, since a
+#: refusal with a pushback is a healthy server's admission control, and the pushback (with the
+#: budget) already paces the retry; opening the breaker on it fails calls the server could serve.
+BREAKER_CODES = UNHEALTHY_CODES - {"RESOURCE_EXHAUSTED"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class Policy:
     description: str
     server_dedup: bool
     connect: Callable[[str, ClientSettings], Client]
+    server_protected: bool = False
 
 
 def _code_name(error: grpc.RpcError) -> str:
@@ -201,6 +209,7 @@ def _ours(*, jitter: str, budget: bool, breaker: bool) -> Callable[[str, ClientS
                 CircuitBreaker(
                     fail_max=settings.breaker_fail_max,
                     reset_timeout=settings.breaker_reset_timeout,
+                    codes=BREAKER_CODES,
                 )
                 if breaker
                 else None
@@ -225,6 +234,14 @@ def _ours(*, jitter: str, budget: bool, breaker: bool) -> Callable[[str, ClientS
 POLICIES: tuple[Policy, ...] = (
     Policy("no-retry", "no retry", "one attempt, 250 ms timeout", False, _no_retry),
     Policy("naive-x3", "naive retry x3", "retry any error at once, 3 attempts", False, _naive),
+    Policy(
+        "naive-x3-protected",
+        "naive retry x3 + protected server",
+        "naive x3 against a server with OverloadInterceptor() on an OverloadExecutor",
+        False,
+        _naive,
+        server_protected=True,
+    ),
     Policy(
         "exp-no-jitter",
         "exponential, no jitter",
@@ -254,11 +271,20 @@ POLICIES: tuple[Policy, ...] = (
         _ours(jitter="full", budget=True, breaker=True),
     ),
     Policy(
-        "full-stack",
-        "full stack + server dedup",
+        "full-stack-unprotected",
+        "full stack, unprotected server",
         "ours: full jitter + budget + breaker + idempotency keys; server DedupInterceptor(MemoryStore())",
         True,
         _ours(jitter="full", budget=True, breaker=True),
+    ),
+    Policy(
+        "full-stack",
+        "full stack + server dedup + protected",
+        "ours: full jitter + budget + breaker + idempotency keys; server OverloadInterceptor() "
+        "then DedupInterceptor(MemoryStore()), on an OverloadExecutor",
+        True,
+        _ours(jitter="full", budget=True, breaker=True),
+        server_protected=True,
     ),
     Policy(
         "grpc-native",

@@ -16,6 +16,7 @@ COLUMNS = (
     "policy",
     "goodput",
     "goodput after",
+    "ok/s during",
     "amp. during",
     "amp. after",
     "p50 ms",
@@ -42,6 +43,7 @@ def row(label: str, metrics: TrialMetrics, *, has_after: bool, run_after: float)
         label,
         f"{metrics.goodput:.1%}",
         "-" if metrics.goodput_after is None else f"{metrics.goodput_after:.1%}",
+        _num(metrics.goodput_during_per_s, ".0f"),
         _num(metrics.amplification_during, ".2f") + ("x" if metrics.amplification_during else ""),
         _num(metrics.amplification_after, ".2f") + ("x" if metrics.amplification_after else ""),
         _num(metrics.p50_ms, ".0f"),
@@ -77,7 +79,7 @@ def print_tables(
             continue
         table = Table(title=f"{scenario['label']}: {scenario['description']}", title_justify="left")
         for index, column in enumerate(COLUMNS):
-            table.add_column(column, justify="left" if index == 0 else "right")
+            table.add_column(column, justify="left" if index == 0 else "right", no_wrap=index == 0)
         for cells in scenario_rows(scenario, results[scenario["name"]], labels):
             table.add_row(*cells)
         console.print(table)

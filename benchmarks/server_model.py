@@ -1,8 +1,8 @@
 """The benchmark's server: the demo ledger behind a capacity model, in its own process.
 
-Capacity model: ``workers`` workers take calls in FIFO order from a queue of at most ``queue``
-calls; a worker spends ``service_time`` seconds (a sleep, so the capacity does not depend on
-how busy the shared CPU is) and then applies the transfer. A call that finds the queue full is
+Capacity model: ``workers`` workers (a thread pool) take calls in FIFO order from a queue of
+at most ``queue`` calls; a worker spends ``service_time`` seconds (a sleep, so the capacity does
+not depend on how busy the shared CPU is) and then applies the transfer. A call that finds the queue full is
 answered ``UNAVAILABLE`` at once. Server interceptors and the handler run on the worker, as in
 ``grpc.server``; unlike ``grpc.server``'s own executor (which skips calls cancelled while
 queued), the model never looks at cancellation: a call whose client has given up is still
@@ -14,8 +14,9 @@ Every attempt that reaches the server is logged with its arrival time and status
 attempt of one logical request), so amplification and duplicates are measured, not guessed.
 
 The process is driven over stdin/stdout with one JSON object per line (see :class:`ServerProcess`
-for the client side): ``start`` a fresh server (optionally with the server ``DedupInterceptor`` and
-an outage window), ``go`` (fix the time origin of the outage window), ``stop`` (drain, return the
+for the client side): ``start`` a fresh server (optionally with the server ``DedupInterceptor``,
+with overload protection: ``OverloadInterceptor`` on an ``OverloadExecutor`` pool, and an
+outage window), ``go`` (fix the time origin of the outage window), ``stop`` (drain, return the
 logs), ``exit``. The same program in a second process runs the response-cutting
 :class:`~resilient_grpc.testing.proxy.FaultProxy` (``proxy`` / ``proxy_stop``), so neither the
 proxy's threads nor the client distort the server's capacity.
@@ -24,7 +25,6 @@ Run it with ``python -m benchmarks.server_model``.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import subprocess
@@ -74,31 +74,6 @@ class CapacityConfig:
         return self.workers / self.service_time
 
 
-class FifoWorkers:
-    """A counting semaphore that hands free workers to waiters strictly in arrival order."""
-
-    def __init__(self, workers: int) -> None:
-        self._free = workers
-        self._lock = threading.Lock()
-        self._waiters: collections.deque[threading.Event] = collections.deque()
-
-    def acquire(self) -> None:
-        with self._lock:
-            if self._free > 0 and not self._waiters:
-                self._free -= 1
-                return
-            ready = threading.Event()
-            self._waiters.append(ready)
-        ready.wait()
-
-    def release(self) -> None:
-        with self._lock:
-            if self._waiters:
-                self._waiters.popleft().set()
-            else:
-                self._free += 1
-
-
 class ServerLog:
     """What the server saw: attempts (arrival time, status) and executions (time, id, late)."""
 
@@ -112,13 +87,18 @@ class ServerLog:
 
 class CapacityInterceptor(grpc.ServerInterceptor):
     """The outermost interceptor: logs each ``Transfer`` attempt, plays the outage, admits
-    it into the bounded queue, and runs everything inside (dedup, handler) on a worker."""
+    it into the bounded queue, and runs everything inside (overload protection, dedup,
+    handler) on a worker of ``workers``: a FIFO pool of ``config.workers`` threads (an
+    :class:`~resilient_grpc.OverloadExecutor` for a protected server, so the
+    ``OverloadInterceptor`` knows how long each call queued)."""
 
-    def __init__(self, config: CapacityConfig, log: ServerLog) -> None:
+    def __init__(
+        self, config: CapacityConfig, log: ServerLog, workers: futures.ThreadPoolExecutor
+    ) -> None:
         self.config = config
         self.log = log
         self.outage: tuple[float, float] | None = None
-        self._workers = FifoWorkers(config.workers)
+        self._workers = workers
         self._lock = threading.Lock()
         self._in_system = 0
 
@@ -155,11 +135,7 @@ class CapacityInterceptor(grpc.ServerInterceptor):
                     code = "UNAVAILABLE"
                     context.abort(grpc.StatusCode.UNAVAILABLE, "overloaded: queue full")
                 try:
-                    self._workers.acquire()
-                    try:
-                        reply = inner(request, context)
-                    finally:
-                        self._workers.release()
+                    reply = self._workers.submit(inner, request, context).result()
                 finally:
                     with self._lock:
                         self._in_system -= 1
@@ -215,13 +191,24 @@ class _Running:
             service_time=float(command["service_time"]),
         )
         self.log = ServerLog()
-        self.capacity = CapacityInterceptor(self.config, self.log)
+        protected = bool(command.get("protected"))
+        if protected:
+            from resilient_grpc import OverloadExecutor
+
+            self.workers: futures.ThreadPoolExecutor = OverloadExecutor(self.config.workers)
+        else:
+            self.workers = futures.ThreadPoolExecutor(self.config.workers)
+        self.capacity = CapacityInterceptor(self.config, self.log, self.workers)
         self.outage_offsets: tuple[float, float] | None = (
             (float(command["outage"][0]), float(command["outage"][1]))
             if command.get("outage")
             else None
         )
         interceptors: list[grpc.ServerInterceptor] = [self.capacity]
+        if protected:
+            from resilient_grpc import OverloadInterceptor
+
+            interceptors.append(OverloadInterceptor())
         if command.get("dedup"):
             from resilient_grpc import DedupInterceptor, MemoryStore
 
@@ -248,6 +235,7 @@ class _Running:
         result = self.log.snapshot()
         result["undrained"] = self.capacity.in_system
         self.server.stop(0).wait(5)
+        self.workers.shutdown(wait=False, cancel_futures=True)
         return result
 
 

@@ -25,7 +25,9 @@ if TYPE_CHECKING:  # what type checkers see; at run time these load on first use
     from resilient_grpc import aio as aio
     from resilient_grpc.breaker import CircuitBreaker
     from resilient_grpc.client import client_interceptors, resilient_channel
+    from resilient_grpc.core.admission import AdmissionController
     from resilient_grpc.errors import BreakerOpenError, ThrottledError, attempts_of, reason_of
+    from resilient_grpc.overload import OverloadExecutor, OverloadInterceptor, resilient_server
     from resilient_grpc.server import DedupInterceptor
     from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, StoreUnavailableError
 
@@ -41,6 +43,10 @@ _LAZY = {
     "attempts_of": "resilient_grpc.errors",
     "reason_of": "resilient_grpc.errors",
     "DedupInterceptor": "resilient_grpc.server",
+    "AdmissionController": "resilient_grpc.core.admission",
+    "OverloadExecutor": "resilient_grpc.overload",
+    "OverloadInterceptor": "resilient_grpc.overload",
+    "resilient_server": "resilient_grpc.overload",
     "MemoryStore": "resilient_grpc.stores",
     "SQLiteStore": "resilient_grpc.stores",
     "RedisStore": "resilient_grpc.stores",
@@ -49,6 +55,7 @@ _LAZY = {
 
 __all__ = [
     "AdaptiveThrottle",
+    "AdmissionController",
     "BreakerOpenError",
     "CircuitBreaker",
     "DedupInterceptor",
@@ -56,6 +63,8 @@ __all__ = [
     "IdempotencyKeys",
     "InvalidKeyError",
     "MemoryStore",
+    "OverloadExecutor",
+    "OverloadInterceptor",
     "RedisStore",
     "RetryBudget",
     "RetryPolicy",
@@ -68,6 +77,7 @@ __all__ = [
     "idempotency_key",
     "reason_of",
     "resilient_channel",
+    "resilient_server",
 ]
 
 if not TYPE_CHECKING:

@@ -789,3 +789,85 @@ __all__ = [
     "start_client_call",
     "unregister_breaker",
 ]
+
+
+# --- server admission (OverloadInterceptor) ---------------------------------------------------
+#
+# ``resilient_grpc.server.admitted`` (counter: rpc.service, rpc.method), ``resilient_grpc.server.shed``
+# (counter: rpc.service, rpc.method, resilient_grpc.shed.reason = deadline / queue / limit) and
+# ``resilient_grpc.server.concurrency_limit`` (gauge: resilient_grpc.admission.name), made beside
+# the instruments above and remade whenever :func:`configure` replaces those.
+
+
+class ObservableLimit(Protocol):
+    """What the limit gauge needs of an overload interceptor: its name and current limit."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def limit(self) -> int: ...
+
+
+_limits: weakref.WeakSet[Any] = weakref.WeakSet()
+_admission_cache: list[Any] = []  # [(base instruments, admitted, shed, gauge)] at most one
+
+
+def register_limit(owner: ObservableLimit) -> None:
+    """Report ``owner.limit`` in the concurrency-limit gauge while ``owner`` lives (weakly held)."""
+    with _breakers_lock:
+        _limits.add(owner)
+
+
+def _observe_limits(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    with _breakers_lock:
+        owners = list(_limits)
+    return [
+        metrics.Observation(owner.limit, {"resilient_grpc.admission.name": owner.name})
+        for owner in owners
+    ]
+
+
+def _admission_instruments() -> tuple[Any, Any]:
+    base = _instruments()
+    cached = _admission_cache[0] if _admission_cache else None
+    if cached is None or cached[0] is not base:
+        with _settings.lock:
+            meter = metrics.get_meter(SCOPE, meter_provider=_settings.meter_provider)
+            cached = (
+                base,
+                meter.create_counter(
+                    "resilient_grpc.server.admitted",
+                    unit="{call}",
+                    description="Calls the overload interceptor let start.",
+                ),
+                meter.create_counter(
+                    "resilient_grpc.server.shed",
+                    unit="{call}",
+                    description="Calls refused with RESOURCE_EXHAUSTED before their handler, by reason.",
+                ),
+                meter.create_observable_gauge(
+                    "resilient_grpc.server.concurrency_limit",
+                    callbacks=[_observe_limits],
+                    unit="{call}",
+                    description="The adaptive concurrency limit of each overload interceptor.",
+                ),
+            )
+            _admission_cache[:] = [cached]
+    return cached[1], cached[2]
+
+
+def call_admitted(method: str) -> None:
+    """Count one call the overload interceptor admitted (``method``: one the server implements)."""
+    _admission_instruments()[0].add(1, _method_info(method).attributes)
+
+
+def call_shed(method: str, reason: str) -> None:
+    """Count one call refused before its handler, ``reason`` being deadline, queue or limit."""
+    _admission_instruments()[1].add(
+        1, {**_method_info(method).attributes, "resilient_grpc.shed.reason": reason}
+    )
+    _current_span_event("shed", {"resilient_grpc.shed.reason": reason})
+
+
+__all__ += ["ObservableLimit", "call_admitted", "call_shed", "register_limit"]

@@ -7,15 +7,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from resilient_grpc.aio.client import client_interceptors, resilient_channel
+    from resilient_grpc.aio.overload import OverloadInterceptor
     from resilient_grpc.aio.server import DedupInterceptor
 
 _LAZY = {
     "client_interceptors": "resilient_grpc.aio.client",
     "resilient_channel": "resilient_grpc.aio.client",
     "DedupInterceptor": "resilient_grpc.aio.server",
+    "OverloadInterceptor": "resilient_grpc.aio.overload",
 }
 
-__all__ = ["DedupInterceptor", "client_interceptors", "resilient_channel"]
+__all__ = ["DedupInterceptor", "OverloadInterceptor", "client_interceptors", "resilient_channel"]
 
 
 if not TYPE_CHECKING:  # at run time only: type checkers see the imports above

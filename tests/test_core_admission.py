@@ -1,0 +1,253 @@
+"""The admission core (:mod:`resilient_grpc.core.admission`): its rules on a fake clock, and
+``hypothesis`` properties over arbitrary sequences of calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resilient_grpc.core.admission import (
+    DEADLINE_MARGIN,
+    AdmissionController,
+    Admit,
+    Shed,
+    ShedReason,
+)
+
+M = "/ledger.v1.Ledger/Transfer"
+OTHER = "/ledger.v1.Ledger/GetBalance"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def controller(clock: Clock, **options: Any) -> AdmissionController:
+    return AdmissionController(clock=clock, uniform=lambda: 0.5, **options)
+
+
+def run(c: AdmissionController, clock: Clock, seconds: float, method: str = M) -> None:
+    """One call that is admitted and takes ``seconds``."""
+    ticket = c.decide(method, queued_for=0.0, deadline_remaining=None)
+    assert isinstance(ticket, Admit)
+    clock.now += seconds
+    c.finish(ticket)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"queue_target": 0}, "queue_target must be a finite number of seconds > 0"),
+        ({"queue_target": 0.2, "queue_interval": 0.1}, "queue_interval must be"),
+        ({"min_limit": 0}, "min_limit must be an integer >= 1"),
+        ({"min_limit": 10, "max_limit": 5}, "max_limit must be an integer >= 10"),
+        ({"initial_limit": 5000}, "initial_limit must be <= max_limit"),
+        ({"tolerance": 0.5}, "tolerance must be a finite number >= 1"),
+        ({"min_pushback": -1}, "min_pushback must be"),
+        ({"min_pushback": 1.0, "max_pushback": 0.5}, "max_pushback must be"),
+        ({"queue_interval": float("nan")}, "queue_interval must be"),
+        ({"initial_limit": True}, "initial_limit must be an integer"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AdmissionController(**options)
+
+
+def test_deadline_rule_refuses_work_that_cannot_finish_in_time() -> None:
+    clock = Clock()
+    c = controller(clock)
+    # no estimate yet: only an expired deadline is refused
+    shed = c.decide(M, queued_for=0.0, deadline_remaining=0.0)
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
+    assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=0.001), Admit)
+    c = controller(clock)
+    run(c, clock, 0.030)
+    assert c.service_time(M) == pytest.approx(0.030)
+    # 30 ms usually: a call needs 1.5 x that left
+    shed = c.decide(M, queued_for=0.0, deadline_remaining=0.040)
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
+    assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=0.050), Admit)
+    # the estimate is per method: another method has none yet
+    assert isinstance(c.decide(OTHER, queued_for=0.0, deadline_remaining=0.020), Admit)
+
+
+def test_deadline_rule_scales_the_estimate_with_the_concurrency_now() -> None:
+    """30 ms measured with 1-2 calls executing; with 8 executing, a call expects ~6x longer."""
+    clock = Clock()
+    c = controller(clock, initial_limit=100)
+    for _ in range(20):
+        pair = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(2)]
+        clock.now += 0.030
+        for ticket in pair:
+            c.finish(ticket)  # type: ignore[arg-type]
+    assert c.expected_time(M) == pytest.approx(0.030)
+    assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=0.1), Admit)
+    for _ in range(7):
+        c.decide(M, queued_for=0.0, deadline_remaining=None)
+    # it ran with 1-2 calls executing (1.5 on average); now it would be the 9th
+    assert c.expected_time(M) == pytest.approx(0.030 * 9 / 1.5, rel=0.05)
+    shed = c.decide(M, queued_for=0.0, deadline_remaining=0.1)
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
+
+
+def test_queue_rule_allows_a_burst_but_not_a_standing_queue() -> None:
+    clock = Clock()
+    c = controller(clock, queue_target=0.05, queue_interval=0.2, initial_limit=1000)
+    assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=None), Admit)
+    # a burst: the queue drained a moment ago, so a wait up to the interval is fine
+    clock.now += 0.05
+    assert isinstance(c.decide(M, queued_for=0.15, deadline_remaining=None), Admit)
+    shed = c.decide(M, queued_for=0.25, deadline_remaining=None)
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.QUEUE
+    # no call found the queue empty for longer than the interval: overloaded, allowance = target
+    clock.now += 0.2
+    assert c.overloaded()
+    shed = c.decide(M, queued_for=0.06, deadline_remaining=None)
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.QUEUE
+    assert isinstance(c.decide(M, queued_for=0.04, deadline_remaining=None), Admit)
+    # a call that waited (almost) nothing shows the queue drained: the burst allowance is back
+    assert isinstance(c.decide(M, queued_for=0.001, deadline_remaining=None), Admit)
+    assert not c.overloaded()
+    assert isinstance(c.decide(M, queued_for=0.15, deadline_remaining=None), Admit)
+    # without a measured wait the queue rule is off
+    assert isinstance(c.decide(M, queued_for=None, deadline_remaining=None), Admit)
+
+
+def test_limit_rule_refuses_beyond_the_concurrency_limit() -> None:
+    clock = Clock()
+    c = controller(clock, initial_limit=2, min_limit=1, max_limit=2)
+    first = c.decide(M, queued_for=0.0, deadline_remaining=None)
+    second = c.decide(M, queued_for=0.0, deadline_remaining=None)
+    assert isinstance(first, Admit) and isinstance(second, Admit)
+    shed = c.decide(M, queued_for=0.0, deadline_remaining=None)
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.LIMIT
+    assert c.in_flight == 2
+    clock.now += 0.01
+    c.finish(first)
+    assert c.in_flight == 1
+    assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=None), Admit)
+
+
+def test_limit_shrinks_when_latency_climbs_and_grows_back_when_it_is_used() -> None:
+    clock = Clock()
+    c = controller(clock, initial_limit=40, min_limit=2, max_limit=200, tolerance=2.0)
+    for _ in range(600):
+        run(c, clock, 0.010)  # baseline 10 ms
+    start = c.limit
+    # executions slow to 50 ms (5x the baseline, beyond the 2x tolerance): the limit comes down
+    for _ in range(40):
+        run(c, clock, 0.050)
+    assert c.limit < start / 2
+    low = c.limit
+    # back to 10 ms with the limit in use (many calls at once): it grows again
+    for _ in range(60):
+        tickets = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(c.limit)]
+        clock.now += 0.010
+        for ticket in tickets:
+            assert isinstance(ticket, Admit)
+            c.finish(ticket)
+    assert c.limit > low * 2
+
+
+def test_fast_replays_mixed_in_do_not_shrink_the_limit() -> None:
+    """A dedup replay takes 0.1 ms, an execution 28 ms: the mix is the method's normal cost."""
+    clock = Clock()
+    c = controller(clock, initial_limit=16, min_limit=2, max_limit=16)
+    for _ in range(400):
+        tickets = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(8)]
+        assert all(isinstance(ticket, Admit) for ticket in tickets)
+        clock.now += 0.028
+        for ticket in tickets[:6]:
+            c.finish(ticket)  # type: ignore[arg-type]
+        replays = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(2)]
+        clock.now += 0.0001
+        for ticket in replays:  # a quarter of the calls are replays
+            c.finish(ticket)  # type: ignore[arg-type]
+        for ticket in tickets[6:]:
+            c.finish(ticket)  # type: ignore[arg-type]
+    assert c.limit == 16
+
+
+def test_limit_does_not_grow_while_unused() -> None:
+    clock = Clock()
+    c = controller(clock, initial_limit=10, max_limit=1000)
+    for _ in range(200):
+        run(c, clock, 0.010)  # one call at a time: the limit is not what holds anything back
+    assert c.limit == 10
+
+
+def test_pushback_grows_with_the_shed_fraction_and_stays_in_bounds() -> None:
+    clock = Clock()
+    c = controller(clock, initial_limit=1, min_limit=1, max_limit=1, min_pushback=0.01)
+    run(c, clock, 0.040)
+    held = c.decide(M, queued_for=0.0, deadline_remaining=None)
+    assert isinstance(held, Admit)
+    pushbacks = []
+    for _ in range(60):
+        shed = c.decide(M, queued_for=0.0, deadline_remaining=None)
+        assert isinstance(shed, Shed)
+        pushbacks.append(shed.pushback)
+    # based on the expected time (40 ms measured alone, x2 with the held call running), scaled up
+    # as refusals pile up, never past max_pushback
+    assert c.expected_time(M) == pytest.approx(0.080)
+    assert pushbacks[0] == pytest.approx(0.080, rel=0.05)
+    assert pushbacks[-1] > 1.5 * pushbacks[0]
+    assert all(0.01 <= p <= 2.0 for p in pushbacks)
+    assert Shed(ShedReason.LIMIT, 0.1234).pushback_ms == 123
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("call"),
+            st.sampled_from([M, OTHER]),
+            st.one_of(st.none(), st.floats(0, 1)),  # queued_for
+            st.one_of(st.none(), st.floats(-0.1, 2)),  # deadline_remaining
+        ),
+        st.tuples(st.just("finish"), st.integers(0, 50)),
+        st.tuples(st.just("tick"), st.floats(0, 0.5)),
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPS, st.floats(0, 0.999))
+def test_invariants_over_any_sequence(ops: list[tuple[Any, ...]], jitter: float) -> None:
+    clock = Clock()
+    c = AdmissionController(
+        clock=clock, uniform=lambda: jitter, initial_limit=4, min_limit=1, max_limit=8
+    )
+    running: list[Admit] = []
+    for op in ops:
+        if op[0] == "tick":
+            clock.now += op[1]
+        elif op[0] == "finish" and running:
+            c.finish(running.pop(op[1] % len(running)))
+        elif op[0] == "call":
+            _, method, queued_for, remaining = op
+            estimate = c.expected_time(method)
+            in_flight, limit = c.in_flight, c.limit
+            decision = c.decide(method, queued_for=queued_for, deadline_remaining=remaining)
+            if isinstance(decision, Admit):
+                running.append(decision)
+                # never admitted: expired, slower than the estimate allows, beyond the limit
+                # or after a wait longer than the longest allowance
+                assert remaining is None or remaining > 0
+                assert (
+                    remaining is None or estimate is None or remaining >= DEADLINE_MARGIN * estimate
+                )
+                assert in_flight < limit
+                assert queued_for is None or queued_for <= c.queue_interval
+            else:
+                assert c.min_pushback <= decision.pushback <= c.max_pushback
+        assert c.in_flight == len(running)
+        assert c.min_limit <= c.limit <= c.max_limit
