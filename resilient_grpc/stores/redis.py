@@ -12,11 +12,19 @@ Claim, get, complete and release are each one Lua script (one round trip, atomic
 key only if absent and otherwise returns the record and its remaining lease; complete and release
 act only if the key still holds *our* claim, byte for byte (fencing: a stale executor whose lease
 lapsed, or who was taken over, changes nothing). The raw idempotency key never reaches Redis.
+
+On first use the store reads the server's ``appendonly``, ``save`` and ``maxmemory-policy`` and
+logs one WARNING naming each setting that lets Redis forget a claim or a record (see
+:func:`unsafe_settings`), or that it could not check (``CONFIG`` disabled, as on most managed
+Redis); ``check_config=False`` skips the check.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
+from collections.abc import Mapping
 from typing import Any
 
 try:
@@ -43,10 +51,14 @@ from resilient_grpc.stores.base import (
     AsyncStore,
     Store,
     StoreUnavailableError,
+    UndecodableRecordError,
     new_token,
 )
 
 DEFAULT_PREFIX = "resilient-grpc:dedup:"
+#: The settings read on first use (one ``CONFIG GET`` each, pipelined: one round trip).
+CHECKED_SETTINGS = ("appendonly", "save", "maxmemory-policy", "maxmemory")
+_log = logging.getLogger(__name__)
 
 _CLAIM = """
 local record = redis.call('GET', KEYS[1])
@@ -69,8 +81,7 @@ def _claim_args(fingerprint: bytes, token: int, lease: float) -> list[Any]:
     return [b"P" + _token(token) + fingerprint, _milliseconds(lease)]
 
 
-def _claimed(token: int, reply: Any) -> ClaimResult:
-    record = _record(reply)
+def _claimed(token: int, record: Record | None) -> ClaimResult:
     return ClaimResult(token) if record is None else ClaimResult(None, record)
 
 
@@ -88,26 +99,121 @@ def _milliseconds(seconds: float) -> int:
 
 
 def _record(reply: Any) -> Record | None:
-    """Parse a ``{value, pttl}`` reply (``0``: no record)."""
+    """Parse a ``{value, pttl}`` reply (``0``: no record); ``ValueError`` on a value we did not write."""
     if not reply:
         return None
     value, pttl = bytes(reply[0]), int(reply[1])
+    kind = value[:1]
     fingerprint = value[9:41]
-    if value[:1] == b"P":
+    if kind == b"P" and len(value) == 41:
         return Record(RecordState.IN_PROGRESS, fingerprint, None, max(pttl, 0) / 1000.0)
-    return Record(RecordState.COMPLETED, fingerprint, decode_outcome(value[41:]))
+    if kind == b"C" and len(value) > 41:
+        return Record(RecordState.COMPLETED, fingerprint, decode_outcome(value[41:]))
+    raise ValueError(f"unknown record layout (first byte {kind!r}, {len(value)} bytes)")
+
+
+def unsafe_settings(config: Mapping[str, str]) -> list[str]:
+    """Which of a Redis server's settings (``CONFIG GET`` answers) let it forget dedup records.
+
+    * ``appendonly no``: a restart loses every claim and record written since the last RDB
+      snapshot (all of them if ``save`` is empty too): in-flight keys run again concurrently
+      and completed keys execute again.
+    * ``maxmemory-policy`` other than ``noeviction``: ``allkeys-*`` evicts any key, and
+      ``volatile-*`` evicts keys with a TTL, which every dedup record has. With ``noeviction`` a
+      full Redis refuses the claim instead (UNAVAILABLE: fail closed).
+    """
+    problems = []
+    if config.get("appendonly", "no") != "yes":
+        if config.get("save", "").strip():
+            problems.append(
+                f"appendonly no (only RDB snapshots, save {config['save']!r}: a restart loses "
+                "the claims and records written since the last snapshot)"
+            )
+        else:
+            problems.append(
+                'appendonly no and save "" (no persistence: a restart loses every claim and record)'
+            )
+    policy = config.get("maxmemory-policy", "noeviction")
+    if policy != "noeviction":
+        limit = config.get("maxmemory", "0")
+        problems.append(
+            f"maxmemory-policy {policy} (evicts dedup records, which all carry a TTL, "
+            f"when memory is full; maxmemory {limit}): use noeviction"
+        )
+    return problems
+
+
+def _config_reply(replies: list[Any]) -> dict[str, str]:
+    config: dict[str, str] = {}
+    for reply in replies:
+        for name, value in dict(reply).items():
+            config[_text(name)] = _text(value)
+    return config
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class _Layout:
     """Key names, script arguments and reply parsing shared by the sync and async stores."""
 
-    def __init__(self, prefix: str, ttl: float, where: str) -> None:
+    def __init__(self, prefix: str, ttl: float, where: str, *, check_config: bool) -> None:
         if not isinstance(prefix, str):
             raise ValueError(f"prefix must be a string, got {prefix!r}")
         finite_number("ttl", ttl, above=0.0, unit=" of seconds")
+        if not isinstance(check_config, bool):
+            raise ValueError(f"check_config must be True or False, got {check_config!r}")
         self.prefix = prefix
         self.ttl = float(ttl)
         self.where = where
+        #: whether the server's settings still need checking (once per store, both clients)
+        self.config_unchecked = check_config
+        self._check_lock = threading.Lock()
+
+    def begin_check(self) -> bool:
+        """Whether this caller should check the server's settings now (only one caller does)."""
+        with self._check_lock:
+            if not self.config_unchecked:
+                return False
+            self.config_unchecked = False
+            return True
+
+    def checked(self, replies: list[Any] | None, error: Exception | None) -> None:
+        """Log what the settings check found: each unsafe setting, or why it could not check."""
+        if error is not None:
+            if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+                self.config_unchecked = True  # unreachable for now: check on a later call
+                return
+            _log.warning(
+                "RedisStore could not check that Redis at %s keeps dedup records (CONFIG GET "
+                "failed: %s: %s; managed Redis often disables CONFIG): make sure it persists "
+                "writes (appendonly yes) and never evicts them (maxmemory-policy noeviction), "
+                "or pass check_config=False once you have",
+                self.where,
+                type(error).__name__,
+                error,
+            )
+            return
+        assert replies is not None
+        problems = unsafe_settings(_config_reply(replies))
+        if problems:
+            _log.warning(
+                "Redis at %s can forget dedup records, so a key may execute twice: %s. "
+                "See the README, 'What Redis must guarantee'",
+                self.where,
+                "; ".join(problems),
+            )
+
+    def record(self, key: str, reply: Any) -> Record | None:
+        """The record in a script's reply; :class:`UndecodableRecordError` if we cannot read it."""
+        try:
+            return _record(reply)
+        except (ValueError, TypeError, IndexError) as error:
+            raise UndecodableRecordError(
+                f"Redis store at {self.where}: the record {self.name(key)} cannot be decoded "
+                f"(corrupt, or written by a newer version): {error}"
+            ) from error
 
     def name(self, key: str) -> str:
         return f"{self.prefix}{{{key}}}"
@@ -155,7 +261,11 @@ class RedisStore(Store):
     ``client`` is a ``redis.Redis`` (for ``grpc.server``) or a ``redis.asyncio.Redis`` (for
     ``grpc.aio``); :meth:`from_url` makes both, so one store serves either interceptor. Any Redis
     error (refused connection, timeout, ``READONLY``...) raises
-    :class:`~resilient_grpc.stores.base.StoreUnavailableError` naming the server.
+    :class:`~resilient_grpc.stores.base.StoreUnavailableError` naming the server; a value this
+    code cannot decode raises its subclass
+    :class:`~resilient_grpc.stores.base.UndecodableRecordError`. ``check_config``: read the
+    server's persistence and eviction settings on first use and log a WARNING naming each unsafe
+    one (:func:`unsafe_settings`).
     """
 
     def __init__(
@@ -165,6 +275,7 @@ class RedisStore(Store):
         async_client: redis.asyncio.Redis | None = None,
         prefix: str = DEFAULT_PREFIX,
         ttl: float = DEFAULT_TTL,
+        check_config: bool = True,
     ) -> None:
         sync_client: redis.Redis | None = None
         if isinstance(client, redis.asyncio.Redis):
@@ -177,7 +288,7 @@ class RedisStore(Store):
             )
         self._client = sync_client
         self._async_client = async_client
-        self.layout = _Layout(prefix, ttl, _where(client))
+        self.layout = _Layout(prefix, ttl, _where(client), check_config=check_config)
         self.ttl = self.layout.ttl
         self._scripts = _scripts(sync_client) if sync_client is not None else {}
 
@@ -188,6 +299,7 @@ class RedisStore(Store):
         *,
         prefix: str = DEFAULT_PREFIX,
         ttl: float = DEFAULT_TTL,
+        check_config: bool = True,
         socket_timeout: float = 2.0,
         socket_connect_timeout: float = 1.0,
         **client_options: Any,
@@ -206,7 +318,13 @@ class RedisStore(Store):
         async_client = redis.asyncio.Redis.from_url(
             url, retry=redis.asyncio.retry.Retry(NoBackoff(), 1), **options
         )
-        return cls(sync_client, async_client=async_client, prefix=prefix, ttl=ttl)
+        return cls(
+            sync_client,
+            async_client=async_client,
+            prefix=prefix,
+            ttl=ttl,
+            check_config=check_config,
+        )
 
     def _call(self, script: str, key: str, args: list[Any]) -> Any:
         if self._client is None:
@@ -214,14 +332,28 @@ class RedisStore(Store):
                 "this RedisStore has only a redis.asyncio client: use it with "
                 "resilient_grpc.aio.DedupInterceptor, or build it with RedisStore.from_url"
             )
+        if self.layout.config_unchecked and self.layout.begin_check():
+            self._check_config(self._client)
         try:
             return self._scripts[script](keys=[self.layout.name(key)], args=args)
         except redis.RedisError as error:
             raise self.layout.unavailable(error) from error
 
+    def _check_config(self, client: redis.Redis) -> None:
+        try:
+            pipeline = client.pipeline(transaction=False)
+            for name in CHECKED_SETTINGS:
+                pipeline.config_get(name)
+            replies = pipeline.execute()
+        except redis.RedisError as error:
+            self.layout.checked(None, error)
+        else:
+            self.layout.checked(replies, None)
+
     def claim(self, key: str, fingerprint: bytes, *, lease: float) -> ClaimResult:
         token = new_token()
-        return _claimed(token, self._call("claim", key, _claim_args(fingerprint, token, lease)))
+        reply = self._call("claim", key, _claim_args(fingerprint, token, lease))
+        return _claimed(token, self.layout.record(key, reply))
 
     def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
         return bool(self._call("complete", key, self.layout.complete_args(token, outcome, ttl)))
@@ -230,7 +362,7 @@ class RedisStore(Store):
         return bool(self._call("release", key, [_token(token)]))
 
     def get(self, key: str) -> Record | None:
-        return _record(self._call("get", key, []))
+        return self.layout.record(key, self._call("get", key, []))
 
     def as_async(self) -> AsyncStore:
         if self._async_client is None:
@@ -255,15 +387,28 @@ class _AsyncRedisStore(AsyncStore):
         self._scripts = _scripts(client)
 
     async def _call(self, script: str, key: str, args: list[Any]) -> Any:
+        if self.layout.config_unchecked and self.layout.begin_check():
+            await self._check_config()
         try:
             return await self._scripts[script](keys=[self.layout.name(key)], args=args)
         except redis.RedisError as error:
             raise self.layout.unavailable(error) from error
 
+    async def _check_config(self) -> None:
+        try:
+            pipeline = self._client.pipeline(transaction=False)
+            for name in CHECKED_SETTINGS:
+                pipeline.config_get(name)
+            replies = await pipeline.execute()
+        except redis.RedisError as error:
+            self.layout.checked(None, error)
+        else:
+            self.layout.checked(replies, None)
+
     async def claim(self, key: str, fingerprint: bytes, *, lease: float) -> ClaimResult:
         token = new_token()
         reply = await self._call("claim", key, _claim_args(fingerprint, token, lease))
-        return _claimed(token, reply)
+        return _claimed(token, self.layout.record(key, reply))
 
     async def complete(
         self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
@@ -275,7 +420,7 @@ class _AsyncRedisStore(AsyncStore):
         return bool(await self._call("release", key, [_token(token)]))
 
     async def get(self, key: str) -> Record | None:
-        return _record(await self._call("get", key, []))
+        return self.layout.record(key, await self._call("get", key, []))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -22,15 +23,17 @@ from resilient_grpc.core.dedup import (
     encode_outcome,
     release_allowed,
 )
-from resilient_grpc.core.validation import finite_number
+from resilient_grpc.core.validation import finite_number, whole_number
 from resilient_grpc.stores.base import (
     DEFAULT_TTL,
     Store,
     StoreUnavailableError,
+    UndecodableRecordError,
     new_token,
 )
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resilient_grpc_dedup (
@@ -43,17 +46,26 @@ CREATE TABLE IF NOT EXISTS resilient_grpc_dedup (
     outcome BLOB
 ) WITHOUT ROWID
 """
+_INDEX = "CREATE INDEX IF NOT EXISTS resilient_grpc_dedup_expires_at ON resilient_grpc_dedup (expires_at)"
 _SELECT = (
     "SELECT state, fingerprint, token, lease_until, expires_at, outcome "
     "FROM resilient_grpc_dedup WHERE key = ?"
 )
 _UPSERT = "INSERT OR REPLACE INTO resilient_grpc_dedup VALUES (?, ?, ?, ?, ?, ?, ?)"
 _DELETE = "DELETE FROM resilient_grpc_dedup WHERE key = ?"
-_PURGE = "DELETE FROM resilient_grpc_dedup WHERE expires_at <= ?"
+# A bounded batch, oldest expiry first, found through the expires_at index.
+_PURGE = (
+    "DELETE FROM resilient_grpc_dedup WHERE key IN (SELECT key FROM resilient_grpc_dedup "
+    "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)"
+)
 _STATES = {RecordState.IN_PROGRESS: 0, RecordState.COMPLETED: 1}
 _BY_NUMBER = {number: state for state, number in _STATES.items()}
-#: Expired rows are deleted every this many claims (per process).
-PURGE_EVERY = 1024
+#: Seconds between two purges of expired rows (per store object, in a background thread).
+DEFAULT_PURGE_INTERVAL = 60.0
+#: Rows deleted per purge transaction: a purge never holds the write lock for long.
+DEFAULT_PURGE_BATCH = 1000
+#: Batches per purge at most (the rest waits for the next one).
+_PURGE_BATCHES = 100
 
 
 class SQLiteStore(Store):
@@ -66,6 +78,12 @@ class SQLiteStore(Store):
     ``busy_timeout`` bounds how long a write waits for another process's lock before the store
     reports itself unavailable. One connection per thread; the async view
     (:meth:`~resilient_grpc.stores.base.Store.as_async`) runs the calls in worker threads.
+
+    Expired rows are deleted by a background thread (started by the first claim, stopped by
+    :meth:`close`) every ``purge_interval`` seconds, in transactions of at most ``purge_batch``
+    rows found through an index on ``expires_at``: a claim never pays for a purge, and a purge
+    never holds the write lock long. A row that cannot be decoded raises
+    :class:`~resilient_grpc.stores.base.UndecodableRecordError`.
     """
 
     def __init__(
@@ -75,10 +93,14 @@ class SQLiteStore(Store):
         ttl: float = DEFAULT_TTL,
         busy_timeout: float = 5.0,
         synchronous: str = "NORMAL",
+        purge_interval: float = DEFAULT_PURGE_INTERVAL,
+        purge_batch: int = DEFAULT_PURGE_BATCH,
         clock: Clock = time.time,
     ) -> None:
         finite_number("ttl", ttl, above=0.0, unit=" of seconds")
         finite_number("busy_timeout", busy_timeout, above=0.0, unit=" of seconds")
+        finite_number("purge_interval", purge_interval, above=0.0, unit=" of seconds")
+        whole_number("purge_batch", purge_batch, at_least=1)
         if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise ValueError(
                 f"synchronous must be one of OFF, NORMAL, FULL, EXTRA, got {synchronous!r}"
@@ -90,22 +112,25 @@ class SQLiteStore(Store):
         self._clock = clock
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
+        self.purge_interval = float(purge_interval)
+        self.purge_batch = purge_batch
         self._lock = threading.Lock()
-        self._claims = 0
+        self._purger: threading.Thread | None = None
+        self._closing = threading.Event()
         self._run(lambda connection: None)  # create the file and schema now: fail early
 
     def claim(self, key: str, fingerprint: bytes, *, lease: float) -> ClaimResult:
         token = new_token()
+        if self._purger is None:
+            self._start_purger()
 
         def claim(connection: sqlite3.Connection) -> ClaimResult:
             now = self._clock()
-            existing = _entry(connection.execute(_SELECT, (key,)).fetchone())
+            existing = self._entry(key, connection.execute(_SELECT, (key,)).fetchone())
             entry = claim_entry(existing, fingerprint, token, now=now, lease=lease)
             if entry is None:
                 assert existing is not None
                 return ClaimResult(None, existing.view(now))
-            if self._count_claim() % PURGE_EVERY == 0:
-                connection.execute(_PURGE, (now,))
             connection.execute(_UPSERT, _row(key, entry))
             return ClaimResult(token)
 
@@ -113,7 +138,7 @@ class SQLiteStore(Store):
 
     def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
         def complete(connection: sqlite3.Connection) -> bool:
-            existing = _entry(connection.execute(_SELECT, (key,)).fetchone())
+            existing = self._entry(key, connection.execute(_SELECT, (key,)).fetchone())
             entry = complete_entry(
                 existing,
                 token,
@@ -130,7 +155,8 @@ class SQLiteStore(Store):
 
     def release(self, key: str, token: int) -> bool:
         def release(connection: sqlite3.Connection) -> bool:
-            if not release_allowed(_entry(connection.execute(_SELECT, (key,)).fetchone()), token):
+            row = connection.execute(_SELECT, (key,)).fetchone()
+            if not release_allowed(self._entry(key, row), token):
                 return False
             connection.execute(_DELETE, (key,))
             return True
@@ -139,13 +165,35 @@ class SQLiteStore(Store):
 
     def get(self, key: str) -> Record | None:
         def get(connection: sqlite3.Connection) -> Record | None:
-            entry = _entry(connection.execute(_SELECT, (key,)).fetchone())
+            entry = self._entry(key, connection.execute(_SELECT, (key,)).fetchone())
             now = self._clock()
             return entry.view(now) if entry is not None and entry.live(now) else None
 
         return self._run(get)
 
+    def purge(self) -> int:
+        """Delete expired rows now, in batches of ``purge_batch`` (each its own short write
+        transaction, at most 100 batches); returns how many were deleted. The background purger
+        calls this every ``purge_interval`` seconds."""
+        deleted = 0
+        for _ in range(_PURGE_BATCHES):
+
+            def batch(connection: sqlite3.Connection) -> int:
+                cursor = connection.execute(_PURGE, (self._clock(), self.purge_batch))
+                return cursor.rowcount
+
+            count = self._transaction(batch)
+            deleted += count
+            if count < self.purge_batch or self._closing.is_set():
+                break
+        return deleted
+
     def close(self) -> None:
+        self._closing.set()
+        with self._lock:
+            purger, self._purger = self._purger, None
+        if purger is not None and purger is not threading.current_thread():
+            purger.join()
         with self._lock:
             connections, self._connections = self._connections, []
         for connection in connections:
@@ -154,10 +202,32 @@ class SQLiteStore(Store):
 
     # -- internals
 
-    def _count_claim(self) -> int:
+    def _start_purger(self) -> None:
         with self._lock:
-            self._claims += 1
-            return self._claims
+            if self._purger is not None or self._closing.is_set():
+                return
+            self._purger = threading.Thread(
+                target=self._purge_forever, name=f"SQLiteStore purge {self.path}", daemon=True
+            )
+            self._purger.start()
+
+    def _purge_forever(self) -> None:
+        while not self._closing.wait(self.purge_interval):
+            try:
+                self.purge()
+            except StoreUnavailableError as error:  # locked or gone for now: try next time
+                _log.warning("purging expired dedup records failed: %s", error)
+
+    def _entry(
+        self, key: str, row: tuple[int, bytes, int, float, float, bytes | None] | None
+    ) -> Entry | None:
+        try:
+            return _entry(row)
+        except (ValueError, TypeError) as error:
+            raise UndecodableRecordError(
+                f"SQLite store {self.path!r}: the record of key {key[:16]}... cannot be decoded "
+                f"(corrupt, or written by a newer version): {error}"
+            ) from error
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -185,6 +255,7 @@ class SQLiteStore(Store):
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute(f"PRAGMA synchronous={self.synchronous}")
                 connection.execute(_SCHEMA)
+                connection.execute(_INDEX)
                 return
             except sqlite3.OperationalError as error:
                 if "locked" not in str(error) or time.monotonic() >= deadline:
@@ -218,8 +289,17 @@ def _entry(row: tuple[int, bytes, int, float, float, bytes | None] | None) -> En
     if row is None:
         return None
     state, fingerprint, token, lease_until, expires_at, outcome = row
+    record_state = _BY_NUMBER.get(state)
+    if record_state is None:
+        raise ValueError(f"unknown record state {state!r}")
+    if not isinstance(fingerprint, bytes):
+        raise ValueError(f"the stored fingerprint is a {type(fingerprint).__name__}, not bytes")
+    if (outcome is None) != (record_state is RecordState.IN_PROGRESS):
+        raise ValueError(
+            f"a {record_state.value} record {'without' if outcome is None else 'with'} an outcome"
+        )
     return Entry(
-        _BY_NUMBER[state],
+        record_state,
         bytes(fingerprint),
         token,
         lease_until,
