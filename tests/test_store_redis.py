@@ -25,7 +25,7 @@ FP = fingerprint(b"request")
 
 def test_keys_are_hash_tagged_digests(redis_url: str) -> None:
     store = RedisStore.from_url(redis_url)
-    key = scoped_key("/ledger.v1.Ledger/Transfer", "tenant-1", "raw-key-123")
+    key = scoped_key("tenant-1", "raw-key-123")
     claim = store.claim(key, FP, lease=5)
     assert claim.token is not None
     assert store.complete(key, claim.token, Outcome(responses=(b"ok",)))
@@ -259,7 +259,7 @@ async def test_an_undecodable_value_is_a_store_error_not_a_crash(
     redis_url: str, value: bytes
 ) -> None:
     store = RedisStore.from_url(redis_url, check_config=False)
-    key = scoped_key("/ledger.v1.Ledger/Transfer", "tenant-1", "k")
+    key = scoped_key("tenant-1", "k")
     client = redis.Redis.from_url(redis_url)
     client.set(store.layout.name(key), value, px=60_000)
     view = store.as_async()

@@ -94,19 +94,19 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     # -- handler wrappers
 
     def _wrap(self, method: str, handler: _Handler) -> _Handler:
-        deserialize = handler.request_deserializer or unchanged
+        deserialize = handler.request_deserializer
         serialize = handler.response_serializer or unchanged
         if handler.response_streaming:
             stream: Any = handler.unary_stream  # an async generator function (checked above)
 
             async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-                driver = await self._admit(method, raw, context)
+                driver, request = await self._admit(method, raw, context, deserialize)
 
                 async def execute(_: int | None) -> Execution:
                     collected = Collector(self.settings.flow_settings.max_response_bytes)
                     with driver.scope():
                         try:
-                            async for message in stream(deserialize(raw), context):
+                            async for message in stream(request, context):
                                 data = serialize(message)
                                 collected.add(data)
                                 await context.write(data)
@@ -137,12 +137,12 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         async def unary_unary(
             raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
         ) -> bytes | None:
-            driver = await self._admit(method, raw, context)
+            driver, request = await self._admit(method, raw, context, deserialize)
 
             async def execute(_: int | None) -> Execution:
                 with driver.scope():
                     try:
-                        response = await unary(deserialize(raw), context)
+                        response = await unary(request, context)
                     except Exception as error:
                         driver.error = error
                         return Execution(_aborted_outcome(error, context, (), 0))
@@ -163,13 +163,17 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(unary_unary)
 
     async def _admit(
-        self, method: str, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> FlowDriver[Any]:
-        plan = self.admit(method, context)
+        self,
+        method: str,
+        raw: bytes,
+        context: grpc.aio.ServicerContext[Any, Any],
+        deserialize: Callable[[bytes], Any] | None,
+    ) -> tuple[FlowDriver[Any], Any]:
+        plan = self.admit(method, context, raw, deserialize)
         if isinstance(plan, tuple):
             await context.abort(*plan)
         assert isinstance(plan, CallPlan)
-        return self.driver(plan, raw)
+        return self.driver(plan), plan.request
 
     @staticmethod
     async def _finish(context: grpc.aio.ServicerContext[Any, Any], outcome: Outcome) -> None:
