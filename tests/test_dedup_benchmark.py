@@ -38,3 +38,6 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path, redis_url: str) ->
         targets = report["targets"][flavour]
         assert targets["redis_first_round_trips"] == 2.0
         assert targets["redis_replay_round_trips"] == 1.0
+    assert set(report["fingerprint"]) == {"TransferRequest", "Struct, 20 map entries"}
+    for row in report["fingerprint"].values():
+        assert row["canonical_us"] > 0 and row["raw_sha256_us"] > 0 and row["deserialize_us"] > 0

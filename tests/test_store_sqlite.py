@@ -1,6 +1,7 @@
 """SQLiteStore specifics: WAL, durability across reopen, processes sharing one file, precise
 StoreUnavailableError messages for a missing directory or a lock held too long, expired rows purged
-outside any claim (indexed, in bounded batches), and undecodable rows reported as store errors."""
+outside any claim (in bounded batches, found outside any write transaction), and undecodable rows
+reported as store errors."""
 
 from __future__ import annotations
 
@@ -97,15 +98,20 @@ def _rows(path: Path) -> int:
     return int(count)
 
 
-def test_expired_rows_are_found_through_an_index(tmp_path: Path) -> None:
-    path = tmp_path / "dedup.sqlite3"
-    SQLiteStore(path).close()
-    with sqlite3.connect(path) as connection:
-        plan = connection.execute(
-            "EXPLAIN QUERY PLAN SELECT key FROM resilient_grpc_dedup WHERE expires_at <= 1 "
-            "ORDER BY expires_at LIMIT 10"
-        ).fetchall()
-    assert any("resilient_grpc_dedup_expires_at" in str(step) for step in plan), plan
+def test_a_row_claimed_again_between_the_scan_and_the_delete_survives(tmp_path: Path) -> None:
+    clock = Clock()
+    store = SQLiteStore(tmp_path / "dedup.sqlite3", clock=clock, purge_interval=3600)
+    for key in ("a", "b"):
+        assert store.claim(key, FP, lease=1).token is not None
+    clock.now += 10
+    keys = store.expired_keys("", clock.now)
+    assert keys == ["a", "b"]
+    again = store.claim("a", FP, lease=30)  # a retry claims the expired key anew
+    assert again.token is not None
+    assert store.delete_expired(keys, clock.now) == 1
+    record = store.get("a")
+    assert record is not None and record.state is RecordState.IN_PROGRESS
+    store.close()
 
 
 def test_a_claim_never_purges_inside_its_transaction(tmp_path: Path) -> None:
@@ -129,18 +135,32 @@ def test_purge_deletes_expired_rows_in_bounded_batches(tmp_path: Path) -> None:
     clock = Clock()
     store = SQLiteStore(path, clock=clock, purge_interval=3600, purge_batch=1000)
     for index in range(2500):
-        assert store.claim(f"old{index}", FP, lease=1).token is not None
+        assert store.claim(f"old{index:05d}", FP, lease=1).token is not None
     live = store.claim("live", FP, lease=60)
     assert live.token is not None
     clock.now += 10
     statements: list[str] = []
     store._connection().set_trace_callback(statements.append)
     assert store.purge() == 2500
-    deletes = [s for s in statements if s.lstrip().upper().startswith("DELETE")]
-    commits = [s for s in statements if s.strip().upper() == "COMMIT"]
-    assert len(deletes) == 3 and len(commits) == 3  # 1000 + 1000 + 500, each its own transaction
     assert _rows(path) == 1
     assert store.get("live") is not None
+    # 1000 + 1000 + 500 deletes, each batch its own write transaction; the scans that found
+    # them ran outside any write transaction (BEGIN IMMEDIATE takes the write lock)
+    transactions: list[list[str]] = []
+    inside = False
+    for statement in statements:
+        verb = statement.split()[0].upper()
+        if verb == "BEGIN":
+            inside = True
+            transactions.append([])
+        elif verb == "COMMIT":
+            inside = False
+        elif verb == "SELECT":
+            assert not inside, "a purge scan ran inside a write transaction"
+        elif inside:
+            transactions[-1].append(verb)
+    assert [len(t) for t in transactions] == [1000, 1000, 500]
+    assert all(verb == "DELETE" for t in transactions for verb in t)
     store.close()
 
 

@@ -46,26 +46,26 @@ CREATE TABLE IF NOT EXISTS resilient_grpc_dedup (
     outcome BLOB
 ) WITHOUT ROWID
 """
-_INDEX = "CREATE INDEX IF NOT EXISTS resilient_grpc_dedup_expires_at ON resilient_grpc_dedup (expires_at)"
 _SELECT = (
     "SELECT state, fingerprint, token, lease_until, expires_at, outcome "
     "FROM resilient_grpc_dedup WHERE key = ?"
 )
 _UPSERT = "INSERT OR REPLACE INTO resilient_grpc_dedup VALUES (?, ?, ?, ?, ?, ?, ?)"
 _DELETE = "DELETE FROM resilient_grpc_dedup WHERE key = ?"
-# A bounded batch, oldest expiry first, found through the expires_at index.
-_PURGE = (
-    "DELETE FROM resilient_grpc_dedup WHERE key IN (SELECT key FROM resilient_grpc_dedup "
-    "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)"
+# The purge: a read-only scan in key order (in WAL mode it blocks no writer) finds a batch of
+# expired keys, then one short write transaction deletes them, each only if still expired (it
+# may have been claimed again in between). No index on expires_at: keeping one up to date
+# doubled the cost of a claim plus completion (47 -> 87 us measured), for every call.
+_EXPIRED = (
+    "SELECT key FROM resilient_grpc_dedup WHERE key > ? AND expires_at <= ? ORDER BY key LIMIT ?"
 )
+_DELETE_EXPIRED = "DELETE FROM resilient_grpc_dedup WHERE key = ? AND expires_at <= ?"
 _STATES = {RecordState.IN_PROGRESS: 0, RecordState.COMPLETED: 1}
 _BY_NUMBER = {number: state for state, number in _STATES.items()}
 #: Seconds between two purges of expired rows (per store object, in a background thread).
 DEFAULT_PURGE_INTERVAL = 60.0
 #: Rows deleted per purge transaction: a purge never holds the write lock for long.
-DEFAULT_PURGE_BATCH = 1000
-#: Batches per purge at most (the rest waits for the next one).
-_PURGE_BATCHES = 100
+DEFAULT_PURGE_BATCH = 200
 
 
 class SQLiteStore(Store):
@@ -80,9 +80,9 @@ class SQLiteStore(Store):
     (:meth:`~resilient_grpc.stores.base.Store.as_async`) runs the calls in worker threads.
 
     Expired rows are deleted by a background thread (started by the first claim, stopped by
-    :meth:`close`) every ``purge_interval`` seconds, in transactions of at most ``purge_batch``
-    rows found through an index on ``expires_at``: a claim never pays for a purge, and a purge
-    never holds the write lock long. A row that cannot be decoded raises
+    :meth:`close`) every ``purge_interval`` seconds: a scan outside any write transaction finds
+    them, and transactions of at most ``purge_batch`` deletes remove them, so a claim never pays
+    for a purge and a purge never holds the write lock long (see :meth:`purge`). A row that cannot be decoded raises
     :class:`~resilient_grpc.stores.base.UndecodableRecordError`.
     """
 
@@ -172,21 +172,46 @@ class SQLiteStore(Store):
         return self._run(get)
 
     def purge(self) -> int:
-        """Delete expired rows now, in batches of ``purge_batch`` (each its own short write
-        transaction, at most 100 batches); returns how many were deleted. The background purger
-        calls this every ``purge_interval`` seconds."""
+        """Delete expired rows now; returns how many were deleted. The background purger calls
+        this every ``purge_interval`` seconds.
+
+        One pass over the table in key order: each batch of up to ``purge_batch`` expired keys
+        is found by a read (no write lock: WAL readers never block writers), then deleted in
+        one short write transaction that rechecks each row's expiry.
+        """
         deleted = 0
-        for _ in range(_PURGE_BATCHES):
-
-            def batch(connection: sqlite3.Connection) -> int:
-                cursor = connection.execute(_PURGE, (self._clock(), self.purge_batch))
-                return cursor.rowcount
-
-            count = self._transaction(batch)
-            deleted += count
-            if count < self.purge_batch or self._closing.is_set():
+        after = ""
+        while not self._closing.is_set():
+            now = self._clock()
+            keys = self.expired_keys(after, now)
+            if not keys:
                 break
+            deleted += self.delete_expired(keys, now)
+            # copy the deletions from the WAL to the database here, not in a later claim's
+            # commit (SQLite's auto-checkpoint runs in whichever commit crosses its threshold)
+            self._run(lambda connection: connection.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+            if len(keys) < self.purge_batch:
+                break
+            after = keys[-1]
         return deleted
+
+    def expired_keys(self, after: str, now: float) -> list[str]:
+        """Up to ``purge_batch`` keys after ``after`` (in key order) expired at ``now``."""
+
+        def scan(connection: sqlite3.Connection) -> list[str]:
+            rows = connection.execute(_EXPIRED, (after, now, self.purge_batch)).fetchall()
+            return [str(row[0]) for row in rows]
+
+        return self._run(scan)
+
+    def delete_expired(self, keys: list[str], now: float) -> int:
+        """Delete those of ``keys`` still expired at ``now``, in one write transaction."""
+
+        def delete(connection: sqlite3.Connection) -> int:
+            cursor = connection.executemany(_DELETE_EXPIRED, [(key, now) for key in keys])
+            return cursor.rowcount
+
+        return self._transaction(delete)
 
     def close(self) -> None:
         self._closing.set()
@@ -255,7 +280,6 @@ class SQLiteStore(Store):
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute(f"PRAGMA synchronous={self.synchronous}")
                 connection.execute(_SCHEMA)
-                connection.execute(_INDEX)
                 return
             except sqlite3.OperationalError as error:
                 if "locked" not in str(error) or time.monotonic() >= deadline:
