@@ -10,7 +10,12 @@ own and the sync and aio shells say exactly the same things. What is logged, and
   transitions, DEBUG for each call it fails fast.
 * ``resilient_grpc.server``: DEBUG for each dedup outcome; WARNING (at most one line per
   outcome per :data:`SERVER_WARNING_INTERVAL` seconds, with the count of lines held back) when
-  the dedup store is unreachable, so a store outage cannot flood the log.
+  the dedup store is unreachable, so a store outage cannot flood the log. Also one WARNING when a
+  ``DedupInterceptor`` is built with ``scope=None`` (configuration, logged by
+  :class:`~resilient_grpc.server.DedupSettings` itself, not through this module).
+* ``resilient_grpc.stores.redis``: one WARNING per ``RedisStore`` naming the server's unsafe
+  persistence or eviction settings, or saying it could not read them;
+  ``resilient_grpc.stores.sqlite``: a WARNING when a background purge fails.
 
 Lines carry only method names, status codes, counts, delays, reasons and breaker names or
 targets: never idempotency keys, metadata or request/response bodies (the facade is never given
