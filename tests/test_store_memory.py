@@ -9,6 +9,9 @@ import threading
 import tracemalloc
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from resilient_grpc.core.dedup import Outcome, RecordState, fingerprint
 from resilient_grpc.stores import MemoryStore, StoreFullError
@@ -185,3 +188,65 @@ async def test_async_waiters_are_woken_by_a_completion_from_a_thread() -> None:
     timer.join()
     assert record is not None and record.outcome == Outcome(responses=(b"done",))
     assert loop.time() - started < 5.0
+
+
+@settings(max_examples=200, stateful_step_count=60, deadline=None)
+class BoundedMemoryMachine(RuleBasedStateMachine):
+    """Random claims, completions, releases and time under tight bounds: a live claim is never
+    dropped, a refused claim means the store is really full of live claims, bounds always hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.store = MemoryStore(
+            max_entries=6, max_bytes=5 * ENTRY_OVERHEAD + 900, clock=self.clock
+        )
+        self.claims: dict[str, tuple[int, float]] = {}  # key -> (token, lease end) we hold
+
+    keys = st.sampled_from([f"k{index}" for index in range(10)])
+
+    def _live_claims(self) -> dict[str, tuple[int, float]]:
+        return {k: v for k, v in self.claims.items() if v[1] > self.clock.now}
+
+    @rule(key=keys, lease=st.sampled_from([1.0, 5.0, 30.0]))
+    def claim(self, key: str, lease: float) -> None:
+        live_before = self._live_claims()
+        try:
+            result = self.store.claim(key, FP, lease=lease)
+        except StoreFullError as full:
+            assert full.retry_after > 0
+            assert len(live_before) >= 1
+            return
+        if result.token is not None:
+            assert key not in live_before
+            self.claims[key] = (result.token, self.clock.now + lease)
+
+    @rule(key=keys, size=st.integers(0, 1200))
+    def complete(self, key: str, size: int) -> None:
+        held = self.claims.pop(key, None)
+        if held is None:
+            return
+        token, until = held
+        accepted = self.store.complete(key, token, Outcome(responses=(b"x" * size,)))
+        assert accepted == (until > self.clock.now)
+
+    @rule(key=keys)
+    def release(self, key: str) -> None:
+        held = self.claims.pop(key, None)
+        if held is not None:
+            self.store.release(key, held[0])
+
+    @rule(seconds=st.sampled_from([0.5, 2.0, 10.0]))
+    def advance(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @invariant()
+    def live_claims_are_kept_and_bounds_hold(self) -> None:
+        for key in self._live_claims():
+            record = self.store.get(key)
+            assert record is not None and record.state is RecordState.IN_PROGRESS, key
+        assert len(self.store) <= self.store.max_entries
+        assert self.store.bytes_used <= self.store.max_bytes
+
+
+TestBoundedMemoryMachine = BoundedMemoryMachine.TestCase
