@@ -1,7 +1,8 @@
 """RedisStore: records shared by many server replicas, one Redis round trip per claim, completion or replay.
 
 One Redis string per scoped key, under ``<prefix>{<sha256 hex>}`` (the braces are a Redis
-Cluster hash tag, so anything ever added for a record lands in the same slot):
+Cluster hash tag, so anything ever added for a record lands in the same slot; every script
+touches that one key only, so it runs on a Redis Cluster as on a single Redis):
 
 * a claim is ``P`` + fencing token (8 bytes) + request fingerprint (32 bytes), set with
   ``PX <lease>``: when the executor dies, Redis drops the claim at the end of the lease by itself;
@@ -21,16 +22,21 @@ Redis); ``check_config=False`` skips the check.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
 try:
     import redis
     import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.cluster
     from redis.backoff import NoBackoff
+    from redis.exceptions import RedisClusterException
     from redis.retry import Retry
 except ImportError as error:  # pragma: no cover - depends on the installed extras
     raise ImportError(
@@ -56,6 +62,10 @@ from resilient_grpc.stores.base import (
 )
 
 DEFAULT_PREFIX = "resilient-grpc:dedup:"
+#: What a Redis or Redis Cluster client may raise when the store cannot answer.
+_ERRORS = (redis.RedisError, RedisClusterException)
+SyncClient = redis.Redis | redis.cluster.RedisCluster
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 #: The settings read on first use (one ``CONFIG GET`` each, pipelined: one round trip).
 CHECKED_SETTINGS = ("appendonly", "save", "maxmemory-policy", "maxmemory")
 _log = logging.getLogger(__name__)
@@ -85,7 +95,7 @@ def _claimed(token: int, record: Record | None) -> ClaimResult:
     return ClaimResult(token) if record is None else ClaimResult(None, record)
 
 
-def _scripts(client: redis.Redis | redis.asyncio.Redis) -> dict[str, Any]:
+def _scripts(client: SyncClient | AsyncClient) -> dict[str, Any]:
     return {
         "claim": client.register_script(_CLAIM),
         "get": client.register_script(_GET),
@@ -151,6 +161,20 @@ def _config_reply(replies: list[Any]) -> dict[str, str]:
     return config
 
 
+def _node_configs(where: str, replies: list[Any]) -> dict[str, dict[str, str]]:
+    """``CONFIG GET`` replies (one per setting) as ``{node: {setting: value}}``: a cluster client
+    asked with ``target_nodes=ALL_NODES`` answers ``{node: {setting: value}}`` per command."""
+    configs: dict[str, dict[str, str]] = {}
+    for reply in replies:
+        answer = dict(reply)
+        if answer and all(isinstance(value, dict) for value in answer.values()):
+            for node, config in answer.items():
+                configs.setdefault(_text(node), {}).update(_config_reply([config]))
+        else:
+            configs.setdefault(where, {}).update(_config_reply([answer]))
+    return configs
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -180,9 +204,12 @@ class _Layout:
             return True
 
     def checked(self, replies: list[Any] | None, error: Exception | None) -> None:
-        """Log what the settings check found: each unsafe setting, or why it could not check."""
+        """Log what the settings check found: each unsafe setting (per node of a cluster), or
+        why it could not check."""
         if error is not None:
-            if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+            if isinstance(
+                error, (redis.ConnectionError, redis.TimeoutError, RedisClusterException)
+            ):
                 self.config_unchecked = True  # unreachable for now: check on a later call
                 return
             _log.warning(
@@ -196,13 +223,23 @@ class _Layout:
             )
             return
         assert replies is not None
-        problems = unsafe_settings(_config_reply(replies))
-        if problems:
+        nodes: dict[str, list[str]] = {}  # the problems -> the nodes that have them
+        for node, config in sorted(_node_configs(self.where, replies).items()):
+            problems = "; ".join(unsafe_settings(config))
+            if problems:
+                nodes.setdefault(problems, []).append(node)
+        if len(nodes) == 1 and next(iter(nodes.values())) == [self.where]:
+            text = next(iter(nodes))
+        else:
+            text = " | ".join(
+                f"{', '.join(names)}: {problems}" for problems, names in nodes.items()
+            )
+        if nodes:
             _log.warning(
                 "Redis at %s can forget dedup records, so a key may execute twice: %s. "
                 "See the README, 'What Redis must guarantee'",
                 self.where,
-                "; ".join(problems),
+                text,
             )
 
     def record(self, key: str, reply: Any) -> Record | None:
@@ -249,6 +286,9 @@ return 0
 
 
 def _where(client: Any) -> str:
+    if isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)):
+        nodes = client.nodes_manager.startup_nodes.values()
+        return "cluster " + ",".join(f"{node.host}:{node.port}" for node in nodes)
     kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
     if "path" in kwargs:
         return f"unix:{kwargs['path']}"
@@ -259,8 +299,9 @@ class RedisStore(Store):
     """Dedup records in Redis, shared by every replica (see the module docstring for the layout).
 
     ``client`` is a ``redis.Redis`` (for ``grpc.server``) or a ``redis.asyncio.Redis`` (for
-    ``grpc.aio``); :meth:`from_url` makes both, so one store serves either interceptor. Any Redis
-    error (refused connection, timeout, ``READONLY``...) raises
+    ``grpc.aio``), or their Redis Cluster twins ``redis.cluster.RedisCluster`` and
+    ``redis.asyncio.cluster.RedisCluster``; :meth:`from_url` makes a sync and an asyncio client,
+    so one store serves either interceptor. Any Redis error (refused connection, timeout, ``READONLY``...) raises
     :class:`~resilient_grpc.stores.base.StoreUnavailableError` naming the server; a value this
     code cannot decode raises its subclass
     :class:`~resilient_grpc.stores.base.UndecodableRecordError`. ``check_config``: read the
@@ -270,21 +311,22 @@ class RedisStore(Store):
 
     def __init__(
         self,
-        client: redis.Redis | redis.asyncio.Redis,
+        client: SyncClient | AsyncClient,
         *,
-        async_client: redis.asyncio.Redis | None = None,
+        async_client: AsyncClient | None = None,
         prefix: str = DEFAULT_PREFIX,
         ttl: float = DEFAULT_TTL,
         check_config: bool = True,
     ) -> None:
-        sync_client: redis.Redis | None = None
-        if isinstance(client, redis.asyncio.Redis):
+        sync_client: SyncClient | None = None
+        if isinstance(client, (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)):
             async_client = client
-        elif isinstance(client, redis.Redis):
+        elif isinstance(client, (redis.Redis, redis.cluster.RedisCluster)):
             sync_client = client
         else:
             raise ValueError(
-                f"client must be a redis.Redis or redis.asyncio.Redis, got {type(client).__name__}"
+                "client must be a redis.Redis, redis.asyncio.Redis, redis.cluster.RedisCluster "
+                f"or redis.asyncio.cluster.RedisCluster, got {type(client).__name__}"
             )
         self._client = sync_client
         self._async_client = async_client
@@ -300,6 +342,7 @@ class RedisStore(Store):
         prefix: str = DEFAULT_PREFIX,
         ttl: float = DEFAULT_TTL,
         check_config: bool = True,
+        cluster: bool = False,
         socket_timeout: float = 2.0,
         socket_connect_timeout: float = 1.0,
         **client_options: Any,
@@ -307,17 +350,33 @@ class RedisStore(Store):
         """A store on ``url`` (``redis://host:port/db``) with a sync and an asyncio client.
 
         Clients retry a failed command once on a fresh connection (a restarted Redis) and
-        otherwise fail fast, so a dead Redis is reported within the timeouts.
+        otherwise fail fast, so a dead Redis is reported within the timeouts. ``cluster=True``:
+        ``url`` names one node of a Redis Cluster (``redis://host:port``), and the clients are
+        ``redis.cluster.RedisCluster`` and ``redis.asyncio.cluster.RedisCluster``, which find
+        the other nodes, follow slot moves and failovers, and retry as redis-py does.
         """
         options: dict[str, Any] = {
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": socket_connect_timeout,
             **client_options,
         }
-        sync_client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), **options)
-        async_client = redis.asyncio.Redis.from_url(
-            url, retry=redis.asyncio.retry.Retry(NoBackoff(), 1), **options
-        )
+        sync_client: SyncClient
+        async_client: AsyncClient
+        if cluster:
+            try:
+                sync_client = redis.cluster.RedisCluster.from_url(url, **options)
+            except _ERRORS as error:
+                where = urllib.parse.urlsplit(url)  # never the password
+                raise StoreUnavailableError(
+                    f"Redis Cluster at {where.hostname}:{where.port} failed: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+            async_client = redis.asyncio.cluster.RedisCluster.from_url(url, **options)
+        else:
+            sync_client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), **options)
+            async_client = redis.asyncio.Redis.from_url(
+                url, retry=redis.asyncio.retry.Retry(NoBackoff(), 1), **options
+            )
         return cls(
             sync_client,
             async_client=async_client,
@@ -336,16 +395,20 @@ class RedisStore(Store):
             self._check_config(self._client)
         try:
             return self._scripts[script](keys=[self.layout.name(key)], args=args)
-        except redis.RedisError as error:
+        except _ERRORS as error:
             raise self.layout.unavailable(error) from error
 
-    def _check_config(self, client: redis.Redis) -> None:
+    def _check_config(self, client: SyncClient) -> None:
         try:
-            pipeline = client.pipeline(transaction=False)
-            for name in CHECKED_SETTINGS:
-                pipeline.config_get(name)
-            replies = pipeline.execute()
-        except redis.RedisError as error:
+            if isinstance(client, redis.cluster.RedisCluster):
+                every = redis.cluster.RedisCluster.ALL_NODES
+                replies = [client.config_get(name, target_nodes=every) for name in CHECKED_SETTINGS]
+            else:
+                pipeline = client.pipeline(transaction=False)
+                for name in CHECKED_SETTINGS:
+                    pipeline.config_get(name)
+                replies = pipeline.execute()
+        except _ERRORS as error:
             self.layout.checked(None, error)
         else:
             self.layout.checked(replies, None)
@@ -367,8 +430,8 @@ class RedisStore(Store):
     def as_async(self) -> AsyncStore:
         if self._async_client is None:
             raise TypeError(
-                "this RedisStore has only a sync redis.Redis client: pass a redis.asyncio.Redis "
-                "client, or build it with RedisStore.from_url, to use it with grpc.aio"
+                "this RedisStore has only a sync redis client: pass a redis.asyncio client as "
+                "async_client, or build it with RedisStore.from_url, to use it with grpc.aio"
             )
         return _AsyncRedisStore(self._async_client, self.layout)
 
@@ -380,27 +443,54 @@ class RedisStore(Store):
 class _AsyncRedisStore(AsyncStore):
     """The ``redis.asyncio`` side of :class:`RedisStore`: same layout and scripts, awaited."""
 
-    def __init__(self, client: redis.asyncio.Redis, layout: _Layout) -> None:
+    def __init__(self, client: AsyncClient, layout: _Layout) -> None:
         self.layout = layout
         self.ttl = layout.ttl
         self._client = client
         self._scripts = _scripts(client)
+        # redis.asyncio.cluster.RedisCluster learns the topology on first use, and concurrent
+        # first commands break it (AttributeError inside redis-py): one coroutine does it first
+        self._ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
+        self._ready_lock: asyncio.Lock | None = None
 
     async def _call(self, script: str, key: str, args: list[Any]) -> Any:
+        if not self._ready:
+            await self._initialize()
         if self.layout.config_unchecked and self.layout.begin_check():
             await self._check_config()
         try:
             return await self._scripts[script](keys=[self.layout.name(key)], args=args)
-        except redis.RedisError as error:
+        except _ERRORS as error:
             raise self.layout.unavailable(error) from error
 
+    async def _initialize(self) -> None:
+        if self._ready_lock is None:
+            self._ready_lock = asyncio.Lock()
+        async with self._ready_lock:
+            if self._ready:
+                return
+            client = self._client
+            assert isinstance(client, redis.asyncio.cluster.RedisCluster)
+            try:
+                await client.initialize()
+            except _ERRORS as error:
+                raise self.layout.unavailable(error) from error
+            self._ready = True
+
     async def _check_config(self) -> None:
+        client = self._client
         try:
-            pipeline = self._client.pipeline(transaction=False)
-            for name in CHECKED_SETTINGS:
-                pipeline.config_get(name)
-            replies = await pipeline.execute()
-        except redis.RedisError as error:
+            if isinstance(client, redis.asyncio.cluster.RedisCluster):
+                every = redis.asyncio.cluster.RedisCluster.ALL_NODES
+                replies = [
+                    await client.config_get(name, target_nodes=every) for name in CHECKED_SETTINGS
+                ]
+            else:
+                pipeline = client.pipeline(transaction=False)
+                for name in CHECKED_SETTINGS:
+                    pipeline.config_get(name)
+                replies = await pipeline.execute()
+        except _ERRORS as error:
             self.layout.checked(None, error)
         else:
             self.layout.checked(replies, None)
