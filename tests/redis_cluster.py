@@ -157,6 +157,16 @@ class RedisCluster:
                 return port
         raise LookupError(f"no master serves slot {slot}")
 
+    def replica_of(self, master: int) -> int:
+        """The port of the (healthy) replica of master ``master``."""
+        node = next(n for n in self.nodes if n.process is not None)
+        lines = [line.split() for line in _command(node.port, "CLUSTER", "NODES").splitlines()]
+        ids = {fields[0]: int(fields[1].split("@")[0].rsplit(":", 1)[1]) for fields in lines}
+        for fields in lines:
+            if "slave" in fields[2] and "fail" not in fields[2] and ids.get(fields[3]) == master:
+                return ids[fields[0]]
+        raise LookupError(f"master {master} has no healthy replica")
+
     def node(self, port: int) -> Node:
         return next(n for n in self.nodes if n.port == port)
 

@@ -14,6 +14,13 @@ key only if absent and otherwise returns the record and its remaining lease; com
 act only if the key still holds *our* claim, byte for byte (fencing: a stale executor whose lease
 lapsed, or who was taken over, changes nothing). The raw idempotency key never reaches Redis.
 
+Durable claims: ``replica_acks=n`` sends each claim and each completion together with a Redis
+``WAIT n`` on the same connection (one pipelined round trip) and treats a write that fewer than
+``n`` replicas acknowledged within ``replica_timeout`` as not made: an unacknowledged claim is
+released and reported as :class:`~resilient_grpc.stores.base.StoreUnavailableError` (the call
+fails closed), an unacknowledged completion is reported the same way. Replication is otherwise
+asynchronous: without it a failover to a replica that missed a claim or an outcome loses it.
+
 On first use the store reads the server's ``appendonly``, ``save`` and ``maxmemory-policy`` and
 logs one WARNING naming each setting that lets Redis forget a claim or a record (see
 :func:`unsafe_settings`), or that it could not check (``CONFIG`` disabled, as on most managed
@@ -23,6 +30,7 @@ Redis); ``check_config=False`` skips the check.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -51,7 +59,7 @@ from resilient_grpc.core.dedup import (
     decode_outcome,
     encode_outcome,
 )
-from resilient_grpc.core.validation import finite_number
+from resilient_grpc.core.validation import finite_number, whole_number
 from resilient_grpc.stores.base import (
     DEFAULT_TTL,
     AsyncStore,
@@ -182,10 +190,24 @@ def _text(value: Any) -> str:
 class _Layout:
     """Key names, script arguments and reply parsing shared by the sync and async stores."""
 
-    def __init__(self, prefix: str, ttl: float, where: str, *, check_config: bool) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        ttl: float,
+        where: str,
+        *,
+        check_config: bool,
+        replica_acks: int = 0,
+        replica_timeout: float = 1.0,
+    ) -> None:
         if not isinstance(prefix, str):
             raise ValueError(f"prefix must be a string, got {prefix!r}")
         finite_number("ttl", ttl, above=0.0, unit=" of seconds")
+        whole_number("replica_acks", replica_acks, at_least=0)
+        finite_number("replica_timeout", replica_timeout, above=0.0, unit=" of seconds")
+        self.replica_acks = replica_acks
+        #: WAIT's timeout in milliseconds
+        self.wait_ms = _milliseconds(replica_timeout)
         if not isinstance(check_config, bool):
             raise ValueError(f"check_config must be True or False, got {check_config!r}")
         self.prefix = prefix
@@ -259,6 +281,17 @@ class _Layout:
         # The fingerprint is not known here: the script compares the claim's prefix bytes.
         return [_token(token), encode_outcome(outcome), _milliseconds(ttl or self.ttl)]
 
+    def durable(self, script: str) -> bool:
+        """Whether ``script``'s write must be acknowledged by replicas (claims and completions)."""
+        return self.replica_acks > 0 and script in _DURABLE
+
+    def unacknowledged(self, what: str, acked: int) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"Redis store at {self.where}: the {what} was acknowledged by {acked} of the "
+            f"{self.replica_acks} replica(s) replica_acks asks for within "
+            f"{self.wait_ms} ms, so a failover could lose it"
+        )
+
     def unavailable(self, error: Exception) -> StoreUnavailableError:
         return StoreUnavailableError(
             f"Redis store at {self.where} failed: {type(error).__name__}: {error}"
@@ -275,6 +308,8 @@ if record and string.sub(record, 1, 9) == 'P' .. ARGV[1] then
 end
 return 0
 """
+#: The scripts whose writes ``replica_acks`` waits for.
+_DURABLE = frozenset({"claim", "complete"})
 _RELEASE = """
 local record = redis.call('GET', KEYS[1])
 if record and string.sub(record, 1, 9) == 'P' .. ARGV[1] then
@@ -283,6 +318,35 @@ if record and string.sub(record, 1, 9) == 'P' .. ARGV[1] then
 end
 return 0
 """
+
+
+def _durable_reply(replies: list[Any]) -> tuple[Any, int]:
+    """``(script reply, replicas that acknowledged)`` from a pipelined ``EVALSHA`` + ``WAIT``."""
+    reply, acked = replies
+    if isinstance(reply, Exception):
+        raise reply
+    if isinstance(acked, Exception):
+        raise acked
+    return reply, int(acked)
+
+
+def _wrote(script: str, reply: Any) -> bool:
+    """Whether a claim or completion reply says the script wrote (a claim that found a record
+    and a refused completion write nothing, so there is nothing to wait for)."""
+    return reply == 0 if script == "claim" else bool(reply)
+
+
+#: Connection settings a per-master client copies from a cluster client's node.
+_NODE_OPTIONS = frozenset(
+    {"socket_timeout", "socket_connect_timeout", "username", "password", "ssl", "db"}
+)
+
+
+def _refresh_topology(client: redis.cluster.RedisCluster) -> None:
+    """After a failed durable write on a cluster: re-read the slot map (a failover or a slot
+    move), best effort, so the next call goes to the right master."""
+    with contextlib.suppress(*_ERRORS):
+        client.nodes_manager.initialize()
 
 
 def _where(client: Any) -> str:
@@ -317,6 +381,8 @@ class RedisStore(Store):
         prefix: str = DEFAULT_PREFIX,
         ttl: float = DEFAULT_TTL,
         check_config: bool = True,
+        replica_acks: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         sync_client: SyncClient | None = None
         if isinstance(client, (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)):
@@ -330,7 +396,14 @@ class RedisStore(Store):
             )
         self._client = sync_client
         self._async_client = async_client
-        self.layout = _Layout(prefix, ttl, _where(client), check_config=check_config)
+        self.layout = _Layout(
+            prefix,
+            ttl,
+            _where(client),
+            check_config=check_config,
+            replica_acks=replica_acks,
+            replica_timeout=replica_timeout,
+        )
         self.ttl = self.layout.ttl
         self._scripts = _scripts(sync_client) if sync_client is not None else {}
 
@@ -343,6 +416,8 @@ class RedisStore(Store):
         ttl: float = DEFAULT_TTL,
         check_config: bool = True,
         cluster: bool = False,
+        replica_acks: int = 0,
+        replica_timeout: float = 1.0,
         socket_timeout: float = 2.0,
         socket_connect_timeout: float = 1.0,
         **client_options: Any,
@@ -383,6 +458,8 @@ class RedisStore(Store):
             prefix=prefix,
             ttl=ttl,
             check_config=check_config,
+            replica_acks=replica_acks,
+            replica_timeout=replica_timeout,
         )
 
     def _call(self, script: str, key: str, args: list[Any]) -> Any:
@@ -394,9 +471,40 @@ class RedisStore(Store):
         if self.layout.config_unchecked and self.layout.begin_check():
             self._check_config(self._client)
         try:
+            if self.layout.durable(script):
+                return self._durable(self._client, script, key, args)
             return self._scripts[script](keys=[self.layout.name(key)], args=args)
         except _ERRORS as error:
+            if isinstance(self._client, redis.cluster.RedisCluster):
+                _refresh_topology(self._client)
             raise self.layout.unavailable(error) from error
+
+    def _durable(self, client: SyncClient, script: str, key: str, args: list[Any]) -> Any:
+        """Run a writing script and ``WAIT`` on the same connection (the master of the key's
+        slot on a cluster): one round trip; undo or refuse a write too few replicas have."""
+        name = self.layout.name(key)
+        target: redis.Redis | None = client  # type: ignore[assignment]
+        if isinstance(client, redis.cluster.RedisCluster):
+            node: Any = client.get_node_from_key(name)  # type: ignore[no-untyped-call]
+            target = node.redis_connection if node is not None else None
+        if target is None:
+            raise RedisClusterException(f"no master known for the slot of {name}")
+        code = self._scripts[script]
+        for attempt in range(2):
+            pipeline = target.pipeline(transaction=False)
+            pipeline.evalsha(code.sha, 1, name, *args)
+            pipeline.wait(self.layout.replica_acks, self.layout.wait_ms)
+            replies = pipeline.execute(raise_on_error=False)
+            if attempt == 0 and isinstance(replies[0], redis.exceptions.NoScriptError):
+                target.script_load(code.script)
+                continue
+            reply, acked = _durable_reply(replies)
+            if acked >= self.layout.replica_acks or not _wrote(script, reply):
+                return reply
+            if script == "claim":  # not durable: give the key back, then refuse the call
+                self._scripts["release"](keys=[name], args=[args[0][1:9]], client=target)
+            raise self.layout.unacknowledged(script.replace("complete", "completion"), acked)
+        raise AssertionError("unreachable")
 
     def _check_config(self, client: SyncClient) -> None:
         try:
@@ -452,6 +560,7 @@ class _AsyncRedisStore(AsyncStore):
         # first commands break it (AttributeError inside redis-py): one coroutine does it first
         self._ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
         self._ready_lock: asyncio.Lock | None = None
+        self._nodes: dict[str, redis.asyncio.Redis] = {}
 
     async def _call(self, script: str, key: str, args: list[Any]) -> Any:
         if not self._ready:
@@ -459,9 +568,49 @@ class _AsyncRedisStore(AsyncStore):
         if self.layout.config_unchecked and self.layout.begin_check():
             await self._check_config()
         try:
+            if self.layout.durable(script):
+                return await self._durable(script, key, args)
             return await self._scripts[script](keys=[self.layout.name(key)], args=args)
         except _ERRORS as error:
             raise self.layout.unavailable(error) from error
+
+    async def _durable(self, script: str, key: str, args: list[Any]) -> Any:
+        """See :meth:`RedisStore._durable`."""
+        name = self.layout.name(key)
+        target = self._node_client(name)
+        code = self._scripts[script]
+        for attempt in range(2):
+            pipeline = target.pipeline(transaction=False)
+            pipeline.evalsha(code.sha, 1, name, *args)
+            pipeline.wait(self.layout.replica_acks, self.layout.wait_ms)
+            replies = await pipeline.execute(raise_on_error=False)
+            if attempt == 0 and isinstance(replies[0], redis.exceptions.NoScriptError):
+                await target.script_load(code.script)
+                continue
+            reply, acked = _durable_reply(replies)
+            if acked >= self.layout.replica_acks or not _wrote(script, reply):
+                return reply
+            if script == "claim":
+                await self._scripts["release"](keys=[name], args=[args[0][1:9]], client=target)
+            raise self.layout.unacknowledged(script.replace("complete", "completion"), acked)
+        raise AssertionError("unreachable")
+
+    def _node_client(self, name: str) -> redis.asyncio.Redis:
+        """The client that talks to the master of ``name``'s slot (the client itself unless
+        on a cluster, where a plain client per master is kept: ``WAIT`` has no key to route)."""
+        client = self._client
+        if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+            return client
+        node = client.get_node_from_key(name)
+        if node is None:
+            raise RedisClusterException(f"no master known for the slot of {name}")
+        found = self._nodes.get(node.name)
+        if found is None:
+            options = {k: v for k, v in node.connection_kwargs.items() if k in _NODE_OPTIONS}
+            found = self._nodes[node.name] = redis.asyncio.Redis(
+                host=node.host, port=int(node.port), **options
+            )
+        return found
 
     async def _initialize(self) -> None:
         if self._ready_lock is None:
@@ -513,4 +662,6 @@ class _AsyncRedisStore(AsyncStore):
         return self.layout.record(key, await self._call("get", key, []))
 
     async def aclose(self) -> None:
+        for node in self._nodes.values():
+            await node.aclose()
         await self._client.aclose()
