@@ -127,11 +127,31 @@ class RedisCluster:
             time.sleep(0.1)
         raise RuntimeError("the Redis Cluster did not reach cluster_state:ok in time")
 
-    def masters(self) -> dict[int, list[tuple[int, int]]]:
-        """Port of each live master -> its slot ranges, as the first live node sees them."""
-        node = next(n for n in self.nodes if n.process is not None)
+    def wait_for_failover(self, victim: int, timeout: float = 30.0) -> None:
+        """Until every running node sees a cluster whose 3 masters (with all slots) no longer
+        include the killed master ``victim``: its replica has been promoted."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            running = [n.port for n in self.nodes if n.process is not None]
+            try:
+                views = [self.masters(seen_by=port) for port in running]
+                states = [_command(port, "CLUSTER", "INFO") for port in running]
+                if all(len(view) == 3 and victim not in view for view in views) and all(
+                    "cluster_state:ok" in state for state in states
+                ):
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"no replica of killed master {victim} was promoted in time")
+
+    def masters(self, seen_by: int | None = None) -> dict[int, list[tuple[int, int]]]:
+        """Port of each live master -> its slot ranges, as node ``seen_by`` (default: the first
+        live node) sees them."""
+        if seen_by is None:
+            seen_by = next(n for n in self.nodes if n.process is not None).port
         masters: dict[int, list[tuple[int, int]]] = {}
-        for line in _command(node.port, "CLUSTER", "NODES").splitlines():
+        for line in _command(seen_by, "CLUSTER", "NODES").splitlines():
             fields = line.split()
             if len(fields) < 8 or "master" not in fields[2] or "fail" in fields[2]:
                 continue
