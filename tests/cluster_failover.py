@@ -149,13 +149,14 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--failovers", type=int, default=10)
+    parser.add_argument("--replica-acks", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
     cluster = make_redis_cluster()
     if cluster is None:
         raise SystemExit("needs redis-server and redis-cli on PATH")
     report = {}
     try:
-        for acks in (0, 1):
+        for acks in args.replica_acks:
             started = time.monotonic()
             run = run_failovers(cluster, replica_acks=acks, failovers=args.failovers)
             report[f"replica_acks={acks}"] = {
@@ -169,8 +170,11 @@ def main() -> None:
                 ),
                 "operations_per_second": round(run.operations / (time.monotonic() - started), 1),
             }
-    finally:
-        cluster.stop()
+    except BaseException:
+        cluster.stop(keep_files=True)
+        print(f"node logs kept in {cluster.directory}", flush=True)
+        raise
+    cluster.stop()
     print(json.dumps(report, indent=2))
 
 

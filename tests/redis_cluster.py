@@ -81,6 +81,7 @@ class RedisCluster:
                 "--appendonly", "no",
                 "--save", "",
                 "--dir", str(node.directory),
+                "--logfile", str(node.directory / "redis.log"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -119,7 +120,10 @@ class RedisCluster:
                 healthy = all("cluster_state:ok" in s for s in states) and len(masters) == 3
                 if healthy and (
                     len(running) < len(self.nodes)
-                    or all(self._replicas_served_by(n.port) == 3 for n in running)
+                    or (
+                        all(self._replicas_served_by(n.port) == 3 for n in running)
+                        and all(self._in_sync(n.port) for n in running)
+                    )
                 ):
                     return
             except redis.RedisError:
@@ -166,6 +170,16 @@ class RedisCluster:
                 masters[port] = ranges
         return masters
 
+    def _in_sync(self, port: int) -> bool:
+        """A master, or a replica whose link to its master is up (its first sync done: a
+        replica that never synced cannot be promoted when its master dies)."""
+        client = _client(port)
+        try:
+            info = client.info("replication")
+        finally:
+            client.close()
+        return info.get("role") == "master" or info.get("master_link_status") == "up"
+
     def _replicas_served_by(self, port: int) -> int:
         """How many replicas node ``port`` lists in CLUSTER SLOTS (clients learn the topology
         there; a replica appears once gossip carries a replication offset for it)."""
@@ -203,13 +217,15 @@ class RedisCluster:
         master role was taken over)."""
         self._spawn(self.node(port))
 
-    def stop(self) -> None:
+    def stop(self, *, keep_files: bool = False) -> None:
+        """Kill every node; remove their directories unless ``keep_files`` (logs to read)."""
         for node in self.nodes:
             if node.process is not None:
                 node.process.kill()
                 node.process.wait(timeout=10)
                 node.process = None
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if not keep_files:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def make_redis_cluster() -> RedisCluster | None:
