@@ -1,8 +1,9 @@
 """Server-side replay deduplication for ``grpc.server``: :class:`DedupInterceptor`.
 
 A call that carries an idempotency key executes at most once per (caller identity, key) while
-its record lives, and the key is bound to one method and one request; every repeat gets the stored answer (exact response bytes, or the stored
-status code, details and trailing metadata) plus the trailer ``idempotency-replayed: true``.
+its record lives, and the key is bound to one method and one request; every repeat gets the
+stored answer (exact response bytes, or the stored status code, details and trailing metadata)
+plus the trailer ``idempotency-replayed: true``.
 The decisions are taken by :func:`resilient_grpc.core.dedup.dedup_flow`; this module only
 performs its effects with blocking calls. The ``grpc.aio`` flavour is
 :class:`resilient_grpc.aio.DedupInterceptor`; both share :class:`DedupSettings`.
@@ -552,7 +553,8 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
     ``store``: where records live (default: a new :class:`MemoryStore`). ``scope(context)``
     returns the caller's identity so tenants never share records (default: :func:`peer_identity`,
-    the authenticated peer; see the module docstring for callers without one). ``methods``: which methods are deduplicated (``None``: all unary-request methods;
+    the authenticated peer; see the module docstring for callers without one). ``methods``:
+    which methods are deduplicated (``None``: all unary-request methods;
     names, ``"/pkg.Service/*"`` patterns or a predicate). ``require_key_methods``: methods whose
     calls must carry a key (they are deduplicated whatever ``methods`` says). ``ttl``: record lifetime (default: the store's). ``lease``: how long
     a claim lasts if its executor dies (make it longer than your slowest handler).
