@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time these load on first use
     from resilient_grpc.breaker import CircuitBreaker
     from resilient_grpc.client import client_interceptors, resilient_channel
     from resilient_grpc.errors import BreakerOpenError, ThrottledError, attempts_of, reason_of
-    from resilient_grpc.server import DedupInterceptor
+    from resilient_grpc.server import SHARED_SCOPE, DedupInterceptor, peer_identity
     from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, StoreUnavailableError
 
 __version__ = "0.1.0"
@@ -39,6 +39,8 @@ _LAZY = {
     "attempts_of": "resilient_grpc.errors",
     "reason_of": "resilient_grpc.errors",
     "DedupInterceptor": "resilient_grpc.server",
+    "SHARED_SCOPE": "resilient_grpc.server",
+    "peer_identity": "resilient_grpc.server",
     "MemoryStore": "resilient_grpc.stores",
     "SQLiteStore": "resilient_grpc.stores",
     "RedisStore": "resilient_grpc.stores",
@@ -46,6 +48,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "SHARED_SCOPE",
     "AdaptiveThrottle",
     "BreakerOpenError",
     "CircuitBreaker",
@@ -63,6 +66,7 @@ __all__ = [
     "attempts_of",
     "client_interceptors",
     "idempotency_key",
+    "peer_identity",
     "reason_of",
     "resilient_channel",
 ]

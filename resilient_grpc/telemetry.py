@@ -117,6 +117,7 @@ DEDUP_OUTCOMES: frozenset[str] = frozenset(
         "conflict",
         "waited",
         "store_error",
+        "store_undecodable",
         "fail_open",
         "store_full",
         "crowded",

@@ -1,4 +1,4 @@
-"""Shared fixtures: real ledger servers on loopback and a real Redis."""
+"""Shared fixtures: real ledger servers on loopback, a real Redis and a real Redis Cluster."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from protos import ledger_pb2_grpc
 from protos.ledger_service import AioLedger, SyncLedger, serve, serve_aio
+from tests.redis_cluster import RedisCluster, make_redis_cluster
 from tests.redis_server import ExternalRedis, RedisServer, make_redis_server, redis_unavailable
 
 
@@ -60,3 +61,31 @@ def redis_url(redis_server: RedisServer | ExternalRedis) -> Iterator[str]:
     yield redis_server.url
     if isinstance(redis_server, RedisServer) and redis_server.process is None:
         redis_server.start()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session() -> Iterator[RedisCluster]:
+    """A real 6-node Redis Cluster (3 masters, 3 replicas) for the whole session."""
+    cluster = make_redis_cluster()
+    if cluster is None:
+        redis_unavailable("redis-server and redis-cli must be on PATH for Redis Cluster tests")
+        raise AssertionError("unreachable")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session: RedisCluster) -> Iterator[RedisCluster]:
+    """The session's cluster, healthy and flushed (every master) before each test."""
+    cluster = redis_cluster_session
+    for node in cluster.nodes:  # a test may have killed nodes: bring them back
+        if node.process is None:
+            cluster.restart(node.port)
+    cluster.wait_until_ok()
+    import redis
+
+    for port in cluster.masters():
+        client = redis.Redis(host="127.0.0.1", port=port)
+        client.flushall()
+        client.close()
+    yield cluster

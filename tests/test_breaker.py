@@ -460,3 +460,28 @@ def test_a_cut_connection_does_not_open_the_breaker_and_the_calls_recover(ledger
         assert results == ["ok"] * 12, results
         assert proxy.counters.collateral_calls >= 12
         assert breaker.for_target(proxy.target).state == "closed"
+
+
+def test_redis_storage_on_a_cluster_shares_an_open_breaker(
+    ledger, ledger_target, redis_cluster
+) -> None:
+    import redis.cluster
+
+    servicer, _ = ledger
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    client = redis.cluster.RedisCluster.from_url(redis_cluster.startup_url)
+    breaker = CircuitBreaker.redis(client, namespace=namespace, fail_max=2, reset_timeout=30)
+    with resilient_channel(ledger_target, breaker=breaker) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        servicer.state.faults.fail_times(GET_BALANCE, 2)
+        assert [call_outcome(stub) for _ in range(3)] == ["UNAVAILABLE"] * 2 + ["breaker"]
+    assert client.get(f"{namespace}:{ledger_target}:pybreaker:state") == b"open"
+    # another breaker object on another cluster client: refused without calling
+    other_client = redis.cluster.RedisCluster.from_url(redis_cluster.startup_url)
+    other = CircuitBreaker.redis(other_client, namespace=namespace, fail_max=2, reset_timeout=30)
+    calls_before = len(servicer.state.calls_to(GET_BALANCE))
+    with resilient_channel(ledger_target, breaker=other) as channel:
+        assert call_outcome(ledger_pb2_grpc.LedgerStub(channel)) == "breaker"
+    assert len(servicer.state.calls_to(GET_BALANCE)) == calls_before
+    other_client.close()
+    client.close()

@@ -66,13 +66,13 @@ class FakeClock:
         return self.now
 
 
-def test_scoped_key_separates_method_identity_and_key_and_hides_the_raw_key() -> None:
-    base = scoped_key("/s.S/M", "alice", "k1")
+def test_scoped_key_separates_identity_and_key_and_hides_the_raw_key() -> None:
+    base = scoped_key("alice", "k1")
     assert len(base) == 64 and "k1" not in base
-    assert base == scoped_key("/s.S/M", "alice", "k1")
-    assert len({base, scoped_key("/s.S/N", "alice", "k1"), scoped_key("/s.S/M", "bob", "k1")}) == 3
+    assert base == scoped_key("alice", "k1")
+    assert len({base, scoped_key("alice", "k2"), scoped_key("bob", "k1")}) == 3
     # length-prefixed: moving characters between fields changes the key
-    assert scoped_key("/s.S/M", "ab", "c") != scoped_key("/s.S/M", "a", "bc")
+    assert scoped_key("ab", "c") != scoped_key("a", "bc")
 
 
 def test_fingerprint_is_sha256_of_the_bytes() -> None:

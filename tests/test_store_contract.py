@@ -1,6 +1,6 @@
 """Every store honours one contract: claim with a fencing token, fenced complete and release, get,
-wait, lease lapse and TTL. Run against MemoryStore, SQLiteStore and a real Redis, through the
-blocking interface and through the asyncio view."""
+wait, lease lapse and TTL. Run against MemoryStore, SQLiteStore, a real Redis and a real Redis
+Cluster, through the blocking interface and through the asyncio view."""
 
 from __future__ import annotations
 
@@ -42,17 +42,26 @@ def _redis(_: Path, url: str) -> Store:
     return RedisStore.from_url(url)
 
 
+def _redis_cluster(_: Path, url: str) -> Store:
+    return RedisStore.from_url(url, cluster=True)
+
+
 MAKERS: dict[str, Callable[[Path, str], Store]] = {
     "memory": _memory,
     "sqlite": _sqlite,
     "redis": _redis,
+    "redis-cluster": _redis_cluster,
 }
 
 
 @pytest.fixture(params=[(name, view) for name in MAKERS for view in ("sync", "async")], ids=str)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncStore]:
     name, view = request.param
-    url = request.getfixturevalue("redis_url") if name == "redis" else ""
+    url = ""
+    if name == "redis":
+        url = request.getfixturevalue("redis_url")
+    elif name == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").startup_url
     blocking = MAKERS[name](tmp_path, url)
     async_store = blocking.as_async() if view == "async" else Blocking(blocking)
     yield async_store
@@ -200,11 +209,15 @@ async def test_concurrent_claims_grant_exactly_one(store: AsyncStore) -> None:
     assert sum(r.token is not None for r in results) == 1
 
 
-@pytest.mark.parametrize("name", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("name", ["memory", "sqlite", "redis", "redis-cluster"])
 def test_threads_claiming_one_key_get_one_token(
     name: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    url = request.getfixturevalue("redis_url") if name == "redis" else ""
+    url = ""
+    if name == "redis":
+        url = request.getfixturevalue("redis_url")
+    elif name == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").startup_url
     store = MAKERS[name](tmp_path, url)
     results: list[ClaimResult] = []
     barrier = threading.Barrier(16)

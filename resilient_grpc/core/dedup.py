@@ -147,30 +147,62 @@ def _field(value: str) -> bytes:
     return len(data).to_bytes(4, "big") + data
 
 
-#: Encoded (method, identity) prefixes of store keys: a server sees few distinct pairs, and
-#: encoding them is most of the cost of a key. Bounded, so a flood of identities cannot grow it.
-_prefixes: dict[tuple[str, str], bytes] = {}
+#: Encoded identity prefixes of store keys: a server sees few distinct identities, and encoding
+#: them is most of the cost of a key. Bounded, so a flood of identities cannot grow it.
+_prefixes: dict[str, bytes] = {}
+#: Encoded method names, the prefix of every request fingerprint (bounded by the services).
+_methods: dict[str, bytes] = {}
 _PREFIX_LIMIT = 4096
 
 
-def scoped_key(method: str, identity: str, key: str) -> str:
-    """The store key of ``key`` sent by ``identity`` to ``method``: a SHA-256 hex digest.
+def scoped_key(identity: str, key: str) -> str:
+    """The store key of ``key`` sent by caller ``identity``: a SHA-256 hex digest.
 
-    Length-prefixed fields, so no two (method, identity, key) triples share an encoding; stores
-    keep only this hash, never the raw key.
+    Length-prefixed fields, so no two (identity, key) pairs share an encoding; stores keep only
+    this hash, never the raw key. The method is not part of it: it is bound by the request
+    fingerprint (:func:`request_fingerprint`), so a key reused on another method finds the
+    first method's record and is refused as a conflict instead of executing again.
     """
-    pair = (method, identity)
-    prefix = _prefixes.get(pair)
+    prefix = _prefixes.get(identity)
     if prefix is None:
-        prefix = _field(method) + _field(identity)
+        prefix = _field(identity)
         if len(_prefixes) < _PREFIX_LIMIT:
-            _prefixes[pair] = prefix
+            _prefixes[identity] = prefix
     return hashlib.sha256(prefix + _field(key)).hexdigest()
 
 
 def fingerprint(request: bytes) -> bytes:
-    """The fingerprint of a serialized request: its SHA-256 digest (32 bytes)."""
+    """The fingerprint of some bytes: their SHA-256 digest (32 bytes)."""
     return hashlib.sha256(request).digest()
+
+
+def canonical_bytes(request: object, raw: bytes) -> bytes:
+    """The bytes that identify a request: a protobuf message's deterministic serialization (map
+    entries sorted, fields in number order, however the sender ordered them), else ``raw``.
+
+    Two equal protobuf requests serialized by different processes or languages can differ
+    byte for byte (map order is unspecified); their deterministic re-serialization does not.
+    Duck-typed (``SerializeToString(deterministic=True)``), so this module needs no protobuf.
+    """
+    serialize = getattr(request, "SerializeToString", None)
+    if serialize is None:
+        return raw
+    try:
+        data = serialize(deterministic=True)
+    except TypeError:  # a SerializeToString that is not protobuf's
+        return raw
+    return data if isinstance(data, bytes) else raw
+
+
+def request_fingerprint(method: str, request: object, raw: bytes) -> bytes:
+    """The fingerprint of a call: SHA-256 of the full method name and the request's
+    :func:`canonical_bytes` (32 bytes). A record binds its key to one method and one request."""
+    prefix = _methods.get(method)
+    if prefix is None:
+        prefix = _field(method)
+        if len(_methods) < _PREFIX_LIMIT:
+            _methods[method] = prefix
+    return hashlib.sha256(prefix + canonical_bytes(request, raw)).digest()
 
 
 def admission_problem(key: str | None, *, required: bool, method: str, header: str) -> str | None:
@@ -700,8 +732,8 @@ def _still_running(settings: FlowSettings, lease_left: float, events: tuple[str,
 
 CONFLICT_OUTCOME = Outcome(
     "FAILED_PRECONDITION",
-    "idempotency key reused with a different request: the key was first used with a request "
-    "whose bytes differ from this one",
+    "idempotency key reused with a different request: the key was first used on another method, "
+    "or with a request whose content differs from this one",
 )
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from resilient_grpc.stores.base import AsyncStore, Store, StoreFullError, StoreUnavailableError
+from resilient_grpc.stores.base import (
+    AsyncStore,
+    Store,
+    StoreFullError,
+    StoreUnavailableError,
+    UndecodableRecordError,
+)
 from resilient_grpc.stores.memory import MemoryStore
 from resilient_grpc.stores.sqlite import SQLiteStore
 
@@ -20,6 +26,7 @@ __all__ = [
     "Store",
     "StoreFullError",
     "StoreUnavailableError",
+    "UndecodableRecordError",
 ]
 
 

@@ -42,6 +42,16 @@ class StoreFullError(StoreUnavailableError):
         self.retry_after = retry_after
 
 
+class UndecodableRecordError(StoreUnavailableError):
+    """A stored record this code cannot decode: corrupt bytes, or a newer format written by
+    another version during a rolling deploy.
+
+    Treated like an unreachable store (UNAVAILABLE, or a run without dedup under ``fail_open``),
+    never replayed and never overwritten: the record may be another version's valid outcome.
+    The message names the store and the hashed key for the server's log, not for a client.
+    """
+
+
 _tokens = random.Random(secrets.randbits(128))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -23,15 +24,17 @@ from resilient_grpc.core.dedup import (
     release_allowed,
     renew_entry,
 )
-from resilient_grpc.core.validation import finite_number
+from resilient_grpc.core.validation import finite_number, whole_number
 from resilient_grpc.stores.base import (
     DEFAULT_TTL,
     Store,
     StoreUnavailableError,
+    UndecodableRecordError,
     new_token,
 )
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resilient_grpc_dedup (
@@ -50,11 +53,20 @@ _SELECT = (
 )
 _UPSERT = "INSERT OR REPLACE INTO resilient_grpc_dedup VALUES (?, ?, ?, ?, ?, ?, ?)"
 _DELETE = "DELETE FROM resilient_grpc_dedup WHERE key = ?"
-_PURGE = "DELETE FROM resilient_grpc_dedup WHERE expires_at <= ?"
+# The purge: a read-only scan in key order (in WAL mode it blocks no writer) finds a batch of
+# expired keys, then one short write transaction deletes them, each only if still expired (it
+# may have been claimed again in between). No index on expires_at: keeping one up to date
+# doubled the cost of a claim plus completion (47 -> 87 us measured), for every call.
+_EXPIRED = (
+    "SELECT key FROM resilient_grpc_dedup WHERE key > ? AND expires_at <= ? ORDER BY key LIMIT ?"
+)
+_DELETE_EXPIRED = "DELETE FROM resilient_grpc_dedup WHERE key = ? AND expires_at <= ?"
 _STATES = {RecordState.IN_PROGRESS: 0, RecordState.COMPLETED: 1}
 _BY_NUMBER = {number: state for state, number in _STATES.items()}
-#: Expired rows are deleted every this many claims (per process).
-PURGE_EVERY = 1024
+#: Seconds between two purges of expired rows (per store object, in a background thread).
+DEFAULT_PURGE_INTERVAL = 60.0
+#: Rows deleted per purge transaction: a purge never holds the write lock for long.
+DEFAULT_PURGE_BATCH = 200
 
 
 class SQLiteStore(Store):
@@ -67,6 +79,12 @@ class SQLiteStore(Store):
     ``busy_timeout`` bounds how long a write waits for another process's lock before the store
     reports itself unavailable. One connection per thread; the async view
     (:meth:`~resilient_grpc.stores.base.Store.as_async`) runs the calls in worker threads.
+
+    Expired rows are deleted by a background thread (started by the first claim, stopped by
+    :meth:`close`) every ``purge_interval`` seconds: a scan outside any write transaction finds
+    them, and transactions of at most ``purge_batch`` deletes remove them, so a claim never pays
+    for a purge and a purge never holds the write lock long (see :meth:`purge`). A row that cannot be decoded raises
+    :class:`~resilient_grpc.stores.base.UndecodableRecordError`.
     """
 
     def __init__(
@@ -76,10 +94,14 @@ class SQLiteStore(Store):
         ttl: float = DEFAULT_TTL,
         busy_timeout: float = 5.0,
         synchronous: str = "NORMAL",
+        purge_interval: float = DEFAULT_PURGE_INTERVAL,
+        purge_batch: int = DEFAULT_PURGE_BATCH,
         clock: Clock = time.time,
     ) -> None:
         finite_number("ttl", ttl, above=0.0, unit=" of seconds")
         finite_number("busy_timeout", busy_timeout, above=0.0, unit=" of seconds")
+        finite_number("purge_interval", purge_interval, above=0.0, unit=" of seconds")
+        whole_number("purge_batch", purge_batch, at_least=1)
         if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise ValueError(
                 f"synchronous must be one of OFF, NORMAL, FULL, EXTRA, got {synchronous!r}"
@@ -91,22 +113,25 @@ class SQLiteStore(Store):
         self._clock = clock
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
+        self.purge_interval = float(purge_interval)
+        self.purge_batch = purge_batch
         self._lock = threading.Lock()
-        self._claims = 0
+        self._purger: threading.Thread | None = None
+        self._closing = threading.Event()
         self._run(lambda connection: None)  # create the file and schema now: fail early
 
     def claim(self, key: str, fingerprint: bytes, *, lease: float) -> ClaimResult:
         token = new_token()
+        if self._purger is None:
+            self._start_purger()
 
         def claim(connection: sqlite3.Connection) -> ClaimResult:
             now = self._clock()
-            existing = _entry(connection.execute(_SELECT, (key,)).fetchone())
+            existing = self._entry(key, connection.execute(_SELECT, (key,)).fetchone())
             entry = claim_entry(existing, fingerprint, token, now=now, lease=lease)
             if entry is None:
                 assert existing is not None
                 return ClaimResult(None, existing.view(now))
-            if self._count_claim() % PURGE_EVERY == 0:
-                connection.execute(_PURGE, (now,))
             connection.execute(_UPSERT, _row(key, entry))
             return ClaimResult(token)
 
@@ -114,7 +139,7 @@ class SQLiteStore(Store):
 
     def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
         def complete(connection: sqlite3.Connection) -> bool:
-            existing = _entry(connection.execute(_SELECT, (key,)).fetchone())
+            existing = self._entry(key, connection.execute(_SELECT, (key,)).fetchone())
             entry = complete_entry(
                 existing,
                 token,
@@ -131,7 +156,8 @@ class SQLiteStore(Store):
 
     def release(self, key: str, token: int) -> bool:
         def release(connection: sqlite3.Connection) -> bool:
-            if not release_allowed(_entry(connection.execute(_SELECT, (key,)).fetchone()), token):
+            row = connection.execute(_SELECT, (key,)).fetchone()
+            if not release_allowed(self._entry(key, row), token):
                 return False
             connection.execute(_DELETE, (key,))
             return True
@@ -151,13 +177,60 @@ class SQLiteStore(Store):
 
     def get(self, key: str) -> Record | None:
         def get(connection: sqlite3.Connection) -> Record | None:
-            entry = _entry(connection.execute(_SELECT, (key,)).fetchone())
+            entry = self._entry(key, connection.execute(_SELECT, (key,)).fetchone())
             now = self._clock()
             return entry.view(now) if entry is not None and entry.live(now) else None
 
         return self._run(get)
 
+    def purge(self) -> int:
+        """Delete expired rows now; returns how many were deleted. The background purger calls
+        this every ``purge_interval`` seconds.
+
+        One pass over the table in key order: each batch of up to ``purge_batch`` expired keys
+        is found by a read (no write lock: WAL readers never block writers), then deleted in
+        one short write transaction that rechecks each row's expiry.
+        """
+        deleted = 0
+        after = ""
+        while not self._closing.is_set():
+            now = self._clock()
+            keys = self.expired_keys(after, now)
+            if not keys:
+                break
+            deleted += self.delete_expired(keys, now)
+            # copy the deletions from the WAL to the database here, not in a later claim's
+            # commit (SQLite's auto-checkpoint runs in whichever commit crosses its threshold)
+            self._run(lambda connection: connection.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+            if len(keys) < self.purge_batch:
+                break
+            after = keys[-1]
+        return deleted
+
+    def expired_keys(self, after: str, now: float) -> list[str]:
+        """Up to ``purge_batch`` keys after ``after`` (in key order) expired at ``now``."""
+
+        def scan(connection: sqlite3.Connection) -> list[str]:
+            rows = connection.execute(_EXPIRED, (after, now, self.purge_batch)).fetchall()
+            return [str(row[0]) for row in rows]
+
+        return self._run(scan)
+
+    def delete_expired(self, keys: list[str], now: float) -> int:
+        """Delete those of ``keys`` still expired at ``now``, in one write transaction."""
+
+        def delete(connection: sqlite3.Connection) -> int:
+            cursor = connection.executemany(_DELETE_EXPIRED, [(key, now) for key in keys])
+            return cursor.rowcount
+
+        return self._transaction(delete)
+
     def close(self) -> None:
+        self._closing.set()
+        with self._lock:
+            purger, self._purger = self._purger, None
+        if purger is not None and purger is not threading.current_thread():
+            purger.join()
         with self._lock:
             connections, self._connections = self._connections, []
         for connection in connections:
@@ -166,10 +239,32 @@ class SQLiteStore(Store):
 
     # -- internals
 
-    def _count_claim(self) -> int:
+    def _start_purger(self) -> None:
         with self._lock:
-            self._claims += 1
-            return self._claims
+            if self._purger is not None or self._closing.is_set():
+                return
+            self._purger = threading.Thread(
+                target=self._purge_forever, name=f"SQLiteStore purge {self.path}", daemon=True
+            )
+            self._purger.start()
+
+    def _purge_forever(self) -> None:
+        while not self._closing.wait(self.purge_interval):
+            try:
+                self.purge()
+            except StoreUnavailableError as error:  # locked or gone for now: try next time
+                _log.warning("purging expired dedup records failed: %s", error)
+
+    def _entry(
+        self, key: str, row: tuple[int, bytes, int, float, float, bytes | None] | None
+    ) -> Entry | None:
+        try:
+            return _entry(row)
+        except (ValueError, TypeError) as error:
+            raise UndecodableRecordError(
+                f"SQLite store {self.path!r}: the record of key {key[:16]}... cannot be decoded "
+                f"(corrupt, or written by a newer version): {error}"
+            ) from error
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -230,8 +325,17 @@ def _entry(row: tuple[int, bytes, int, float, float, bytes | None] | None) -> En
     if row is None:
         return None
     state, fingerprint, token, lease_until, expires_at, outcome = row
+    record_state = _BY_NUMBER.get(state)
+    if record_state is None:
+        raise ValueError(f"unknown record state {state!r}")
+    if not isinstance(fingerprint, bytes):
+        raise ValueError(f"the stored fingerprint is a {type(fingerprint).__name__}, not bytes")
+    if (outcome is None) != (record_state is RecordState.IN_PROGRESS):
+        raise ValueError(
+            f"a {record_state.value} record {'without' if outcome is None else 'with'} an outcome"
+        )
     return Entry(
-        _BY_NUMBER[state],
+        record_state,
         bytes(fingerprint),
         token,
         lease_until,
