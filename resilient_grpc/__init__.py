@@ -5,7 +5,8 @@ Client side: capped exponential backoff with jitter (:class:`RetryPolicy`), a sh
 (:class:`IdempotencyKeys`, :func:`idempotency_key`), attached with :func:`client_interceptors` or
 :func:`resilient_channel`. Server side: :class:`DedupInterceptor` replays the stored outcome of a
 key instead of executing the handler again, over :class:`MemoryStore`, :class:`SQLiteStore` or
-:class:`RedisStore`. The ``grpc.aio`` flavours live in :mod:`resilient_grpc.aio`.
+:class:`RedisStore`, :class:`PostgresStore`; :func:`transaction` commits a handler's database
+writes together with its dedup record. The ``grpc.aio`` flavours live in :mod:`resilient_grpc.aio`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ if TYPE_CHECKING:
     from resilient_grpc.client import client_interceptors, resilient_channel
     from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
     from resilient_grpc.server import DedupInterceptor
-    from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, StoreUnavailableError
+    from resilient_grpc.stores import (
+        MemoryStore,
+        PostgresStore,
+        RedisStore,
+        SQLiteStore,
+        StoreUnavailableError,
+    )
+    from resilient_grpc.transaction import transaction
 
 __version__ = "0.1.0"
 
@@ -39,6 +47,8 @@ _LAZY = {
     "SQLiteStore": "resilient_grpc.stores",
     "RedisStore": "resilient_grpc.stores",
     "StoreUnavailableError": "resilient_grpc.stores",
+    "PostgresStore": "resilient_grpc.stores",
+    "transaction": "resilient_grpc.transaction",
 }
 
 __all__ = [
@@ -48,6 +58,7 @@ __all__ = [
     "IdempotencyKeys",
     "InvalidKeyError",
     "MemoryStore",
+    "PostgresStore",
     "RedisStore",
     "RetryBudget",
     "RetryPolicy",
@@ -58,6 +69,7 @@ __all__ = [
     "idempotency_key",
     "reason_of",
     "resilient_channel",
+    "transaction",
 ]
 
 

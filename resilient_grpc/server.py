@@ -74,6 +74,7 @@ from resilient_grpc.core.methods import method_matches, method_patterns
 from resilient_grpc.core.validation import finite_number, whole_number
 from resilient_grpc.stores.base import AsyncStore, Store, StoreUnavailableError
 from resilient_grpc.stores.memory import MemoryStore
+from resilient_grpc.transaction import call_scope
 
 __all__ = ["DedupBase", "DedupInterceptor", "DedupSettings", "FlowDriver", "ScopeFunction"]
 
@@ -328,6 +329,7 @@ class FlowDriver(DedupFlow, Generic[E]):
         "key",
         "method",
         "response",
+        "store",
         "verdict",
     )
 
@@ -346,13 +348,16 @@ class FlowDriver(DedupFlow, Generic[E]):
         self.verdict: Verdict | None = None
         self.response: bytes | None = None
         self.error: Exception | None = None
+        self.store: object = None
 
     def first(self) -> Effect:
         return self.start()
 
-    def scope(self) -> derivation_scope:
-        """The derivation scope the handler runs in: the call's key (validated on admission)."""
-        return derivation_scope.of(DerivationScope.trusted(self.call_key))
+    def scope(self) -> call_scope:
+        """The derivation scope the handler runs in (the call's key, validated on admission),
+        with the call bound for :func:`resilient_grpc.transaction`."""
+        inner = derivation_scope.of(DerivationScope.trusted(self.call_key))
+        return call_scope(self.store, self.key, self._owned, inner)
 
     def advance(self, effect: Effect, answer: object) -> Effect | None:
         """Send ``answer`` (to ``effect``) to the flow; ``None`` when the flow has decided."""
@@ -460,7 +465,9 @@ class DedupBase:
 
     def driver(self, plan: CallPlan, request: bytes) -> FlowDriver[Any]:
         """The driver of an admitted call's flow."""
-        return FlowDriver(plan, fingerprint(request), self.settings.flow_settings, self._flights)
+        driver = FlowDriver(plan, fingerprint(request), self.settings.flow_settings, self._flights)
+        driver.store = self.store  # type: ignore[attr-defined]  # set by both subclasses
+        return driver
 
 
 class DedupInterceptor(DedupBase, _ServerInterceptor):

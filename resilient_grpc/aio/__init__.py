@@ -8,21 +8,24 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from resilient_grpc.aio.client import client_interceptors, resilient_channel
     from resilient_grpc.aio.server import DedupInterceptor
+    from resilient_grpc.transaction import async_transaction as transaction
 
 _LAZY = {
     "client_interceptors": "resilient_grpc.aio.client",
     "resilient_channel": "resilient_grpc.aio.client",
     "DedupInterceptor": "resilient_grpc.aio.server",
+    "transaction": "resilient_grpc.transaction",
 }
+_RENAMED = {"transaction": "async_transaction"}
 
-__all__ = ["DedupInterceptor", "client_interceptors", "resilient_channel"]
+__all__ = ["DedupInterceptor", "client_interceptors", "resilient_channel", "transaction"]
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'resilient_grpc.aio' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), _RENAMED.get(name, name))
     globals()[name] = value
     return value
 
