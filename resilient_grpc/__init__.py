@@ -30,7 +30,7 @@ if TYPE_CHECKING:
         SQLiteStore,
         StoreUnavailableError,
     )
-    from resilient_grpc.transaction import transaction
+    from resilient_grpc.transactional import transaction
 
 __version__ = "0.1.0"
 
@@ -48,7 +48,7 @@ _LAZY = {
     "RedisStore": "resilient_grpc.stores",
     "StoreUnavailableError": "resilient_grpc.stores",
     "PostgresStore": "resilient_grpc.stores",
-    "transaction": "resilient_grpc.transaction",
+    "transaction": "resilient_grpc.transactional",
 }
 
 __all__ = [

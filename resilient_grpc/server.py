@@ -74,7 +74,7 @@ from resilient_grpc.core.methods import method_matches, method_patterns
 from resilient_grpc.core.validation import finite_number, whole_number
 from resilient_grpc.stores.base import AsyncStore, Store, StoreUnavailableError
 from resilient_grpc.stores.memory import MemoryStore
-from resilient_grpc.transaction import call_scope
+from resilient_grpc.transactional import call_scope
 
 __all__ = ["DedupBase", "DedupInterceptor", "DedupSettings", "FlowDriver", "ScopeFunction"]
 
@@ -355,7 +355,7 @@ class FlowDriver(DedupFlow, Generic[E]):
 
     def scope(self) -> call_scope:
         """The derivation scope the handler runs in (the call's key, validated on admission),
-        with the call bound for :func:`resilient_grpc.transaction`."""
+        with the call bound for :func:`resilient_grpc.transactional`."""
         inner = derivation_scope.of(DerivationScope.trusted(self.call_key))
         return call_scope(self.store, self.key, self._owned, inner)
 

@@ -198,7 +198,9 @@ def test_flow_replays_with_the_replayed_trailer() -> None:
     flow = dedup_flow(fp, SETTINGS, clock=clock, wait_until=clock.now + 1)
     _, verdict = _run(flow, [ClaimResult(None, Record(RecordState.COMPLETED, fp, stored))])
     assert verdict.action is Action.ANSWER and verdict.events == ("replayed",)
-    assert verdict.outcome == Outcome("OK", "", (("x-a", "1"), (REPLAYED_HEADER, "true")), (b"resp",))
+    assert verdict.outcome == Outcome(
+        "OK", "", (("x-a", "1"), (REPLAYED_HEADER, "true")), (b"resp",)
+    )
 
 
 def test_flow_waits_then_replays_or_aborts_with_pushback() -> None:
@@ -306,7 +308,11 @@ class DedupMachine(RuleBasedStateMachine):
 
     def _live_holder(self, key: str) -> Executor | None:
         for executor in self.running:
-            if executor.key == key and not executor.finished and executor.lease_until > self.clock.now:
+            if (
+                executor.key == key
+                and not executor.finished
+                and executor.lease_until > self.clock.now
+            ):
                 return executor
         return None
 
@@ -395,8 +401,6 @@ class SQLiteDedupMachine(DedupMachine):
 
 
 TestMemoryDedupMachine = DedupMachine.TestCase
-TestMemoryDedupMachine.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None
-)
+TestMemoryDedupMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestSQLiteDedupMachine = SQLiteDedupMachine.TestCase
 TestSQLiteDedupMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from resilient_grpc.aio.client import client_interceptors, resilient_channel
     from resilient_grpc.aio.server import DedupInterceptor
-    from resilient_grpc.transaction import async_transaction as transaction
+    from resilient_grpc.transactional import async_transaction as transaction
 
 _LAZY = {
     "client_interceptors": "resilient_grpc.aio.client",
     "resilient_channel": "resilient_grpc.aio.client",
     "DedupInterceptor": "resilient_grpc.aio.server",
-    "transaction": "resilient_grpc.transaction",
+    "transaction": "resilient_grpc.transactional",
 }
 _RENAMED = {"transaction": "async_transaction"}
 

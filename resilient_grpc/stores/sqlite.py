@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from resilient_grpc.core.dedup import (
     ClaimResult,
@@ -27,10 +30,13 @@ from resilient_grpc.stores.base import (
     DEFAULT_TTL,
     Store,
     StoreUnavailableError,
+    ThreadedAsyncStore,
     new_token,
 )
+from resilient_grpc.transactional import abort_call, abort_call_async
 
 T = TypeVar("T")
+_log = logging.getLogger("resilient_grpc.stores")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resilient_grpc_dedup (
@@ -92,6 +98,8 @@ class SQLiteStore(Store):
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._claims = 0
+        self._open: dict[tuple[str, int], tuple[sqlite3.Connection, Any]] = {}
+        self._spare: list[sqlite3.Connection] = []
         self._run(lambda connection: None)  # create the file and schema now: fail early
 
     def claim(self, key: str, fingerprint: bytes, *, lease: float) -> ClaimResult:
@@ -112,6 +120,15 @@ class SQLiteStore(Store):
         return self._transaction(claim)
 
     def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
+        with self._lock:
+            opened = self._open.get((key, token))
+        if opened is not None:  # transactional mode: the outcome commits with the handler's writes
+            committed = self._finish(key, token, outcome, ttl)
+            if committed is False:
+                abort_call(opened[1])
+            if committed:
+                return True
+
         def complete(connection: sqlite3.Connection) -> bool:
             existing = _entry(connection.execute(_SELECT, (key,)).fetchone())
             entry = complete_entry(
@@ -129,6 +146,8 @@ class SQLiteStore(Store):
         return self._transaction(complete)
 
     def release(self, key: str, token: int) -> bool:
+        self._abandon(key, token)
+
         def release(connection: sqlite3.Connection) -> bool:
             if not release_allowed(_entry(connection.execute(_SELECT, (key,)).fetchone()), token):
                 return False
@@ -145,7 +164,99 @@ class SQLiteStore(Store):
 
         return self._run(get)
 
+    # -- transactional mode (see resilient_grpc.transactional)
+
+    def begin_transaction(self, key: str, token: int, context: Any) -> sqlite3.Connection:
+        """The connection of the call's transaction (``BEGIN IMMEDIATE``, opened on first use).
+
+        The transaction holds SQLite's write lock from here until the call completes, so no
+        other executor can take the key over meanwhile (and other writers wait, up to
+        ``busy_timeout``). Aborts the call with UNAVAILABLE if the claim is no longer ours or
+        the file cannot be written.
+        """
+        connection = self._begin(key, token)
+        if connection is None:
+            abort_call(context)
+        with self._lock:
+            self._open[(key, token)] = (connection, context)
+        return connection
+
+    def _begin(self, key: str, token: int) -> sqlite3.Connection | None:
+        with self._lock:
+            opened = self._open.get((key, token))
+            connection = opened[0] if opened else self._spare.pop() if self._spare else None
+        if opened:
+            return connection
+        try:
+            if connection is None:
+                connection = self._new_connection()
+            connection.execute("BEGIN IMMEDIATE")
+            entry = _entry(connection.execute(_SELECT, (key,)).fetchone())
+            if release_allowed(entry, token) and entry is not None and entry.live(self._clock()):
+                return connection
+            _log.warning("SQLite store %r: the call's claim is no longer held", self.path)
+        except sqlite3.Error as error:
+            _log.warning("SQLite store %r failed: %s: %s", self.path, type(error).__name__, error)
+        if connection is not None:
+            self._give_back(connection, rollback=True)
+        return None
+
+    def _finish(self, key: str, token: int, outcome: Outcome, ttl: float | None) -> bool | None:
+        """Complete the call's open transaction: write the outcome and commit. ``None``: no open
+        transaction; ``False``: nothing committed (the caller aborts the call)."""
+        with self._lock:
+            opened = self._open.pop((key, token), None)
+        if opened is None:
+            return None
+        connection = opened[0]
+        committed = False
+        try:
+            if not connection.in_transaction:  # the handler committed on its own: lease mode
+                return None
+            existing = _entry(connection.execute(_SELECT, (key,)).fetchone())
+            # fenced: the write lock has been held since the claim was checked live at BEGIN
+            if existing is not None and release_allowed(existing, token):
+                now = self._clock()
+                ttl = self.ttl if ttl is None else ttl
+                entry = Entry(
+                    RecordState.COMPLETED, existing.fingerprint, token, now, now + ttl, outcome
+                )
+                connection.execute(_UPSERT, _row(key, entry))
+                connection.execute("COMMIT")
+                committed = True
+        except sqlite3.Error as error:
+            _log.warning("SQLite store %r failed: %s: %s", self.path, type(error).__name__, error)
+        finally:
+            self._give_back(connection, rollback=not committed)
+        return committed
+
+    def _abandon(self, key: str, token: int) -> None:
+        """Roll back the call's open transaction, if any (before a release)."""
+        with self._lock:
+            opened = self._open.pop((key, token), None)
+        if opened is not None:
+            self._give_back(opened[0], rollback=True)
+
+    def _give_back(self, connection: sqlite3.Connection, *, rollback: bool) -> None:
+        try:
+            if rollback and connection.in_transaction:
+                connection.execute("ROLLBACK")
+        except sqlite3.Error:
+            connection.close()
+            return
+        with self._lock:
+            self._spare.append(connection)
+
+    def as_async(self) -> AsyncSQLiteStore:
+        """The ``grpc.aio`` view (calls run in worker threads), transactional mode included."""
+        return AsyncSQLiteStore(self)
+
     def close(self) -> None:
+        with self._lock:
+            spare, self._spare = self._spare, []
+            opened, self._open = list(self._open.values()), {}
+        for connection in [*spare, *(connection for connection, _ in opened)]:
+            connection.close()
         with self._lock:
             connections, self._connections = self._connections, []
         for connection in connections:
@@ -162,16 +273,20 @@ class SQLiteStore(Store):
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
-            connection = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            self._prepare(connection)
+            connection = self._new_connection()
             self._local.connection = connection
             with self._lock:
                 self._connections.append(connection)
+        return connection
+
+    def _new_connection(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        self._prepare(connection)
         return connection
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
@@ -212,6 +327,73 @@ class SQLiteStore(Store):
             return result
 
         return self._run(transaction)
+
+
+class AsyncSQLiteConnection:
+    """The connection of a ``grpc.aio`` handler's transaction on :class:`SQLiteStore`: every
+    statement runs in a worker thread, so waiting for SQLite never blocks the event loop."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> SQLiteResult:
+        """Run one statement; its rows (all fetched) and row count."""
+
+        def run() -> SQLiteResult:
+            cursor = self.connection.execute(sql, parameters)
+            rows = cursor.fetchall()
+            return SQLiteResult(rows, cursor.rowcount)
+
+        return await asyncio.to_thread(run)
+
+
+@dataclass(frozen=True, slots=True)
+class SQLiteResult:
+    """What a statement returned: its rows and its row count (``-1`` for a query)."""
+
+    rows: list[Any]
+    rowcount: int
+
+
+class AsyncSQLiteStore(ThreadedAsyncStore):
+    """:class:`SQLiteStore` for ``grpc.aio``: blocking calls in worker threads, and transactional
+    mode for ``resilient_grpc.aio.transaction`` (statements through :class:`AsyncSQLiteConnection`)."""
+
+    store: SQLiteStore
+
+    def __init__(self, store: SQLiteStore) -> None:
+        super().__init__(store)
+        self._connections: dict[tuple[str, int], AsyncSQLiteConnection] = {}
+
+    async def begin_transaction(self, key: str, token: int, context: Any) -> AsyncSQLiteConnection:
+        """See :meth:`SQLiteStore.begin_transaction`."""
+        opened = self._connections.get((key, token))
+        if opened is not None:
+            return opened
+        connection = await asyncio.to_thread(self.store._begin, key, token)
+        if connection is None:
+            await abort_call_async(context)
+        with self.store._lock:
+            self.store._open[(key, token)] = (connection, context)
+        opened = self._connections[(key, token)] = AsyncSQLiteConnection(connection)
+        return opened
+
+    async def complete(
+        self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
+    ) -> bool:
+        if self._connections.pop((key, token), None) is not None:
+            with self.store._lock:
+                context = self.store._open[(key, token)][1]
+            committed = await asyncio.to_thread(self.store._finish, key, token, outcome, ttl)
+            if committed is False:
+                await abort_call_async(context)
+            if committed:
+                return True
+        return await super().complete(key, token, outcome, ttl=ttl)
+
+    async def release(self, key: str, token: int) -> bool:
+        self._connections.pop((key, token), None)
+        return await super().release(key, token)
 
 
 def _entry(row: tuple[int, bytes, int, float, float, bytes | None] | None) -> Entry | None:

@@ -26,8 +26,6 @@ from typing import Any, NoReturn, Protocol, runtime_checkable
 
 import grpc
 
-from resilient_grpc.stores.base import AsyncStore, Store
-
 __all__ = [
     "AsyncTransactionalStore",
     "TransactionUnavailableError",
@@ -140,6 +138,8 @@ def transaction(context: Any) -> Iterator[Any]:
     :class:`TransactionUnavailableError` for a store that cannot (MemoryStore, RedisStore) or a
     call that is not deduplicated.
     """
+    from resilient_grpc.stores.base import Store  # not at import: the stores import this module
+
     call = active_call(context)
     if not isinstance(call.store, Store) or not isinstance(call.store, TransactionalStore):
         _cannot(call.store)
@@ -152,6 +152,8 @@ async def async_transaction(context: Any) -> AsyncIterator[Any]:
     """``resilient_grpc.aio.transaction``: :func:`transaction` for ``grpc.aio`` handlers (an
     ``async with``; a psycopg ``AsyncConnection`` for PostgresStore, an
     :class:`~resilient_grpc.stores.sqlite.AsyncSQLiteConnection` for SQLiteStore)."""
+    from resilient_grpc.stores.base import AsyncStore
+
     call = active_call(context)
     store = call.store
     if not isinstance(store, AsyncStore) or not isinstance(store, AsyncTransactionalStore):
