@@ -550,8 +550,11 @@ class _Borrowed:
                 connection.autocommit = False
         except psycopg.Error:
             pass
-        self._store._get_pool().putconn(connection)
+        pool = self._store._get_pool()
+        pool.putconn(connection)
         if isinstance(error, psycopg.Error):
+            if isinstance(error, psycopg.OperationalError):
+                pool.check()  # the database may have restarted: drop the other dead connections
             raise _unavailable(self._store._where, error) from error
 
 
@@ -757,6 +760,9 @@ class _AsyncBorrowed:
                 await connection.set_autocommit(False)
         except psycopg.Error:
             pass
-        await (await self._store._get_pool()).putconn(connection)
+        pool = await self._store._get_pool()
+        await pool.putconn(connection)
         if isinstance(error, psycopg.Error):
+            if isinstance(error, psycopg.OperationalError):
+                await pool.check()  # the database may have restarted: drop dead connections
             raise _unavailable(self._store._where, error) from error

@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -330,11 +331,16 @@ class SQLiteStore(Store):
 
 
 class AsyncSQLiteConnection:
-    """The connection of a ``grpc.aio`` handler's transaction on :class:`SQLiteStore`: every
-    statement runs in a worker thread, so waiting for SQLite never blocks the event loop."""
+    """The connection of a ``grpc.aio`` handler's transaction on :class:`SQLiteStore`.
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    Its statements run on a thread of its own: the transaction holds SQLite's write lock, and
+    claims waiting for that lock may occupy every shared worker thread, so the holder must
+    never queue behind them. The event loop never blocks.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
         self.connection = connection
+        self._thread = thread
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> SQLiteResult:
         """Run one statement; its rows (all fetched) and row count."""
@@ -344,7 +350,11 @@ class AsyncSQLiteConnection:
             rows = cursor.fetchall()
             return SQLiteResult(rows, cursor.rowcount)
 
-        return await asyncio.to_thread(run)
+        return await self.run(run)
+
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
+        """Run ``work(*args)`` on this transaction's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +367,8 @@ class SQLiteResult:
 
 class AsyncSQLiteStore(ThreadedAsyncStore):
     """:class:`SQLiteStore` for ``grpc.aio``: blocking calls in worker threads, and transactional
-    mode for ``resilient_grpc.aio.transaction`` (statements through :class:`AsyncSQLiteConnection`)."""
+    mode for ``resilient_grpc.aio.transaction`` (statements through :class:`AsyncSQLiteConnection`,
+    each open transaction on a thread of its own)."""
 
     store: SQLiteStore
 
@@ -370,21 +381,32 @@ class AsyncSQLiteStore(ThreadedAsyncStore):
         opened = self._connections.get((key, token))
         if opened is not None:
             return opened
-        connection = await asyncio.to_thread(self.store._begin, key, token)
+        thread = ThreadPoolExecutor(1, thread_name_prefix="resilient_grpc-sqlite-transaction")
+        loop = asyncio.get_running_loop()
+        try:
+            connection = await loop.run_in_executor(thread, self.store._begin, key, token)
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
         if connection is None:
+            thread.shutdown(wait=False)
             await abort_call_async(context)
         with self.store._lock:
             self.store._open[(key, token)] = (connection, context)
-        opened = self._connections[(key, token)] = AsyncSQLiteConnection(connection)
+        opened = self._connections[(key, token)] = AsyncSQLiteConnection(connection, thread)
         return opened
 
     async def complete(
         self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
     ) -> bool:
-        if self._connections.pop((key, token), None) is not None:
+        opened = self._connections.pop((key, token), None)
+        if opened is not None:
             with self.store._lock:
                 context = self.store._open[(key, token)][1]
-            committed = await asyncio.to_thread(self.store._finish, key, token, outcome, ttl)
+            try:
+                committed = await opened.run(self.store._finish, key, token, outcome, ttl)
+            finally:
+                opened._thread.shutdown(wait=False)
             if committed is False:
                 await abort_call_async(context)
             if committed:
@@ -392,7 +414,12 @@ class AsyncSQLiteStore(ThreadedAsyncStore):
         return await super().complete(key, token, outcome, ttl=ttl)
 
     async def release(self, key: str, token: int) -> bool:
-        self._connections.pop((key, token), None)
+        opened = self._connections.pop((key, token), None)
+        if opened is not None:
+            try:
+                await opened.run(self.store._abandon, key, token)
+            finally:
+                opened._thread.shutdown(wait=False)
         return await super().release(key, token)
 
 
