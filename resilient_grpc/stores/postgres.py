@@ -503,6 +503,9 @@ class PostgresStore(_Common, Store):
                         min_size=self._settings.min_size,
                         max_size=self._settings.max_size,
                         timeout=self.timeout,
+                        # give up reconnecting (back off no further) after ``timeout``: the
+                        # next call starts afresh, so service resumes soon after an outage
+                        reconnect_timeout=self.timeout,
                         kwargs={"autocommit": True, "connect_timeout": max(1, round(self.timeout))},
                         open=True,
                         name=f"resilient_grpc:{self.table}",
@@ -715,6 +718,9 @@ class AsyncPostgresStore(_Common, AsyncStore):
                         min_size=self._settings.min_size,
                         max_size=self._settings.max_size,
                         timeout=self.timeout,
+                        # give up reconnecting (back off no further) after ``timeout``: the
+                        # next call starts afresh, so service resumes soon after an outage
+                        reconnect_timeout=self.timeout,
                         kwargs={"autocommit": True, "connect_timeout": max(1, round(self.timeout))},
                         open=False,
                         name=f"resilient_grpc:{self.table}",
