@@ -15,6 +15,9 @@ latency; ``server`` is the time spent in the server's handler stack, measured by
 timing interceptor that also does the (de)serialization itself, so that it is counted alike with
 and without dedup. Redis round trips per call are counted from ``INFO commandstats``.
 
+PostgresStore rows (lease and transactional mode, PostgreSQL round trips per call) come from
+:mod:`benchmarks.dedup_postgres`.
+
 Run: ``python -m benchmarks.dedup_overhead`` (about 30-40 s) or ``--quick`` (a few seconds).
 Writes ``benchmarks/results/dedup_overhead.json`` and prints a table per flavour, then the issue's targets
 with the numbers each is judged on (see :func:`targets` for the two readings of the replay target).
@@ -405,6 +408,9 @@ def main(argv: list[str] | None = None) -> None:
         directory = Path(tmp)
         sync = run_sync(rounds, per_round, directory, url)
         aio = run_aio(rounds, per_round, directory, url)
+    from benchmarks import dedup_postgres  # PostgresStore rows (issue 10)
+
+    postgres = dedup_postgres.run(rounds, per_round, (_Timing, _AioTiming), ServerTimes)
     report = {
         "meta": {
             "python": sys.version.split()[0],
@@ -418,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         "sync": sync,
         "aio": aio,
         "targets": {"sync": targets(sync), "aio": targets(aio)},
+        "postgres": postgres,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
@@ -426,6 +433,9 @@ def main(argv: list[str] | None = None) -> None:
     console.print(table("grpc.aio", aio))
     console.print(target_table("grpc.server", sync))
     console.print(target_table("grpc.aio", aio))
+    console.print(dedup_postgres.table("grpc.server", postgres["sync"]))
+    console.print(dedup_postgres.table("grpc.aio", postgres["aio"]))
+    console.print(f"PostgresStore round-trip targets: {postgres['targets']}")
     console.print(f"wrote {args.output} in {report['meta']['seconds']} s")
 
 

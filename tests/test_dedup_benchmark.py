@@ -1,6 +1,6 @@
 """Smoke test of ``python -m benchmarks.dedup_overhead --quick``: it runs end to end and writes
 JSON of the documented shape. The numbers are the benchmark's business, never asserted here,
-except the Redis round-trip counts, which are counts, not timings."""
+except the Redis and PostgreSQL round-trip counts, which are counts, not timings."""
 
 from __future__ import annotations
 
@@ -16,12 +16,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(120)
-def test_quick_run_writes_the_documented_json(tmp_path: Path, redis_url: str) -> None:
+def test_quick_run_writes_the_documented_json(
+    tmp_path: Path, redis_url: str, postgres_url: str
+) -> None:
     output = tmp_path / "dedup_overhead.json"
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.dedup_overhead", "--quick", "--output", str(output)],
         cwd=REPO,
-        env={**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(REPO)},
+        env={
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "POSTGRES_URL": postgres_url,
+            "PYTHONPATH": str(REPO),
+        },
         capture_output=True,
         text=True,
         timeout=110,
@@ -40,3 +47,8 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path, redis_url: str) ->
         targets = report["targets"][flavour]
         assert targets["redis_first_round_trips"] == 2.0
         assert targets["redis_replay_round_trips"] == 1.0
+        postgres = report["postgres"]["targets"][flavour]
+        assert postgres["transactional_extra_round_trips"] == 1.0
+        assert postgres["transactional_replay_round_trips"] == 1.0
+        assert postgres["lease_first_round_trips"] == 2.0
+        assert postgres["lease_replay_round_trips"] == 1.0

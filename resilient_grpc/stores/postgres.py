@@ -49,6 +49,7 @@ log = logging.getLogger("resilient_grpc.stores")
 DEFAULT_TABLE = "resilient_grpc_dedup"
 #: Expired rows are purged (one bounded batch) every this many claims, per store object.
 PURGE_EVERY = 1024
+_PLAIN_KEY = re.compile(r"[0-9A-Za-z_.:-]{1,255}")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _IN_PROGRESS, _COMPLETED = 0, 1
 _ERRORS = (psycopg.Error, PoolTimeout)
@@ -139,6 +140,11 @@ class _Statements:
         self.get = statement(_GET)
         self.purge = statement(_PURGE)
         self._commit = sql.SQL(_COMMIT.replace("@now", _NOW))
+        # the same text as a %-template for the common case (see commit): rendered once here
+        marks = {name: f"%({name})s" for name in ("key", "token", "outcome", "ttl", "now")}
+        self._commit_text = self._commit.format(
+            table=identifier, **{n: sql.SQL(m) for n, m in marks.items()}
+        ).as_string(None)
         self._identifier = identifier
         index = f"{table.split('.')[-1][:50]}_expires_at"
         digest = hashlib.sha256(f"resilient_grpc:{table}".encode()).digest()
@@ -149,7 +155,24 @@ class _Statements:
 
     def commit(
         self, key: str, token: int, outcome: Outcome, ttl: float, now: float | None
-    ) -> sql.Composed:
+    ) -> sql.Composable:
+        """The transactional completion as one message of literal SQL.
+
+        Store keys are hex digests: those, integers, finite floats and bytes written as
+        ``decode('<hex>', 'hex')`` are rendered directly (valid whatever
+        ``standard_conforming_strings`` says); any other key goes through psycopg's quoting.
+        """
+        if _PLAIN_KEY.fullmatch(key):
+            return sql.SQL(
+                self._commit_text
+                % {
+                    "key": f"'{key}'",
+                    "token": str(int(token)),
+                    "outcome": f"decode('{encode_outcome(outcome).hex()}', 'hex')",
+                    "ttl": repr(float(ttl)),
+                    "now": "NULL" if now is None else repr(float(now)),
+                }
+            )
         return self._commit.format(
             table=self._identifier,
             key=sql.Literal(key),
@@ -281,7 +304,7 @@ class _Common:
 
     def _commit_statement(
         self, key: str, token: int, outcome: Outcome, ttl: float | None
-    ) -> sql.Composed:
+    ) -> sql.Composable:
         return self._sql.commit(
             key, token, outcome, self.ttl if ttl is None else float(ttl), self._now()
         )

@@ -28,7 +28,7 @@ class PostgresRoundTrips:
 
     def attach(self, connection: Any) -> None:
         """Trace ``connection`` (a psycopg ``Connection`` or ``AsyncConnection``)."""
-        trace = tempfile.TemporaryFile()
+        trace = tempfile.TemporaryFile()  # noqa: SIM115 (kept open while the connection traces)
         connection.pgconn.trace(trace.fileno())
         connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
         with self._lock:
