@@ -155,7 +155,7 @@ class _Statements:
 
     def commit(
         self, key: str, token: int, outcome: Outcome, ttl: float, now: float | None
-    ) -> sql.Composable:
+    ) -> sql.SQL | sql.Composed:
         """The transactional completion as one message of literal SQL.
 
         Store keys are hex digests: those, integers, finite floats and bytes written as
@@ -304,7 +304,7 @@ class _Common:
 
     def _commit_statement(
         self, key: str, token: int, outcome: Outcome, ttl: float | None
-    ) -> sql.Composable:
+    ) -> sql.SQL | sql.Composed:
         return self._sql.commit(
             key, token, outcome, self.ttl if ttl is None else float(ttl), self._now()
         )
