@@ -110,8 +110,6 @@ class PostgresServer:
                 "fsync=off",
                 "-c",
                 "max_connections=200",
-                "-c",
-                "shared_preload_libraries=pg_stat_statements",
             ],
             env=_clean_env(),
             stdout=subprocess.DEVNULL,
