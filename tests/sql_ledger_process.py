@@ -1,10 +1,12 @@
 """The SQL ledger behind DedupInterceptor in a server *process* (for crash loops), and its controller.
 
 Run: ``python -m tests.sql_ledger_process --database postgres|sqlite --where URL|PATH --port N
-[--flavour sync|aio] [--mode transactional|lease] [--store same|memory] [--lease S] [--pause S]``.
-The process prints ``PORT <n>`` once serving, and ``WROTE <key>`` when a Transfer handler has done
-its writes (then it pauses up to ``--pause`` s before returning: in transactional mode the writes
-are not committed yet, in lease mode they are). It exits when stdin closes.
+[--flavour sync|aio] [--mode transactional|lease] [--store same|memory] [--lease S]
+[--pause-file PATH] [--standby]``. The process prints ``PORT <n>`` once serving, and ``WROTE
+<key>`` when a Transfer handler has done its writes; while ``PATH`` exists the handler then pauses
+2 s before returning (in transactional mode its writes are not committed yet, in lease mode they
+are), so a kill lands in that window. With ``--standby`` it waits for a line on stdin before
+serving: a spare process that takes over a killed one's port at once. It exits when stdin closes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import asyncio
 import logging
 import os
 import queue
-import random
 import subprocess
 import sys
 import threading
@@ -54,6 +55,12 @@ class LedgerProcess:
             elif line.startswith("PORT "):
                 self._port.put(int(line.split()[1]))
 
+    def go(self) -> None:
+        """Let a process started with ``--standby`` (imports done, port not bound yet) serve."""
+        assert self.process.stdin is not None
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+
     def wait_ready(self, timeout: float = 60.0) -> int:
         try:
             return self._port.get(timeout=timeout)
@@ -88,22 +95,30 @@ def _main() -> None:
     parser.add_argument("--mode", default="transactional", choices=["transactional", "lease"])
     parser.add_argument("--store", default="same", choices=["same", "memory"])
     parser.add_argument("--lease", type=float, default=1.0)
-    parser.add_argument("--pause", type=float, default=0.05)
+    parser.add_argument("--pause-file", default="")
+    parser.add_argument("--standby", action="store_true", help="serve after a line on stdin")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.standby:  # everything is imported: a restart after a kill takes milliseconds
+        import psycopg_pool  # noqa: F401
+
+        sys.stdin.readline()
     lock = threading.Lock()
 
     def say(text: str) -> None:
         with lock:
             print(text, flush=True)
 
+    def pause() -> float:
+        return 2.0 if args.pause_file and os.path.exists(args.pause_file) else 0.0
+
     def after_write_sync(key: str) -> None:
         say(f"WROTE {key}")
-        time.sleep(random.uniform(0, args.pause))
+        time.sleep(pause())
 
     async def after_write_aio(key: str) -> None:
         say(f"WROTE {key}")
-        await asyncio.sleep(random.uniform(0, args.pause))
+        await asyncio.sleep(pause())
 
     ledger = start_ledger(
         LedgerSpec(

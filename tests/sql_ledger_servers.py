@@ -29,7 +29,7 @@ from resilient_grpc.aio.server import DedupInterceptor as AioDedupInterceptor
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import MemoryStore, PostgresStore, SQLiteStore, Store
 
-ACCOUNTS = ("a", "b", "c", "d")
+ACCOUNTS = tuple("abcdefghijklmnopqrstuvwxyzABCDEF")  # 32: some optimistic conflicts
 BALANCE = 1_000_000
 OPTIONS = [("grpc.so_reuseport", 0)]
 TRANSFER = "/ledger.v1.Ledger/Transfer"

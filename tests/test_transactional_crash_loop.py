@@ -10,7 +10,10 @@ commits on its own connection, and MemoryStore), which shows the faults are real
 
 from __future__ import annotations
 
+import os
+import queue
 import random
+import tempfile
 import threading
 import time
 import uuid
@@ -65,11 +68,13 @@ class Harness:
     store: str = "same"
     lease: float = 0.5
 
+    pause_file: str = ""
+
     def arguments(self, port: int) -> list[str]:
         return [
             *("--database", self.database, "--where", self.where, "--port", str(port)),
             *("--flavour", self.flavour, "--mode", self.mode, "--store", self.store),
-            *("--lease", str(self.lease), "--pause", "0.05"),
+            *("--lease", str(self.lease), "--pause-file", self.pause_file),
         ]
 
     def run(
@@ -83,14 +88,18 @@ class Harness:
         time_limit: float = 60.0,
     ) -> Run:
         """``transfers`` keyed transfers by ``workers`` threads while the server is killed
-        ``kills`` times (every other kill right after a handler's writes); with ``postgres``,
-        the database is also crashed and restarted twice."""
+        ``kills`` times (every other kill between a handler's writes and its commit); with ``postgres``,
+        the database is also crashed and restarted twice. A kill "in the window" makes the next
+        handler pause 2 s after its writes, waits until one has written, and kills then."""
         prepare(LedgerSpec(self.database, self.where))
+        self.pause_file = os.path.join(tempfile.mkdtemp(prefix="crash-loop-"), "pause")
         port = free_port()
         server = LedgerProcess(self.arguments(port))
+        spare = LedgerProcess([*self.arguments(port), "--standby"])  # replaces a killed server
         server.wait_ready()
         result = Run()
         memos = iter(range(transfers))
+        started = [0]  # transfers begun: the kills are spread over the run
         lock = threading.Lock()
         done = threading.Event()
         deadline = time.monotonic() + time_limit
@@ -109,6 +118,7 @@ class Harness:
                     amount = rng.randint(1, 9)
                 if index is None:
                     return
+                started[0] = index + 1
                 memo = f"m{index}"
                 request = ledger_pb2.TransferRequest(
                     from_account=source, to_account=target, amount=amount, memo=memo
@@ -128,21 +138,26 @@ class Harness:
             while result.kills < kills and time.monotonic() < deadline:
                 if stop_when_duplicated and result.kills and checker_duplicates(checker):
                     break
+                due = (result.kills + 1) * transfers // (kills + 1)
+                while started[0] < due and time.monotonic() < deadline:
+                    time.sleep(0.005)
                 in_window = result.kills % 2 == 0
-                if in_window:  # right after a handler's writes, before it returns
+                if in_window:  # a handler between its writes and its return (2 s pause)
+                    Path(self.pause_file).touch()
                     _drain(server)
                     try:
                         server.wrote.get(timeout=10)
-                    except Exception:
+                    except queue.Empty:
                         in_window = False
                 else:
-                    time.sleep(rng.uniform(0.05, 0.4))
+                    time.sleep(rng.uniform(0.0, 0.2))
                 server.kill()
+                Path(self.pause_file).unlink(missing_ok=True)
                 result.kills += 1
                 result.window_kills += in_window
-                server = LedgerProcess(self.arguments(port))
+                server, spare = spare, LedgerProcess([*self.arguments(port), "--standby"])
+                server.go()
                 server.wait_ready()
-                time.sleep(rng.uniform(0.1, 0.3))  # let some transfers through
                 if postgres is not None and result.kills in (kills // 3, 2 * kills // 3):
                     result.refused_while_down += _database_outage(postgres, port)
                     result.database_outages += 1
@@ -153,6 +168,7 @@ class Harness:
         finally:
             done.set()
             server.stop()
+            spare.kill()
             channel.close()
         return result
 
