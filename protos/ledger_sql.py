@@ -12,7 +12,8 @@ through :func:`resilient_grpc.transactional` (the dedup record commits with the 
 **lease** mode it commits on its own connection before returning (what a handler unaware of
 transactional mode does; a crash after that commit and before the dedup record completes lets
 a retry apply the transfer twice). ``after_write(key)`` runs after the writes and before the
-handler returns: tests use it to crash the server in that window.
+handler returns (tests crash the server there); if it returns a :class:`Refusal`, the call ends
+with that status after the writes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,20 +208,25 @@ class AsyncSQLiteLedgerDatabase:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
+        """A transaction of the ledger's own on a new connection, on a thread of its own."""
         from resilient_grpc.stores.sqlite import AsyncSQLiteConnection
 
-        connection = await asyncio.to_thread(self.sync.connect)
+        thread = ThreadPoolExecutor(1)
         try:
-            manager = self.sync.connection(connection)
-            await asyncio.to_thread(manager.__enter__)
+            raw = await asyncio.get_running_loop().run_in_executor(thread, self.sync.connect)
+            connection = AsyncSQLiteConnection(raw, thread)
             try:
-                yield AsyncSQLiteConnection(connection)
-            except BaseException as error:
-                await asyncio.to_thread(manager.__exit__, type(error), error, None)
-                raise
-            await asyncio.to_thread(manager.__exit__, None, None, None)
+                await connection.execute("BEGIN IMMEDIATE")
+                try:
+                    yield connection
+                except BaseException:
+                    await connection.execute("ROLLBACK")
+                    raise
+                await connection.execute("COMMIT")
+            finally:
+                await connection.run(raw.close)
         finally:
-            connection.close()
+            thread.shutdown(wait=False)
 
     @staticmethod
     async def run(connection: Any, statement: Statement) -> Result:
@@ -282,7 +289,7 @@ class SQLLedger(ledger_pb2_grpc.LedgerServicer):
         database: PostgresLedgerDatabase | SQLiteLedgerDatabase,
         *,
         transactional: bool = True,
-        after_write: Callable[[str], None] | None = None,
+        after_write: Callable[[str], Refusal | None] | None = None,
     ) -> None:
         self.database = database
         self.transactional = transactional
@@ -297,7 +304,9 @@ class SQLLedger(ledger_pb2_grpc.LedgerServicer):
             if isinstance(reply, Refusal):
                 context.abort(reply.code, reply.details)
         if self.after_write is not None:
-            self.after_write(_key(context))
+            refusal = self.after_write(_key(context))
+            if isinstance(refusal, Refusal):
+                context.abort(refusal.code, refusal.details)
         return reply
 
     def GetBalance(
@@ -335,9 +344,11 @@ class AioSQLLedger(ledger_pb2_grpc.LedgerServicer):
             if isinstance(reply, Refusal):
                 await context.abort(reply.code, reply.details)
         if self.after_write is not None:
-            done = self.after_write(_key(context))
-            if asyncio.iscoroutine(done):
-                await done
+            refusal = self.after_write(_key(context))
+            if asyncio.iscoroutine(refusal):
+                refusal = await refusal
+            if isinstance(refusal, Refusal):
+                await context.abort(refusal.code, refusal.details)
         return reply
 
     async def GetBalance(

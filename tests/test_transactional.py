@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from protos import ledger_pb2, ledger_pb2_grpc
+from protos.ledger_sql import Refusal
 from resilient_grpc import MemoryStore, transaction
 from resilient_grpc.transactional import TransactionUnavailableError, async_transaction, call_scope
 from tests.sql_ledger_servers import ACCOUNTS, BALANCE, LedgerSpec, RunningLedger, start_ledger
@@ -124,6 +125,40 @@ def test_a_cached_business_error_commits_and_a_retryable_one_rolls_back(
         assert replayed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert ("idempotency-replayed", "true") in (replayed.value.trailing_metadata() or ())
     assert database.applied("big") == 0
+
+
+def test_an_exception_after_the_writes_rolls_them_back_and_frees_the_key(setup: Setup) -> None:
+    start, database, _ = setup
+    failures = [RuntimeError("handler bug after its writes")]
+
+    def fail_once(_: str) -> None:
+        if failures:
+            raise failures.pop()
+
+    ledger = start(after_write=fail_once)
+    channel, stub = _stub(ledger.port)
+    with channel:
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Transfer(_transfer("m5"), metadata=[(KEY, "k5")], timeout=10)
+        assert failed.value.code() == grpc.StatusCode.UNKNOWN
+        assert database.applied("m5") == 0  # rolled back, key included: the retry executes
+        stub.Transfer(_transfer("m5"), metadata=[(KEY, "k5")], timeout=10)
+    assert database.applied("m5") == 1
+    assert database.total() == len(ACCOUNTS) * BALANCE
+
+
+def test_a_business_error_after_the_writes_commits_them_with_the_outcome(setup: Setup) -> None:
+    start, database, _ = setup
+    refuse = Refusal(grpc.StatusCode.FAILED_PRECONDITION, "refused after writing")
+    ledger = start(after_write=lambda _: refuse)
+    channel, stub = _stub(ledger.port)
+    with channel:
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Transfer(_transfer("m6"), metadata=[(KEY, "k6")], timeout=10)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ("idempotency-replayed", "true") in (refused.value.trailing_metadata() or ())
+    assert database.applied("m6") == 1
 
 
 def test_a_claim_taken_over_before_the_commit_rolls_the_writes_back(pg_setup: Setup) -> None:
