@@ -8,7 +8,7 @@ client may retry because everything the attempt wrote rolls back.
 
 :func:`transfer_steps` is the whole transfer as a generator of SQL statements (no I/O), so the
 sync and aio servicers only run statements. In **transactional** mode the servicer writes
-through :func:`resilient_grpc.transactional` (the dedup record commits with the transfer); in
+through :func:`resilient_grpc.transaction` (the dedup record commits with the transfer); in
 **lease** mode it commits on its own connection before returning (what a handler unaware of
 transactional mode does; a crash after that commit and before the dedup record completes lets
 a retry apply the transfer twice). ``after_write(key)`` runs after the writes and before the
@@ -282,7 +282,7 @@ def _key(context: Any) -> str:
 
 class SQLLedger(ledger_pb2_grpc.LedgerServicer):
     """The ledger for ``grpc.server`` on ``database``; ``transactional`` writes through
-    :func:`resilient_grpc.transactional`, else on the ledger's own committed transaction."""
+    :func:`resilient_grpc.transaction`, else on the ledger's own committed transaction."""
 
     def __init__(
         self,

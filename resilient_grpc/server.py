@@ -355,7 +355,7 @@ class FlowDriver(DedupFlow, Generic[E]):
 
     def scope(self) -> call_scope:
         """The derivation scope the handler runs in (the call's key, validated on admission),
-        with the call bound for :func:`resilient_grpc.transactional`."""
+        with the call bound for :func:`resilient_grpc.transaction`."""
         inner = derivation_scope.of(DerivationScope.trusted(self.call_key))
         return call_scope(self.store, self.key, self._owned, inner)
 

@@ -2,7 +2,7 @@
 
 Lease mode (any handler) is a drop-in store: one statement per claim, completion, release, renewal
 or lookup, each on a pooled autocommit connection. Transactional mode (a handler that writes
-through :func:`resilient_grpc.transactional`) keeps the call's record in the handler's own
+through :func:`resilient_grpc.transaction`) keeps the call's record in the handler's own
 transaction: the completion is a fenced ``UPDATE`` of the record followed by ``COMMIT``, sent as
 one message, so the record and the handler's writes commit together or not at all.
 
@@ -458,7 +458,7 @@ class PostgresStore(_Common, Store):
 
     def begin_transaction(self, key: str, token: int, context: Any) -> psycopg.Connection[Any]:
         """The connection of the call's transaction (opened on first use): see
-        :func:`resilient_grpc.transactional`. Aborts the call with UNAVAILABLE if the database
+        :func:`resilient_grpc.transaction`. Aborts the call with UNAVAILABLE if the database
         cannot be reached."""
         with self._lock:
             open_ = self._open.get((key, token))
