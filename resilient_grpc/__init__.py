@@ -30,7 +30,7 @@ if TYPE_CHECKING:
         SQLiteStore,
         StoreUnavailableError,
     )
-    from resilient_grpc.transactional import transaction
+    from resilient_grpc.transactional import TransactionUnavailableError, transaction
 
 __version__ = "0.1.0"
 
@@ -49,6 +49,7 @@ _LAZY = {
     "StoreUnavailableError": "resilient_grpc.stores",
     "PostgresStore": "resilient_grpc.stores",
     "transaction": "resilient_grpc.transactional",
+    "TransactionUnavailableError": "resilient_grpc.transactional",
 }
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "RetryPolicy",
     "SQLiteStore",
     "StoreUnavailableError",
+    "TransactionUnavailableError",
     "attempts_of",
     "client_interceptors",
     "idempotency_key",

@@ -119,6 +119,13 @@ def active_call(context: Any) -> ActiveCall:
 
 
 def _cannot(store: object) -> NoReturn:
+    inner = getattr(store, "store", None)
+    if inner is not None and hasattr(inner, "begin_transaction"):
+        raise TransactionUnavailableError(
+            f"this grpc.aio server wraps {type(inner).__name__} in {type(store).__name__}: give "
+            f"the interceptor the {type(inner).__name__} itself (or its as_async()) for "
+            "transactional mode"
+        )
     raise TransactionUnavailableError(
         f"{type(store).__name__} cannot hold a call's record in the handler's transaction: "
         "transaction(context) needs PostgresStore or SQLiteStore"
@@ -157,7 +164,7 @@ async def async_transaction(context: Any) -> AsyncIterator[Any]:
     call = active_call(context)
     store = call.store
     if not isinstance(store, AsyncStore) or not isinstance(store, AsyncTransactionalStore):
-        _cannot(getattr(call.store, "store", call.store))
+        _cannot(store)
     assert call.token is not None
     yield await store.begin_transaction(call.key, call.token, context)
 

@@ -15,8 +15,9 @@ import pytest
 
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_sql import Refusal
-from resilient_grpc import MemoryStore, transaction
-from resilient_grpc.transactional import TransactionUnavailableError, async_transaction, call_scope
+from resilient_grpc import MemoryStore, SQLiteStore, TransactionUnavailableError, transaction
+from resilient_grpc.stores.base import ThreadedAsyncStore
+from resilient_grpc.transactional import async_transaction, call_scope
 from tests.sql_ledger_servers import ACCOUNTS, BALANCE, LedgerSpec, RunningLedger, start_ledger
 
 KEY = "idempotency-key"
@@ -236,11 +237,18 @@ def test_transaction_refuses_stores_and_calls_that_cannot_have_one() -> None:
         pass
 
 
-async def test_aio_transaction_refuses_a_store_that_cannot() -> None:
+async def test_aio_transaction_refuses_a_store_that_cannot(tmp_path: Path) -> None:
     store = MemoryStore().as_async()
     with (
         call_scope(store, "k", 1, _Nothing()),
         pytest.raises(TransactionUnavailableError, match="MemoryStore cannot"),
+    ):
+        async with async_transaction(None):
+            pass
+    wrapped = ThreadedAsyncStore(SQLiteStore(tmp_path / "x.sqlite3"))  # not its as_async()
+    with (
+        call_scope(wrapped, "k", 1, _Nothing()),
+        pytest.raises(TransactionUnavailableError, match=r"SQLiteStore itself \(or its as_async"),
     ):
         async with async_transaction(None):
             pass
