@@ -162,6 +162,31 @@ def test_a_business_error_after_the_writes_commits_them_with_the_outcome(setup: 
     assert database.applied("m6") == 1
 
 
+def test_a_concurrent_duplicate_waits_for_the_commit_and_replays(setup: Setup) -> None:
+    start, database, flavour = setup
+    writing = threading.Event()
+
+    def slow(_: str) -> None:  # the first execution holds its transaction open for a while
+        writing.set()
+        threading.Event().wait(0.3)
+
+    async def slow_aio(key: str) -> None:
+        import asyncio
+
+        writing.set()
+        await asyncio.sleep(0.3)
+
+    ledger = start(after_write=slow if flavour == "sync" else slow_aio)
+    channel, stub = _stub(ledger.port)
+    with channel:
+        first = stub.Transfer.future(_transfer("m7"), metadata=[(KEY, "k7")], timeout=10)
+        assert writing.wait(10)
+        second, call = stub.Transfer.with_call(_transfer("m7"), metadata=[(KEY, "k7")], timeout=10)
+        assert first.result() == second
+    assert ("idempotency-replayed", "true") in call.trailing_metadata()
+    assert database.applied("m7") == 1
+
+
 def test_a_claim_taken_over_before_the_commit_rolls_the_writes_back(pg_setup: Setup) -> None:
     """The fenced completion refuses a stale executor: its transfer is not applied, and the
     client gets UNAVAILABLE (retryable), never the stale execution's success."""
