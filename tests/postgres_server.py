@@ -154,8 +154,6 @@ class PostgresServer:
         pid_file.unlink(missing_ok=True)
         (self.directory / f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
 
-    kill = stop
-
 
 def _postmaster_pid(data: Path) -> int | None:
     try:
@@ -200,8 +198,6 @@ class ExternalPostgres:
 
     def stop(self) -> None:
         pytest.skip("POSTGRES_URL points at a server these tests cannot stop")
-
-    kill = stop
 
 
 def postgres_unavailable(reason: str) -> None:
