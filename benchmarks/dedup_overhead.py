@@ -21,6 +21,9 @@ deserialized message (deterministic re-serialization), for ``TransferRequest`` a
 ``google.protobuf.Struct`` of 20 map entries, plus the deserialization that admission now does
 once (a replay used to skip it; a first execution did it in the handler wrapper anyway).
 
+PostgresStore rows (lease and transactional mode, PostgreSQL round trips per call) come from
+:mod:`benchmarks.dedup_postgres`.
+
 Run: ``python -m benchmarks.dedup_overhead`` (about 30-40 s) or ``--quick`` (a few seconds).
 Writes ``benchmarks/results/dedup_overhead.json`` and prints a table per flavour, then the issue's targets
 with the numbers each is judged on (see :func:`targets` for the two readings of the replay target).
@@ -462,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
         directory = Path(tmp)
         sync = run_sync(rounds, per_round, directory, url)
         aio = run_aio(rounds, per_round, directory, url)
+    from benchmarks import dedup_postgres  # PostgresStore rows (issue 10)
+
+    postgres = dedup_postgres.run(rounds, per_round, (_Timing, _AioTiming), ServerTimes)
     report = {
         "meta": {
             "python": sys.version.split()[0],
@@ -476,6 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         "aio": aio,
         "targets": {"sync": targets(sync), "aio": targets(aio)},
         "fingerprint": fingerprint_cost(2_000 if args.quick else 100_000),
+        "postgres": postgres,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
@@ -485,6 +492,9 @@ def main(argv: list[str] | None = None) -> None:
     console.print(target_table("grpc.server", sync))
     console.print(target_table("grpc.aio", aio))
     console.print(fingerprint_table(report["fingerprint"]))
+    console.print(dedup_postgres.table("grpc.server", postgres["sync"]))
+    console.print(dedup_postgres.table("grpc.aio", postgres["aio"]))
+    console.print(f"PostgresStore round-trip targets: {postgres['targets']}")
     console.print(f"wrote {args.output} in {report['meta']['seconds']} s")
 
 

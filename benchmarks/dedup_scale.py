@@ -11,8 +11,9 @@ processes report how many times each key executed, and every execution of a key 
 first is a duplicate (the number dedup must keep at 0).
 
 Stores: MemoryStore (one process only: it is not shared), SQLiteStore (one file), RedisStore on
-one redis-server, and on a 3-master Redis Cluster without and with ``replica_acks=1``; SQLite
-and Redis also with 1, 2 and 4 server processes. The machine has 2 cores shared by every process
+one redis-server, and on a 3-master Redis Cluster without and with ``replica_acks=1``,
+PostgresStore (lease mode) on one PostgreSQL (``POSTGRES_URL``, or a private server); SQLite,
+Redis and PostgreSQL also with 1, 2 and 4 server processes. The machine has 2 cores shared by every process
 here, so more server processes mostly compete for the same CPU: read the scaling rows as what
 the store costs under contention, not as a speed-up.
 
@@ -54,7 +55,7 @@ def serve(store_spec: str) -> None:
     from protos.ledger_service import SyncLedger
     from protos.ledger_service import serve as start
     from resilient_grpc.server import SHARED_SCOPE, DedupInterceptor
-    from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore
+    from resilient_grpc.stores import MemoryStore, PostgresStore, RedisStore, SQLiteStore
 
     kind, _, where = store_spec.partition(":")
     store: Any
@@ -64,6 +65,9 @@ def serve(store_spec: str) -> None:
         store = SQLiteStore(where)
     elif kind == "redis":
         store = RedisStore.from_url(where, check_config=False)
+    elif kind == "postgres":  # "<table>|<url>": the server processes of a configuration share it
+        table, _, url = where.partition("|")
+        store = PostgresStore(url, table=table)
     else:  # cluster or cluster-acks
         acks = 1 if kind == "cluster-acks" else 0
         store = RedisStore.from_url(where, cluster=True, check_config=False, replica_acks=acks)
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="under 60 s")
-    parser.add_argument("--only", default="memory,sqlite,redis,cluster,cluster-acks")
+    parser.add_argument("--only", default="memory,sqlite,redis,postgres,cluster,cluster-acks")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     wanted = args.only.split(",")
@@ -214,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[str, list[dict[str, Any]]] = {}
 
     from benchmarks.dedup_overhead import redis_url
+    from benchmarks.dedup_postgres import postgres_url
 
     with tempfile.TemporaryDirectory(prefix="dedup-scale-") as tmp:
         if "memory" in wanted:
@@ -229,6 +234,18 @@ def main(argv: list[str] | None = None) -> None:
             with redis_url() as url:
                 rows["redis"] = [
                     run_configuration(f"redis:{url}", n, clients, concurrency, seconds)
+                    for n in scaling
+                ]
+        if "postgres" in wanted:
+            with postgres_url() as url:
+                rows["postgres"] = [
+                    run_configuration(
+                        f"postgres:scale_{uuid.uuid4().hex[:12]}|{url}",
+                        n,
+                        clients,
+                        concurrency,
+                        seconds,
+                    )
                     for n in scaling
                 ]
         if "cluster" in wanted or "cluster-acks" in wanted:

@@ -6,7 +6,8 @@ throttling (:class:`AdaptiveThrottle`) and idempotency keys
 (:class:`IdempotencyKeys`, :func:`idempotency_key`), attached with :func:`client_interceptors` or
 :func:`resilient_channel`. Server side: :class:`DedupInterceptor` replays the stored outcome of a
 key instead of executing the handler again, over :class:`MemoryStore`, :class:`SQLiteStore` or
-:class:`RedisStore`. The ``grpc.aio`` flavours live in :mod:`resilient_grpc.aio`.
+:class:`RedisStore`, :class:`PostgresStore`; :func:`transaction` commits a handler's database
+writes together with its dedup record. The ``grpc.aio`` flavours live in :mod:`resilient_grpc.aio`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ if TYPE_CHECKING:  # what type checkers see; at run time these load on first use
     from resilient_grpc.client import client_interceptors, resilient_channel
     from resilient_grpc.errors import BreakerOpenError, ThrottledError, attempts_of, reason_of
     from resilient_grpc.server import SHARED_SCOPE, DedupInterceptor, peer_identity
-    from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, StoreUnavailableError
+    from resilient_grpc.stores import (
+        MemoryStore,
+        PostgresStore,
+        RedisStore,
+        SQLiteStore,
+        StoreUnavailableError,
+    )
+    from resilient_grpc.transactional import TransactionUnavailableError, transaction
 
 __version__ = "0.1.0"
 
@@ -45,6 +53,9 @@ _LAZY = {
     "SQLiteStore": "resilient_grpc.stores",
     "RedisStore": "resilient_grpc.stores",
     "StoreUnavailableError": "resilient_grpc.stores",
+    "PostgresStore": "resilient_grpc.stores",
+    "transaction": "resilient_grpc.transactional",
+    "TransactionUnavailableError": "resilient_grpc.transactional",
 }
 
 __all__ = [
@@ -56,12 +67,14 @@ __all__ = [
     "IdempotencyKeys",
     "InvalidKeyError",
     "MemoryStore",
+    "PostgresStore",
     "RedisStore",
     "RetryBudget",
     "RetryPolicy",
     "SQLiteStore",
     "StoreUnavailableError",
     "ThrottledError",
+    "TransactionUnavailableError",
     "aio",
     "attempts_of",
     "client_interceptors",
@@ -69,6 +82,7 @@ __all__ = [
     "peer_identity",
     "reason_of",
     "resilient_channel",
+    "transaction",
 ]
 
 if not TYPE_CHECKING:

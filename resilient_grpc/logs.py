@@ -66,6 +66,10 @@ SERVER_WARNINGS: dict[str, str] = {
         "stored, and its key stays claimed until the lease lapses"
     ),
     "complete_refused": "dedup store refused the handler's outcome, which was not stored",
+    "commit_failed": (
+        "the call's transaction did not commit: the handler's writes were rolled back, the key "
+        "released and the call answered UNAVAILABLE"
+    ),
     "lease_lost": "dedup store refused to renew a running handler's lease",
     "renew_failed": "dedup store unavailable while renewing a running handler's lease",
 }

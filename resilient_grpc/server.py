@@ -85,6 +85,7 @@ from resilient_grpc.core.dedup import (
     Action,
     Claim,
     ClaimResult,
+    CommitFailed,
     Complete,
     Crowded,
     DedupFlow,
@@ -114,12 +115,14 @@ from resilient_grpc.core.methods import method_matches, method_patterns
 from resilient_grpc.core.validation import finite_number, whole_number
 from resilient_grpc.stores.base import (
     AsyncStore,
+    CommitFailedError,
     Store,
     StoreFullError,
     StoreUnavailableError,
     UndecodableRecordError,
 )
 from resilient_grpc.stores.memory import MemoryStore
+from resilient_grpc.transactional import call_scope
 
 __all__ = [
     "SHARED_SCOPE",
@@ -489,6 +492,7 @@ class FlowDriver:
         "method",
         "renewer",
         "response",
+        "store",
         "token",
         "verdict",
     )
@@ -521,14 +525,17 @@ class FlowDriver:
         self.verdict: Verdict | None = None
         self.response: bytes | None = None
         self.error: Exception | None = None
+        self.store: object = None
 
     def first(self) -> Effect:
         """The first effect (claim the key)."""
         return self.flow.start()
 
-    def scope(self) -> derivation_scope:
-        """The context manager the handler runs inside: the call's key as derivation scope."""
-        return derivation_scope.of(DerivationScope.trusted(self.call_key))
+    def scope(self) -> call_scope:
+        """The context manager the handler runs inside: the call's key as derivation scope, and
+        the call (store, store key, claim token) bound for :func:`resilient_grpc.transaction`."""
+        inner = derivation_scope.of(DerivationScope.trusted(self.call_key))
+        return call_scope(self.store, self.key, self.token, inner)
 
     def advance(self, effect: Effect, answer: object) -> Effect | None:
         """Send ``answer`` (to ``effect``) to the flow; ``None`` when the flow has decided."""
@@ -537,7 +544,8 @@ class FlowDriver:
             if token is not None:  # we own the key: duplicates in this process wait on us
                 self._flights.open(self.key, token)
                 self.token = token
-        elif isinstance(effect, (Complete, Release)):
+        elif isinstance(effect, (Complete, Release)) and not isinstance(answer, CommitFailed):
+            # (a failed commit keeps the flight open until the release that follows it)
             self.token = None
             self._flights.end(self.key, effect.token)
         step = self.flow.send(answer)
@@ -845,21 +853,25 @@ class DedupBase:
 
     def driver(self, plan: CallPlan) -> FlowDriver:
         """The driver of an admitted call's flow (``plan`` from :meth:`admit`)."""
-        return FlowDriver(
+        driver = FlowDriver(
             plan,
             plan.fingerprint,
             self.settings.flow_settings,
             self._flights,
             self.leases(plan.method) if self.leases.per_method else self.leases.default,
         )
+        driver.store = self.store  # type: ignore[attr-defined]  # set by both subclasses
+        return driver
 
 
 def store_down(error: StoreUnavailableError) -> StoreDown:
-    """The flow's view of a store error: full (an overload signal), an undecodable record
-    (counted as ``store_undecodable``) or down (counted as ``store_error``); its message goes
-    to the server log only."""
+    """The flow's view of a store error: full (an overload signal), a transaction that did
+    not commit, an undecodable record (counted as ``store_undecodable``) or down (counted as
+    ``store_error``); its message goes to the server log only."""
     if isinstance(error, StoreFullError):
         return StoreFull(str(error), retry_after=error.retry_after)
+    if isinstance(error, CommitFailedError):
+        return CommitFailed(str(error))
     if isinstance(error, UndecodableRecordError):
         return StoreDown(str(error), "store_undecodable")
     return StoreDown(str(error))

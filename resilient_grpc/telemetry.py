@@ -123,6 +123,7 @@ DEDUP_OUTCOMES: frozenset[str] = frozenset(
         "crowded",
         "outcome_not_stored",
         "complete_refused",
+        "commit_failed",
         "lease_lost",
         "renew_failed",
         "interrupted",

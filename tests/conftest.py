@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -9,6 +10,12 @@ import pytest
 
 from protos import ledger_pb2_grpc
 from protos.ledger_service import AioLedger, SyncLedger, serve, serve_aio
+from tests.postgres_server import (
+    ExternalPostgres,
+    PostgresServer,
+    make_postgres_server,
+    postgres_unavailable,
+)
 from tests.redis_cluster import RedisCluster, make_redis_cluster
 from tests.redis_server import ExternalRedis, RedisServer, make_redis_server, redis_unavailable
 
@@ -89,3 +96,28 @@ def redis_cluster(redis_cluster_session: RedisCluster) -> Iterator[RedisCluster]
         client.flushall()
         client.close()
     yield cluster
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer | ExternalPostgres]:
+    """A real PostgreSQL for the whole session (started by us unless POSTGRES_URL is set)."""
+    server = make_postgres_server()
+    if server is None:
+        postgres_unavailable(
+            "PostgreSQL binaries (initdb, postgres) are missing and POSTGRES_URL is not set"
+        )
+        raise AssertionError("unreachable")
+    yield server
+    if isinstance(server, PostgresServer):
+        server.stop()
+        shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer | ExternalPostgres) -> Iterator[str]:
+    """The URL of a running PostgreSQL; restarted if a test crashed it."""
+    if isinstance(postgres_server, PostgresServer) and postgres_server.process is None:
+        postgres_server.start()
+    yield postgres_server.url
+    if isinstance(postgres_server, PostgresServer) and postgres_server.process is None:
+        postgres_server.start()

@@ -28,6 +28,7 @@ from resilient_grpc.core.dedup import (
     Action,
     Claim,
     ClaimResult,
+    CommitFailed,
     Complete,
     Crowded,
     Decision,
@@ -279,6 +280,21 @@ def test_flow_store_down_fails_closed_or_open() -> None:
     effects, verdict = _run(flow, [StoreDown("down"), Execution(Outcome())])
     assert effects[-1] == Execute(None)
     assert verdict.action is Action.EXECUTED and verdict.events == ("fail_open",)
+
+
+def test_flow_failed_commit_releases_the_key_and_answers_unavailable() -> None:
+    """Transactional mode: the handler's writes rolled back with its record, so the client must
+    not get its answer; the key is released so the retry executes at once."""
+    clock = FakeClock()
+    flow = dedup_flow(b"f" * 32, SETTINGS, clock=clock, wait_until=clock.now + 1)
+    effects, verdict = _run(
+        flow, [ClaimResult(7), Execution(Outcome()), CommitFailed("connection lost"), True]
+    )
+    assert effects[-2:] == [Complete(7, Outcome()), Release(7)]
+    assert verdict.action is Action.ANSWER and verdict.outcome.code == "UNAVAILABLE"
+    assert "did not commit" in verdict.outcome.details
+    assert verdict.detail == "connection lost"  # for the server log, not the client
+    assert verdict.events == ("commit_failed",)
 
 
 def test_flow_conflict() -> None:

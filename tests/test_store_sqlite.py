@@ -216,3 +216,31 @@ def test_an_undecodable_row_is_a_store_error_not_a_crash(
         (stored,) = connection.execute(f"SELECT {column} FROM resilient_grpc_dedup").fetchone()
     assert stored == value
     store.close()
+
+
+def test_a_renewal_during_the_calls_own_transaction_holds_without_waiting_for_its_lock(
+    tmp_path: Path,
+) -> None:
+    """Transactional mode: the call's transaction holds SQLite's write lock until completion, so
+    a renewal that wrote would wait for that lock (``busy_timeout``) and fail. It holds without a
+    write instead (nobody else can claim meanwhile), and the completion still commits."""
+    path = tmp_path / "dedup.sqlite3"
+    store = SQLiteStore(path, busy_timeout=0.05)
+    claim = store.claim("k", FP, lease=30)
+    token = claim.token
+    assert token is not None
+    connection = store.begin_transaction("k", token, None)
+    connection.execute("CREATE TABLE effects (value TEXT)")
+    connection.execute("INSERT INTO effects VALUES ('written')")
+    renewed: list[object] = []
+    renewal = threading.Thread(target=lambda: renewed.append(store.renew("k", token, lease=30)))
+    renewal.start()  # on another thread, as the shared renewal thread does
+    renewal.join(timeout=10)
+    assert renewed == [True]
+    assert store.complete("k", token, Outcome(responses=(b"done",)))
+    record = store.get("k")
+    assert record is not None and record.state is RecordState.COMPLETED
+    assert store.renew("k", token, lease=30) is False  # the transaction ended: a real, fenced one
+    with sqlite3.connect(path) as reader:
+        assert reader.execute("SELECT value FROM effects").fetchall() == [("written",)]
+    store.close()

@@ -377,6 +377,16 @@ class StoreDown:
 
 
 @dataclass(slots=True)
+class CommitFailed(StoreDown):
+    """Sent back instead of a completion's answer when the call's transaction (transactional
+    mode) did not commit, or whether it did is unknown: the handler's writes were rolled back
+    with the record, so its answer must not reach the client. The flow releases the key and
+    answers UNAVAILABLE (safe to retry with the same key)."""
+
+    outcome: str = "commit_failed"
+
+
+@dataclass(slots=True)
 class StoreFull(StoreDown):
     """The store is full of live claims and refused a claim; one may free up in ``retry_after`` s."""
 
@@ -482,6 +492,13 @@ _WAITING = FlowState.WAITING
 _NO_EVENTS: tuple[str, ...] = ()
 
 #: What the server log says when the store refuses a handler's outcome.
+#: What a client is told when its call's transaction did not commit (no internal detail).
+COMMIT_FAILED = (
+    "the call's transaction did not commit (or its outcome is unknown); "
+    "retry with the same idempotency key"
+)
+COMMIT_FAILED_OUTCOME = Outcome("UNAVAILABLE", COMMIT_FAILED)
+
 COMPLETE_REFUSED = (
     "the store refused the handler's outcome: this call no longer held a live claim on its key "
     "(its lease lapsed, or the store lost the claim), so the outcome was not stored and a retry "
@@ -503,6 +520,7 @@ class DedupFlow:
 
     __slots__ = (
         "_events",
+        "_failed_commit",
         "_last_lease_left",
         "_token",
         "clock",
@@ -531,6 +549,8 @@ class DedupFlow:
         self._events: tuple[str, ...] = _NO_EVENTS
         self._last_lease_left = self.lease
         self._token = 0
+        #: why the call's transaction did not commit (for the log), once it failed
+        self._failed_commit: str | None = None
 
     def start(self) -> Effect:
         """The first effect: claim the key."""
@@ -564,10 +584,19 @@ class DedupFlow:
         self.state = _COMPLETING
         return Complete(self._token, _stored_form(outcome, self.settings.max_response_bytes))
 
-    def _settled(self, answer: object) -> Verdict:
+    def _settled(self, answer: object) -> Effect | Verdict:
         events = self._events
         if "abandoned" in events:
             return Verdict(Action.ANSWER, ABANDONED_OUTCOME, events)
+        if self._failed_commit is not None:  # released after a failed commit
+            return Verdict(Action.ANSWER, COMMIT_FAILED_OUTCOME, events, self._failed_commit)
+        if isinstance(answer, CommitFailed) and self.state is _COMPLETING:
+            # transactional mode: the handler's writes rolled back with its record, so its live
+            # answer must not reach the client as a success; free the key for the retry
+            self._events = (*events, answer.outcome)
+            self._failed_commit = answer.message
+            self.state = _RELEASING
+            return Release(self._token)
         executed = (*events, "executed") if events else _EXECUTED
         if isinstance(answer, StoreDown):
             # the handler ran: its live result is still delivered, but nothing was stored and

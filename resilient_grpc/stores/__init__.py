@@ -1,5 +1,6 @@
 """Dedup stores: :class:`MemoryStore` (embedded default), :class:`SQLiteStore` (durable, one host),
-:class:`RedisStore` (shared by many replicas; needs the ``redis`` extra, imported on first use)."""
+:class:`RedisStore` (shared by many replicas; needs the ``redis`` extra, imported on first use), :class:`PostgresStore`
+(shared, and transactional: needs the ``postgres`` extra, imported on first use)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from resilient_grpc.stores.base import (
     AsyncStore,
+    CommitFailedError,
     Store,
     StoreFullError,
     StoreUnavailableError,
@@ -16,11 +18,15 @@ from resilient_grpc.stores.memory import MemoryStore
 from resilient_grpc.stores.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
+    from resilient_grpc.stores.postgres import AsyncPostgresStore, PostgresStore
     from resilient_grpc.stores.redis import RedisStore
 
 __all__ = [
+    "AsyncPostgresStore",
     "AsyncStore",
+    "CommitFailedError",
     "MemoryStore",
+    "PostgresStore",
     "RedisStore",
     "SQLiteStore",
     "Store",
@@ -35,4 +41,8 @@ def __getattr__(name: str) -> Any:
         from resilient_grpc.stores.redis import RedisStore
 
         return RedisStore
+    if name in {"PostgresStore", "AsyncPostgresStore"}:
+        from resilient_grpc.stores import postgres
+
+        return getattr(postgres, name)
     raise AttributeError(f"module 'resilient_grpc.stores' has no attribute {name!r}")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from resilient_grpc.core.dedup import (
     ClaimResult,
@@ -27,11 +30,14 @@ from resilient_grpc.core.dedup import (
 from resilient_grpc.core.validation import finite_number, whole_number
 from resilient_grpc.stores.base import (
     DEFAULT_TTL,
+    CommitFailedError,
     Store,
     StoreUnavailableError,
+    ThreadedAsyncStore,
     UndecodableRecordError,
     new_token,
 )
+from resilient_grpc.transactional import abort_call, abort_call_async
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -118,6 +124,9 @@ class SQLiteStore(Store):
         self._lock = threading.Lock()
         self._purger: threading.Thread | None = None
         self._closing = threading.Event()
+        #: the connections of the calls' open transactions (transactional mode), by (key, token)
+        self._open: dict[tuple[str, int], sqlite3.Connection] = {}
+        self._spare: list[sqlite3.Connection] = []
         self._run(lambda connection: None)  # create the file and schema now: fail early
 
     def claim(self, key: str, fingerprint: bytes, *, lease: float) -> ClaimResult:
@@ -138,6 +147,9 @@ class SQLiteStore(Store):
         return self._transaction(claim)
 
     def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
+        if self._finish(key, token, outcome, ttl):  # transactional mode: commits with the writes
+            return True
+
         def complete(connection: sqlite3.Connection) -> bool:
             existing = self._entry(key, connection.execute(_SELECT, (key,)).fetchone())
             entry = complete_entry(
@@ -155,6 +167,8 @@ class SQLiteStore(Store):
         return self._transaction(complete)
 
     def release(self, key: str, token: int) -> bool:
+        self._abandon(key, token)
+
         def release(connection: sqlite3.Connection) -> bool:
             row = connection.execute(_SELECT, (key,)).fetchone()
             if not release_allowed(self._entry(key, row), token):
@@ -165,8 +179,17 @@ class SQLiteStore(Store):
         return self._transaction(release)
 
     def renew(self, key: str, token: int, *, lease: float) -> bool:
+        """See :meth:`Store.renew`. While the call's own transaction is open (transactional
+        mode) it holds SQLite's write lock, so no other executor can claim the key until it
+        ends: the claim holds without a write, which would only wait (up to ``busy_timeout``)
+        for the lock that transaction holds."""
+        with self._lock:
+            opened = self._open.get((key, token))
+        if opened is not None and opened.in_transaction:
+            return True
+
         def renew(connection: sqlite3.Connection) -> bool:
-            existing = _entry(connection.execute(_SELECT, (key,)).fetchone())
+            existing = self._entry(key, connection.execute(_SELECT, (key,)).fetchone())
             entry = renew_entry(existing, token, now=self._clock(), lease=lease)
             if entry is None:
                 return False
@@ -225,12 +248,109 @@ class SQLiteStore(Store):
 
         return self._transaction(delete)
 
+    # -- transactional mode (see resilient_grpc.transactional)
+
+    def begin_transaction(self, key: str, token: int, context: Any) -> sqlite3.Connection:
+        """The connection of the call's transaction (``BEGIN IMMEDIATE``, opened on first use).
+
+        The transaction holds SQLite's write lock from here until the call completes, so no
+        other executor can take the key over meanwhile (and other writers wait, up to
+        ``busy_timeout``). Aborts the call with UNAVAILABLE if the claim is no longer ours or
+        the file cannot be written.
+        """
+        connection = self._begin(key, token)
+        if connection is None:
+            abort_call(context)
+        with self._lock:
+            self._open[(key, token)] = connection
+        return connection
+
+    def _begin(self, key: str, token: int) -> sqlite3.Connection | None:
+        with self._lock:
+            opened = self._open.get((key, token))
+            connection = opened or (self._spare.pop() if self._spare else None)
+        if opened:
+            return connection
+        try:
+            if connection is None:
+                connection = self._new_connection()
+            connection.execute("BEGIN IMMEDIATE")
+            entry = self._entry(key, connection.execute(_SELECT, (key,)).fetchone())
+            if release_allowed(entry, token) and entry is not None and entry.live(self._clock()):
+                return connection
+            _log.warning("SQLite store %r: the call's claim is no longer held", self.path)
+        except (sqlite3.Error, StoreUnavailableError) as error:
+            _log.warning("SQLite store %r failed: %s: %s", self.path, type(error).__name__, error)
+        if connection is not None:
+            self._give_back(connection, rollback=True)
+        return None
+
+    def _finish(self, key: str, token: int, outcome: Outcome, ttl: float | None) -> bool:
+        """Complete the call's open transaction: write the outcome and commit (``True``).
+        ``False``: no open transaction (lease mode); :class:`CommitFailedError`: nothing
+        committed (the flow releases the key and answers UNAVAILABLE)."""
+        with self._lock:
+            connection = self._open.pop((key, token), None)
+        if connection is None:
+            return False
+        committed = False
+        try:
+            if not connection.in_transaction:  # the handler committed on its own: lease mode
+                return False
+            existing = self._entry(key, connection.execute(_SELECT, (key,)).fetchone())
+            # fenced: the write lock has been held since the claim was checked live at BEGIN
+            if existing is None or not release_allowed(existing, token):
+                raise CommitFailedError(
+                    f"SQLite store {self.path!r}: the call's claim was lost; its transaction "
+                    "rolled back"
+                )
+            now = self._clock()
+            ttl = self.ttl if ttl is None else ttl
+            entry = Entry(RecordState.COMPLETED, existing.fingerprint, token, now, now + ttl, outcome)
+            connection.execute(_UPSERT, _row(key, entry))
+            connection.execute("COMMIT")
+            committed = True
+        except (sqlite3.Error, UndecodableRecordError) as error:
+            raise CommitFailedError(
+                f"SQLite store {self.path!r} failed: {type(error).__name__}: {error}; the call's "
+                "transaction rolled back or its outcome is unknown"
+            ) from error
+        finally:
+            self._give_back(connection, rollback=not committed)
+        return True
+
+    def _abandon(self, key: str, token: int) -> None:
+        """Roll back the call's open transaction, if any (before a release)."""
+        with self._lock:
+            opened = self._open.pop((key, token), None)
+        if opened is not None:
+            self._give_back(opened, rollback=True)
+
+    def _give_back(self, connection: sqlite3.Connection, *, rollback: bool) -> None:
+        try:
+            if rollback and connection.in_transaction:
+                connection.execute("ROLLBACK")
+        except sqlite3.Error:
+            connection.close()
+            return
+        with self._lock:
+            self._spare.append(connection)
+
+    def as_async(self) -> AsyncSQLiteStore:
+        """The ``grpc.aio`` view (calls run in worker threads), transactional mode included."""
+        return AsyncSQLiteStore(self)
+
     def close(self) -> None:
         self._closing.set()
         with self._lock:
             purger, self._purger = self._purger, None
         if purger is not None and purger is not threading.current_thread():
             purger.join()
+        with self._lock:
+            spare, self._spare = self._spare, []
+            opened, self._open = list(self._open.values()), {}
+        for connection in [*spare, *opened]:
+            connection.close()
         with self._lock:
             connections, self._connections = self._connections, []
         for connection in connections:
@@ -269,16 +389,20 @@ class SQLiteStore(Store):
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
-            connection = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            self._prepare(connection)
+            connection = self._new_connection()
             self._local.connection = connection
             with self._lock:
                 self._connections.append(connection)
+        return connection
+
+    def _new_connection(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        self._prepare(connection)
         return connection
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
@@ -319,6 +443,95 @@ class SQLiteStore(Store):
             return result
 
         return self._run(transaction)
+
+
+class AsyncSQLiteConnection:
+    """The connection of a ``grpc.aio`` handler's transaction on :class:`SQLiteStore`.
+
+    Its statements run on a thread of its own: the transaction holds SQLite's write lock, and
+    claims waiting for that lock may occupy every shared worker thread, so the holder must
+    never queue behind them. The event loop never blocks.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
+        self.connection = connection
+        self._thread = thread
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> SQLiteResult:
+        """Run one statement; its rows (all fetched) and row count."""
+
+        def run() -> SQLiteResult:
+            cursor = self.connection.execute(sql, parameters)
+            rows = cursor.fetchall()
+            return SQLiteResult(rows, cursor.rowcount)
+
+        return await self.run(run)
+
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
+        """Run ``work(*args)`` on this transaction's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+
+
+@dataclass(frozen=True, slots=True)
+class SQLiteResult:
+    """What a statement returned: its rows and its row count (``-1`` for a query)."""
+
+    rows: list[Any]
+    rowcount: int
+
+
+class AsyncSQLiteStore(ThreadedAsyncStore):
+    """:class:`SQLiteStore` for ``grpc.aio``: blocking calls in worker threads, and transactional
+    mode for ``resilient_grpc.aio.transaction`` (statements through :class:`AsyncSQLiteConnection`,
+    each open transaction on a thread of its own)."""
+
+    store: SQLiteStore
+
+    def __init__(self, store: SQLiteStore) -> None:
+        super().__init__(store)
+        self._connections: dict[tuple[str, int], AsyncSQLiteConnection] = {}
+
+    async def begin_transaction(self, key: str, token: int, context: Any) -> AsyncSQLiteConnection:
+        """See :meth:`SQLiteStore.begin_transaction`."""
+        opened = self._connections.get((key, token))
+        if opened is not None:
+            return opened
+        thread = ThreadPoolExecutor(1, thread_name_prefix="resilient_grpc-sqlite-transaction")
+        loop = asyncio.get_running_loop()
+        try:
+            connection = await loop.run_in_executor(thread, self.store._begin, key, token)
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
+        if connection is None:
+            thread.shutdown(wait=False)
+            await abort_call_async(context)
+        with self.store._lock:
+            self.store._open[(key, token)] = connection
+        opened = self._connections[(key, token)] = AsyncSQLiteConnection(connection, thread)
+        return opened
+
+    async def complete(
+        self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None
+    ) -> bool:
+        opened = self._connections.pop((key, token), None)
+        if opened is not None:
+            try:
+                committed = await opened.run(self.store._finish, key, token, outcome, ttl)
+            finally:
+                opened._thread.shutdown(wait=False)
+            if committed:
+                return True
+        return await super().complete(key, token, outcome, ttl=ttl)
+
+    async def release(self, key: str, token: int) -> bool:
+        opened = self._connections.pop((key, token), None)
+        if opened is not None:
+            try:
+                await opened.run(self.store._abandon, key, token)
+            finally:
+                opened._thread.shutdown(wait=False)
+        return await super().release(key, token)
 
 
 def _entry(row: tuple[int, bytes, int, float, float, bytes | None] | None) -> Entry | None:
