@@ -15,6 +15,15 @@ latency; ``server`` is the time spent in the server's handler stack, measured by
 timing interceptor that also does the (de)serialization itself, so that it is counted alike with
 and without dedup. Redis round trips per call are counted from ``INFO commandstats``.
 
+A micro-benchmark also prices the request fingerprint in-process (``fingerprint``): the old
+SHA-256 of the raw bytes against :func:`~resilient_grpc.core.dedup.request_fingerprint` of the
+deserialized message (deterministic re-serialization), for ``TransferRequest`` and for a
+``google.protobuf.Struct`` of 20 map entries, plus the deserialization that admission now does
+once (a replay used to skip it; a first execution did it in the handler wrapper anyway).
+
+PostgresStore rows (lease and transactional mode, PostgreSQL round trips per call) come from
+:mod:`benchmarks.dedup_postgres`.
+
 Run: ``python -m benchmarks.dedup_overhead`` (about 30-40 s) or ``--quick`` (a few seconds).
 Writes ``benchmarks/results/dedup_overhead.json`` and prints a table per flavour, then the issue's targets
 with the numbers each is judged on (see :func:`targets` for the two readings of the replay target).
@@ -35,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -44,12 +54,14 @@ from typing import Any
 import grpc
 import grpc.aio
 import redis
+from google.protobuf import struct_pb2
 from rich.console import Console
 from rich.table import Table
 
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import serve, serve_aio
 from resilient_grpc.aio.server import DedupInterceptor as AioDedupInterceptor
+from resilient_grpc.core.dedup import fingerprint, request_fingerprint
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, Store
 from resilient_grpc.testing.redis_round_trips import RoundTripCounter
@@ -394,6 +406,54 @@ def table(flavour: str, results: dict[str, dict[str, Any]]) -> Table:
     return out
 
 
+def _struct_request() -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    for index in range(20):
+        message.fields[f"field-{index}"].string_value = f"value-{index:04d}"
+    return message
+
+
+def _best(work: Callable[[], object], number: int) -> float:
+    """Microseconds per call of ``work``, best of 5 runs of ``number`` calls."""
+    return min(timeit.repeat(work, number=number, repeat=5)) / number * 1e6
+
+
+def _fingerprint_row(message: Any, number: int) -> dict[str, float]:
+    method = "/ledger.v1.Ledger/Transfer"
+    raw = message.SerializeToString()
+    parse = type(message).FromString
+    return {
+        "bytes": len(raw),
+        "raw_sha256_us": _best(lambda: fingerprint(raw), number),
+        "canonical_us": _best(lambda: request_fingerprint(method, message, raw), number),
+        "deserialize_us": _best(lambda: parse(raw), number),
+    }
+
+
+def fingerprint_cost(number: int) -> dict[str, dict[str, float]]:
+    """Microseconds per request fingerprint, old (raw bytes) and canonical, best of 5 runs."""
+    return {
+        "TransferRequest": _fingerprint_row(REQUEST, number),
+        "Struct, 20 map entries": _fingerprint_row(_struct_request(), number),
+    }
+
+
+def fingerprint_table(costs: dict[str, dict[str, float]]) -> Table:
+    out = Table(title="Request fingerprint (in-process, µs per request)")
+    for column in ("request", "bytes", "raw SHA-256", "canonical", "+µs", "deserialize"):
+        out.add_column(column, justify="left" if column == "request" else "right")
+    for name, row in costs.items():
+        out.add_row(
+            name,
+            f"{row['bytes']:.0f}",
+            f"{row['raw_sha256_us']:.2f}",
+            f"{row['canonical_us']:.2f}",
+            f"{row['canonical_us'] - row['raw_sha256_us']:+.2f}",
+            f"{row['deserialize_us']:.2f}",
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
@@ -405,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
         directory = Path(tmp)
         sync = run_sync(rounds, per_round, directory, url)
         aio = run_aio(rounds, per_round, directory, url)
+    from benchmarks import dedup_postgres  # PostgresStore rows (issue 10)
+
+    postgres = dedup_postgres.run(rounds, per_round, (_Timing, _AioTiming), ServerTimes)
     report = {
         "meta": {
             "python": sys.version.split()[0],
@@ -418,6 +481,8 @@ def main(argv: list[str] | None = None) -> None:
         "sync": sync,
         "aio": aio,
         "targets": {"sync": targets(sync), "aio": targets(aio)},
+        "fingerprint": fingerprint_cost(2_000 if args.quick else 100_000),
+        "postgres": postgres,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
@@ -426,6 +491,10 @@ def main(argv: list[str] | None = None) -> None:
     console.print(table("grpc.aio", aio))
     console.print(target_table("grpc.server", sync))
     console.print(target_table("grpc.aio", aio))
+    console.print(fingerprint_table(report["fingerprint"]))
+    console.print(dedup_postgres.table("grpc.server", postgres["sync"]))
+    console.print(dedup_postgres.table("grpc.aio", postgres["aio"]))
+    console.print(f"PostgresStore round-trip targets: {postgres['targets']}")
     console.print(f"wrote {args.output} in {report['meta']['seconds']} s")
 
 

@@ -7,7 +7,8 @@ throttling (:class:`AdaptiveThrottle`) and idempotency keys
 (:class:`IdempotencyKeys`, :func:`idempotency_key`), attached with :func:`client_interceptors` or
 :func:`resilient_channel`. Server side: :class:`DedupInterceptor` replays the stored outcome of a
 key instead of executing the handler again, over :class:`MemoryStore`, :class:`SQLiteStore` or
-:class:`RedisStore`. The ``grpc.aio`` flavours live in :mod:`resilient_grpc.aio`.
+:class:`RedisStore`, :class:`PostgresStore`; :func:`transaction` commits a handler's database
+writes together with its dedup record. The ``grpc.aio`` flavours live in :mod:`resilient_grpc.aio`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,15 @@ if TYPE_CHECKING:  # what type checkers see; at run time these load on first use
     from resilient_grpc.core.admission import AdmissionController
     from resilient_grpc.errors import BreakerOpenError, ThrottledError, attempts_of, reason_of
     from resilient_grpc.overload import OverloadExecutor, OverloadInterceptor, resilient_server
-    from resilient_grpc.server import DedupInterceptor
-    from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, StoreUnavailableError
+    from resilient_grpc.server import SHARED_SCOPE, DedupInterceptor, peer_identity
+    from resilient_grpc.stores import (
+        MemoryStore,
+        PostgresStore,
+        RedisStore,
+        SQLiteStore,
+        StoreUnavailableError,
+    )
+    from resilient_grpc.transactional import TransactionUnavailableError, transaction
 
 __version__ = "0.1.0"
 
@@ -47,13 +55,19 @@ _LAZY = {
     "OverloadExecutor": "resilient_grpc.overload",
     "OverloadInterceptor": "resilient_grpc.overload",
     "resilient_server": "resilient_grpc.overload",
+    "SHARED_SCOPE": "resilient_grpc.server",
+    "peer_identity": "resilient_grpc.server",
     "MemoryStore": "resilient_grpc.stores",
     "SQLiteStore": "resilient_grpc.stores",
     "RedisStore": "resilient_grpc.stores",
     "StoreUnavailableError": "resilient_grpc.stores",
+    "PostgresStore": "resilient_grpc.stores",
+    "transaction": "resilient_grpc.transactional",
+    "TransactionUnavailableError": "resilient_grpc.transactional",
 }
 
 __all__ = [
+    "SHARED_SCOPE",
     "AdaptiveThrottle",
     "AdmissionController",
     "BreakerOpenError",
@@ -65,19 +79,23 @@ __all__ = [
     "MemoryStore",
     "OverloadExecutor",
     "OverloadInterceptor",
+    "PostgresStore",
     "RedisStore",
     "RetryBudget",
     "RetryPolicy",
     "SQLiteStore",
     "StoreUnavailableError",
     "ThrottledError",
+    "TransactionUnavailableError",
     "aio",
     "attempts_of",
     "client_interceptors",
     "idempotency_key",
+    "peer_identity",
     "reason_of",
     "resilient_channel",
     "resilient_server",
+    "transaction",
 ]
 
 if not TYPE_CHECKING:

@@ -357,14 +357,21 @@ class CircuitBreaker:
     def redis(
         cls, client: Any, *, namespace: str = "resilient_grpc", **kwargs: Any
     ) -> CircuitBreaker:
-        """A breaker whose per-target state lives in Redis (``client``: a sync ``redis.Redis``).
+        """A breaker whose per-target state lives in Redis (``client``: a sync ``redis.Redis``,
+        or a ``redis.cluster.RedisCluster``).
 
         Every process that builds it with the same ``namespace`` shares the state of each target.
         """
+        import redis.cluster  # the caller has a redis client: the extra is installed
+
+        cluster = isinstance(client, redis.cluster.RedisCluster)
 
         def factory(target: str) -> pybreaker.CircuitBreakerStorage:
             return pybreaker.CircuitRedisStorage(
-                pybreaker.STATE_CLOSED, client, namespace=f"{namespace}:{target}"
+                pybreaker.STATE_CLOSED,
+                client,
+                namespace=f"{namespace}:{target}",
+                cluster_mode=cluster,  # no WATCH/MULTI across the cluster's slots
             )
 
         return cls(storage=factory, name=namespace, **kwargs)

@@ -10,7 +10,12 @@ own and the sync and aio shells say exactly the same things. What is logged, and
   transitions, DEBUG for each call it fails fast.
 * ``resilient_grpc.server``: DEBUG for each dedup outcome; WARNING (at most one line per
   outcome per :data:`SERVER_WARNING_INTERVAL` seconds, with the count of lines held back) when
-  the dedup store is unreachable, so a store outage cannot flood the log.
+  the dedup store is unreachable, so a store outage cannot flood the log. Also one WARNING when a
+  ``DedupInterceptor`` is built with ``scope=None`` (configuration, logged by
+  :class:`~resilient_grpc.server.DedupSettings` itself, not through this module).
+* ``resilient_grpc.stores.redis``: one WARNING per ``RedisStore`` naming the server's unsafe
+  persistence or eviction settings, or saying it could not read them;
+  ``resilient_grpc.stores.sqlite``: a WARNING when a background purge fails.
 
 Lines carry only method names, status codes, counts, delays, reasons and breaker names or
 targets: never idempotency keys, metadata or request/response bodies (the facade is never given
@@ -50,6 +55,10 @@ GIVE_UP_REASONS: frozenset[Reason] = frozenset(
 #: Dedup outcomes logged at WARNING (throttled), and what each line says happened.
 SERVER_WARNINGS: dict[str, str] = {
     "store_error": "dedup store unavailable, refusing the call",
+    "store_undecodable": (
+        "dedup store holds a record this version cannot decode (corrupt, or written by a newer "
+        "version), refusing the call"
+    ),
     "fail_open": "dedup store unavailable, running the handler without deduplication",
     "store_full": "dedup store full of in-flight claims, refusing the call (RESOURCE_EXHAUSTED)",
     "outcome_not_stored": (
@@ -57,6 +66,10 @@ SERVER_WARNINGS: dict[str, str] = {
         "stored, and its key stays claimed until the lease lapses"
     ),
     "complete_refused": "dedup store refused the handler's outcome, which was not stored",
+    "commit_failed": (
+        "the call's transaction did not commit: the handler's writes were rolled back, the key "
+        "released and the call answered UNAVAILABLE"
+    ),
     "lease_lost": "dedup store refused to renew a running handler's lease",
     "renew_failed": "dedup store unavailable while renewing a running handler's lease",
 }

@@ -1,8 +1,9 @@
 """Server-side replay deduplication for ``grpc.server``: :class:`DedupInterceptor`.
 
-A call that carries an idempotency key executes at most once per (method, caller identity, key)
-while its record lives; every repeat gets the stored answer (exact response bytes, or the stored
-status code, details and trailing metadata) plus the trailer ``idempotency-replayed: true``.
+A call that carries an idempotency key executes at most once per (caller identity, key) while
+its record lives, and the key is bound to one method and one request; every repeat gets the
+stored answer (exact response bytes, or the stored status code, details and trailing metadata)
+plus the trailer ``idempotency-replayed: true``.
 The decisions are taken by :class:`resilient_grpc.core.dedup.DedupFlow`, held by one
 :class:`FlowDriver` per call; this module only performs its effects with blocking calls. The
 ``grpc.aio`` flavour is :class:`resilient_grpc.aio.DedupInterceptor`; both share
@@ -14,9 +15,19 @@ Rules the design leaves open, chosen here:
 * Methods: ``methods=None`` dedups every unary-request method (unary-unary and unary-stream)
   whose call carries a key; stream-request methods always pass through. A call without a key
   passes through unless its method is in ``require_key_methods`` (then INVALID_ARGUMENT).
-* The request is read as raw bytes (the handler's deserializer runs inside the interceptor), so
-  the fingerprint is the SHA-256 of the exact bytes on the wire, and the response is serialized
-  by the interceptor, so a replay sends the exact stored bytes.
+* Scope: ``scope=None`` scopes records by the caller's authenticated identity
+  (:func:`peer_identity`: ``context.peer_identities()``, e.g. the TLS client certificate's
+  subjectAltName), so one tenant never gets another's stored answer. Callers without one share
+  one key space: the interceptor logs a WARNING at construction saying so, silenced by passing
+  ``scope=peer_identity`` (all callers authenticate), ``scope=SHARED_SCOPE`` (one key space on
+  purpose) or a function of your own.
+* The request is read as raw bytes and deserialized once, on admission, by the handler's own
+  deserializer; the fingerprint is the SHA-256 of the method name and the request's canonical
+  bytes (a protobuf message's deterministic serialization, so equal requests match however
+  their maps were ordered; the raw bytes for anything else). A key reused on another method or
+  with another request is refused with FAILED_PRECONDITION. A request that cannot be
+  deserialized is refused with INVALID_ARGUMENT before anything is claimed. The response is
+  serialized by the interceptor, so a replay sends the exact stored bytes.
 * unary-stream: messages go to the client as they are produced and are also collected; the
   whole stream (messages and final status) is stored when it fits in ``max_response_bytes``.
 * An outcome larger than ``max_response_bytes`` is not stored, but the key stays completed: a
@@ -57,6 +68,7 @@ Rules the design leaves open, chosen here:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -73,6 +85,7 @@ from resilient_grpc.core.dedup import (
     Action,
     Claim,
     ClaimResult,
+    CommitFailed,
     Complete,
     Crowded,
     DedupFlow,
@@ -88,8 +101,8 @@ from resilient_grpc.core.dedup import (
     Verdict,
     Wait,
     admission_problem,
-    fingerprint,
     renewed,
+    request_fingerprint,
     scoped_key,
 )
 from resilient_grpc.core.keys import (
@@ -100,12 +113,29 @@ from resilient_grpc.core.keys import (
 )
 from resilient_grpc.core.methods import method_matches, method_patterns
 from resilient_grpc.core.validation import finite_number, whole_number
-from resilient_grpc.stores.base import AsyncStore, Store, StoreFullError, StoreUnavailableError
+from resilient_grpc.stores.base import (
+    AsyncStore,
+    CommitFailedError,
+    Store,
+    StoreFullError,
+    StoreUnavailableError,
+    UndecodableRecordError,
+)
 from resilient_grpc.stores.memory import MemoryStore
+from resilient_grpc.transactional import call_scope
 
-__all__ = ["DedupBase", "DedupInterceptor", "DedupSettings", "FlowDriver", "ScopeFunction"]
+__all__ = [
+    "SHARED_SCOPE",
+    "DedupBase",
+    "DedupInterceptor",
+    "DedupSettings",
+    "FlowDriver",
+    "ScopeFunction",
+    "peer_identity",
+]
 
 ScopeFunction = Callable[[Any], str]
+_log = logging.getLogger(__name__)
 MethodSelection = Iterable[str] | Callable[[str], bool] | None
 
 
@@ -127,15 +157,48 @@ DEFAULT_MAX_WAITERS = 64
 _NO_DEADLINE = 1e8
 
 
+def peer_identity(context: Any) -> str:
+    """The caller's authenticated identity, or ``""`` without one: the default ``scope``.
+
+    ``context.peer_identities()`` under ``context.peer_identity_key()``: with TLS client
+    certificates, the certificate's subjectAltName entries (its common name when it has none);
+    with ALTS, the service account. Insecure channels and TLS without a client certificate have
+    none.
+    """
+    identities = context.peer_identities()
+    if not identities:
+        return ""
+    # length-prefixed, so no two lists of names share an encoding (a name may hold any byte)
+    names = "".join(f"/{len(name)}:{name}" for name in map(_text, identities))
+    return f"{_text(context.peer_identity_key() or '')}{names}"
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def _shared_scope(context: Any) -> str:
+    return ""
+
+
+#: ``scope=SHARED_SCOPE``: every caller shares one key space, on purpose (one tenant, or callers
+#: that trust each other): no construction WARNING.
+SHARED_SCOPE: ScopeFunction = _shared_scope
+
+
 @dataclass(slots=True)
 class CallPlan:
-    """An admitted call: its method, its (valid) idempotency key, its store key and how long a
-    duplicate of it may wait (``wait_until`` on ``time.monotonic``)."""
+    """An admitted call: its method, its (valid) idempotency key, its store key, how long a
+    duplicate of it may wait (``wait_until`` on ``time.monotonic``), and, once
+    :meth:`DedupBase.admit` has read the request, the deserialized ``request`` and its
+    ``fingerprint``."""
 
     method: str
     key: str
     store_key: str
     wait_until: float
+    request: Any = None
+    fingerprint: bytes = b""
 
 
 class DedupSettings:
@@ -158,6 +221,15 @@ class DedupSettings:
     ) -> None:
         if scope is not None and not callable(scope):
             raise ValueError(f"scope must be a function of the servicer context, got {scope!r}")
+        if scope is None:
+            _log.warning(
+                "DedupInterceptor(scope=None): records are scoped by the caller's authenticated "
+                "identity (a TLS client certificate), and all callers without one share one key "
+                "space: one caller's idempotency key replays another's stored response. Pass "
+                "scope=peer_identity if every caller authenticates, scope=SHARED_SCOPE to share "
+                "one key space on purpose, or your own scope function"
+            )
+            scope = peer_identity
         if ttl is not None:
             finite_number("ttl", ttl, above=0.0, unit=" of seconds")
         finite_number("lease", lease, above=0.0, unit=" of seconds")
@@ -167,7 +239,7 @@ class DedupSettings:
         if not isinstance(fail_open, bool):
             raise ValueError(f"fail_open must be True or False, got {fail_open!r}")
         self.header = IdempotencyKeys(header=header).header  # validates the header name
-        self.scope = scope
+        self.scope: ScopeFunction = scope
         self.ttl = float(ttl) if ttl is not None else store_ttl
         self.lease = float(lease)
         self.max_wait = float(max_wait)
@@ -218,13 +290,13 @@ class DedupSettings:
         if problem is not None:
             return grpc.StatusCode.INVALID_ARGUMENT, problem
         assert key is not None
-        identity = self.scope(context) if self.scope is not None else ""
+        identity = self.scope(context)
         if not isinstance(identity, str):
             raise TypeError(f"scope() must return a string, got {type(identity).__name__}")
         budget = self.max_wait
         if remaining is not None and remaining < _NO_DEADLINE:
             budget = min(budget, remaining - min(0.1, 0.2 * remaining))
-        return CallPlan(method, key, scoped_key(method, identity, key), time.monotonic() + budget)
+        return CallPlan(method, key, scoped_key(identity, key), time.monotonic() + budget)
 
 
 def _selector(selection: MethodSelection, field: str, *, default: bool) -> Callable[[str], bool]:
@@ -420,6 +492,7 @@ class FlowDriver:
         "method",
         "renewer",
         "response",
+        "store",
         "token",
         "verdict",
     )
@@ -452,14 +525,17 @@ class FlowDriver:
         self.verdict: Verdict | None = None
         self.response: bytes | None = None
         self.error: Exception | None = None
+        self.store: object = None
 
     def first(self) -> Effect:
         """The first effect (claim the key)."""
         return self.flow.start()
 
-    def scope(self) -> derivation_scope:
-        """The context manager the handler runs inside: the call's key as derivation scope."""
-        return derivation_scope.of(DerivationScope.trusted(self.call_key))
+    def scope(self) -> call_scope:
+        """The context manager the handler runs inside: the call's key as derivation scope, and
+        the call (store, store key, claim token) bound for :func:`resilient_grpc.transaction`."""
+        inner = derivation_scope.of(DerivationScope.trusted(self.call_key))
+        return call_scope(self.store, self.key, self.token, inner)
 
     def advance(self, effect: Effect, answer: object) -> Effect | None:
         """Send ``answer`` (to ``effect``) to the flow; ``None`` when the flow has decided."""
@@ -468,7 +544,8 @@ class FlowDriver:
             if token is not None:  # we own the key: duplicates in this process wait on us
                 self._flights.open(self.key, token)
                 self.token = token
-        elif isinstance(effect, (Complete, Release)):
+        elif isinstance(effect, (Complete, Release)) and not isinstance(answer, CommitFailed):
+            # (a failed commit keeps the flight open until the release that follows it)
             self.token = None
             self._flights.end(self.key, effect.token)
         step = self.flow.send(answer)
@@ -742,32 +819,61 @@ class DedupBase:
             return store.release(key, effect.token)
         raise TypeError(f"not a store effect: {effect!r}")
 
-    def admit(self, method: str, context: Any) -> CallPlan | tuple[grpc.StatusCode, str]:
-        """The plan of a call, or the status refusing it before anything runs."""
+    def admit(
+        self,
+        method: str,
+        context: Any,
+        raw: bytes,
+        deserialize: Callable[[bytes], Any] | None,
+    ) -> CallPlan | tuple[grpc.StatusCode, str]:
+        """The plan of a call, or the status refusing it before anything runs.
+
+        Reads the request once: ``plan.request`` is ``deserialize(raw)`` (``raw`` without a
+        deserializer), to be passed to the handler, and ``plan.fingerprint`` binds the key to
+        the method and the request's canonical bytes (see
+        :func:`~resilient_grpc.core.dedup.request_fingerprint`).
+        """
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             return (
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 "the deadline expired before the call could start; nothing was executed",
             )
-        return self.settings.plan(method, context, remaining)
+        plan = self.settings.plan(method, context, remaining)
+        if isinstance(plan, CallPlan):
+            try:
+                plan.request = deserialize(raw) if deserialize is not None else raw
+            except Exception:
+                return (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "the request could not be deserialized; nothing was executed",
+                )
+            plan.fingerprint = request_fingerprint(method, plan.request, raw)
+        return plan
 
-    def driver(self, plan: CallPlan, request: bytes) -> FlowDriver:
-        """The driver of an admitted call's flow."""
-        return FlowDriver(
+    def driver(self, plan: CallPlan) -> FlowDriver:
+        """The driver of an admitted call's flow (``plan`` from :meth:`admit`)."""
+        driver = FlowDriver(
             plan,
-            fingerprint(request),
+            plan.fingerprint,
             self.settings.flow_settings,
             self._flights,
             self.leases(plan.method) if self.leases.per_method else self.leases.default,
         )
+        driver.store = self.store  # type: ignore[attr-defined]  # set by both subclasses
+        return driver
 
 
 def store_down(error: StoreUnavailableError) -> StoreDown:
-    """The flow's view of a store error: full (an overload signal) or down (counted as
-    ``StoreDown.outcome``; its message goes to the server log only)."""
+    """The flow's view of a store error: full (an overload signal), a transaction that did
+    not commit, an undecodable record (counted as ``store_undecodable``) or down (counted as
+    ``store_error``); its message goes to the server log only."""
     if isinstance(error, StoreFullError):
         return StoreFull(str(error), retry_after=error.retry_after)
+    if isinstance(error, CommitFailedError):
+        return CommitFailed(str(error))
+    if isinstance(error, UndecodableRecordError):
+        return StoreDown(str(error), "store_undecodable")
     return StoreDown(str(error))
 
 
@@ -775,8 +881,9 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     """Replays the stored outcome of an idempotency key instead of running the handler again.
 
     ``store``: where records live (default: a new :class:`MemoryStore`). ``scope(context)``
-    returns the caller's identity (e.g. the authenticated principal) so tenants never share
-    records. ``methods``: which methods are deduplicated (``None``: all unary-request methods;
+    returns the caller's identity so tenants never share records (default: :func:`peer_identity`,
+    the authenticated peer; see the module docstring for callers without one). ``methods``:
+    which methods are deduplicated (``None``: all unary-request methods;
     names, ``"/pkg.Service/*"`` patterns or a predicate). ``require_key_methods``: methods whose
     calls must carry a key (they are deduplicated whatever ``methods`` says). ``ttl``: record
     lifetime (default: the store's). ``lease``: how long a claim outlives a *dead* executor
@@ -820,21 +927,21 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     def _wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        deserialize = handler.request_deserializer or unchanged
+        deserialize = handler.request_deserializer
         serialize = handler.response_serializer or unchanged
         if handler.response_streaming:
             stream = handler.unary_stream
             assert stream is not None
 
             def unary_stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-                driver = self._admit(method, raw, context)
+                driver, request = self._admit(method, raw, context, deserialize)
 
                 def execute() -> Generator[bytes, None, Execution]:
                     collected = Collector(self.settings.flow_settings.max_response_bytes)
                     handler_context = HandlerContext(context)
                     with driver.scope():
                         try:
-                            for message in stream(deserialize(raw), cast(Any, handler_context)):
+                            for message in stream(request, cast(Any, handler_context)):
                                 data = serialize(message)
                                 collected.add(data)
                                 yield data
@@ -858,13 +965,13 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         assert unary is not None
 
         def unary_unary(raw: bytes, context: grpc.ServicerContext) -> bytes | None:
-            driver = self._admit(method, raw, context)
+            driver, request = self._admit(method, raw, context, deserialize)
 
             def execute() -> Generator[bytes, None, Execution]:
                 handler_context = HandlerContext(context)
                 with driver.scope():
                     try:
-                        response = unary(deserialize(raw), cast(Any, handler_context))
+                        response = unary(request, cast(Any, handler_context))
                     except Exception as error:
                         driver.error = error
                         return Execution(failed_outcome(handler_context))
@@ -882,13 +989,20 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(unary_unary)
 
-    def _admit(self, method: str, raw: bytes, context: grpc.ServicerContext) -> FlowDriver:
-        """Refuse a call before anything runs (expired deadline, bad or missing key)."""
-        plan = self.admit(method, context)
+    def _admit(
+        self,
+        method: str,
+        raw: bytes,
+        context: grpc.ServicerContext,
+        deserialize: Callable[[bytes], Any] | None,
+    ) -> tuple[FlowDriver, Any]:
+        """The call's driver and request, or refuse it before anything runs (expired deadline,
+        bad or missing key, undecodable request)."""
+        plan = self.admit(method, context, raw, deserialize)
         if isinstance(plan, tuple):
             context.abort(*plan)
         assert isinstance(plan, CallPlan)
-        return self.driver(plan, raw)
+        return self.driver(plan), plan.request
 
     @staticmethod
     def _start(context: grpc.ServicerContext, outcome: Outcome) -> None:

@@ -1,7 +1,8 @@
-"""Shared fixtures: real ledger servers on loopback and a real Redis."""
+"""Shared fixtures: real ledger servers on loopback, a real Redis and a real Redis Cluster."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -9,6 +10,13 @@ import pytest
 
 from protos import ledger_pb2_grpc
 from protos.ledger_service import AioLedger, SyncLedger, serve, serve_aio
+from tests.postgres_server import (
+    ExternalPostgres,
+    PostgresServer,
+    make_postgres_server,
+    postgres_unavailable,
+)
+from tests.redis_cluster import RedisCluster, make_redis_cluster
 from tests.redis_server import ExternalRedis, RedisServer, make_redis_server, redis_unavailable
 
 
@@ -60,3 +68,56 @@ def redis_url(redis_server: RedisServer | ExternalRedis) -> Iterator[str]:
     yield redis_server.url
     if isinstance(redis_server, RedisServer) and redis_server.process is None:
         redis_server.start()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session() -> Iterator[RedisCluster]:
+    """A real 6-node Redis Cluster (3 masters, 3 replicas) for the whole session."""
+    cluster = make_redis_cluster()
+    if cluster is None:
+        redis_unavailable("redis-server and redis-cli must be on PATH for Redis Cluster tests")
+        raise AssertionError("unreachable")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session: RedisCluster) -> Iterator[RedisCluster]:
+    """The session's cluster, healthy and flushed (every master) before each test."""
+    cluster = redis_cluster_session
+    for node in cluster.nodes:  # a test may have killed nodes: bring them back
+        if node.process is None:
+            cluster.restart(node.port)
+    cluster.wait_until_ok()
+    import redis
+
+    for port in cluster.masters():
+        client = redis.Redis(host="127.0.0.1", port=port)
+        client.flushall()
+        client.close()
+    yield cluster
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer | ExternalPostgres]:
+    """A real PostgreSQL for the whole session (started by us unless POSTGRES_URL is set)."""
+    server = make_postgres_server()
+    if server is None:
+        postgres_unavailable(
+            "PostgreSQL binaries (initdb, postgres) are missing and POSTGRES_URL is not set"
+        )
+        raise AssertionError("unreachable")
+    yield server
+    if isinstance(server, PostgresServer):
+        server.stop()
+        shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer | ExternalPostgres) -> Iterator[str]:
+    """The URL of a running PostgreSQL; restarted if a test crashed it."""
+    if isinstance(postgres_server, PostgresServer) and postgres_server.process is None:
+        postgres_server.start()
+    yield postgres_server.url
+    if isinstance(postgres_server, PostgresServer) and postgres_server.process is None:
+        postgres_server.start()

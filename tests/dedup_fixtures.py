@@ -88,8 +88,8 @@ class RecordingAdmission:
 
     admitted: list[object]
 
-    def admit(self, method: str, context: Any) -> Any:
-        decision = super().admit(method, context)  # type: ignore[misc]
+    def admit(self, method: str, context: Any, raw: bytes, deserialize: Any) -> Any:
+        decision = super().admit(method, context, raw, deserialize)  # type: ignore[misc]
         self.admitted.append(decision)
         return decision
 

@@ -1,6 +1,6 @@
 """A ledger server *process* behind DedupInterceptor, and a controller for it (multi-process tests).
 
-Run: ``python -m tests.dedup_server_process --store sqlite:/path/db | redis:redis://... [--delay S]
+Run: ``python -m tests.dedup_server_process --store sqlite:/path/db | redis:redis://... | redis-cluster:redis://... [--delay S]
 [--lease S] [--hang-first]``. The process prints ``PORT <n>``, then ``START <key>`` when a Transfer
 handler begins and ``EXEC <key> <transfer_id>`` when it applied one, ``BALANCE`` per GetBalance, and exits when stdin closes.
 ``--hang-once FILE`` makes the first handler of any process sharing FILE hang (to be killed
@@ -131,7 +131,10 @@ def _main() -> None:
     parser.add_argument("--hang-after-effect", action="store_true")
     args = parser.parse_args()
     kind, _, where = args.store.partition(":")
-    store = SQLiteStore(where) if kind == "sqlite" else RedisStore.from_url(where)
+    if kind == "sqlite":
+        store: Any = SQLiteStore(where)
+    else:
+        store = RedisStore.from_url(where, cluster=kind == "redis-cluster")
     lock = threading.Lock()
 
     def say(text: str) -> None:

@@ -27,9 +27,20 @@ def free_port() -> int:
 class RedisServer:
     """A ``redis-server`` process we own: ``stop()`` kills it, ``start()`` brings it back on the same port."""
 
-    def __init__(self, binary: str, directory: Path) -> None:
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        settings: dict[str, str | tuple[str, ...]] | None = None,
+    ) -> None:
         self.binary = binary
         self.directory = directory
+        #: ``--name value...`` arguments; the defaults keep nothing on disk
+        self.settings: dict[str, str | tuple[str, ...]] = {
+            "save": "",
+            "appendonly": "no",
+            **(settings or {}),
+        }
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -49,12 +60,9 @@ class RedisServer:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
                 "--dir",
                 str(self.directory),
+                *_arguments(self.settings),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -75,6 +83,13 @@ class RedisServer:
             self.process.kill()
             self.process.wait(timeout=10)
             self.process = None
+
+
+def _arguments(settings: dict[str, str | tuple[str, ...]]) -> list[str]:
+    arguments = []
+    for name, value in settings.items():
+        arguments += [f"--{name}", *((value,) if isinstance(value, str) else value)]
+    return arguments
 
 
 class ExternalRedis:

@@ -369,7 +369,9 @@ def test_redis_outage_lets_calls_through_and_recovers(
     servicer, _ = ledger
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
     namespace = f"test-{uuid.uuid4().hex[:8]}"
-    breaker = CircuitBreaker.redis(client, namespace=namespace, fail_max=2, reset_timeout=30)
+    breaker = CircuitBreaker.redis(
+        client, namespace=namespace, fail_max=2, reset_timeout=30, probe_every=None
+    )
     try:
         with resilient_channel(ledger_target, breaker=breaker) as channel:
             stub = ledger_pb2_grpc.LedgerStub(channel)
@@ -540,3 +542,30 @@ def test_probe_every_is_validated() -> None:
     for bad in (0, -1, 2.5, "20"):
         with pytest.raises(ValueError, match="probe_every must be an integer >= 1"):
             CircuitBreaker(probe_every=bad)  # type: ignore[arg-type]
+def test_redis_storage_on_a_cluster_shares_an_open_breaker(
+    ledger, ledger_target, redis_cluster
+) -> None:
+    import redis.cluster
+
+    servicer, _ = ledger
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    client = redis.cluster.RedisCluster.from_url(redis_cluster.startup_url)
+    breaker = CircuitBreaker.redis(
+        client, namespace=namespace, fail_max=2, reset_timeout=30, probe_every=None
+    )
+    with resilient_channel(ledger_target, breaker=breaker) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        servicer.state.faults.fail_times(GET_BALANCE, 2)
+        assert [call_outcome(stub) for _ in range(3)] == ["UNAVAILABLE"] * 2 + ["breaker"]
+    assert client.get(f"{namespace}:{ledger_target}:pybreaker:state") == b"open"
+    # another breaker object on another cluster client: refused without calling
+    other_client = redis.cluster.RedisCluster.from_url(redis_cluster.startup_url)
+    other = CircuitBreaker.redis(
+        other_client, namespace=namespace, fail_max=2, reset_timeout=30, probe_every=None
+    )
+    calls_before = len(servicer.state.calls_to(GET_BALANCE))
+    with resilient_channel(ledger_target, breaker=other) as channel:
+        assert call_outcome(ledger_pb2_grpc.LedgerStub(channel)) == "breaker"
+    assert len(servicer.state.calls_to(GET_BALANCE)) == calls_before
+    other_client.close()
+    client.close()

@@ -28,6 +28,7 @@ from resilient_grpc.core.dedup import (
     Action,
     Claim,
     ClaimResult,
+    CommitFailed,
     Complete,
     Crowded,
     Decision,
@@ -66,13 +67,13 @@ class FakeClock:
         return self.now
 
 
-def test_scoped_key_separates_method_identity_and_key_and_hides_the_raw_key() -> None:
-    base = scoped_key("/s.S/M", "alice", "k1")
+def test_scoped_key_separates_identity_and_key_and_hides_the_raw_key() -> None:
+    base = scoped_key("alice", "k1")
     assert len(base) == 64 and "k1" not in base
-    assert base == scoped_key("/s.S/M", "alice", "k1")
-    assert len({base, scoped_key("/s.S/N", "alice", "k1"), scoped_key("/s.S/M", "bob", "k1")}) == 3
+    assert base == scoped_key("alice", "k1")
+    assert len({base, scoped_key("alice", "k2"), scoped_key("bob", "k1")}) == 3
     # length-prefixed: moving characters between fields changes the key
-    assert scoped_key("/s.S/M", "ab", "c") != scoped_key("/s.S/M", "a", "bc")
+    assert scoped_key("ab", "c") != scoped_key("a", "bc")
 
 
 def test_fingerprint_is_sha256_of_the_bytes() -> None:
@@ -279,6 +280,21 @@ def test_flow_store_down_fails_closed_or_open() -> None:
     effects, verdict = _run(flow, [StoreDown("down"), Execution(Outcome())])
     assert effects[-1] == Execute(None)
     assert verdict.action is Action.EXECUTED and verdict.events == ("fail_open",)
+
+
+def test_flow_failed_commit_releases_the_key_and_answers_unavailable() -> None:
+    """Transactional mode: the handler's writes rolled back with its record, so the client must
+    not get its answer; the key is released so the retry executes at once."""
+    clock = FakeClock()
+    flow = dedup_flow(b"f" * 32, SETTINGS, clock=clock, wait_until=clock.now + 1)
+    effects, verdict = _run(
+        flow, [ClaimResult(7), Execution(Outcome()), CommitFailed("connection lost"), True]
+    )
+    assert effects[-2:] == [Complete(7, Outcome()), Release(7)]
+    assert verdict.action is Action.ANSWER and verdict.outcome.code == "UNAVAILABLE"
+    assert "did not commit" in verdict.outcome.details
+    assert verdict.detail == "connection lost"  # for the server log, not the client
+    assert verdict.events == ("commit_failed",)
 
 
 def test_flow_conflict() -> None:

@@ -1,5 +1,6 @@
-"""Dedup across server processes: two replicas sharing one SQLite file or one Redis, a client
-balancing over both (round_robin), and a replica killed in the middle of a handler."""
+"""Dedup across server processes: two replicas sharing one SQLite file, one Redis or one Redis
+Cluster, a client balancing over both (round_robin), and a replica killed in the middle of a
+handler."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def replicas() -> Iterator[Replicas]:
 def _store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if kind == "sqlite":
         return f"sqlite:{tmp_path / 'dedup.sqlite3'}"
+    if kind == "redis-cluster":
+        return f"redis-cluster:{request.getfixturevalue('redis_cluster').startup_url}"
     return f"redis:{request.getfixturevalue('redis_url')}"
 
 
@@ -45,7 +48,7 @@ def _target(a: ServerProcess, b: ServerProcess) -> str:
     return f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "redis-cluster"])
 def test_fifty_duplicates_over_two_processes_execute_once(
     kind: str, replicas: Replicas, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -63,7 +66,9 @@ def test_fifty_duplicates_over_two_processes_execute_once(
 
         def call(_: int) -> bytes:
             barrier.wait(timeout=10)
-            return stub.Transfer(transfer(3), metadata=[(KEY, "shared")], timeout=15).SerializeToString()
+            return stub.Transfer(
+                transfer(3), metadata=[(KEY, "shared")], timeout=15
+            ).SerializeToString()
 
         with ThreadPoolExecutor(50) as pool:
             replies = list(pool.map(call, range(50)))
@@ -73,7 +78,7 @@ def test_fifty_duplicates_over_two_processes_execute_once(
     assert a.executions() + b.executions() == ["shared"]
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "redis-cluster"])
 def test_a_replica_killed_mid_handler_is_taken_over_after_the_lease(
     kind: str, replicas: Replicas, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -105,7 +110,9 @@ def test_a_replica_killed_mid_handler_is_taken_over_after_the_lease(
     # whichever replica got the first attempt hangs in the handler: kill it there
     victim = None
     for _ in range(600):
-        victim = next((p for p in (a, b) if any(line.startswith("START") for line in p.lines)), None)
+        victim = next(
+            (p for p in (a, b) if any(line.startswith("START") for line in p.lines)), None
+        )
         if victim is not None:
             break
         threading.Event().wait(0.01)

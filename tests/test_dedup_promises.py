@@ -591,7 +591,7 @@ async def test_the_lease_can_be_set_per_method(kind: str, start: Start) -> None:
     call = asyncio.ensure_future(server.stub.Transfer(transfer(), metadata=_keyed("k"), timeout=10))
     try:
         await _until(lambda: server.servicer.started == 1)
-        (key,) = list(store._entries)
+        (key,) = list(store._claims)
         record = store.get(key)
         assert record is not None and 80.0 < record.lease_left <= 90.0
     finally:
@@ -827,7 +827,7 @@ async def test_aio_aclose_cancels_executions_that_outlived_their_calls_and_keeps
         assert started.is_set() and seen == []  # the execution outlived its call
         await interceptor.aclose(0)
         assert seen == ["cancelled"] and not interceptor._tasks
-        (key,) = list(store._entries)
+        (key,) = list(store._claims)
         record = store.get(key)
         assert record is not None and record.state.value == "in_progress"  # claim kept
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,3 +62,32 @@ def test_every_outcome_is_counted(otel: Otel, tmp_path: Path) -> None:
         "store_error": 1,
         "fail_open": 0,
     }
+
+
+def test_an_undecodable_record_is_counted_apart_from_an_unreachable_store(
+    otel: Otel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record the store cannot decode (corrupt, or a newer version's format) fails closed like
+    an outage, but is counted as ``store_undecodable`` so an operator can tell the two apart."""
+    path = tmp_path / "dedup.sqlite3"
+    server, port, _ = serve(SlowLedger(delay=0.0), interceptors=[DedupInterceptor(SQLiteStore(path))])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ledger_pb2_grpc.LedgerStub(channel)
+            stub.Transfer(transfer(), metadata=[(KEY, "k")], timeout=10)
+            with sqlite3.connect(path) as connection:
+                connection.execute("UPDATE resilient_grpc_dedup SET outcome = ?", (b"\x07newer",))
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Transfer(transfer(), metadata=[(KEY, "k")], timeout=10)
+    finally:
+        server.stop(None)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.value.details() == "idempotency store unavailable"
+    assert str(path) not in str(error.value.debug_error_string())
+    undecodable = otel.total(
+        "resilient_grpc.server.dedup",
+        rpc__method="Transfer",
+        resilient_grpc__dedup__outcome="store_undecodable",
+    )
+    assert (undecodable, _counts(otel)["store_error"]) == (1, 0)
+    assert any("cannot decode" in record.getMessage() for record in caplog.records)

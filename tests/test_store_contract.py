@@ -1,11 +1,12 @@
 """Every store honours one contract: claim with a fencing token, fenced complete and release, get,
-wait, lease lapse and TTL. Run against MemoryStore, SQLiteStore and a real Redis, through the
-blocking interface and through the asyncio view."""
+wait, lease lapse and TTL. Run against MemoryStore, SQLiteStore, a real Redis and a real Redis
+Cluster, through the blocking interface and through the asyncio view."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,14 @@ from typing import Any
 import pytest
 
 from resilient_grpc.core.dedup import ClaimResult, Outcome, Record, RecordState, fingerprint
-from resilient_grpc.stores import AsyncStore, MemoryStore, RedisStore, SQLiteStore, Store
+from resilient_grpc.stores import (
+    AsyncStore,
+    MemoryStore,
+    PostgresStore,
+    RedisStore,
+    SQLiteStore,
+    Store,
+)
 from resilient_grpc.stores.base import DirectAsyncStore
 
 FP_A = fingerprint(b"request-a")
@@ -42,17 +50,35 @@ def _redis(_: Path, url: str) -> Store:
     return RedisStore.from_url(url)
 
 
+def _postgres(_: Path, url: str) -> Store:
+    return PostgresStore(url, table=f"dedup_{uuid.uuid4().hex}")
+
+
+def _redis_cluster(_: Path, url: str) -> Store:
+    return RedisStore.from_url(url, cluster=True)
+
+
 MAKERS: dict[str, Callable[[Path, str], Store]] = {
     "memory": _memory,
     "sqlite": _sqlite,
     "redis": _redis,
+    "postgres": _postgres,
+    "redis-cluster": _redis_cluster,
 }
+URL_FIXTURES = {"redis": "redis_url", "postgres": "postgres_url"}
+
+
+def _url(name: str, request: pytest.FixtureRequest) -> str:
+    if name == "redis-cluster":
+        return str(request.getfixturevalue("redis_cluster").startup_url)
+    fixture = URL_FIXTURES.get(name)
+    return request.getfixturevalue(fixture) if fixture else ""
 
 
 @pytest.fixture(params=[(name, view) for name in MAKERS for view in ("sync", "async")], ids=str)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncStore]:
     name, view = request.param
-    url = request.getfixturevalue("redis_url") if name == "redis" else ""
+    url = _url(name, request)
     blocking = MAKERS[name](tmp_path, url)
     async_store = blocking.as_async() if view == "async" else Blocking(blocking)
     yield async_store
@@ -200,11 +226,11 @@ async def test_concurrent_claims_grant_exactly_one(store: AsyncStore) -> None:
     assert sum(r.token is not None for r in results) == 1
 
 
-@pytest.mark.parametrize("name", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("name", list(MAKERS))
 def test_threads_claiming_one_key_get_one_token(
     name: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    url = request.getfixturevalue("redis_url") if name == "redis" else ""
+    url = _url(name, request)
     store = MAKERS[name](tmp_path, url)
     results: list[ClaimResult] = []
     barrier = threading.Barrier(16)

@@ -177,7 +177,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     # -- handler wrappers
 
     def _wrap(self, method: str, handler: _Handler) -> _Handler:
-        deserialize = handler.request_deserializer or unchanged
+        deserialize = handler.request_deserializer
         serialize = handler.response_serializer or unchanged
         if handler.response_streaming:
             stream: Any = handler.unary_stream
@@ -186,7 +186,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                 return self._refusal(method, streaming=True)
 
             async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-                driver = await self._admit(method, raw, context)
+                driver, request = await self._admit(method, raw, context, deserialize)
 
                 async def execute() -> Execution:
                     collected = Collector(self.settings.flow_settings.max_response_bytes)
@@ -194,10 +194,10 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                     with driver.scope():
                         try:
                             if generator:
-                                async for message in stream(deserialize(raw), handler_context):
+                                async for message in stream(request, handler_context):
                                     await handler_context.write(message)
                             else:  # a coroutine sending with context.write
-                                await stream(deserialize(raw), handler_context)
+                                await stream(request, handler_context)
                         except Exception as error:
                             driver.error = error
                             return Execution(failed_outcome(handler_context, collected))
@@ -222,13 +222,13 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         async def unary_unary(
             raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
         ) -> bytes | None:
-            driver = await self._admit(method, raw, context)
+            driver, request = await self._admit(method, raw, context, deserialize)
 
             async def execute() -> Execution:
                 handler_context = AioHandlerContext(context)
                 with driver.scope():
                     try:
-                        response = await unary(deserialize(raw), handler_context)
+                        response = await unary(request, handler_context)
                     except Exception as error:
                         driver.error = error
                         return Execution(failed_outcome(handler_context))
@@ -274,14 +274,19 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(refuse)
 
     async def _admit(
-        self, method: str, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> FlowDriver:
-        """Refuse a call before anything runs (expired deadline, bad or missing key)."""
-        plan = self.admit(method, context)
+        self,
+        method: str,
+        raw: bytes,
+        context: grpc.aio.ServicerContext[Any, Any],
+        deserialize: Callable[[bytes], Any] | None,
+    ) -> tuple[FlowDriver, Any]:
+        """The call's driver and request, or refuse it before anything runs (expired deadline,
+        bad or missing key, undecodable request)."""
+        plan = self.admit(method, context, raw, deserialize)
         if isinstance(plan, tuple):
             await context.abort(*plan)
         assert isinstance(plan, CallPlan)
-        return self.driver(plan, raw)
+        return self.driver(plan), plan.request
 
     @staticmethod
     async def _start(context: grpc.aio.ServicerContext[Any, Any], outcome: Outcome) -> None:

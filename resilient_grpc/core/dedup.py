@@ -147,30 +147,62 @@ def _field(value: str) -> bytes:
     return len(data).to_bytes(4, "big") + data
 
 
-#: Encoded (method, identity) prefixes of store keys: a server sees few distinct pairs, and
-#: encoding them is most of the cost of a key. Bounded, so a flood of identities cannot grow it.
-_prefixes: dict[tuple[str, str], bytes] = {}
+#: Encoded identity prefixes of store keys: a server sees few distinct identities, and encoding
+#: them is most of the cost of a key. Bounded, so a flood of identities cannot grow it.
+_prefixes: dict[str, bytes] = {}
+#: Encoded method names, the prefix of every request fingerprint (bounded by the services).
+_methods: dict[str, bytes] = {}
 _PREFIX_LIMIT = 4096
 
 
-def scoped_key(method: str, identity: str, key: str) -> str:
-    """The store key of ``key`` sent by ``identity`` to ``method``: a SHA-256 hex digest.
+def scoped_key(identity: str, key: str) -> str:
+    """The store key of ``key`` sent by caller ``identity``: a SHA-256 hex digest.
 
-    Length-prefixed fields, so no two (method, identity, key) triples share an encoding; stores
-    keep only this hash, never the raw key.
+    Length-prefixed fields, so no two (identity, key) pairs share an encoding; stores keep only
+    this hash, never the raw key. The method is not part of it: it is bound by the request
+    fingerprint (:func:`request_fingerprint`), so a key reused on another method finds the
+    first method's record and is refused as a conflict instead of executing again.
     """
-    pair = (method, identity)
-    prefix = _prefixes.get(pair)
+    prefix = _prefixes.get(identity)
     if prefix is None:
-        prefix = _field(method) + _field(identity)
+        prefix = _field(identity)
         if len(_prefixes) < _PREFIX_LIMIT:
-            _prefixes[pair] = prefix
+            _prefixes[identity] = prefix
     return hashlib.sha256(prefix + _field(key)).hexdigest()
 
 
 def fingerprint(request: bytes) -> bytes:
-    """The fingerprint of a serialized request: its SHA-256 digest (32 bytes)."""
+    """The fingerprint of some bytes: their SHA-256 digest (32 bytes)."""
     return hashlib.sha256(request).digest()
+
+
+def canonical_bytes(request: object, raw: bytes) -> bytes:
+    """The bytes that identify a request: a protobuf message's deterministic serialization (map
+    entries sorted, fields in number order, however the sender ordered them), else ``raw``.
+
+    Two equal protobuf requests serialized by different processes or languages can differ
+    byte for byte (map order is unspecified); their deterministic re-serialization does not.
+    Duck-typed (``SerializeToString(deterministic=True)``), so this module needs no protobuf.
+    """
+    serialize = getattr(request, "SerializeToString", None)
+    if serialize is None:
+        return raw
+    try:
+        data = serialize(deterministic=True)
+    except TypeError:  # a SerializeToString that is not protobuf's
+        return raw
+    return data if isinstance(data, bytes) else raw
+
+
+def request_fingerprint(method: str, request: object, raw: bytes) -> bytes:
+    """The fingerprint of a call: SHA-256 of the full method name and the request's
+    :func:`canonical_bytes` (32 bytes). A record binds its key to one method and one request."""
+    prefix = _methods.get(method)
+    if prefix is None:
+        prefix = _field(method)
+        if len(_methods) < _PREFIX_LIMIT:
+            _methods[method] = prefix
+    return hashlib.sha256(prefix + canonical_bytes(request, raw)).digest()
 
 
 def admission_problem(key: str | None, *, required: bool, method: str, header: str) -> str | None:
@@ -345,6 +377,16 @@ class StoreDown:
 
 
 @dataclass(slots=True)
+class CommitFailed(StoreDown):
+    """Sent back instead of a completion's answer when the call's transaction (transactional
+    mode) did not commit, or whether it did is unknown: the handler's writes were rolled back
+    with the record, so its answer must not reach the client. The flow releases the key and
+    answers UNAVAILABLE (safe to retry with the same key)."""
+
+    outcome: str = "commit_failed"
+
+
+@dataclass(slots=True)
 class StoreFull(StoreDown):
     """The store is full of live claims and refused a claim; one may free up in ``retry_after`` s."""
 
@@ -450,6 +492,13 @@ _WAITING = FlowState.WAITING
 _NO_EVENTS: tuple[str, ...] = ()
 
 #: What the server log says when the store refuses a handler's outcome.
+#: What a client is told when its call's transaction did not commit (no internal detail).
+COMMIT_FAILED = (
+    "the call's transaction did not commit (or its outcome is unknown); "
+    "retry with the same idempotency key"
+)
+COMMIT_FAILED_OUTCOME = Outcome("UNAVAILABLE", COMMIT_FAILED)
+
 COMPLETE_REFUSED = (
     "the store refused the handler's outcome: this call no longer held a live claim on its key "
     "(its lease lapsed, or the store lost the claim), so the outcome was not stored and a retry "
@@ -471,6 +520,7 @@ class DedupFlow:
 
     __slots__ = (
         "_events",
+        "_failed_commit",
         "_last_lease_left",
         "_token",
         "clock",
@@ -499,6 +549,8 @@ class DedupFlow:
         self._events: tuple[str, ...] = _NO_EVENTS
         self._last_lease_left = self.lease
         self._token = 0
+        #: why the call's transaction did not commit (for the log), once it failed
+        self._failed_commit: str | None = None
 
     def start(self) -> Effect:
         """The first effect: claim the key."""
@@ -532,10 +584,19 @@ class DedupFlow:
         self.state = _COMPLETING
         return Complete(self._token, _stored_form(outcome, self.settings.max_response_bytes))
 
-    def _settled(self, answer: object) -> Verdict:
+    def _settled(self, answer: object) -> Effect | Verdict:
         events = self._events
         if "abandoned" in events:
             return Verdict(Action.ANSWER, ABANDONED_OUTCOME, events)
+        if self._failed_commit is not None:  # released after a failed commit
+            return Verdict(Action.ANSWER, COMMIT_FAILED_OUTCOME, events, self._failed_commit)
+        if isinstance(answer, CommitFailed) and self.state is _COMPLETING:
+            # transactional mode: the handler's writes rolled back with its record, so its live
+            # answer must not reach the client as a success; free the key for the retry
+            self._events = (*events, answer.outcome)
+            self._failed_commit = answer.message
+            self.state = _RELEASING
+            return Release(self._token)
         executed = (*events, "executed") if events else _EXECUTED
         if isinstance(answer, StoreDown):
             # the handler ran: its live result is still delivered, but nothing was stored and
@@ -700,8 +761,8 @@ def _still_running(settings: FlowSettings, lease_left: float, events: tuple[str,
 
 CONFLICT_OUTCOME = Outcome(
     "FAILED_PRECONDITION",
-    "idempotency key reused with a different request: the key was first used with a request "
-    "whose bytes differ from this one",
+    "idempotency key reused with a different request: the key was first used on another method, "
+    "or with a request whose content differs from this one",
 )
 
 

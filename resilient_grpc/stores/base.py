@@ -42,6 +42,26 @@ class StoreFullError(StoreUnavailableError):
         self.retry_after = retry_after
 
 
+class CommitFailedError(StoreUnavailableError):
+    """Transactional mode: a call's transaction did not commit, or whether it did is unknown
+    (the database went away, or the fenced completion found the claim taken over).
+
+    Raised by ``complete``: the handler's writes went with the record, so the interceptor
+    releases the key and answers UNAVAILABLE instead of the handler's answer (safe to retry
+    with the same key). The message says why, for the server's log only.
+    """
+
+
+class UndecodableRecordError(StoreUnavailableError):
+    """A stored record this code cannot decode: corrupt bytes, or a newer format written by
+    another version during a rolling deploy.
+
+    Treated like an unreachable store (UNAVAILABLE, or a run without dedup under ``fail_open``),
+    never replayed and never overwritten: the record may be another version's valid outcome.
+    The message names the store and the hashed key for the server's log, not for a client.
+    """
+
+
 _tokens = random.Random(secrets.randbits(128))
 
 

@@ -26,6 +26,7 @@ from resilient_grpc.stores.base import (
     AsyncStore,
     DirectAsyncStore,
     Store,
+    StoreFullError,
     new_token,
 )
 
@@ -50,13 +51,15 @@ def accounted_size(entry: Entry) -> int:
 class MemoryStore(Store):
     """Records in a dict, in one process: the default store.
 
-    Bounded: when a new record would exceed ``max_entries`` or ``max_bytes`` (accounted by
-    :func:`accounted_size`, measured to cover the real Python objects), the oldest records are evicted first, so a flood
-    of unique keys costs a fixed amount of memory (and forgets the oldest keys: a key evicted
-    before its TTL is no longer deduplicated, so size the bounds for your traffic times ``ttl``). Expired records
-    are dropped as they are met and evicted first. All operations take one short lock and never
-    do I/O, so the same store serves threads and the event loop (:meth:`as_async`). Waiters are
-    woken when a key completes or is released, without polling.
+    Bounded by ``max_entries`` and ``max_bytes`` (accounted by :func:`accounted_size`, measured to
+    cover the real Python objects). An in-progress record (a live claim) is never evicted: its
+    duplicate would run concurrently. When a new record would exceed a bound, expired records and
+    then the oldest completed records are evicted first (a completed key evicted before its TTL is
+    no longer deduplicated, so size the bounds for your traffic times ``ttl``); a store full of
+    live claims refuses a new claim with :class:`~resilient_grpc.stores.base.StoreFullError`,
+    whose ``retry_after`` is when the oldest claim's lease ends. All operations take one short
+    lock and never do I/O, so the same store serves threads and the event loop (:meth:`as_async`).
+    Waiters are woken when a key completes or is released, without polling.
     """
 
     def __init__(
@@ -77,17 +80,20 @@ class MemoryStore(Store):
         self.max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
-        # oldest write first. An OrderedDict, not a plain dict: a full store evicts its oldest
-        # record on every write, and finding the first live item of a dict whose front has been
-        # popped scans every deleted slot (tens of µs a call at 100k records); popitem(last=False)
-        # is O(1).
-        self._entries: OrderedDict[str, tuple[Entry, int]] = OrderedDict()
+        # Two queues, oldest write first: claims (IN_PROGRESS, ENTRY_OVERHEAD bytes each), which
+        # are never evicted while live, and completed records, evicted oldest first. OrderedDicts,
+        # not plain dicts: a full store evicts on every write, and finding the first live item of
+        # a dict whose front has been popped scans every deleted slot (tens of µs a call at 100k
+        # records); popitem(last=False) is O(1).
+        self._claims: OrderedDict[str, Entry] = OrderedDict()
+        self._done: OrderedDict[str, tuple[Entry, int]] = OrderedDict()
         self._bytes = 0
         self._waiters: dict[str, list[Callable[[], None]]] = {}
+        #: completed or expired records dropped to make room before their TTL ended
         self.evictions = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._claims) + len(self._done)
 
     @property
     def bytes_used(self) -> int:
@@ -98,21 +104,35 @@ class MemoryStore(Store):
         token = new_token()
         now = self._clock()
         with self._lock:
-            found = self._entries.get(key)
-            existing = found[0] if found is not None else None
+            claims = self._claims
+            existing = claims.get(key)
+            if existing is None:
+                found = self._done.get(key)
+                if found is not None:
+                    existing = found[0]
             entry = claim_entry(existing, fingerprint, token, now=now, lease=lease)
             if entry is None:
                 assert existing is not None
                 return ClaimResult(None, existing.view(now))
-            self._put(key, entry, now, ENTRY_OVERHEAD)
+            if existing is not None:  # a lapsed claim or an expired record: drop it first
+                self._drop(key)
+            if (
+                len(claims) + len(self._done) >= self.max_entries
+                or self._bytes + ENTRY_OVERHEAD > self.max_bytes
+            ):
+                self._make_room(ENTRY_OVERHEAD, now)
+            claims[key] = entry
+            self._bytes += ENTRY_OVERHEAD
         return ClaimResult(token)
 
     def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
+        """See :meth:`Store.complete`. An outcome that cannot fit even after evicting every
+        completed record is stored as a marker without its payload (``omitted_bytes``, replayed
+        as "too large to replay"): the key is never executed again."""
         now = self._clock()
         with self._lock:
-            found = self._entries.get(key)
             entry = complete_entry(
-                found[0] if found is not None else None,
+                self._claims.get(key),
                 token,
                 outcome,
                 now=now,
@@ -120,17 +140,22 @@ class MemoryStore(Store):
             )
             if entry is None:
                 return False
-            self._put(key, entry, now, accounted_size(entry))
+            size = accounted_size(entry)
+            if self._bytes + size - ENTRY_OVERHEAD > self.max_bytes:
+                entry, size = self._room_for_outcome(entry, size, now)
+            del self._claims[key]
+            self._done[key] = (entry, size)
+            self._bytes += size - ENTRY_OVERHEAD
             if self._waiters:
                 self._wake(key)
         return True
 
     def release(self, key: str, token: int) -> bool:
         with self._lock:
-            found = self._entries.get(key)
-            if not release_allowed(found[0] if found is not None else None, token):
+            if not release_allowed(self._claims.get(key), token):
                 return False
-            self._drop(key)
+            del self._claims[key]
+            self._bytes -= ENTRY_OVERHEAD
             if self._waiters:
                 self._wake(key)
         return True
@@ -138,22 +163,31 @@ class MemoryStore(Store):
     def renew(self, key: str, token: int, *, lease: float) -> bool:
         now = self._clock()
         with self._lock:
-            found = self._entries.get(key)
+            claims = self._claims
+            found = claims.get(key)
             if found is None:
                 return False
-            entry = renew_entry(found[0], token, now=now, lease=lease)
+            entry = renew_entry(found, token, now=now, lease=lease)
             if entry is None:
                 return False
-            self._entries[key] = (entry, found[1])  # same size, same place in the order
+            # same size; moved last, so the front of the queue stays the claim whose lease
+            # ends first (the one a full store checks for a lapsed lease)
+            claims[key] = entry
+            claims.move_to_end(key)
         return True
 
     def get(self, key: str) -> Record | None:
         now = self._clock()
         with self._lock:
-            found = self._entries.get(key)
-            if found is None or not found[0].live(now):
+            entry = self._claims.get(key)
+            if entry is None:
+                found = self._done.get(key)
+                if found is None:
+                    return None
+                entry = found[0]
+            if not entry.live(now):
                 return None
-            return found[0].view(now)
+            return entry.view(now)
 
     def wait(self, key: str, timeout: float) -> Record | None:
         deadline = self._clock() + timeout
@@ -176,10 +210,12 @@ class MemoryStore(Store):
         """One round of a wait (takes the lock): ``(record, 0)`` to stop, or subscribe ``wake`` and pause."""
         now = self._clock()
         with self._lock:
-            found = self._entries.get(key)
-            if found is None or not found[0].live(now):
+            entry = self._claims.get(key)
+            if entry is None:
+                found = self._done.get(key)
+                entry = found[0] if found is not None else None
+            if entry is None or not entry.live(now):
                 return None, 0.0
-            entry = found[0]
             if entry.state is RecordState.COMPLETED or deadline <= now:
                 return entry.view(now), 0.0
             self._waiters.setdefault(key, []).append(wake)
@@ -198,37 +234,64 @@ class MemoryStore(Store):
             wake()
 
     def _drop(self, key: str) -> None:
-        _, size = self._entries.pop(key)
-        self._bytes -= size
+        """Forget ``key``'s record, whichever queue holds it."""
+        if self._claims.pop(key, None) is not None:
+            self._bytes -= ENTRY_OVERHEAD
+        else:
+            _, size = self._done.pop(key)
+            self._bytes -= size
 
-    def _put(self, key: str, entry: Entry, now: float, size: int) -> None:
-        """Write ``entry`` (accounted ``size`` bytes) as the newest record, evicting the oldest to fit."""
-        entries = self._entries
-        previous = entries.get(key)
-        count = len(entries)
-        if previous is not None:  # rewritten in place and moved last (cheaper than pop + insert)
-            self._bytes -= previous[1]
-            count -= 1
-        if count >= self.max_entries or self._bytes + size > self.max_bytes:
-            if previous is not None:
-                del entries[key]
-                previous = None
-            self._evict(size, now)
-        entries[key] = (entry, size)
-        if previous is not None:
-            entries.move_to_end(key)
-        self._bytes += size
+    def _room_for_outcome(self, entry: Entry, size: int, now: float) -> tuple[Entry, int]:
+        """Make room for a completed ``entry`` replacing its claim, or for its marker form."""
+        try:
+            self._make_room(size - ENTRY_OVERHEAD, now, adds_entry=False)
+            return entry, size
+        except StoreFullError:
+            outcome = entry.outcome
+            assert outcome is not None
+            if outcome.omitted_bytes:
+                raise
+        marker = Outcome(outcome.code, omitted_bytes=outcome.size)
+        entry = Entry(entry.state, entry.fingerprint, entry.token, now, entry.expires_at, marker)
+        size = accounted_size(entry)
+        self._make_room(size - ENTRY_OVERHEAD, now, adds_entry=False)
+        return entry, size
 
-    def _evict(self, size: int, now: float) -> None:
-        """Drop the oldest records until one more record of ``size`` bytes fits the bounds."""
-        entries = self._entries
-        while entries and (len(entries) >= self.max_entries or self._bytes + size > self.max_bytes):
-            oldest, (old_entry, old_size) = entries.popitem(last=False)
-            self._bytes -= old_size
-            if old_entry.live(now):
-                self.evictions += 1
-            if oldest in self._waiters:
-                self._wake(oldest)
+    def _make_room(self, size: int, now: float, *, adds_entry: bool = True) -> None:
+        """Evict until ``size`` more bytes (and one more entry if ``adds_entry``) fit: completed
+        records oldest first, then claims whose lease lapsed; raise :class:`StoreFullError` when
+        only live claims are left (they are never evicted)."""
+        done = self._done
+        claims = self._claims
+        extra = 1 if adds_entry else 0
+        while (
+            len(claims) + len(done) + extra > self.max_entries
+            or self._bytes + size > self.max_bytes
+        ):
+            if done:
+                _, (old_entry, old_size) = done.popitem(last=False)
+                self._bytes -= old_size
+                if old_entry.expires_at > now:
+                    self.evictions += 1
+                continue
+            if claims:
+                oldest, first = next(iter(claims.items()))
+                if first.lease_until <= now:  # its executor is presumed dead: free to drop
+                    del claims[oldest]
+                    self._bytes -= ENTRY_OVERHEAD
+                    if oldest in self._waiters:
+                        self._wake(oldest)
+                    continue
+                raise StoreFullError(
+                    f"MemoryStore is full of live claims ({len(claims)} in progress, "
+                    f"{self._bytes} of max_bytes={self.max_bytes} accounted bytes, "
+                    f"max_entries={self.max_entries})",
+                    retry_after=max(first.lease_until - now, 0.001),
+                )
+            raise StoreFullError(
+                f"a record of {size} accounted bytes cannot fit max_bytes={self.max_bytes}",
+                retry_after=1.0,
+            )
 
 
 class _AsyncMemoryStore(DirectAsyncStore):
