@@ -871,12 +871,18 @@ class HedgedFuture(RetryingFuture):
             self._finish(error)
 
     def cancel(self) -> bool:
-        """Stop the call now: every attempt in flight is cancelled; ``False`` if it has ended."""
+        """Stop the call now: every attempt in flight is cancelled; ``False`` if it has ended.
+
+        The future is cancelled and done when this returns, even if another thread is handling
+        an event (sending a copy): that thread cancels the attempts once its send is over.
+        """
         with self._lock:
             if self._done:
                 return False
             self._cancelled = True
+            self._finish(None)
         self._post(_CANCEL, None)
+        self._run_callbacks()
         return True
 
 
