@@ -45,6 +45,7 @@ When the stack gives up it raises the last real error gRPC produced, with ``atte
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import heapq
 import itertools
@@ -260,10 +261,11 @@ class _Outcome(FinishedCallFuture):
 class _Timer:
     """A callback :class:`_Timers` runs later, unless cancelled first."""
 
-    __slots__ = ("callback", "cancelled")
+    __slots__ = ("blocking", "callback", "cancelled")
 
-    def __init__(self, callback: Callable[[], None]) -> None:
+    def __init__(self, callback: Callable[[], None], blocking: bool) -> None:
         self.callback = callback
+        self.blocking = blocking
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -274,7 +276,10 @@ class _Timers:
     """One daemon thread that runs the delayed steps (backoff pauses) of every sync future.
 
     A pause holds no thread: thousands of futures backing off at once cost one heap entry
-    each. Callbacks must not block (they start the next attempt, which only enqueues it).
+    each. Callbacks run on this thread must not block (they start the next attempt, which only
+    enqueues it). A ``blocking`` callback (a call whose breaker keeps its state in Redis does a
+    round trip in it) runs on a worker of a pool instead: a stalled store must not hold up
+    every other future's retries and hedges past their deadlines.
     """
 
     def __init__(self) -> None:
@@ -282,9 +287,12 @@ class _Timers:
         self._heap: list[tuple[float, int, _Timer]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._workers: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def call_later(self, seconds: float, callback: Callable[[], None]) -> _Timer:
-        timer = _Timer(callback)
+    def call_later(
+        self, seconds: float, callback: Callable[[], None], *, blocking: bool = False
+    ) -> _Timer:
+        timer = _Timer(callback, blocking)
         with self._condition:
             heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._order), timer))
             if self._thread is None:
@@ -308,11 +316,29 @@ class _Timers:
                         continue
                     timer = heapq.heappop(self._heap)[2]
                     break
-            if not timer.cancelled:
-                try:
-                    timer.callback()
-                except Exception:  # never lose the timer thread to one bad callback
-                    _log.exception("resilient_grpc: a delayed call step failed")
+            if timer.cancelled:
+                continue
+            if timer.blocking:
+                self._pool().submit(self._fire, timer)
+            else:
+                self._fire(timer)
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._condition:
+            if self._workers is None:
+                self._workers = concurrent.futures.ThreadPoolExecutor(
+                    thread_name_prefix="resilient-grpc-blocking-steps"
+                )
+            return self._workers
+
+    @staticmethod
+    def _fire(timer: _Timer) -> None:
+        if timer.cancelled:
+            return
+        try:
+            timer.callback()
+        except Exception:  # never lose a timer thread to one bad callback
+            _log.exception("resilient_grpc: a delayed call step failed")
 
 
 _TIMERS = _Timers()
@@ -328,7 +354,8 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
     gRPC's own futures. ``cancel()`` stops it in every state (attempt in flight, backoff,
     waiting for a reconnect): nothing more is sent and neither the retry budget nor the breaker
     is charged for it. Steps run in whichever thread moves the call on (the caller's for the
-    first attempt, gRPC's callback thread, the timer thread); with a Redis-backed breaker its
+    first attempt, gRPC's callback thread, the timer thread or, with a Redis-backed breaker,
+    a worker of a small pool, so a stalled store holds up no other future); the breaker's
     round trips run there too.
     """
 
@@ -344,6 +371,9 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
         self._send = send
         self._channel = channel
         self._steps = call.steps() if steps is None else steps
+        breaker = call.stack.target_breaker
+        #: Its steps do breaker storage I/O: its delayed steps run off the shared timer thread.
+        self._blocking = breaker is not None and breaker.blocking
         self._lock = threading.RLock()  # callbacks may run inline, in the thread holding it
         self._finished = threading.Condition(self._lock)
         #: What the call is waiting for now: an attempt's future, a ready future or a timer.
@@ -385,7 +415,9 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
                     self._last = outcome
                     value = outcome.exception()
                 elif kind is Pause:
-                    self._waiting = _TIMERS.call_later(cast(Pause, step).seconds, self._resume)
+                    self._waiting = _TIMERS.call_later(
+                        cast(Pause, step).seconds, self._resume, blocking=self._blocking
+                    )
                     return
                 elif kind is WaitReady:
                     if self._channel is not None and self._await_ready(
@@ -441,14 +473,18 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
                     return  # cancelled meanwhile
                 left = deadline - time.monotonic()
                 if left > 0 and not _is_ready(channel):
-                    self._waiting = _TIMERS.call_later(min(READY_POLL_INTERVAL, left), poll)
+                    self._waiting = _TIMERS.call_later(
+                        min(READY_POLL_INTERVAL, left), poll, blocking=self._blocking
+                    )
                     current[0] = self._waiting
                     return
                 self._waiting = None
                 self._advance(None)  # ready, or the wait is over: send the attempt
             self._run_callbacks()
 
-        self._waiting = _TIMERS.call_later(min(READY_POLL_INTERVAL, seconds), poll)
+        self._waiting = _TIMERS.call_later(
+            min(READY_POLL_INTERVAL, seconds), poll, blocking=self._blocking
+        )
         current.append(self._waiting)  # the one timer of this wait that is live now
         return True
 
@@ -833,7 +869,11 @@ class HedgedFuture(RetryingFuture):
                 self._timer.cancel()
                 self._timer = None
             if wake is not None and not self._done:
-                self._timer = _TIMERS.call_later(max(wake - time.monotonic(), 0.0), self._on_timer)
+                self._timer = _TIMERS.call_later(
+                    max(wake - time.monotonic(), 0.0),
+                    self._on_timer,
+                    blocking=self._hedged.blocking,
+                )
 
     def _on_timer(self) -> None:
         if not self._caller_pumps:
@@ -871,12 +911,18 @@ class HedgedFuture(RetryingFuture):
             self._finish(error)
 
     def cancel(self) -> bool:
-        """Stop the call now: every attempt in flight is cancelled; ``False`` if it has ended."""
+        """Stop the call now: every attempt in flight is cancelled; ``False`` if it has ended.
+
+        The future is cancelled and done when this returns, even if another thread is handling
+        an event (sending a copy): that thread cancels the attempts once its send is over.
+        """
         with self._lock:
             if self._done:
                 return False
             self._cancelled = True
+            self._finish(None)
         self._post(_CANCEL, None)
+        self._run_callbacks()
         return True
 
 

@@ -93,16 +93,22 @@ class WaitReady:
 
 
 class BreakerIO:
-    """Run a breaker operation that does I/O (Redis storage); send back its result."""
+    """Run a breaker operation that does I/O (Redis storage); send back its result.
 
-    __slots__ = ("args", "function")
+    ``result`` keeps what it returned, so a driver closed while the operation ran (an aio task
+    cancelled meanwhile: the shell lets the thread finish first) can give back what it took.
+    """
+
+    __slots__ = ("args", "function", "result")
 
     def __init__(self, function: Callable[..., Any], *args: Any) -> None:
         self.function = function
         self.args = args
+        self.result: Any = None
 
     def run(self) -> Any:
-        return self.function(*self.args)
+        self.result = self.function(*self.args)
+        return self.result
 
 
 Step = Attempt | Pause | WaitReady | BreakerIO
@@ -339,9 +345,15 @@ class LogicalCall:
                     self._throttled(tel, throttle, last_error)
                 admission = ADMITTED
                 if breaker is not None:
-                    admission = (
-                        (yield BreakerIO(breaker.admit)) if breaker.blocking else breaker.admit()
-                    )
+                    if breaker.blocking:
+                        admit = BreakerIO(breaker.admit)
+                        try:
+                            admission = yield admit
+                        except GeneratorExit:  # cancelled while it ran: free what it took
+                            breaker.release(admit.result)
+                            raise
+                    else:
+                        admission = breaker.admit()
                     if not admission:
                         self._refused(tel, breaker, last_error)
                 timeout = state.begin_attempt()

@@ -46,7 +46,7 @@ Rules the design leaves open, chosen here:
   stream cut short keeps its claim until its lease lapses. Only a call known not to have run
   its handler (cancelled while its claim was being written) releases its claim.
 * Lease renewal: while a handler runs its claim is renewed every ``lease / 3`` s (timed by one
-  shared thread for every call; aio renewals run on the loop), so a live handler is never duplicated however slow;
+  thread per sync interceptor, and one shared by the aio ones; aio renewals run on the loop), so a live handler is never duplicated however slow;
   ``lease`` (per method if a mapping) only bounds how long a *dead* executor blocks its key.
   A handler shorter than ``lease / 3`` costs no renewal. A renewal or completion the store
   refuses (the claim was lost) is a WARNING, a dedup outcome and a span event, never silent.
@@ -487,6 +487,7 @@ class FlowDriver:
         "detached",
         "error",
         "flow",
+        "heartbeats",
         "key",
         "lease",
         "method",
@@ -519,6 +520,8 @@ class FlowDriver:
         #: while the handler runs: its claim is renewed (by ``renewer``); an aio renewal in flight
         self.beating = False
         self.renewer: Renewer | None = None
+        #: the renewal thread that times this call's renewals (set by :meth:`Heartbeats.start`)
+        self.heartbeats: Heartbeats | None = None
         self.beat: Cancellable | None = None
         #: the caller went away while the handler's execution was shielded (aio)
         self.detached = False
@@ -572,7 +575,9 @@ class FlowDriver:
         """Stop renewing the lease (the handler returned, or the call stopped)."""
         if self.beating:
             self.beating = False
-            HEARTBEATS.stop(self)
+            heartbeats = self.heartbeats
+            if heartbeats is not None:
+                heartbeats.stop(self)
             beat = self.beat
             if beat is not None:
                 self.beat = None
@@ -602,14 +607,17 @@ class FlowDriver:
 
 
 class Heartbeats:
-    """One thread renewing every running handler's lease (never a thread per call).
+    """One thread renewing the leases of the running handlers it is given (never one per call).
 
     :meth:`start` registers a call whose claim is due for renewal after ``delay`` s; :meth:`stop`
     forgets it. Both are one dict operation with no lock (atomic under the GIL), so a call
     shorter than a third of its lease costs no round trip and almost nothing else. The thread
     wakes every :attr:`POLL` s (sooner for shorter leases), renews what is due through the
-    call's :class:`Renewer` one at a time (a slow store delays the others by at most its own
-    timeout, and a renewal comes a third of a lease before the lease lapses).
+    call's :class:`Renewer` one at a time, and ends when nothing is left to renew (the next
+    :meth:`start` starts it again). Each sync :class:`DedupInterceptor` has its own: its
+    renewals block on its store, and a stalled store (each renewal waiting out the store's
+    timeout) must not hold up the renewals of another store's handlers until their claims
+    lapse while they run. The aio interceptors share :data:`HEARTBEATS` (they only schedule).
     """
 
     #: The longest the thread sleeps (seconds).
@@ -625,6 +633,7 @@ class Heartbeats:
     def start(self, driver: FlowDriver, renewer: Renewer, delay: float) -> None:
         """Renew ``driver``'s claim in ``delay`` s through ``renewer`` (and as it says after)."""
         driver.renewer = renewer
+        driver.heartbeats = self
         self._due[driver] = time.monotonic() + delay
         if delay < 2 * self._period or self._thread is None:
             self._wake_sooner(delay)
@@ -648,6 +657,13 @@ class Heartbeats:
         while True:
             if self._sooner.wait(self._period):
                 self._sooner.clear()
+            with self._lock:
+                # Idle: end. Marked first, then checked: a start() that wrote its driver after
+                # the check saw no thread and starts one; one that wrote it before is seen here.
+                self._thread = None
+                if not self._due:
+                    return
+                self._thread = threading.current_thread()
             now = time.monotonic()
             for driver, due in self._due.copy().items():  # a copy: calls come and go meanwhile
                 if due > now:
@@ -665,7 +681,7 @@ class Heartbeats:
                     self._due[driver] = time.monotonic() + delay
 
 
-#: The process's lease renewal thread (started at the first renewal scheduled).
+#: The renewal thread of the process's aio interceptors (started when a renewal is scheduled).
 HEARTBEATS = Heartbeats()
 
 
@@ -907,6 +923,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             )
         self.store = store
         self._flights = Flights(threading.Event, self.max_waiters)
+        self._heartbeats = Heartbeats()
 
     def intercept_service(
         self,
@@ -1069,11 +1086,12 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     # -- lease renewal
 
     def _beat(self, driver: FlowDriver, run: Execute) -> None:
-        """Renew the claim every third of its lease while the handler runs (shared thread)."""
+        """Renew the claim every third of its lease while the handler runs (this interceptor's
+        renewal thread)."""
         if run.token is None:  # failing open: nothing claimed
             return
         driver.beating = True
-        HEARTBEATS.start(driver, self, driver.lease / RENEWALS_PER_LEASE)
+        self._heartbeats.start(driver, self, driver.lease / RENEWALS_PER_LEASE)
 
     def renew_due(self, driver: FlowDriver) -> float | None:
         """On the renewal thread: renew ``driver``'s claim; seconds to the next renewal."""

@@ -40,7 +40,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -79,6 +79,8 @@ Send = Callable[[Attempt], Any]
 
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
+
+_T = TypeVar("_T")
 
 #: The details gRPC gives a call the application cancelled.
 CANCELLED_DETAILS = "Locally cancelled by application!"
@@ -119,7 +121,7 @@ class _Interruptible:
                     await self._wait_ready(step.seconds)
                     result = None
                 else:  # breaker storage I/O (Redis): off the event loop
-                    result = await asyncio.to_thread(step.run)
+                    result = await _in_thread(step.run)
                 step = steps.send(result)
         except StopIteration:
             return
@@ -176,6 +178,23 @@ class _Interruptible:
         call = self._call
         if call is not None:
             call.cancel()
+
+
+async def _in_thread(function: Callable[..., _T], *args: Any) -> _T:
+    """Run blocking breaker I/O in a worker thread, to its end even if the task is cancelled.
+
+    A thread cannot be stopped: the cancellation goes on once the operation is over, so the
+    driver knows what it took (a probe slot, given back when it is closed) and the events of
+    one call never overlap.
+    """
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        while not work.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((work,))
+        raise
 
 
 def _wake(waker: asyncio.Future[None]) -> None:
@@ -370,7 +389,7 @@ class HedgedAioCall(ResilientUnaryCall):
     async def _event(self, handler: Callable[..., Actions], *args: Any) -> Actions:
         """Run one event of the driver (off the loop if it does breaker I/O)."""
         if self._hedged.blocking:
-            return await asyncio.to_thread(handler, *args)
+            return await _in_thread(handler, *args)
         return handler(*args)
 
     async def _one(self, step: Attempt, calls: dict[int, Any]) -> Any:
