@@ -50,7 +50,7 @@ class ClientSettings:
     budget_ratio: float = 0.1
     breaker_fail_max: int = 5
     breaker_reset_timeout: float = 0.5
-    breaker_probe_every: int = 5
+    breaker_probe_every: int = 2
     hedge_delay: float = 0.05
 
 
@@ -279,7 +279,7 @@ def _ours(
 FULL_STACK_CONFIG: dict[str, Any] = {"breaker": True, "hedging": True}
 FULL_STACK = (
     "HedgingPolicy(3 copies, 50 ms apart) instead of retries + budget 10% + "
-    "CircuitBreaker(fail_max=5, reset_timeout=0.5, probe_every=5) + idempotency keys"
+    "CircuitBreaker(fail_max=5, reset_timeout=0.5, probe_every=2) + idempotency keys"
 )
 
 POLICIES: tuple[Policy, ...] = (
@@ -317,7 +317,7 @@ POLICIES: tuple[Policy, ...] = (
     Policy(
         "breaker",
         "+ circuit breaker",
-        "ours: full jitter + budget + CircuitBreaker(fail_max=5, reset_timeout=0.5, probe_every=5)",
+        "ours: full jitter + budget + CircuitBreaker(fail_max=5, reset_timeout=0.5, probe_every=2)",
         False,
         _ours(breaker=True),
     ),
@@ -331,21 +331,21 @@ POLICIES: tuple[Policy, ...] = (
     Policy(
         "hedging",
         "+ hedging (dedup)",
-        "ours: HedgingPolicy(3 copies, 50 ms apart) instead of retries + budget + breaker + "
-        "idempotency keys; server DedupInterceptor",
+        "ours: HedgingPolicy(3 copies, 50 ms apart) instead of retries + budget + idempotency "
+        "keys, no breaker; server DedupInterceptor",
         True,
-        _ours(breaker=True, hedging=True),
+        _ours(hedging=True),
     ),
     Policy(
-        "full-stack-unprotected",
-        "full stack, unprotected server",
+        "full-stack",
+        "full stack (hedging + breaker + dedup)",
         f"ours: {FULL_STACK}; server DedupInterceptor",
         True,
         _ours(**FULL_STACK_CONFIG),
     ),
     Policy(
-        "full-stack",
-        "full stack + server dedup + protected",
+        "full-stack-protected",
+        "full stack + protected server",
         f"ours: {FULL_STACK}; server OverloadInterceptor() then DedupInterceptor, on an "
         "OverloadExecutor",
         True,
