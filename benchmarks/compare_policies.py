@@ -48,7 +48,7 @@ from protos import ledger_pb2
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUICK_SCALE = 0.35
-QUICK_POLICIES = ("no-retry", "budget", "hedging", "full-stack", "grpc-native")
+QUICK_POLICIES = ("no-retry", "budget", "full-stack", "grpc-native")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
