@@ -51,6 +51,7 @@ class ClientSettings:
     breaker_fail_max: int = 5
     breaker_reset_timeout: float = 0.5
     breaker_probe_every: int = 2
+    breaker_failure_rate: float = 0.5
     hedge_delay: float = 0.05
 
 
@@ -250,6 +251,7 @@ def _ours(
                     fail_max=settings.breaker_fail_max,
                     reset_timeout=settings.breaker_reset_timeout,
                     probe_every=settings.breaker_probe_every,
+                    failure_rate=settings.breaker_failure_rate,
                     codes=BREAKER_CODES,
                 )
                 if breaker
