@@ -506,9 +506,7 @@ def simulate_breaker_outage(probe_every: int | None) -> tuple[float, int]:
     for index in range(1200):
         now[0] = index / 100
         down = 200 <= index < 700
-        state = RetryState(
-            policy, method="/a.B/C", has_key=True, budget=budget, clock=lambda: now[0]
-        )
+        state = RetryState(policy, method="/a.B/C", has_key=True, budget=budget, clock=lambda: now[0])
         ok = False
         while True:
             admission = target.admit()
@@ -527,7 +525,9 @@ def simulate_breaker_outage(probe_every: int | None) -> tuple[float, int]:
     return sent_during / 500, failed_after
 
 
-def test_recovery_after_an_outage_is_bounded_by_probe_every_and_the_outage_not_amplified() -> None:
+def test_recovery_after_an_outage_is_bounded_by_probe_every_and_the_outage_not_amplified() -> (
+    None
+):
     amplification, failed_after = simulate_breaker_outage(probe_every=20)
     assert amplification <= 1.1
     assert failed_after <= 20  # at most probe_every calls after the backend is back

@@ -140,9 +140,7 @@ async def test_no_hedges_while_the_breaker_probes_and_none_at_all_when_open(
 async def test_non_fatal_failures_send_the_next_copy_at_once(make_stub, hedge_ledger) -> None:
     servicer, _ = hedge_ledger
     servicer.slow_first = False
-    stub = make_stub(
-        hedging=HedgingPolicy(max_attempts=3, delay=5.0), idempotency=IdempotencyKeys()
-    )
+    stub = make_stub(hedging=HedgingPolicy(max_attempts=3, delay=5.0), idempotency=IdempotencyKeys())
     servicer.state.faults.fail_times(GET_BALANCE, 3)
 
     started = time.monotonic()
@@ -160,9 +158,7 @@ async def test_cancel_cancels_every_attempt_in_flight(make_stub, hedge_ledger, h
     servicer, _ = hedge_ledger
     servicer.slow_first = True
     # every attempt is slow: attempt 1 holds, later ones hold too
-    stub = make_stub(
-        hedging=HedgingPolicy(max_attempts=2, delay=0.05), idempotency=IdempotencyKeys()
-    )
+    stub = make_stub(hedging=HedgingPolicy(max_attempts=2, delay=0.05), idempotency=IdempotencyKeys())
     servicer.state.faults.add(GET_BALANCE, Fault(code=None, delay=10.0))
 
     call = stub.GetBalance(BALANCE, timeout=15)

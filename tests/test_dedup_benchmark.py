@@ -29,9 +29,7 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path, redis_url: str) ->
     assert completed.returncode == 0, completed.stderr
     assert "DedupInterceptor cost per call (grpc.server" in completed.stdout
     report = json.loads(output.read_text())
-    variants = {"none"} | {
-        f"{s} {p}" for s in ("memory", "sqlite", "redis") for p in ("first", "replay")
-    }
+    variants = {"none"} | {f"{s} {p}" for s in ("memory", "sqlite", "redis") for p in ("first", "replay")}
     for flavour in ("sync", "aio"):
         assert set(report[flavour]) == variants
         for row in report[flavour].values():

@@ -63,9 +63,7 @@ def test_fifty_duplicates_over_two_processes_execute_once(
 
         def call(_: int) -> bytes:
             barrier.wait(timeout=10)
-            return stub.Transfer(
-                transfer(3), metadata=[(KEY, "shared")], timeout=15
-            ).SerializeToString()
+            return stub.Transfer(transfer(3), metadata=[(KEY, "shared")], timeout=15).SerializeToString()
 
         with ThreadPoolExecutor(50) as pool:
             replies = list(pool.map(call, range(50)))
@@ -107,9 +105,7 @@ def test_a_replica_killed_mid_handler_is_taken_over_after_the_lease(
     # whichever replica got the first attempt hangs in the handler: kill it there
     victim = None
     for _ in range(600):
-        victim = next(
-            (p for p in (a, b) if any(line.startswith("START") for line in p.lines)), None
-        )
+        victim = next((p for p in (a, b) if any(line.startswith("START") for line in p.lines)), None)
         if victim is not None:
             break
         threading.Event().wait(0.01)

@@ -29,9 +29,7 @@ def fresh_logging_state() -> Iterator[None]:
     telemetry._reset_for_tests()
 
 
-def lines(
-    caplog: pytest.LogCaptureFixture, level: int, logger: str = "resilient_grpc"
-) -> list[str]:
+def lines(caplog: pytest.LogCaptureFixture, level: int, logger: str = "resilient_grpc") -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
@@ -39,9 +37,7 @@ def lines(
     ]
 
 
-def retry(
-    attempt: int, delay: float = 0.1, source: DelaySource = DelaySource.COMPUTED
-) -> RetryDecision:
+def retry(attempt: int, delay: float = 0.1, source: DelaySource = DelaySource.COMPUTED) -> RetryDecision:
     return RetryDecision(True, Reason.RETRY, delay, source, attempt)
 
 
@@ -69,10 +65,7 @@ def test_give_up_is_one_warning_with_attempts_code_reason_and_method(
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert record.name == "resilient_grpc.client"
     assert (record.rpc_method, record.grpc_code, record.attempts, record.retry_reason) == (  # type: ignore[attr-defined]
-        "/ledger.v1.Ledger/Transfer",
-        "UNAVAILABLE",
-        3,
-        "max_attempts",
+        "/ledger.v1.Ledger/Transfer", "UNAVAILABLE", 3, "max_attempts"
     )
     debug = lines(caplog, logging.DEBUG)
     assert debug[:3] == [
@@ -178,13 +171,9 @@ def test_sync_stack_logs_give_up_once_and_each_attempt_without_the_key(
     caplog.set_level(logging.DEBUG, logger="resilient_grpc")
     servicer, port = ledger
     servicer.state.faults.fail_times(TRANSFER, 3)
-    with (
-        resilient_channel(
-            f"127.0.0.1:{port}", retry=FAST, idempotency=IdempotencyKeys()
-        ) as channel,
-        idempotency_key(KEY),
-        pytest.raises(grpc.RpcError),
-    ):
+    with resilient_channel(
+        f"127.0.0.1:{port}", retry=FAST, idempotency=IdempotencyKeys()
+    ) as channel, idempotency_key(KEY), pytest.raises(grpc.RpcError):
         ledger_pb2_grpc.LedgerStub(channel).Transfer(REQUEST, timeout=5)
     assert {c.key for c in servicer.state.calls_to(TRANSFER)} == {KEY}
     check_real_give_up(caplog, port)

@@ -81,11 +81,7 @@ def test_name_matching_is_most_specific_first_like_grpc() -> None:
 
 
 def test_name_forms_service_method_null_and_empty_are_the_same() -> None:
-    for name in (
-        {"service": "s"},
-        {"service": "s", "method": None},
-        {"service": "s", "method": ""},
-    ):
+    for name in ({"service": "s"}, {"service": "s", "method": None}, {"service": "s", "method": ""}):
         parsed = parse_service_config({"methodConfig": [{"name": [name], "retryPolicy": RETRY}]})
         assert parsed.method_configs[0].names == (("s", ""),)
     for name in ({}, {"service": ""}, {"service": None, "method": None}):
@@ -153,16 +149,12 @@ def test_budget_from_retry_throttling() -> None:
     assert budget_from_service_config(config, window=5.0).min_retries_per_second == 1.0  # type: ignore[union-attr]
     assert RetryBudget.from_service_config(config_with(RETRY)) is None
     # gRPC keeps 3 decimals of tokenRatio; above 1 the budget's ratio is capped at 1
-    assert (
-        budget_from_service_config(
-            {"retryThrottling": {"maxTokens": "4", "tokenRatio": 0.12399}}
-        ).ratio
-        == 0.123
-    )  # type: ignore[union-attr]
-    assert (
-        budget_from_service_config({"retryThrottling": {"maxTokens": 4, "tokenRatio": 2.5}}).ratio
-        == 1.0
-    )  # type: ignore[union-attr]
+    assert budget_from_service_config(
+        {"retryThrottling": {"maxTokens": "4", "tokenRatio": 0.12399}}
+    ).ratio == 0.123  # type: ignore[union-attr]
+    assert budget_from_service_config(
+        {"retryThrottling": {"maxTokens": 4, "tokenRatio": 2.5}}
+    ).ratio == 1.0  # type: ignore[union-attr]
 
 
 def test_writes_what_native_grpc_supports() -> None:
@@ -208,14 +200,8 @@ def test_writes_what_native_grpc_supports() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [
-        (0.1, "0.1s"),
-        (5.0, "5s"),
-        (1e-10, "0.000000001s"),
-        (0.123456789, "0.123456789s"),
-        (12.5, "12.5s"),
-        (1e-5, "0.00001s"),
-    ],
+    [(0.1, "0.1s"), (5.0, "5s"), (1e-10, "0.000000001s"), (0.123456789, "0.123456789s"),
+     (12.5, "12.5s"), (1e-5, "0.00001s")],
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
@@ -257,118 +243,38 @@ INVALID = [
     ([*P, "maxAttempts"], 2.5, "methodConfig[0].retryPolicy.maxAttempts: expected an integer"),
     ([*P, "maxAttempts"], "three", "methodConfig[0].retryPolicy.maxAttempts: expected an integer"),
     ([*P, "maxAttempts"], True, "methodConfig[0].retryPolicy.maxAttempts: expected an integer"),
-    (
-        [*P, "initialBackoff"],
-        "100ms",
-        "methodConfig[0].retryPolicy.initialBackoff: '100ms' is not a duration",
-    ),
-    (
-        [*P, "initialBackoff"],
-        0.1,
-        "methodConfig[0].retryPolicy.initialBackoff: expected a duration string",
-    ),
-    (
-        [*P, "initialBackoff"],
-        "0s",
-        "methodConfig[0].retryPolicy.initialBackoff: must be greater than 0",
-    ),
-    (
-        [*P, "initialBackoff"],
-        "-1s",
-        "methodConfig[0].retryPolicy.initialBackoff: must be greater than 0",
-    ),
-    (
-        [*P, "initialBackoff"],
-        "0.1234567891s",
-        "methodConfig[0].retryPolicy.initialBackoff: '0.1234567891s'",
-    ),
+    ([*P, "initialBackoff"], "100ms", "methodConfig[0].retryPolicy.initialBackoff: '100ms' is not a duration"),
+    ([*P, "initialBackoff"], 0.1, "methodConfig[0].retryPolicy.initialBackoff: expected a duration string"),
+    ([*P, "initialBackoff"], "0s", "methodConfig[0].retryPolicy.initialBackoff: must be greater than 0"),
+    ([*P, "initialBackoff"], "-1s", "methodConfig[0].retryPolicy.initialBackoff: must be greater than 0"),
+    ([*P, "initialBackoff"], "0.1234567891s", "methodConfig[0].retryPolicy.initialBackoff: '0.1234567891s'"),
     ([*P, "maxBackoff"], "1 s", "methodConfig[0].retryPolicy.maxBackoff: '1 s' is not a duration"),
-    (
-        [*P, "maxBackoff"],
-        "999999999999s",
-        "methodConfig[0].retryPolicy.maxBackoff: '999999999999s' is beyond",
-    ),
-    (
-        [*P, "backoffMultiplier"],
-        0,
-        "methodConfig[0].retryPolicy.backoffMultiplier: must be greater than 0",
-    ),
+    ([*P, "maxBackoff"], "999999999999s", "methodConfig[0].retryPolicy.maxBackoff: '999999999999s' is beyond"),
+    ([*P, "backoffMultiplier"], 0, "methodConfig[0].retryPolicy.backoffMultiplier: must be greater than 0"),
     ([*P, "backoffMultiplier"], 0.5, "methodConfig[0].retryPolicy.backoffMultiplier: 0.5 < 1"),
-    (
-        [*P, "backoffMultiplier"],
-        "fast",
-        "methodConfig[0].retryPolicy.backoffMultiplier: expected a number",
-    ),
-    (
-        [*P, "backoffMultiplier"],
-        [2],
-        "methodConfig[0].retryPolicy.backoffMultiplier: expected a number",
-    ),
-    (
-        [*P, "retryableStatusCodes"],
-        [],
-        "methodConfig[0].retryPolicy.retryableStatusCodes: must not be empty",
-    ),
-    (
-        [*P, "retryableStatusCodes"],
-        "UNAVAILABLE",
-        "methodConfig[0].retryPolicy.retryableStatusCodes: expected a list",
-    ),
-    (
-        [*P, "retryableStatusCodes"],
-        ["UNAVAILABLE", "TEMPORARILY_DOWN"],
-        "methodConfig[0].retryPolicy.retryableStatusCodes[1]: 'TEMPORARILY_DOWN' is not a gRPC status code",
-    ),
-    (
-        [*P, "retryableStatusCodes"],
-        [99],
-        "methodConfig[0].retryPolicy.retryableStatusCodes[0]: 99 is not a gRPC status code",
-    ),
-    (
-        [*P, "retryableStatusCodes"],
-        ["OK"],
-        "methodConfig[0].retryPolicy.retryableStatusCodes[0]: OK is not an error",
-    ),
-    (
-        [*P, "retryableStatusCodes"],
-        [None],
-        "methodConfig[0].retryPolicy.retryableStatusCodes[0]: expected a status code",
-    ),
+    ([*P, "backoffMultiplier"], "fast", "methodConfig[0].retryPolicy.backoffMultiplier: expected a number"),
+    ([*P, "backoffMultiplier"], [2], "methodConfig[0].retryPolicy.backoffMultiplier: expected a number"),
+    ([*P, "retryableStatusCodes"], [], "methodConfig[0].retryPolicy.retryableStatusCodes: must not be empty"),
+    ([*P, "retryableStatusCodes"], "UNAVAILABLE", "methodConfig[0].retryPolicy.retryableStatusCodes: expected a list"),
+    ([*P, "retryableStatusCodes"], ["UNAVAILABLE", "TEMPORARILY_DOWN"], "methodConfig[0].retryPolicy.retryableStatusCodes[1]: 'TEMPORARILY_DOWN' is not a gRPC status code"),
+    ([*P, "retryableStatusCodes"], [99], "methodConfig[0].retryPolicy.retryableStatusCodes[0]: 99 is not a gRPC status code"),
+    ([*P, "retryableStatusCodes"], ["OK"], "methodConfig[0].retryPolicy.retryableStatusCodes[0]: OK is not an error"),
+    ([*P, "retryableStatusCodes"], [None], "methodConfig[0].retryPolicy.retryableStatusCodes[0]: expected a status code"),
     (P, "yes", "methodConfig[0].retryPolicy: expected an object"),
     (["methodConfig", 0, "timeout"], "soon", "methodConfig[0].timeout: 'soon' is not a duration"),
-    (
-        ["methodConfig", 0, "waitForReady"],
-        "yes",
-        "methodConfig[0].waitForReady: expected true or false",
-    ),
-    (
-        ["methodConfig", 0, "hedgingPolicy"],
-        {"maxAttempts": 2},
-        "methodConfig[0]: retryPolicy and hedgingPolicy cannot both be set",
-    ),
+    (["methodConfig", 0, "waitForReady"], "yes", "methodConfig[0].waitForReady: expected true or false"),
+    (["methodConfig", 0, "hedgingPolicy"], {"maxAttempts": 2}, "methodConfig[0]: retryPolicy and hedgingPolicy cannot both be set"),
     (["methodConfig", 0, "name"], {"service": "s.S"}, "methodConfig[0].name: expected a list"),
     (["methodConfig", 0, "name", 0], "s.S/M", "methodConfig[0].name[0]: expected an object"),
-    (
-        ["methodConfig", 0, "name", 0, "service"],
-        7,
-        "methodConfig[0].name[0].service: expected a string",
-    ),
-    (
-        ["methodConfig", 0, "name", 0, "service"],
-        None,
-        "methodConfig[0].name[0].method: 'M' is set without a service",
-    ),
+    (["methodConfig", 0, "name", 0, "service"], 7, "methodConfig[0].name[0].service: expected a string"),
+    (["methodConfig", 0, "name", 0, "service"], None, "methodConfig[0].name[0].method: 'M' is set without a service"),
     (["methodConfig", 0], [], "methodConfig[0]: expected an object"),
     (["methodConfig"], {}, "methodConfig: expected a list"),
     (["retryThrottling"], [], "retryThrottling: expected an object"),
     (["retryThrottling", "maxTokens"], 0, "retryThrottling.maxTokens: must be an integer in [1,"),
     (["retryThrottling", "maxTokens"], 1.5, "retryThrottling.maxTokens: expected an integer"),
     (["retryThrottling", "tokenRatio"], 0, "retryThrottling.tokenRatio: must be greater than 0"),
-    (
-        ["retryThrottling", "tokenRatio"],
-        0.0004,
-        "retryThrottling.tokenRatio: must be greater than 0 with gRPC's 3 decimals",
-    ),
+    (["retryThrottling", "tokenRatio"], 0.0004, "retryThrottling.tokenRatio: must be greater than 0 with gRPC's 3 decimals"),
     (["retryThrottling", "tokenRatio"], "lots", "retryThrottling.tokenRatio: expected a number"),
 ]
 MISSING = [
@@ -389,9 +295,7 @@ def test_invalid_field_is_rejected_with_its_path(path: list[Any], value: Any, me
         parse_service_config(config)
     assert str(caught.value).startswith(message), str(caught.value)
     # the same through the public entry points, from JSON text
-    with pytest.raises(
-        ValueError, match="^" + message.split(":")[0].replace("[", r"\[").replace("]", r"\]")
-    ):
+    with pytest.raises(ValueError, match="^" + message.split(":")[0].replace("[", r"\[").replace("]", r"\]")):
         if path[0] == "retryThrottling":
             RetryBudget.from_service_config(json.dumps(config))
         else:
@@ -411,10 +315,7 @@ def test_missing_required_field_is_rejected_with_its_path(path: list[Any], messa
         ("{not json", "service config: invalid JSON"),
         (b"\xff\xfe", "service config: not UTF-8"),
         ("[1, 2]", "service config: expected a JSON object, got a list"),
-        (
-            '{"retryThrottling": {"maxTokens": 10, "tokenRatio": NaN}}',
-            "service config: invalid JSON",
-        ),
+        ('{"retryThrottling": {"maxTokens": 10, "tokenRatio": NaN}}', "service config: invalid JSON"),
         (42, "service config: expected a JSON object"),
     ],
 )
@@ -431,10 +332,7 @@ def test_duplicate_names_are_rejected_with_both_places() -> None:
             {"name": [{"service": "t.T"}, {"service": "s.S", "method": ""}], "retryPolicy": RETRY},
         ]
     }
-    with pytest.raises(
-        ValueError,
-        match=r"methodConfig\[1\]\.name\[1\]: duplicate name .*methodConfig\[0\]\.name\[0\]",
-    ):
+    with pytest.raises(ValueError, match=r"methodConfig\[1\]\.name\[1\]: duplicate name .*methodConfig\[0\]\.name\[0\]"):
         parse_service_config(config)
 
 
@@ -446,9 +344,7 @@ def test_bad_method_argument_is_rejected() -> None:
 # --- round trips (hypothesis) -------------------------------------------------------------
 
 durations = st.builds(
-    lambda whole, nanos, digits: (
-        f"{whole}.{str(nanos).zfill(9)[:digits]}s" if digits else f"{whole}s"
-    ),
+    lambda whole, nanos, digits: f"{whole}.{str(nanos).zfill(9)[:digits]}s" if digits else f"{whole}s",
     st.integers(0, 100_000),
     st.integers(0, 999_999_999),
     st.integers(0, 9),
@@ -468,7 +364,9 @@ identifiers = st.from_regex(r"[a-z][a-z0-9_]{0,8}(\.[A-Za-z][A-Za-z0-9]{0,8}){0,
 def native_configs(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
     service = draw(identifiers)
     method = draw(st.from_regex(r"[A-Z][A-Za-z0-9]{0,10}", fullmatch=True))
-    name = draw(st.sampled_from([{"service": service, "method": method}, {"service": service}, {}]))
+    name = draw(
+        st.sampled_from([{"service": service, "method": method}, {"service": service}, {}])
+    )
     retry = {
         "maxAttempts": draw(st.one_of(st.integers(2, 12), st.integers(2, 5).map(str))),
         "initialBackoff": draw(durations),

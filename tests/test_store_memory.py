@@ -90,7 +90,9 @@ async def test_async_waiters_are_woken_by_a_completion_from_a_thread() -> None:
     assert claim.token is not None
     token = claim.token
     view = store.as_async()
-    timer = threading.Timer(0.05, lambda: store.complete("a", token, Outcome(responses=(b"done",))))
+    timer = threading.Timer(
+        0.05, lambda: store.complete("a", token, Outcome(responses=(b"done",)))
+    )
     timer.start()
     loop = asyncio.get_running_loop()
     started = loop.time()

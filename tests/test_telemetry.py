@@ -89,9 +89,9 @@ def test_attempt_events_say_which_backoff_was_chosen_and_why(otel: Otel) -> None
 
     assert otel.total("resilient_grpc.client.attempts", rpc__grpc__status_code=14) == 4
     assert otel.total("resilient_grpc.client.retries", rpc__method="Transfer") == 3
-    assert (
-        otel.total("resilient_grpc.client.retries", resilient_grpc__backoff_source="pushback") == 1
-    )
+    assert otel.total(
+        "resilient_grpc.client.retries", resilient_grpc__backoff_source="pushback"
+    ) == 1
     by_source = {
         p.attributes["resilient_grpc.backoff_source"]: (p.count, p.sum)
         for p in otel.points("resilient_grpc.client.backoff")
@@ -101,12 +101,8 @@ def test_attempt_events_say_which_backoff_was_chosen_and_why(otel: Otel) -> None
 
 def test_backoff_histogram_records_each_granted_delay(otel: Otel) -> None:
     with telemetry.client_call(TRANSFER) as call:
-        call.attempt(
-            1, "UNAVAILABLE", RetryDecision(True, Reason.RETRY, 0.2, DelaySource.COMPUTED, 1)
-        )
-        call.attempt(
-            2, "UNAVAILABLE", RetryDecision(True, Reason.RETRY, 0.4, DelaySource.COMPUTED, 2)
-        )
+        call.attempt(1, "UNAVAILABLE", RetryDecision(True, Reason.RETRY, 0.2, DelaySource.COMPUTED, 1))
+        call.attempt(2, "UNAVAILABLE", RetryDecision(True, Reason.RETRY, 0.4, DelaySource.COMPUTED, 2))
         call.attempt(3, "OK", None)
         call.end("OK", attempts=3, reason=Reason.SUCCESS)
 
@@ -133,9 +129,9 @@ def test_budget_refusal_is_an_event_and_a_counter(otel: Otel) -> None:
     assert names == ["attempt", "retry_budget_exhausted"]
     assert otel.total("resilient_grpc.client.budget_refusals", rpc__method="Transfer") == 1
     assert otel.total("resilient_grpc.client.retries") == 0
-    assert (
-        otel.total("resilient_grpc.client.calls", resilient_grpc__outcome="budget_exhausted") == 1
-    )
+    assert otel.total(
+        "resilient_grpc.client.calls", resilient_grpc__outcome="budget_exhausted"
+    ) == 1
 
 
 def test_breaker_fast_failure_is_an_event_and_a_counter(otel: Otel) -> None:
@@ -248,10 +244,7 @@ class _SlottedBreaker:
 
 def gauge(otel: Otel) -> dict[tuple[str, str], int]:
     return {
-        (
-            p.attributes["resilient_grpc.breaker.name"],
-            p.attributes["resilient_grpc.breaker.state"],
-        ): p.value
+        (p.attributes["resilient_grpc.breaker.name"], p.attributes["resilient_grpc.breaker.state"]): p.value
         for p in otel.points("resilient_grpc.breaker.state")
     }
 
@@ -264,12 +257,8 @@ def test_breaker_state_gauge_follows_registered_breakers(otel: Otel) -> None:
     telemetry._instruments()  # the gauge exists once the facade has been used
 
     assert gauge(otel) == {
-        ("a", "closed"): 1,
-        ("a", "open"): 0,
-        ("a", "half-open"): 0,
-        ("b", "closed"): 0,
-        ("b", "open"): 1,
-        ("b", "half-open"): 0,
+        ("a", "closed"): 1, ("a", "open"): 0, ("a", "half-open"): 0,
+        ("b", "closed"): 0, ("b", "open"): 1, ("b", "half-open"): 0,
     }
     weak.state = "half-open"
     assert gauge(otel)[("a", "half-open")] == 1
@@ -310,11 +299,7 @@ def test_dedup_outcomes_are_counted_with_small_attributes(otel: Otel) -> None:
     assert otel.total("resilient_grpc.server.dedup", resilient_grpc__dedup__outcome="executed") == 1
     assert otel.total("resilient_grpc.server.dedup", resilient_grpc__dedup__outcome="other") == 1
     for point in otel.points("resilient_grpc.server.dedup"):
-        assert set(point.attributes) == {
-            "rpc.service",
-            "rpc.method",
-            "resilient_grpc.dedup.outcome",
-        }
+        assert set(point.attributes) == {"rpc.service", "rpc.method", "resilient_grpc.dedup.outcome"}
     (span,) = otel.spans()
     assert [(e.name, dict(e.attributes)) for e in span.events] == [
         ("dedup", {"resilient_grpc.dedup.outcome": "replayed"})

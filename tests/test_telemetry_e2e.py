@@ -86,11 +86,7 @@ def check_fail_twice_then_succeed(otel: Otel, port: int, parent: Any) -> None:
     assert attempt_codes(span) == [14, 14, 0]
     events = [e.attributes for e in span.events if e.name == "attempt"]
     assert [e["resilient_grpc.attempt"] for e in events] == [1, 2, 3]
-    assert [e.get("resilient_grpc.backoff_source") for e in events] == [
-        "computed",
-        "computed",
-        None,
-    ]
+    assert [e.get("resilient_grpc.backoff_source") for e in events] == ["computed", "computed", None]
     assert all(0 <= e["resilient_grpc.backoff_s"] <= 0.05 for e in events[:2])
     attributes = span.attributes
     assert attributes["rpc.system"] == "grpc"
@@ -219,14 +215,11 @@ def check_breaker_open(otel: Otel, breaker: CircuitBreaker) -> None:
     assert rejected.attributes["resilient_grpc.attempts"] == 0
     assert rejected.attributes["rpc.grpc.status_code"] == 14
     assert otel.total("resilient_grpc.client.breaker_rejections", rpc__method="Transfer") == 1
-    assert (
-        otel.total(
-            "resilient_grpc.breaker.transitions",
-            resilient_grpc__breaker__from="closed",
-            resilient_grpc__breaker__to="open",
-        )
-        == 1
-    )
+    assert otel.total(
+        "resilient_grpc.breaker.transitions",
+        resilient_grpc__breaker__from="closed",
+        resilient_grpc__breaker__to="open",
+    ) == 1
     if not telemetry.registered_breakers():  # until the breaker registers itself
         for target_breaker in breaker._targets.values():
             telemetry.register_breaker(target_breaker)
@@ -263,6 +256,7 @@ async def test_aio_breaker_open_is_visible(
 
 
 # --- beside opentelemetry-instrumentation-grpc --------------------------------------------
+
 
 
 def _instrumentation_installed() -> bool:
@@ -354,18 +348,10 @@ BESIDE_SCRIPT = textwrap.dedent(
 def test_beside_opentelemetry_instrumentation_grpc_there_is_one_client_span_per_rpc() -> None:
     """Our logical span turns INTERNAL; the instrumentation's CLIENT spans are the RPCs."""
     root = Path(__file__).resolve().parent.parent
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-c", BESIDE_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=True,
-        cwd=root,
-        env=env,
+        capture_output=True, text=True, timeout=90, check=True, cwd=root, env=env,
     )
     out = json.loads(result.stdout.strip().splitlines()[-1])
 
