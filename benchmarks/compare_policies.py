@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,23 +33,22 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks import metrics as metrics_module
 from benchmarks import report
+from benchmarks.dedup_overhead import redis_url as shared_redis
 from benchmarks.load import poisson_schedule, run_open_loop
-from benchmarks.policies import POLICIES, POLICY_NAMES, ClientSettings, Policy
+from benchmarks.policies import (
+    DEFAULT_POLICIES,
+    POLICIES,
+    POLICY_NAMES,
+    ClientSettings,
+    Policy,
+)
 from benchmarks.scenarios import SCENARIO_NAMES, Scenario, build_scenarios
 from benchmarks.server_model import PROXY_COUNTERS, CapacityConfig, ServerProcess
 from protos import ledger_pb2
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUICK_SCALE = 0.35
-QUICK_POLICIES = (
-    "naive-x3",
-    "naive-x3-protected",
-    "exp-full-jitter",
-    "budget",
-    "full-stack-unprotected",
-    "full-stack",
-    "grpc-native",
-)
+QUICK_POLICIES = ("no-retry", "budget", "full-stack", "grpc-native")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -56,9 +56,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks",
         description=(
             "Compare retry policies (no retry, naive x3, exponential with/without jitter, "
-            "retry budget, circuit breaker, the full resilient-grpc stack with server dedup and "
-            "overload protection, naive x3 against a protected server, "
-            "gRPC native retry, tenacity) under an outage, an overload spike and lost responses."
+            "retry budget, circuit breaker, adaptive throttle, hedging with server dedup, the full "
+            "resilient-grpc stack with server dedup and overload protection, naive x3 against a "
+            "protected server, gRPC native retry, tenacity) under an outage, an overload spike, "
+            "lost responses, and, with three replicas behind round_robin, a 10x slower replica "
+            "and a partial outage."
         ),
     )
     parser.add_argument(
@@ -67,7 +69,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"shorter scenarios (x{QUICK_SCALE}) and fewer policies "
         f"({', '.join(QUICK_POLICIES)}) unless --policies is given",
     )
-    parser.add_argument("--policies", help=f"comma-separated subset of: {', '.join(POLICY_NAMES)}")
+    parser.add_argument(
+        "--policies",
+        help=f"comma-separated subset of: {', '.join(POLICY_NAMES)} (default: all but "
+        "exp-no-jitter and tenacity)",
+    )
     parser.add_argument(
         "--scenarios", help=f"comma-separated subset of: {', '.join(SCENARIO_NAMES)}"
     )
@@ -117,7 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.policy_list = (
         _pick(args.policies, POLICY_NAMES, "--policies")
         if args.policies
-        else (list(QUICK_POLICIES) if args.quick else list(POLICY_NAMES))
+        else (list(QUICK_POLICIES) if args.quick else list(DEFAULT_POLICIES))
     )
     args.scenario_list = (
         _pick(args.scenarios, SCENARIO_NAMES, "--scenarios")
@@ -142,7 +148,7 @@ def _pick(value: str, known: Sequence[str], flag: str) -> list[str]:
 
 
 async def run_trial(
-    server: ServerProcess,
+    servers: Sequence[ServerProcess],
     proxy: ServerProcess,
     scenario: Scenario,
     policy: Policy,
@@ -151,29 +157,54 @@ async def run_trial(
     capacity: CapacityConfig,
     seed: int,
     on_tick: Callable[[float], None],
+    redis_url: str | None = None,
 ) -> metrics_module.TrialMetrics:
-    """One policy against one scenario on a fresh server; returns its metrics."""
-    start = server.request(
-        cmd="start",
-        workers=capacity.workers,
-        queue=capacity.queue,
-        service_time=capacity.service_time,
-        dedup=policy.server_dedup,
-        protected=policy.server_protected,
-        outage=list(scenario.trigger) if scenario.outage else None,
-    )
-    port = start["port"]
-    if scenario.cut_probability:
-        port = proxy.request(
-            cmd="proxy", upstream=port, cut_probability=scenario.cut_probability, seed=seed
-        )["port"]
+    """One policy against one scenario on fresh servers (``scenario.replicas`` of them, each in
+    its own process: replica 0 plays the slow or failing one); returns its metrics."""
+    replicas = servers[: scenario.replicas]
+    shared = scenario.replicas > 1 and policy.server_dedup
+    if shared and redis_url is None:
+        raise RuntimeError("replicas with server dedup need a shared store (redis_url)")
+    ports = []
+    for index, server in enumerate(replicas):
+        odd = index == 0
+        factor = scenario.slow_factor if odd else 1.0
+        ports.append(
+            server.request(
+                cmd="start",
+                # a slow replica takes factor x the service time, the extra before the queue
+                workers=capacity.workers,
+                queue=capacity.queue,
+                service_time=capacity.service_time,
+                delay=capacity.service_time * (factor - 1.0),
+                dedup=policy.server_dedup,
+                dedup_redis=redis_url if shared else None,
+                dedup_prefix=f"bench:{seed}:{scenario.name}:{policy.name}:",
+                protected=policy.server_protected,
+                outage=list(scenario.trigger) if scenario.outage and odd else None,
+            )["port"]
+        )
+    options: list[tuple[str, Any]] = []
+    if scenario.replicas > 1:
+        target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    else:
+        port = ports[0]
+        if scenario.cut_probability:
+            port = proxy.request(
+                cmd="proxy", upstream=port, cut_probability=scenario.cut_probability, seed=seed
+            )["port"]
+        target = f"127.0.0.1:{port}"
     offsets = poisson_schedule(scenario.phases, random.Random(seed))
     keys = [f"{scenario.name}-{policy.name}-{index}" for index in range(len(offsets))]
-    client = policy.connect(f"127.0.0.1:{port}", settings)
+    client = policy.connect(target, settings, options)
     try:
         await asyncio.wait_for(client.channel.channel_ready(), timeout=10)
+        if scenario.replicas > 1:  # round_robin: every replica connected before the load starts
+            await _warm_up(client, scenario.replicas)
         origin = time.monotonic() + 0.05
-        server.request(cmd="go", origin=origin)
+        for server in replicas:
+            server.request(cmd="go", origin=origin)
 
         async def one(index: int) -> None:
             await client.call(
@@ -190,13 +221,26 @@ async def run_trial(
         )
     finally:
         await client.close()
-    counters = proxy.request(cmd="proxy_stop") if scenario.cut_probability else None
-    logs = server.request(cmd="stop", drain_timeout=3.0)
+    counters = (
+        proxy.request(cmd="proxy_stop")
+        if scenario.cut_probability and scenario.replicas == 1
+        else None
+    )
+    attempts: list[tuple[float, str]] = []
+    executions: list[tuple[float, str, bool]] = []
+    for server in replicas:
+        logs = server.request(cmd="stop", drain_timeout=3.0)
+        attempts += [(float(t), str(code)) for t, code in logs["attempts"] if float(t) >= origin]
+        executions += [
+            (float(t), str(key), bool(late))
+            for t, key, late in logs["executions"]
+            if str(key).startswith(f"{scenario.name}-")  # not the warm-up calls
+        ]
     result = metrics_module.compute(
         records,
         keys,
-        [(float(t), str(code)) for t, code in logs["attempts"]],
-        [(float(t), str(key), bool(late)) for t, key, late in logs["executions"]],
+        sorted(attempts),
+        sorted(executions),
         origin=origin,
         trigger=scenario.trigger,
         duration=scenario.duration,
@@ -204,6 +248,18 @@ async def run_trial(
     if counters is not None:
         result.proxy = {name: counters[name] for name in PROXY_COUNTERS}
     return result
+
+
+async def _warm_up(client: Any, replicas: int) -> None:
+    """A few calls so the ``round_robin`` channel has a connection to every replica (their
+    attempts arrive before the origin and count in no window; their executions are dropped)."""
+    for index in range(2 * replicas):
+        with suppress(grpc.RpcError):
+            await client.call(
+                ledger_pb2.TransferRequest(
+                    from_account="warm-up", to_account="sink", amount=1, memo=f"warm-up-{index}"
+                )
+            )
 
 
 def scenario_document(scenario: Scenario) -> dict[str, Any]:
@@ -242,8 +298,10 @@ async def run(args: argparse.Namespace, console: Console) -> tuple[dict[str, Any
     console.print(setup_line(settings, capacity))
     began = time.monotonic()
     total = sum(s.duration for s in scenarios) * len(policies)
+    replicas = max(s.replicas for s in scenarios)
+    needs_redis = any(s.replicas > 1 for s in scenarios) and any(p.server_dedup for p in policies)
     with (
-        ServerProcess() as server,
+        ExitStack() as stack,
         ServerProcess() as proxy,
         Progress(
             TextColumn("{task.description:<44}"),
@@ -254,6 +312,8 @@ async def run(args: argparse.Namespace, console: Console) -> tuple[dict[str, Any
             transient=False,
         ) as progress,
     ):
+        servers = [stack.enter_context(ServerProcess()) for _ in range(replicas)]
+        redis_url = stack.enter_context(shared_redis()) if needs_redis else None
         bar = progress.add_task("starting", total=total)
         done = 0.0
         for scenario in scenarios:
@@ -265,7 +325,7 @@ async def run(args: argparse.Namespace, console: Console) -> tuple[dict[str, Any
                     progress.update(bar, completed=base + elapsed)
 
                 results[scenario.name][policy.name] = await run_trial(
-                    server,
+                    servers,
                     proxy,
                     scenario,
                     policy,
@@ -273,6 +333,7 @@ async def run(args: argparse.Namespace, console: Console) -> tuple[dict[str, Any
                     capacity=capacity,
                     seed=args.seed,
                     on_tick=tick,
+                    redis_url=redis_url,
                 )
                 done += scenario.duration
                 progress.update(bar, completed=done)

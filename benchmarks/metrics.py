@@ -11,7 +11,7 @@ Definitions (also printed under the table):
   requests that arrived after it);
 * late executions: transfers the server finished after their attempt's deadline (work
   nobody waits for any more), per second after the trigger;
-* latency: p50 / p99 of successful logical requests, from their scheduled arrival;
+* latency: p50 / p99 / p99.9 of successful logical requests, from their scheduled arrival;
 * duplicates: executions of a logical request beyond its first;
 * lost: requests that failed and were never applied; failed-but-applied is the other kind
   of failure (the client saw an error, the server executed it);
@@ -49,6 +49,7 @@ class TrialMetrics:
     amplification_after: float | None
     p50_ms: float | None
     p99_ms: float | None
+    p999_ms: float | None
     duplicates: int
     lost: int
     failed_applied: int
@@ -169,6 +170,7 @@ def compute(
         amplification_after=_round(_ratio(after_attempts, after_requests)) if runs_on else None,
         p50_ms=_round(p50, 1),
         p99_ms=_round(p99, 1),
+        p999_ms=_round(percentile(latencies, 0.999), 1),
         duplicates=sum(n - 1 for n in executed.values() if n > 1),
         lost=sum(1 for r in failed if executed[keys[r.index]] == 0),
         failed_applied=sum(1 for r in failed if executed[keys[r.index]] > 0),

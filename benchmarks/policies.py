@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,9 @@ RETRIED_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUST
 #: refusal with a pushback is a healthy server's admission control, and the pushback (with the
 #: budget) already paces the retry; opening the breaker on it fails calls the server could serve.
 BREAKER_CODES = UNHEALTHY_CODES - {"RESOURCE_EXHAUSTED"}
+#: A hedged copy failing with one of these lets the next copy go at once (after the server's
+#: pushback, if any): another replica may serve it. Anything else is the call's answer.
+HEDGE_NON_FATAL_CODES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,14 @@ class ClientSettings:
     budget_ratio: float = 0.1
     breaker_fail_max: int = 5
     breaker_reset_timeout: float = 0.5
+    breaker_probe_every: int = 2
+    breaker_failure_rate: float = 0.5
+    hedge_delay: float = 0.05
 
 
 Call = Callable[[ledger_pb2.TransferRequest], Awaitable[ledger_pb2.TransferReply]]
+#: Channel options of a scenario (e.g. ``round_robin`` over several replicas).
+Options = Sequence[tuple[str, Any]]
 
 
 @dataclass
@@ -71,7 +79,7 @@ class Policy:
     label: str
     description: str
     server_dedup: bool
-    connect: Callable[[str, ClientSettings], Client]
+    connect: Callable[[str, ClientSettings, Options], Client]
     server_protected: bool = False
 
 
@@ -80,8 +88,8 @@ def _code_name(error: grpc.RpcError) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
-def _no_retry(target: str, settings: ClientSettings) -> Client:
-    channel = grpc.aio.insecure_channel(target)
+def _no_retry(target: str, settings: ClientSettings, options: Options) -> Client:
+    channel = grpc.aio.insecure_channel(target, options=list(options))
     stub = ledger_pb2_grpc.LedgerStub(channel)
 
     async def call(request: ledger_pb2.TransferRequest) -> ledger_pb2.TransferReply:
@@ -93,9 +101,9 @@ def _no_retry(target: str, settings: ClientSettings) -> Client:
     return Client(channel, call)
 
 
-def _naive(target: str, settings: ClientSettings) -> Client:
+def _naive(target: str, settings: ClientSettings, options: Options) -> Client:
     """Retry any error at once, up to ``max_attempts``, while the deadline allows."""
-    channel = grpc.aio.insecure_channel(target)
+    channel = grpc.aio.insecure_channel(target, options=list(options))
     stub = ledger_pb2_grpc.LedgerStub(channel)
 
     async def call(request: ledger_pb2.TransferRequest) -> ledger_pb2.TransferReply:
@@ -115,11 +123,11 @@ def _naive(target: str, settings: ClientSettings) -> Client:
     return Client(channel, call)
 
 
-def _tenacity(target: str, settings: ClientSettings) -> Client:
+def _tenacity(target: str, settings: ClientSettings, options: Options) -> Client:
     """The usual ``tenacity`` wrapper: stop after 3 attempts or the deadline, random exponential wait."""
     import tenacity
 
-    channel = grpc.aio.insecure_channel(target)
+    channel = grpc.aio.insecure_channel(target, options=list(options))
     stub = ledger_pb2_grpc.LedgerStub(channel)
 
     def retryable(error: BaseException) -> bool:
@@ -167,12 +175,17 @@ def native_service_config(settings: ClientSettings) -> dict[str, Any]:
     }
 
 
-def _native(target: str, settings: ClientSettings) -> Client:
+def _native(target: str, settings: ClientSettings, options: Options) -> Client:
+    config = native_service_config(settings)
+    for name, value in options:  # the service config would override the channel's lb policy
+        if name == "grpc.lb_policy_name":
+            config["loadBalancingConfig"] = [{value: {}}]
     channel = grpc.aio.insecure_channel(
         target,
         options=[
+            *options,
             ("grpc.enable_retries", 1),
-            ("grpc.service_config", json.dumps(native_service_config(settings))),
+            ("grpc.service_config", json.dumps(config)),
         ],
     )
     stub = ledger_pb2_grpc.LedgerStub(channel)
@@ -186,11 +199,29 @@ def _native(target: str, settings: ClientSettings) -> Client:
     return Client(channel, call)
 
 
-def _ours(*, jitter: str, budget: bool, breaker: bool) -> Callable[[str, ClientSettings], Client]:
-    """A client built with ``resilient_grpc.aio.client_interceptors`` configured as asked."""
+def _ours(
+    *,
+    jitter: str = "full",
+    budget: bool = True,
+    breaker: bool = False,
+    throttle: bool = False,
+    hedging: bool = False,
+    budget_ratio: float | None = None,
+    hedges: int | None = None,
+) -> Callable[[str, ClientSettings, Options], Client]:
+    """A client built with ``resilient_grpc.aio.client_interceptors`` configured as asked:
+    retries (``RetryPolicy``) or, with ``hedging``, hedged copies (``HedgingPolicy``); the
+    budget, breaker and throttle bound both."""
 
-    def connect(target: str, settings: ClientSettings) -> Client:
-        from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
+    def connect(target: str, settings: ClientSettings, options: Options) -> Client:
+        from resilient_grpc import (
+            AdaptiveThrottle,
+            CircuitBreaker,
+            HedgingPolicy,
+            IdempotencyKeys,
+            RetryBudget,
+            RetryPolicy,
+        )
         from resilient_grpc.aio import client_interceptors
 
         policy = RetryPolicy(
@@ -202,22 +233,37 @@ def _ours(*, jitter: str, budget: bool, breaker: bool) -> Callable[[str, ClientS
             retryable_codes=RETRIED_CODES,
             per_attempt_timeout=settings.attempt_timeout,
         )
+        hedge = HedgingPolicy(
+            max_attempts=settings.max_attempts if hedges is None else hedges,
+            delay=settings.hedge_delay,
+            non_fatal_codes=HEDGE_NON_FATAL_CODES,
+        )
         interceptors = client_interceptors(
-            retry=policy,
-            budget=RetryBudget(ratio=settings.budget_ratio) if budget else None,
+            retry=None if hedging else policy,
+            hedging=hedge if hedging else None,
+            budget=(
+                RetryBudget(ratio=settings.budget_ratio if budget_ratio is None else budget_ratio)
+                if budget
+                else None
+            ),
             breaker=(
                 CircuitBreaker(
                     fail_max=settings.breaker_fail_max,
                     reset_timeout=settings.breaker_reset_timeout,
+                    probe_every=settings.breaker_probe_every,
+                    failure_rate=settings.breaker_failure_rate,
                     codes=BREAKER_CODES,
                 )
                 if breaker
                 else None
             ),
+            throttle=AdaptiveThrottle(codes=BREAKER_CODES) if throttle else None,
             idempotency=IdempotencyKeys(),
             target=target,
         )
-        channel = grpc.aio.insecure_channel(target, interceptors=interceptors)
+        channel = grpc.aio.insecure_channel(
+            target, options=list(options), interceptors=interceptors
+        )
         stub = ledger_pb2_grpc.LedgerStub(channel)
 
         async def call(request: ledger_pb2.TransferRequest) -> ledger_pb2.TransferReply:
@@ -230,6 +276,13 @@ def _ours(*, jitter: str, budget: bool, breaker: bool) -> Callable[[str, ClientS
 
     return connect
 
+
+#: The full stack's client: what the measurements chose (see the README's benchmark section).
+FULL_STACK_CONFIG: dict[str, Any] = {"breaker": True, "hedging": True}
+FULL_STACK = (
+    "HedgingPolicy(3 copies, 50 ms apart) instead of retries + budget 10% + "
+    "CircuitBreaker(fail_max=5, reset_timeout=0.5, probe_every=2) + idempotency keys"
+)
 
 POLICIES: tuple[Policy, ...] = (
     Policy("no-retry", "no retry", "one attempt, 250 ms timeout", False, _no_retry),
@@ -266,24 +319,39 @@ POLICIES: tuple[Policy, ...] = (
     Policy(
         "breaker",
         "+ circuit breaker",
-        "ours: full jitter + budget + CircuitBreaker(fail_max=5, reset_timeout=0.5)",
+        "ours: full jitter + budget + CircuitBreaker(fail_max=5, reset_timeout=0.5, probe_every=2)",
         False,
-        _ours(jitter="full", budget=True, breaker=True),
+        _ours(breaker=True),
     ),
     Policy(
-        "full-stack-unprotected",
-        "full stack, unprotected server",
-        "ours: full jitter + budget + breaker + idempotency keys; server DedupInterceptor(MemoryStore())",
+        "throttle",
+        "+ adaptive throttle",
+        "ours: full jitter + budget + AdaptiveThrottle() instead of the breaker",
+        False,
+        _ours(throttle=True),
+    ),
+    Policy(
+        "hedging",
+        "+ hedging (dedup)",
+        "ours: HedgingPolicy(3 copies, 50 ms apart) instead of retries + budget + idempotency "
+        "keys, no breaker; server DedupInterceptor",
         True,
-        _ours(jitter="full", budget=True, breaker=True),
+        _ours(hedging=True),
     ),
     Policy(
         "full-stack",
-        "full stack + server dedup + protected",
-        "ours: full jitter + budget + breaker + idempotency keys; server OverloadInterceptor() "
-        "then DedupInterceptor(MemoryStore()), on an OverloadExecutor",
+        "full stack (hedging + breaker + dedup)",
+        f"ours: {FULL_STACK}; server DedupInterceptor",
         True,
-        _ours(jitter="full", budget=True, breaker=True),
+        _ours(**FULL_STACK_CONFIG),
+    ),
+    Policy(
+        "full-stack-protected",
+        "full stack + protected server",
+        f"ours: {FULL_STACK}; server OverloadInterceptor() then DedupInterceptor, on an "
+        "OverloadExecutor",
+        True,
+        _ours(**FULL_STACK_CONFIG),
         server_protected=True,
     ),
     Policy(
@@ -303,3 +371,8 @@ POLICIES: tuple[Policy, ...] = (
 )
 
 POLICY_NAMES: tuple[str, ...] = tuple(policy.name for policy in POLICIES)
+#: What a full run compares unless ``--policies`` says otherwise: every policy but two whose
+#: picture full jitter / naive x3 already show, so the run stays under 5 minutes.
+DEFAULT_POLICIES: tuple[str, ...] = tuple(
+    name for name in POLICY_NAMES if name not in ("exp-no-jitter", "tenacity")
+)

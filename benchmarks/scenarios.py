@@ -1,4 +1,5 @@
-"""The three scenarios: an outage, an overload spike, and responses lost after the commit."""
+"""The scenarios: an outage, an overload spike, responses lost after the commit, and two with
+three replicas behind a ``round_robin`` channel: one replica 10x slower, one replica in an outage."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ MIN_AFTER = 1.5
 
 @dataclass(frozen=True)
 class Scenario:
-    """Arrival phases, the trigger window (offsets in seconds) and the fault the server plays."""
+    """Arrival phases, the trigger window (offsets in seconds) and the fault the server plays.
+
+    ``replicas`` > 1: that many server processes behind one ``round_robin`` channel; replica 0
+    is the odd one: ``slow_factor`` times slower (the extra time passes before the call reaches
+    the server's queue, dedup and handler, as on a slow host or link: the replica is slow, not
+    short of capacity) and, with ``outage``, the only one in the outage.
+    """
 
     name: str
     label: str
@@ -20,6 +27,8 @@ class Scenario:
     trigger: tuple[float, float]
     outage: bool = False
     cut_probability: float = 0.0
+    replicas: int = 1
+    slow_factor: float = 1.0
 
     @property
     def duration(self) -> float:
@@ -27,8 +36,13 @@ class Scenario:
 
     def describe(self) -> str:
         parts = [f"{p.name} {p.duration:g}s @ {p.rate:g}/s" for p in self.phases]
+        if self.replicas > 1:
+            parts.append(f"{self.replicas} replicas, round_robin")
+        if self.slow_factor != 1.0:
+            parts.append(f"replica 0 {self.slow_factor:g}x slower, before its queue")
         if self.outage:
-            parts.append("server answers UNAVAILABLE during the outage")
+            who = "replica 0" if self.replicas > 1 else "server"
+            parts.append(f"{who} answers UNAVAILABLE during the outage")
         if self.cut_probability:
             parts.append(
                 f"proxy cuts {self.cut_probability:.0%} of responses after the server committed"
@@ -82,7 +96,27 @@ def build_scenarios(
         trigger=(0.0, s(3.0)),
         cut_probability=cut_probability,
     )
-    return (outage, overload, lost)
+    slow = Scenario(
+        "slow-replica",
+        "slow replica (1 of 3, 10x slower)",
+        (Phase("steady", max(s(3.0), 1.0), rate),),
+        trigger=(0.0, max(s(3.0), 1.0)),
+        replicas=3,
+        slow_factor=10.0,
+    )
+    partial = Scenario(
+        "partial-outage",
+        "partial outage (1 of 3 replicas UNAVAILABLE)",
+        (
+            Phase("before", warm, rate),
+            Phase("outage", s(1.5), rate),
+            Phase("after", MIN_AFTER, rate),
+        ),
+        trigger=(warm, warm + s(1.5)),
+        outage=True,
+        replicas=3,
+    )
+    return (outage, overload, lost, slow, partial)
 
 
-SCENARIO_NAMES: tuple[str, ...] = ("outage", "overload", "lost")
+SCENARIO_NAMES: tuple[str, ...] = ("outage", "overload", "lost", "slow-replica", "partial-outage")

@@ -14,7 +14,8 @@ Every attempt that reaches the server is logged with its arrival time and status
 attempt of one logical request), so amplification and duplicates are measured, not guessed.
 
 The process is driven over stdin/stdout with one JSON object per line (see :class:`ServerProcess`
-for the client side): ``start`` a fresh server (optionally with the server ``DedupInterceptor``,
+for the client side): ``start`` a fresh server (optionally with the server ``DedupInterceptor``, on a
+``MemoryStore`` or, for replicas of one service, on a ``RedisStore`` they share,
 with overload protection: ``OverloadInterceptor`` on an ``OverloadExecutor`` pool, and an
 outage window), ``go`` (fix the time origin of the outage window), ``stop`` (drain, return the
 logs), ``exit``. The same program in a second process runs the response-cutting
@@ -59,6 +60,9 @@ class CapacityConfig:
     workers: int = 8
     queue: int = 128
     service_time: float = 0.028
+    #: Seconds every call spends before it reaches the queue (a slow host or link: a slow
+    #: replica), on the server's own threads, so it costs latency and no worker.
+    delay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -67,6 +71,8 @@ class CapacityConfig:
             raise ValueError(f"queue must be >= 0, got {self.queue!r}")
         if not self.service_time > 0:
             raise ValueError(f"service_time must be > 0, got {self.service_time!r}")
+        if not self.delay >= 0:
+            raise ValueError(f"delay must be >= 0, got {self.delay!r}")
 
     @property
     def capacity(self) -> float:
@@ -123,6 +129,8 @@ class CapacityInterceptor(grpc.ServerInterceptor):
             arrived = time.monotonic()
             code = "OK"
             try:
+                if self.config.delay:
+                    time.sleep(self.config.delay)
                 outage = self.outage
                 if outage is not None and outage[0] <= arrived < outage[1]:
                     code = "UNAVAILABLE"
@@ -189,6 +197,7 @@ class _Running:
             workers=int(command["workers"]),
             queue=int(command["queue"]),
             service_time=float(command["service_time"]),
+            delay=float(command.get("delay", 0.0)),
         )
         self.log = ServerLog()
         protected = bool(command.get("protected"))
@@ -205,6 +214,7 @@ class _Running:
             else None
         )
         interceptors: list[grpc.ServerInterceptor] = [self.capacity]
+        self.redis: Any = None
         if protected:
             from resilient_grpc import OverloadInterceptor
 
@@ -212,7 +222,17 @@ class _Running:
         if command.get("dedup"):
             from resilient_grpc import DedupInterceptor, MemoryStore
 
-            interceptors.append(DedupInterceptor(MemoryStore()))
+            shared = command.get("dedup_redis")
+            if shared:  # replicas of one service share one store, so any replica dedups
+                import redis
+
+                from resilient_grpc import RedisStore
+
+                self.redis = redis.Redis.from_url(str(shared))
+                store: Any = RedisStore(self.redis, prefix=str(command["dedup_prefix"]))
+            else:
+                store = MemoryStore()
+            interceptors.append(DedupInterceptor(store))
         threads = self.config.workers + self.config.queue + 32
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads), interceptors=interceptors
@@ -236,6 +256,8 @@ class _Running:
         result["undrained"] = self.capacity.in_system
         self.server.stop(0).wait(5)
         self.workers.shutdown(wait=False, cancel_futures=True)
+        if self.redis is not None:
+            self.redis.close()
         return result
 
 
