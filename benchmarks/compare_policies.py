@@ -17,9 +17,10 @@ import os
 import platform
 import random
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack, suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument(
+        "--shared-store",
+        choices=("sqlite", "redis"),
+        default="sqlite",
+        help="the dedup store the replicas of the three-replica scenarios share: an embedded "
+        "SQLiteStore file (on tmpfs where there is one; no server needed) or a RedisStore on a "
+        "redis-server the run starts (or REDIS_URL)",
+    )
+    parser.add_argument(
         "--markdown", action="store_true", help="also print the tables as markdown (for the README)"
     )
     args = parser.parse_args(argv)
@@ -147,6 +156,19 @@ def _pick(value: str, known: Sequence[str], flag: str) -> list[str]:
     return chosen
 
 
+@contextmanager
+def shared_dedup_store(kind: str) -> Iterator[str]:
+    """Where the replicas' shared dedup records live: a ``redis://`` URL, or the path of an
+    embedded SQLite file (in ``/dev/shm`` when it exists, so it stays in memory)."""
+    if kind == "redis":
+        with shared_redis() as url:
+            yield url
+        return
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="bench-dedup-", dir=base) as directory:
+        yield os.path.join(directory, "dedup.sqlite3")
+
+
 async def run_trial(
     servers: Sequence[ServerProcess],
     proxy: ServerProcess,
@@ -157,14 +179,14 @@ async def run_trial(
     capacity: CapacityConfig,
     seed: int,
     on_tick: Callable[[float], None],
-    redis_url: str | None = None,
+    shared_store: str | None = None,
 ) -> metrics_module.TrialMetrics:
     """One policy against one scenario on fresh servers (``scenario.replicas`` of them, each in
     its own process: replica 0 plays the slow or failing one); returns its metrics."""
     replicas = servers[: scenario.replicas]
     shared = scenario.replicas > 1 and policy.server_dedup
-    if shared and redis_url is None:
-        raise RuntimeError("replicas with server dedup need a shared store (redis_url)")
+    if shared and shared_store is None:
+        raise RuntimeError("replicas with server dedup need a shared store (shared_store)")
     ports = []
     for index, server in enumerate(replicas):
         odd = index == 0
@@ -178,7 +200,7 @@ async def run_trial(
                 service_time=capacity.service_time,
                 delay=capacity.service_time * (factor - 1.0),
                 dedup=policy.server_dedup,
-                dedup_redis=redis_url if shared else None,
+                dedup_shared=shared_store if shared else None,
                 dedup_prefix=f"bench:{seed}:{scenario.name}:{policy.name}:",
                 protected=policy.server_protected,
                 outage=list(scenario.trigger) if scenario.outage and odd else None,
@@ -299,7 +321,7 @@ async def run(args: argparse.Namespace, console: Console) -> tuple[dict[str, Any
     began = time.monotonic()
     total = sum(s.duration for s in scenarios) * len(policies)
     replicas = max(s.replicas for s in scenarios)
-    needs_redis = any(s.replicas > 1 for s in scenarios) and any(p.server_dedup for p in policies)
+    needs_shared = any(s.replicas > 1 for s in scenarios) and any(p.server_dedup for p in policies)
     with (
         ExitStack() as stack,
         ServerProcess() as proxy,
@@ -313,7 +335,9 @@ async def run(args: argparse.Namespace, console: Console) -> tuple[dict[str, Any
         ) as progress,
     ):
         servers = [stack.enter_context(ServerProcess()) for _ in range(replicas)]
-        redis_url = stack.enter_context(shared_redis()) if needs_redis else None
+        shared_store = (
+            stack.enter_context(shared_dedup_store(args.shared_store)) if needs_shared else None
+        )
         bar = progress.add_task("starting", total=total)
         done = 0.0
         for scenario in scenarios:
@@ -333,7 +357,7 @@ async def run(args: argparse.Namespace, console: Console) -> tuple[dict[str, Any
                     capacity=capacity,
                     seed=args.seed,
                     on_tick=tick,
-                    redis_url=redis_url,
+                    shared_store=shared_store,
                 )
                 done += scenario.duration
                 progress.update(bar, completed=done)

@@ -215,6 +215,7 @@ class _Running:
         )
         interceptors: list[grpc.ServerInterceptor] = [self.capacity]
         self.redis: Any = None
+        self.store: Any = None
         if protected:
             from resilient_grpc import OverloadInterceptor
 
@@ -222,16 +223,22 @@ class _Running:
         if command.get("dedup"):
             from resilient_grpc import DedupInterceptor, MemoryStore
 
-            shared = command.get("dedup_redis")
-            if shared:  # replicas of one service share one store, so any replica dedups
+            shared = command.get("dedup_shared")
+            if shared and str(shared).startswith("redis://"):
+                # replicas of one service share one store, so any replica dedups
                 import redis
 
                 from resilient_grpc import RedisStore
 
                 self.redis = redis.Redis.from_url(str(shared))
                 store: Any = RedisStore(self.redis, prefix=str(command["dedup_prefix"]))
+            elif shared:  # an embedded SQLite file the replica processes share
+                from resilient_grpc import SQLiteStore
+
+                store = SQLiteStore(str(shared))
             else:
                 store = MemoryStore()
+            self.store = store
             interceptors.append(DedupInterceptor(store))
         threads = self.config.workers + self.config.queue + 32
         self.server = grpc.server(
@@ -256,6 +263,8 @@ class _Running:
         result["undrained"] = self.capacity.in_system
         self.server.stop(0).wait(5)
         self.workers.shutdown(wait=False, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()
         if self.redis is not None:
             self.redis.close()
         return result
