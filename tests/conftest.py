@@ -10,6 +10,7 @@ import pytest
 from protos import ledger_pb2_grpc
 from protos.ledger_service import AioLedger, SyncLedger, serve, serve_aio
 from tests.redis_server import ExternalRedis, RedisServer, make_redis_server, redis_unavailable
+from tests.telemetry_fixtures import Otel, fresh_otel
 
 
 @pytest.fixture
@@ -33,6 +34,13 @@ def plain_stub(ledger: tuple[SyncLedger, int]) -> Iterator[ledger_pb2_grpc.Ledge
     """A stub on a bare channel to the sync ledger (no resilience)."""
     with grpc.insecure_channel(f"127.0.0.1:{ledger[1]}") as channel:
         yield ledger_pb2_grpc.LedgerStub(channel)
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    """An in-memory OpenTelemetry SDK the package reports to, fresh for the test."""
+    with fresh_otel() as providers:
+        yield providers
 
 
 @pytest.fixture(scope="session")

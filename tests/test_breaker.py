@@ -20,14 +20,14 @@ import pybreaker
 import pytest
 import redis
 
-from protos import ledger_pb2, ledger_pb2_grpc
+from protos import ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, Fault, SyncLedger, serve, serve_aio
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryPolicy, telemetry
 from resilient_grpc.aio.client import resilient_channel as aio_resilient_channel
 from resilient_grpc.client import resilient_channel
 from resilient_grpc.errors import BreakerOpenError, attempts_of
+from tests.helpers import BALANCE_REQUEST
 
-BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -15,7 +15,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from resilient_grpc import telemetry
 from resilient_grpc.core.retry import DelaySource, Reason, RetryDecision
-from tests.telemetry_fixtures import Otel, otel_fixture  # noqa: F401  (fixture)
+from tests.telemetry_fixtures import Otel
 
 TRANSFER = "/ledger.v1.Ledger/Transfer"
 
