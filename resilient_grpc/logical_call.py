@@ -30,7 +30,7 @@ from functools import partial
 from typing import Any, Literal, NoReturn
 
 from resilient_grpc import telemetry
-from resilient_grpc.breaker import ADMITTED, CircuitBreaker, TargetBreaker
+from resilient_grpc.breaker import ADMITTED, REFUSED, CircuitBreaker, TargetBreaker
 from resilient_grpc.call_outcome import (
     deadline_from_timeout,
     metadata_value,
@@ -342,7 +342,7 @@ class LogicalCall:
                     admission = (
                         (yield BreakerIO(breaker.admit)) if breaker.blocking else breaker.admit()
                     )
-                    if not admission:
+                    if admission is REFUSED:
                         self._refused(tel, breaker, last_error)
                 timeout = state.begin_attempt()
                 wait_for_ready = self.wait_for_ready
