@@ -24,10 +24,10 @@ from typing import Any
 
 from resilient_grpc import telemetry
 from resilient_grpc.breaker import ADMITTED, REFUSED, Admission, TargetBreaker
-from resilient_grpc.call_outcome import deadline_from_timeout, pushback_of, status_name
 from resilient_grpc.core.hedging import HedgingState, Verdict
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, ThrottledError, mark_gave_up
+from resilient_grpc.finished_call import deadline_from_timeout, pushback_of, status_name
 from resilient_grpc.logical_call import PREVIOUS_ATTEMPTS_HEADER, Attempt, ClientStack, Metadata
 
 

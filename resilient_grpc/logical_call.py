@@ -31,13 +31,6 @@ from typing import Any, Literal, NoReturn
 
 from resilient_grpc import telemetry
 from resilient_grpc.breaker import ADMITTED, REFUSED, CircuitBreaker, TargetBreaker
-from resilient_grpc.call_outcome import (
-    deadline_from_timeout,
-    metadata_value,
-    pushback_of,
-    retry_info_delay,
-    status_name,
-)
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.hedging import HedgingPolicy
 from resilient_grpc.core.keys import IdempotencyKeys, key_for_call
@@ -46,6 +39,13 @@ from resilient_grpc.core.retry import Reason, RetryDecision, RetryState, Timeout
 from resilient_grpc.core.throttle import AdaptiveThrottle
 from resilient_grpc.core.validation import finite_number
 from resilient_grpc.errors import BreakerOpenError, ThrottledError, mark_gave_up
+from resilient_grpc.finished_call import (
+    deadline_from_timeout,
+    metadata_value,
+    pushback_of,
+    retry_info_delay,
+    status_name,
+)
 
 Metadata = tuple[tuple[str, Any], ...]
 Transport = Literal["sync", "aio"]
