@@ -336,7 +336,7 @@ _CACHE_LIMIT = 4096  # methods and targets are few; past this, compute instead o
 _server_cache: dict[str, dict[str, AttributeValue]] = {}
 
 
-def server_attributes(target: str | None) -> dict[str, AttributeValue]:
+def _server_attributes(target: str | None) -> dict[str, AttributeValue]:
     """``server.address`` / ``server.port`` from a channel target (``host:port``, ``dns:///...``)."""
     if not target:
         return {}
@@ -397,7 +397,7 @@ class _Method:
             return self.span_attributes
         attributes = self._target_attributes.get(target)
         if attributes is None:
-            attributes = {**self.span_attributes, **server_attributes(target)}
+            attributes = {**self.span_attributes, **_server_attributes(target)}
             if len(self._target_attributes) < _CACHE_LIMIT:
                 self._target_attributes[target] = attributes
         return attributes
@@ -755,7 +755,6 @@ __all__ = [
     "makes_attempt_spans",
     "register_breaker",
     "registered_breakers",
-    "server_attributes",
     "start_client_call",
     "unregister_breaker",
 ]

@@ -318,7 +318,7 @@ def test_dedup_outcomes_are_counted_with_small_attributes(otel: Otel) -> None:
     ],
 )
 def test_server_attributes_from_targets(target: str | None, expected: dict[str, object]) -> None:
-    assert telemetry.server_attributes(target) == expected
+    assert telemetry._server_attributes(target) == expected
 
 
 def test_sdk_installed_after_import_still_receives_spans_and_metrics() -> None:
