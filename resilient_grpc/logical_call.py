@@ -1,4 +1,8 @@
-"""One logical client call as a sans-IO driver shared by the sync and ``grpc.aio`` shells.
+"""One logical client call as a generator driver shared by the sync and ``grpc.aio`` shells.
+
+The driver makes no attempt and never sleeps itself (the shells do, as it tells them), but it is
+not sans-IO like :mod:`resilient_grpc.core`: it reads gRPC errors, drives the pybreaker-backed
+breaker and reports through OpenTelemetry. Its decisions come from the core's state machines.
 
 :meth:`ClientStack.begin` fixes what belongs to the logical call when the stub is invoked (the
 idempotency key, the metadata carrying it, the absolute deadline, the :class:`RetryState`).
