@@ -31,6 +31,8 @@ import tenacity
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.metrics import percentile
+from benchmarks.report import write_json
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, serve, serve_aio
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
@@ -106,13 +108,13 @@ def _summary(samples: Samples) -> dict[str, dict[str, float]]:
     bare_rounds = [statistics.median(r) for r in samples["bare"]]
     out = {}
     for name in VARIANTS:
-        values = sorted(v for r in samples[name] for v in r)
+        values = [v for r in samples[name] for v in r]
         ratios = [
             statistics.median(r) / bare for r, bare in zip(samples[name], bare_rounds, strict=True)
         ]
         out[name] = {
             "median_us": round(statistics.median(values) * 1e6, 1),
-            "p90_us": round(values[int(len(values) * 0.9)] * 1e6, 1),
+            "p90_us": round((percentile(values, 0.9) or 0.0) * 1e6, 1),
             "ratio_to_bare": round(statistics.median(ratios), 3),
             "calls": len(values),
         }
@@ -287,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "results": results,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(document, indent=2) + "\n")
+    write_json(args.output, document)
     console.print(f"wrote {args.output}")
     return 0
 

@@ -32,6 +32,7 @@ import datetime
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from enum import Enum
 from typing import Any
 
 import pybreaker
@@ -46,11 +47,24 @@ StorageFactory = Callable[[str], pybreaker.CircuitBreakerStorage]
 _UTC = datetime.timezone.utc
 _log = logging.getLogger(__name__)
 
-#: Admission results.
-ADMITTED = 1
-PROBE = 2
-#: A call let through an open breaker as one of its regular probes (``probe_every``).
-SAMPLE = 3
+
+class Admission(Enum):
+    """What :meth:`TargetBreaker.admit` decided for one attempt (pass it back to ``record``)."""
+
+    #: The breaker is open: fail fast, the attempt does not go out.
+    REFUSED = "refused"
+    #: The breaker is closed: the attempt goes out.
+    ADMITTED = "admitted"
+    #: The breaker is half-open and this attempt is its single probe.
+    PROBE = "probe"
+    #: The breaker is open and this attempt is one of its regular probes (``probe_every``).
+    SAMPLE = "sample"
+
+
+REFUSED = Admission.REFUSED
+ADMITTED = Admission.ADMITTED
+PROBE = Admission.PROBE
+SAMPLE = Admission.SAMPLE
 
 
 class _Unhealthy(Exception):
@@ -150,8 +164,8 @@ class TargetBreaker:
         with self._lock:
             return str(self._get().state.name)
 
-    def admit(self) -> int:
-        """May an attempt go out now? :data:`ADMITTED`, :data:`PROBE`, or 0 (fail fast).
+    def admit(self) -> Admission:
+        """May an attempt go out now? Anything but :attr:`Admission.REFUSED` lets it go.
 
         An open breaker whose ``reset_timeout`` has elapsed moves to half-open and admits this
         attempt as its single probe; the caller must then :meth:`record` (or :meth:`release`).
@@ -168,14 +182,14 @@ class TargetBreaker:
             self._storage_down = False
             return admission
 
-    def _admit_locked(self) -> int:
+    def _admit_locked(self) -> Admission:
         breaker = self._get()
         state = breaker.state.name  # reads the storage; notifies listeners of remote changes
         if state == pybreaker.STATE_CLOSED:
             return ADMITTED
         if self._probing:
             self.rejected_until = None
-            return 0
+            return REFUSED
         if state == pybreaker.STATE_OPEN:
             opened_at = breaker._state_storage.opened_at
             if opened_at is not None:
@@ -188,12 +202,12 @@ class TargetBreaker:
                         if self._refusals >= every:  # one call in `every` probes the backend
                             self._refusals = 0
                             return SAMPLE
-                    return 0
+                    return REFUSED
             breaker.half_open()
         self._probing = True
         return PROBE
 
-    def record(self, admission: int, failed: bool) -> bool:
+    def record(self, admission: Admission, failed: bool) -> bool:
         """Feed one attempt's outcome to pybreaker; return True if the breaker is open now.
 
         ``failed`` means the attempt ended with an unhealthy code. An outcome that arrives while
@@ -202,7 +216,7 @@ class TargetBreaker:
         memory = self._memory
         if (
             not failed
-            and admission == ADMITTED
+            and admission is ADMITTED
             and self._fast_success
             and memory is not None
             and memory.counter == 0
@@ -211,12 +225,12 @@ class TargetBreaker:
             self._window.success()
             return False  # a success with nothing to reset and nobody to tell: lock-free
         with self._lock:
-            if admission == PROBE:
+            if admission is PROBE:
                 self._probing = False
             try:
                 breaker = self._get()
                 before = breaker.current_state
-                if admission == SAMPLE and before == pybreaker.STATE_OPEN and not failed:
+                if admission is SAMPLE and before == pybreaker.STATE_OPEN and not failed:
                     # A probe let through the open breaker was answered: the backend is back.
                     # Half-open, then the success below closes it (after success_threshold).
                     breaker.half_open()
@@ -251,9 +265,9 @@ class TargetBreaker:
                 error,
             )
 
-    def release(self, admission: int) -> None:
+    def release(self, admission: Admission) -> None:
         """Give the probe slot back without an outcome (the attempt was abandoned locally)."""
-        if admission == PROBE:
+        if admission is PROBE:
             with self._lock:
                 self._probing = False
 

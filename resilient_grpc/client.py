@@ -60,12 +60,12 @@ from typing import Any, cast
 import grpc
 
 from resilient_grpc.breaker import CircuitBreaker
-from resilient_grpc.call_outcome import FinishedCallFuture
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.hedging import HedgingPolicy
 from resilient_grpc.core.keys import IdempotencyKeys
 from resilient_grpc.core.policy import RetryPolicy
 from resilient_grpc.core.throttle import AdaptiveThrottle
+from resilient_grpc.finished_call import FinishedCallFuture
 from resilient_grpc.hedged_call import Actions, HedgedCall, begin_hedged
 from resilient_grpc.logical_call import (
     DEFAULT_RECONNECT_WAIT,
@@ -221,7 +221,7 @@ def _run_unary(
     return outcome
 
 
-class _Outcome(FinishedCallFuture):
+class _SucceededCall(FinishedCallFuture):
     """A finished successful unary call: its response and the gRPC call it came from."""
 
     __slots__ = ("_call", "_response")
@@ -1136,7 +1136,7 @@ class _UnaryUnaryCallable(StubMethod, grpc.UnaryUnaryMultiCallable):  # type: ig
 
         def attempt(step: Attempt) -> Any:
             try:
-                return _Outcome(*send(step))
+                return _SucceededCall(*send(step))
             except grpc.RpcError as error:
                 return error  # a finished Call-Future whose exception() is itself
 

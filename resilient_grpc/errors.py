@@ -23,8 +23,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from resilient_grpc.call_outcome import FinishedCallFuture
 from resilient_grpc.core.retry import Reason
+from resilient_grpc.finished_call import FinishedCallFuture
 
 #: Attribute set on a raised error: the number of attempts of the logical call.
 ATTEMPTS_ATTRIBUTE = "attempts"

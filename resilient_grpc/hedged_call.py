@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from resilient_grpc import telemetry
-from resilient_grpc.breaker import TargetBreaker
-from resilient_grpc.call_outcome import deadline_from_timeout, pushback_of, status_name
+from resilient_grpc.breaker import ADMITTED, REFUSED, Admission, TargetBreaker
 from resilient_grpc.core.hedging import HedgingState, Verdict
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, ThrottledError, mark_gave_up
+from resilient_grpc.finished_call import deadline_from_timeout, pushback_of, status_name
 from resilient_grpc.logical_call import PREVIOUS_ATTEMPTS_HEADER, Attempt, ClientStack, Metadata
 
 
@@ -80,7 +80,7 @@ class HedgedCall:
             method, target=stack.target, transport=stack.transport
         )
         #: Breaker admissions of the attempts in flight (to record or release each).
-        self._admissions: dict[int, int] = {}
+        self._admissions: dict[int, Admission] = {}
         self._last_error: BaseException | None = None
         self.over = False
 
@@ -116,7 +116,7 @@ class HedgedCall:
     def on_done(self, number: int, error: BaseException | None) -> Actions:
         """Attempt ``number`` answered: ``None`` (OK) or the error it failed with."""
         state = self.state
-        admission = self._admissions.pop(number, 0)
+        admission = self._admissions.pop(number, REFUSED)
         if self.over:
             self._release(admission)
             return _NOTHING
@@ -153,7 +153,7 @@ class HedgedCall:
 
     # Internals -------------------------------------------------------------------------------
 
-    _admission = 0
+    _admission = REFUSED
 
     def _admit(self) -> Reason | None:
         """Ask the throttle and the breaker for one more attempt (``None``: it may go)."""
@@ -162,10 +162,10 @@ class HedgedCall:
         if throttle is not None and not throttle.admit():
             return Reason.THROTTLED
         breaker = stack.target_breaker
-        self._admission = 1
+        self._admission = ADMITTED
         if breaker is not None:
             self._admission = breaker.admit()
-            if not self._admission:
+            if self._admission is REFUSED:
                 return Reason.BREAKER_OPEN
         return None
 
@@ -197,7 +197,7 @@ class HedgedCall:
             metadata = (*metadata, (PREVIOUS_ATTEMPTS_HEADER, str(number - 1)))
         return Attempt(number, self.state.attempt_timeout(), metadata, self.wait_for_ready)
 
-    def _record(self, code: str, admission: int) -> bool:
+    def _record(self, code: str, admission: Admission) -> bool:
         """Feed an answer to the throttle and the breaker; True if the breaker is open now."""
         stack = self.stack
         remaining = self.state.remaining()
@@ -214,7 +214,7 @@ class HedgedCall:
             return False
         return breaker.record(admission, code in stack.breaker_codes)
 
-    def _release(self, admission: int) -> None:
+    def _release(self, admission: Admission) -> None:
         breaker = self.stack.target_breaker
         if breaker is not None:
             breaker.release(admission)
@@ -224,7 +224,7 @@ class HedgedCall:
         losers = tuple(sorted(state.in_flight))
         for number in losers:
             state.cancelled(number)
-            self._release(self._admissions.pop(number, 0))
+            self._release(self._admissions.pop(number, REFUSED))
             self.telemetry.attempt(number, "CANCELLED", None)
         return losers
 

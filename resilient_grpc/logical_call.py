@@ -1,4 +1,8 @@
-"""One logical client call as a sans-IO driver shared by the sync and ``grpc.aio`` shells.
+"""One logical client call as a generator driver shared by the sync and ``grpc.aio`` shells.
+
+The driver makes no attempt and never sleeps itself (the shells do, as it tells them), but it is
+not sans-IO like :mod:`resilient_grpc.core`: it reads gRPC errors, drives the pybreaker-backed
+breaker and reports through OpenTelemetry. Its decisions come from the core's state machines.
 
 :meth:`ClientStack.begin` fixes what belongs to the logical call when the stub is invoked (the
 idempotency key, the metadata carrying it, the absolute deadline, the :class:`RetryState`).
@@ -30,14 +34,7 @@ from functools import partial
 from typing import Any, Literal, NoReturn
 
 from resilient_grpc import telemetry
-from resilient_grpc.breaker import ADMITTED, CircuitBreaker, TargetBreaker
-from resilient_grpc.call_outcome import (
-    deadline_from_timeout,
-    metadata_value,
-    pushback_of,
-    retry_info_delay,
-    status_name,
-)
+from resilient_grpc.breaker import ADMITTED, REFUSED, CircuitBreaker, TargetBreaker
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.hedging import HedgingPolicy
 from resilient_grpc.core.keys import IdempotencyKeys, key_for_call
@@ -46,6 +43,13 @@ from resilient_grpc.core.retry import Reason, RetryDecision, RetryState, Timeout
 from resilient_grpc.core.throttle import AdaptiveThrottle
 from resilient_grpc.core.validation import finite_number
 from resilient_grpc.errors import BreakerOpenError, ThrottledError, mark_gave_up
+from resilient_grpc.finished_call import (
+    deadline_from_timeout,
+    metadata_value,
+    pushback_of,
+    retry_info_delay,
+    status_name,
+)
 
 Metadata = tuple[tuple[str, Any], ...]
 Transport = Literal["sync", "aio"]
@@ -354,7 +358,7 @@ class LogicalCall:
                             raise
                     else:
                         admission = breaker.admit()
-                    if not admission:
+                    if admission is REFUSED:
                         self._refused(tel, breaker, last_error)
                 timeout = state.begin_attempt()
                 wait_for_ready = self.wait_for_ready

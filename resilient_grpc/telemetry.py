@@ -101,7 +101,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.util.types import AttributeValue
 
 from resilient_grpc import logs
-from resilient_grpc.core.codes import code_name
+from resilient_grpc.core.codes import code_number, name_and_number
 from resilient_grpc.core.methods import split_method
 from resilient_grpc.core.retry import Reason, RetryDecision
 
@@ -332,42 +332,13 @@ def _observe_breakers(options: metrics.CallbackOptions) -> Iterable[metrics.Obse
 # --- helpers --------------------------------------------------------------------------------
 
 
-_CODE_NUMBERS: dict[str, int] = {code.name: int(code.value[0]) for code in grpc.StatusCode}
 _CACHE_LIMIT = 4096  # methods and targets are few; past this, compute instead of caching
-
-
-def code_number(code: object) -> int:
-    """The numeric gRPC status code of a name, number or ``grpc.StatusCode`` (2 = UNKNOWN if odd)."""
-    if isinstance(code, str):
-        number = _CODE_NUMBERS.get(code)
-        if number is not None:
-            return number
-    return _CODE_NUMBERS[_safe_code_name(code)]
-
-
-def _name_and_number(code: object) -> tuple[str, int]:
-    """The name and number of a status code given as a name (the hot path), number or enum."""
-    if code.__class__ is str:
-        number = _CODE_NUMBERS.get(code)
-        if number is not None:
-            return code, number
-    name = _safe_code_name(code)
-    return name, _CODE_NUMBERS[name]
-
-
-def _safe_code_name(code: object) -> str:
-    if isinstance(code, str) and code in _CODE_NUMBERS:
-        return code
-    try:
-        return code_name(code)
-    except ValueError:
-        return "UNKNOWN"
 
 
 _server_cache: dict[str, dict[str, AttributeValue]] = {}
 
 
-def server_attributes(target: str | None) -> dict[str, AttributeValue]:
+def _server_attributes(target: str | None) -> dict[str, AttributeValue]:
     """``server.address`` / ``server.port`` from a channel target (``host:port``, ``dns:///...``)."""
     if not target:
         return {}
@@ -428,7 +399,7 @@ class _Method:
             return self.span_attributes
         attributes = self._target_attributes.get(target)
         if attributes is None:
-            attributes = {**self.span_attributes, **server_attributes(target)}
+            attributes = {**self.span_attributes, **_server_attributes(target)}
             if len(self._target_attributes) < _CACHE_LIMIT:
                 self._target_attributes[target] = attributes
         return attributes
@@ -562,7 +533,7 @@ class CallTelemetry:
 
     def attempt(self, attempt: int, code: str, decision: RetryDecision | None) -> None:
         """Record one finished attempt: its status ``code`` and what was decided after it."""
-        name, number = _name_and_number(code)
+        name, number = name_and_number(code)
         instruments = _instruments()
         instruments.attempts.add(1, self._info.code_attributes(number))
         if self.recording:
@@ -603,7 +574,7 @@ class CallTelemetry:
         if self.ended:
             return
         self.ended = True
-        name, number = _name_and_number(code)
+        name, number = name_and_number(code)
         span = self.span
         if self.recording:
             span.set_attributes(
@@ -781,13 +752,11 @@ __all__ = [
     "ObservableBreaker",
     "breaker_state_changed",
     "client_call",
-    "code_number",
     "configure",
     "dedup_outcome",
     "makes_attempt_spans",
     "register_breaker",
     "registered_breakers",
-    "server_attributes",
     "start_client_call",
     "unregister_breaker",
 ]

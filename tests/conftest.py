@@ -18,6 +18,7 @@ from tests.postgres_server import (
 )
 from tests.redis_cluster import RedisCluster, make_redis_cluster
 from tests.redis_server import ExternalRedis, RedisServer, make_redis_server, redis_unavailable
+from tests.telemetry_fixtures import Otel, fresh_otel
 
 
 @pytest.fixture
@@ -41,6 +42,13 @@ def plain_stub(ledger: tuple[SyncLedger, int]) -> Iterator[ledger_pb2_grpc.Ledge
     """A stub on a bare channel to the sync ledger (no resilience)."""
     with grpc.insecure_channel(f"127.0.0.1:{ledger[1]}") as channel:
         yield ledger_pb2_grpc.LedgerStub(channel)
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    """An in-memory OpenTelemetry SDK the package reports to, fresh for the test."""
+    with fresh_otel() as providers:
+        yield providers
 
 
 @pytest.fixture(scope="session")

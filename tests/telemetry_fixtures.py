@@ -7,6 +7,7 @@ no test touches the process-wide providers (which OpenTelemetry lets a process s
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,16 +68,25 @@ class Otel:
         return "\n".join(parts)
 
 
-@pytest.fixture(name="otel")
-def otel_fixture() -> Iterator[Otel]:
-    """Per-test SDK providers the facade reports to (import ``otel_fixture`` to use it)."""
+@contextmanager
+def fresh_otel() -> Iterator[Otel]:
+    """Per-test SDK providers the facade reports to, reset afterwards (the ``otel`` fixture)."""
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
     telemetry.configure(tracer_provider=tracer_provider, meter_provider=meter_provider)
-    yield Otel(exporter, reader, tracer_provider, meter_provider)
-    telemetry._reset_for_tests()
-    tracer_provider.shutdown()
-    meter_provider.shutdown()
+    try:
+        yield Otel(exporter, reader, tracer_provider, meter_provider)
+    finally:
+        telemetry._reset_for_tests()
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+
+@pytest.fixture(name="otel")
+def otel_fixture() -> Iterator[Otel]:
+    """The ``otel`` fixture of ``conftest.py``, for the modules that still import it by name."""
+    with fresh_otel() as otel:
+        yield otel

@@ -20,14 +20,15 @@ import pybreaker
 import pytest
 import redis
 
-from protos import ledger_pb2, ledger_pb2_grpc
+from protos import ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, Fault, SyncLedger, serve, serve_aio
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryPolicy, telemetry
 from resilient_grpc.aio.client import resilient_channel as aio_resilient_channel
+from resilient_grpc.breaker import Admission
 from resilient_grpc.client import resilient_channel
 from resilient_grpc.errors import BreakerOpenError, attempts_of
+from tests.helpers import BALANCE_REQUEST
 
-BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -490,6 +491,35 @@ def test_an_open_breaker_lets_one_call_in_n_through_and_closes_when_it_succeeds(
         assert len(servicer.state.calls_to(GET_BALANCE)) == 10
 
 
+def test_admit_says_how_an_attempt_goes_as_an_admission() -> None:
+    """Closed: ADMITTED; open: REFUSED, and every ``probe_every``-th refusal a SAMPLE; after
+    ``reset_timeout``: one PROBE at a time. No admission is a bare int tested by truthiness."""
+    target = CircuitBreaker(
+        fail_max=1, reset_timeout=30, failure_rate=0, probe_every=2
+    ).for_target("t")
+    admission = target.admit()
+    assert admission is Admission.ADMITTED
+    assert target.record(admission, failed=True)  # opened
+    assert [target.admit() for _ in range(4)] == [
+        Admission.REFUSED,
+        Admission.SAMPLE,
+        Admission.REFUSED,
+        Admission.SAMPLE,
+    ]
+    assert not target.record(Admission.SAMPLE, failed=False)  # a sample answered: closed
+    assert target.admit() is Admission.ADMITTED
+
+    quick = CircuitBreaker(
+        fail_max=1, reset_timeout=0.01, failure_rate=0, probe_every=None
+    ).for_target("q")
+    assert quick.record(quick.admit(), failed=True)
+    time.sleep(0.05)  # past reset_timeout (pybreaker reads the wall clock)
+    assert quick.admit() is Admission.PROBE
+    assert quick.admit() is Admission.REFUSED  # one probe in flight at a time
+    quick.release(Admission.PROBE)
+    assert quick.admit() is Admission.PROBE
+
+
 def simulate_breaker_outage(probe_every: int | None) -> tuple[float, int]:
     """100 logical calls a second (on a fake clock for the budget) through the sans-IO decisions
     (RetryState, a shared RetryBudget, the breaker's admit/record) to a backend that answers
@@ -512,7 +542,7 @@ def simulate_breaker_outage(probe_every: int | None) -> tuple[float, int]:
         ok = False
         while True:
             admission = target.admit()
-            if not admission:
+            if admission is Admission.REFUSED:
                 break
             state.begin_attempt()
             sent_during += down

@@ -22,10 +22,7 @@ from resilient_grpc import (
 from resilient_grpc.aio.client import client_interceptors, resilient_channel
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
-
-FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
-TRANSFER_REQUEST = ledger_pb2.TransferRequest(from_account="alice", to_account="bob", amount=5)
-BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
+from tests.helpers import BALANCE_REQUEST, FAST, TRANSFER_REQUEST
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, WATCH, AioLedger, Fault, serve_aio
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
 from resilient_grpc.aio.client import client_interceptors, resilient_channel
+from tests.helpers import BALANCE_REQUEST
 
-BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
 #: A long, fixed backoff: a cancellation lands inside it; a retry after it would be seen.
 SLOW_RETRIES = RetryPolicy(
     max_attempts=5, initial_backoff=0.6, max_backoff=0.6, multiplier=1.0, jitter="none"

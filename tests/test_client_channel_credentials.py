@@ -16,13 +16,13 @@ import grpc
 import grpc.aio
 import pytest
 
-from protos import ledger_pb2, ledger_pb2_grpc
+from protos import ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, AioLedger, SyncLedger
 from resilient_grpc import IdempotencyKeys, RetryPolicy
 from resilient_grpc.aio.client import resilient_channel as aio_resilient_channel
 from resilient_grpc.client import resilient_channel
+from tests.helpers import BALANCE_REQUEST
 
-REQUEST = ledger_pb2.BalanceRequest(account="alice")
 POLICY = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.02)
 
 Tls = tuple[grpc.ServerCredentials, grpc.ChannelCredentials]
@@ -55,7 +55,7 @@ def test_sync_resilient_channel_with_credentials_is_secure_and_retries(tls: Tls)
         target = f"127.0.0.1:{port}"
         # the server really requires TLS: a plain channel fails
         with grpc.insecure_channel(target) as plain, pytest.raises(grpc.RpcError):
-            ledger_pb2_grpc.LedgerStub(plain).GetBalance(REQUEST, timeout=2)
+            ledger_pb2_grpc.LedgerStub(plain).GetBalance(BALANCE_REQUEST, timeout=2)
         servicer.state.faults.fail_times(GET_BALANCE, 1)
         with resilient_channel(
             target,
@@ -64,7 +64,7 @@ def test_sync_resilient_channel_with_credentials_is_secure_and_retries(tls: Tls)
             retry=POLICY,
             idempotency=IdempotencyKeys(),
         ) as channel:
-            reply = ledger_pb2_grpc.LedgerStub(channel).GetBalance(REQUEST, timeout=5)
+            reply = ledger_pb2_grpc.LedgerStub(channel).GetBalance(BALANCE_REQUEST, timeout=5)
         assert reply.balance == servicer.state.initial_balance
         calls = servicer.state.calls_to(GET_BALANCE)
         assert len(calls) == 2 and calls[0].key is not None and calls[0].key == calls[1].key
@@ -82,7 +82,7 @@ async def test_aio_resilient_channel_with_credentials_is_secure_and_retries(tls:
         target = f"127.0.0.1:{port}"
         async with grpc.aio.insecure_channel(target) as plain:
             with pytest.raises(grpc.aio.AioRpcError):
-                await ledger_pb2_grpc.LedgerStub(plain).GetBalance(REQUEST, timeout=2)
+                await ledger_pb2_grpc.LedgerStub(plain).GetBalance(BALANCE_REQUEST, timeout=2)
         servicer.state.faults.fail_times(GET_BALANCE, 1)
         async with aio_resilient_channel(
             target,
@@ -90,7 +90,7 @@ async def test_aio_resilient_channel_with_credentials_is_secure_and_retries(tls:
             retry=POLICY,
             idempotency=IdempotencyKeys(),
         ) as channel:
-            reply = await ledger_pb2_grpc.LedgerStub(channel).GetBalance(REQUEST, timeout=5)
+            reply = await ledger_pb2_grpc.LedgerStub(channel).GetBalance(BALANCE_REQUEST, timeout=5)
         assert reply.balance == servicer.state.initial_balance
         calls = servicer.state.calls_to(GET_BALANCE)
         assert len(calls) == 2 and calls[0].key is not None and calls[0].key == calls[1].key

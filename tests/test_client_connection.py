@@ -18,15 +18,15 @@ import grpc
 import grpc.aio
 import pytest
 
-from protos import ledger_pb2, ledger_pb2_grpc
+from protos import ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, serve, serve_aio
 from resilient_grpc import RetryPolicy
 from resilient_grpc.aio.client import resilient_channel as aio_resilient_channel
 from resilient_grpc.client import resilient_channel
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import attempts_of, reason_of
+from tests.helpers import BALANCE_REQUEST
 
-BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
 # 5 attempts 50 ms apart: all of them fall inside the channel's ~1 s reconnect backoff.
 QUICK_RETRIES = RetryPolicy(
     max_attempts=5,

@@ -14,9 +14,8 @@ from protos.ledger_service import GET_BALANCE, WATCH, Fault, SyncLedger
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
 from resilient_grpc.client import client_interceptors, resilient_channel
 from resilient_grpc.errors import attempts_of
+from tests.helpers import BALANCE_REQUEST, FAST
 
-BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
-FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
 SLOW_RETRIES = RetryPolicy(
     max_attempts=5, initial_backoff=0.6, max_backoff=0.6, multiplier=1.0, jitter="none"
 )

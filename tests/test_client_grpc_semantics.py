@@ -35,8 +35,8 @@ from resilient_grpc.aio.client import resilient_channel as aio_resilient_channel
 from resilient_grpc.client import client_interceptors, resilient_channel
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
+from tests.helpers import BALANCE_REQUEST
 
-BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
 WATCH_REQUEST = ledger_pb2.WatchRequest(account="alice", count=2)
 FAST = RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=0.02)
 NATIVE_FIVE = json.dumps(

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from protos import ledger_pb2, ledger_pb2_grpc
+from protos import ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, TRANSFER, Fault, serve
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
 from resilient_grpc.client import client_interceptors, resilient_channel
@@ -19,10 +19,9 @@ from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import MemoryStore
 from tests.hedging_fixtures import PREVIOUS, HedgeLedger, attempt_number
+from tests.helpers import BALANCE_REQUEST, TRANSFER_REQUEST
 
 HEDGE = HedgingPolicy(max_attempts=3, delay=0.1)
-BALANCE = ledger_pb2.BalanceRequest(account="alice")
-TRANSFER_REQUEST = ledger_pb2.TransferRequest(from_account="alice", to_account="bob", amount=5)
 
 
 @pytest.fixture
@@ -68,7 +67,7 @@ def test_the_fast_copy_wins_and_the_slow_one_is_cancelled_on_the_server(
     stub = make_stub(hedging=HEDGE, idempotency=IdempotencyKeys())
 
     started = time.monotonic()
-    reply = call(stub.GetBalance, BALANCE, timeout=15)
+    reply = call(stub.GetBalance, BALANCE_REQUEST, timeout=15)
 
     assert reply.account == "alice"
     assert time.monotonic() - started < servicer.hold  # did not wait for the slow replica
@@ -85,9 +84,9 @@ def test_blocking_call_and_with_call_on_the_channel_are_hedged(hedge_ledger) -> 
     servicer, port = hedge_ledger
     with resilient_channel(f"127.0.0.1:{port}", hedging=HEDGE, idempotency=IdempotencyKeys()) as ch:
         stub = ledger_pb2_grpc.LedgerStub(ch)
-        assert stub.GetBalance(BALANCE, timeout=15).account == "alice"
+        assert stub.GetBalance(BALANCE_REQUEST, timeout=15).account == "alice"
         assert servicer.cancellations(1) == 1
-        reply, grpc_call = stub.GetBalance.with_call(BALANCE, timeout=15)
+        reply, grpc_call = stub.GetBalance.with_call(BALANCE_REQUEST, timeout=15)
         assert reply.account == "alice" and grpc_call.code() == grpc.StatusCode.OK
         assert servicer.cancellations(2) == 2
 
@@ -124,7 +123,7 @@ def test_no_hedges_when_the_budget_is_exhausted(make_stub, hedge_ledger) -> None
     budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0)
     stub = make_stub(hedging=HEDGE, budget=budget, idempotency=IdempotencyKeys())
 
-    assert call(stub.GetBalance, BALANCE, timeout=15).account == "alice"
+    assert call(stub.GetBalance, BALANCE_REQUEST, timeout=15).account == "alice"
 
     assert len(servicer.state.calls_to(GET_BALANCE)) == 1
     assert budget.refused >= 1
@@ -140,17 +139,17 @@ def test_no_hedges_while_the_breaker_probes_and_none_at_all_when_open(
     servicer.slow_first = False
     servicer.state.faults.add(GET_BALANCE, Fault(code=grpc.StatusCode.INTERNAL))
     with pytest.raises(grpc.RpcError) as failed:
-        call(stub.GetBalance, BALANCE, timeout=15)
+        call(stub.GetBalance, BALANCE_REQUEST, timeout=15)
     assert failed.value.code() == grpc.StatusCode.INTERNAL  # fatal: no hedge after it
     assert len(servicer.state.calls_to(GET_BALANCE)) == 1
 
     with pytest.raises(BreakerOpenError):  # open: nothing is sent, not even a first attempt
-        call(stub.GetBalance, BALANCE, timeout=15)
+        call(stub.GetBalance, BALANCE_REQUEST, timeout=15)
     assert len(servicer.state.calls_to(GET_BALANCE)) == 1
 
     time.sleep(0.3)  # half-open: the first attempt is the probe and no hedge may join it
     servicer.slow_first = True
-    assert call(stub.GetBalance, BALANCE, timeout=15).account == "alice"
+    assert call(stub.GetBalance, BALANCE_REQUEST, timeout=15).account == "alice"
     assert len(servicer.state.calls_to(GET_BALANCE)) == 2
     assert breaker.for_target(f"127.0.0.1:{port}").state == "closed"
 
@@ -165,7 +164,7 @@ def test_non_fatal_failures_send_the_next_copy_at_once_and_give_up_at_max_attemp
 
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as caught:
-        call(stub.GetBalance, BALANCE, timeout=15)
+        call(stub.GetBalance, BALANCE_REQUEST, timeout=15)
 
     assert time.monotonic() - started < 5.0  # never waited for the 5 s hedge delay
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -181,7 +180,7 @@ def test_a_negative_pushback_stops_hedging(make_stub, hedge_ledger) -> None:
     servicer.state.faults.add(GET_BALANCE, Fault(pushback_ms="-1"))
 
     with pytest.raises(grpc.RpcError) as caught:
-        call(stub.GetBalance, BALANCE, timeout=15)
+        call(stub.GetBalance, BALANCE_REQUEST, timeout=15)
 
     assert reason_of(caught.value) is Reason.PUSHBACK_STOP
     assert len(servicer.state.calls_to(GET_BALANCE)) == 1
@@ -194,7 +193,7 @@ def test_a_call_without_key_to_a_method_not_marked_idempotent_is_sent_once(
     servicer.hold = 0.4
     stub = make_stub(hedging=HEDGE)  # no idempotency keys
 
-    assert call(stub.GetBalance, BALANCE, timeout=15).account == "alice"
+    assert call(stub.GetBalance, BALANCE_REQUEST, timeout=15).account == "alice"
     assert len(servicer.state.calls_to(GET_BALANCE)) == 1
 
 
@@ -223,8 +222,8 @@ def test_blocking_calls_through_sync_interceptors_send_copies_one_after_another(
         *client_interceptors(target=target, hedging=HEDGE, idempotency=IdempotencyKeys()),
     ) as channel:
         stub = ledger_pb2_grpc.LedgerStub(channel)
-        assert stub.GetBalance(BALANCE, timeout=15).account == "alice"
-        reply, grpc_call = stub.GetBalance.with_call(BALANCE, timeout=15)
+        assert stub.GetBalance(BALANCE_REQUEST, timeout=15).account == "alice"
+        reply, grpc_call = stub.GetBalance.with_call(BALANCE_REQUEST, timeout=15)
         assert reply.account == "alice" and grpc_call.code() == grpc.StatusCode.OK
     calls = servicer.state.calls_to(GET_BALANCE)
     assert [attempt_number(c.metadata) for c in calls] == [1, 2, 3, 1]
@@ -259,7 +258,7 @@ def test_a_delayed_copy_of_a_blocking_intercepted_call_is_sent_by_the_caller(
         recorder,
     ) as channel:
         stub = ledger_pb2_grpc.LedgerStub(channel)
-        assert stub.GetBalance(BALANCE, timeout=15).account == "alice"
+        assert stub.GetBalance(BALANCE_REQUEST, timeout=15).account == "alice"
     assert len(recorder.threads) == 2
     assert "resilient-grpc-timers" not in recorder.threads
 
@@ -269,7 +268,7 @@ def test_cancelling_a_hedged_future_cancels_every_copy(make_stub, hedge_ledger) 
     stub = make_stub(hedging=HedgingPolicy(max_attempts=2, delay=0.05), idempotency=IdempotencyKeys())
     servicer.state.faults.add(GET_BALANCE, Fault(code=None, delay=3.0))  # the copy is slow too
 
-    future = stub.GetBalance.future(BALANCE, timeout=15)
+    future = stub.GetBalance.future(BALANCE_REQUEST, timeout=15)
     deadline = time.monotonic() + 10
     while len(servicer.state.calls_to(GET_BALANCE)) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -315,14 +314,14 @@ def test_a_slow_replica_and_a_fast_one_behind_one_round_robin_channel() -> None:
             slow.hold = 0.2
             deadline = time.monotonic() + 10
             while not fast.state.calls_to(GET_BALANCE) and time.monotonic() < deadline:
-                stub.GetBalance(BALANCE, timeout=15)
+                stub.GetBalance(BALANCE_REQUEST, timeout=15)
             slow.hold = 10.0
             slow_before = len(slow.state.calls_to(GET_BALANCE))
             cancelled_before = slow.cancellations(0)
             fast_before = len(fast.state.calls_to(GET_BALANCE))
             for _ in range(6):
                 started = time.monotonic()
-                assert stub.GetBalance(BALANCE, timeout=15).account == "alice"
+                assert stub.GetBalance(BALANCE_REQUEST, timeout=15).account == "alice"
                 assert time.monotonic() - started < slow.hold
         reached_slow = len(slow.state.calls_to(GET_BALANCE)) - slow_before
         assert reached_slow >= 1  # round robin sent it some copies
@@ -346,7 +345,7 @@ def test_no_hedges_when_the_throttle_rejects_them(hedge_ledger) -> None:
     with resilient_channel(
         f"127.0.0.1:{port}", hedging=HEDGE, throttle=throttle, idempotency=IdempotencyKeys()
     ) as channel:
-        reply = ledger_pb2_grpc.LedgerStub(channel).GetBalance(BALANCE, timeout=15)
+        reply = ledger_pb2_grpc.LedgerStub(channel).GetBalance(BALANCE_REQUEST, timeout=15)
     assert reply.account == "alice"
     assert len(servicer.state.calls_to(GET_BALANCE)) == 1
     assert throttle.rejected == 1

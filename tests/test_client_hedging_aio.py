@@ -11,7 +11,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from protos import ledger_pb2, ledger_pb2_grpc
+from protos import ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, TRANSFER, Fault, serve_aio
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
 from resilient_grpc.aio.client import client_interceptors, resilient_channel
@@ -21,10 +21,9 @@ from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
 from resilient_grpc.stores import MemoryStore
 from tests.hedging_fixtures import PREVIOUS, AioHedgeLedger, attempt_number
+from tests.helpers import BALANCE_REQUEST, TRANSFER_REQUEST
 
 HEDGE = HedgingPolicy(max_attempts=3, delay=0.1)
-BALANCE = ledger_pb2.BalanceRequest(account="alice")
-TRANSFER_REQUEST = ledger_pb2.TransferRequest(from_account="alice", to_account="bob", amount=5)
 
 
 @pytest.fixture
@@ -64,7 +63,7 @@ async def test_the_fast_copy_wins_and_the_slow_one_is_cancelled_on_the_server(
     stub = make_stub(hedging=HEDGE, idempotency=IdempotencyKeys())
 
     started = time.monotonic()
-    reply = await stub.GetBalance(BALANCE, timeout=15)
+    reply = await stub.GetBalance(BALANCE_REQUEST, timeout=15)
 
     assert reply.account == "alice"
     assert time.monotonic() - started < servicer.hold
@@ -106,7 +105,7 @@ async def test_no_hedges_when_the_budget_is_exhausted(make_stub, hedge_ledger) -
     budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0)
     stub = make_stub(hedging=HEDGE, budget=budget, idempotency=IdempotencyKeys())
 
-    assert (await stub.GetBalance(BALANCE, timeout=15)).account == "alice"
+    assert (await stub.GetBalance(BALANCE_REQUEST, timeout=15)).account == "alice"
 
     assert len(servicer.state.calls_to(GET_BALANCE)) == 1
     assert budget.refused >= 1
@@ -122,17 +121,17 @@ async def test_no_hedges_while_the_breaker_probes_and_none_at_all_when_open(
     servicer.slow_first = False
     servicer.state.faults.add(GET_BALANCE, Fault(code=grpc.StatusCode.INTERNAL))
     with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await stub.GetBalance(BALANCE, timeout=15)
+        await stub.GetBalance(BALANCE_REQUEST, timeout=15)
     assert failed.value.code() == grpc.StatusCode.INTERNAL
     assert len(servicer.state.calls_to(GET_BALANCE)) == 1
 
     with pytest.raises(BreakerOpenError):
-        await stub.GetBalance(BALANCE, timeout=15)
+        await stub.GetBalance(BALANCE_REQUEST, timeout=15)
     assert len(servicer.state.calls_to(GET_BALANCE)) == 1
 
     await asyncio.sleep(0.3)
     servicer.slow_first = True
-    assert (await stub.GetBalance(BALANCE, timeout=15)).account == "alice"
+    assert (await stub.GetBalance(BALANCE_REQUEST, timeout=15)).account == "alice"
     assert len(servicer.state.calls_to(GET_BALANCE)) == 2
     assert breaker.for_target(f"127.0.0.1:{port}").state == "closed"
 
@@ -145,7 +144,7 @@ async def test_non_fatal_failures_send_the_next_copy_at_once(make_stub, hedge_le
 
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.GetBalance(BALANCE, timeout=15)
+        await stub.GetBalance(BALANCE_REQUEST, timeout=15)
 
     assert time.monotonic() - started < 5.0
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -161,7 +160,7 @@ async def test_cancel_cancels_every_attempt_in_flight(make_stub, hedge_ledger, h
     stub = make_stub(hedging=HedgingPolicy(max_attempts=2, delay=0.05), idempotency=IdempotencyKeys())
     servicer.state.faults.add(GET_BALANCE, Fault(code=None, delay=10.0))
 
-    call = stub.GetBalance(BALANCE, timeout=15)
+    call = stub.GetBalance(BALANCE_REQUEST, timeout=15)
     task = asyncio.ensure_future(call)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
@@ -215,7 +214,7 @@ async def test_hedging_with_a_redis_breaker_runs_breaker_io_off_the_loop(
             breaker=CircuitBreaker.redis(client, namespace="hedge-test"),
             idempotency=IdempotencyKeys(),
         ) as channel:
-            reply = await ledger_pb2_grpc.LedgerStub(channel).GetBalance(BALANCE, timeout=15)
+            reply = await ledger_pb2_grpc.LedgerStub(channel).GetBalance(BALANCE_REQUEST, timeout=15)
         assert reply.account == "alice"
         assert len(admit_threads) >= 2  # the first copy and at least one hedge
         assert loop_thread not in admit_threads

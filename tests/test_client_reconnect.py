@@ -14,13 +14,13 @@ from typing import Any
 
 import grpc
 
-from protos import ledger_pb2, ledger_pb2_grpc
+from protos import ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, AioLedger, Fault, SyncLedger, serve, serve_aio
 from resilient_grpc import RetryPolicy
 from resilient_grpc.aio.client import resilient_channel as aio_resilient_channel
 from resilient_grpc.client import resilient_channel
+from tests.helpers import BALANCE_REQUEST
 
-BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
 RETRIES = RetryPolicy(
     max_attempts=5,
     initial_backoff=0.05,

@@ -9,7 +9,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from protos import ledger_pb2, ledger_pb2_grpc
+from protos import ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, Fault
 from resilient_grpc import AdaptiveThrottle, IdempotencyKeys, RetryPolicy, ThrottledError
 from resilient_grpc.aio.client import client_interceptors as aio_client_interceptors
@@ -17,8 +17,8 @@ from resilient_grpc.aio.client import resilient_channel as aio_resilient_channel
 from resilient_grpc.client import client_interceptors, resilient_channel
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import attempts_of, reason_of
+from tests.helpers import BALANCE_REQUEST
 
-BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
 CALLS = 200
 
 

@@ -16,24 +16,18 @@ from resilient_grpc.core.admission import (
     Shed,
     ShedReason,
 )
+from tests.helpers import FakeClock
 
 M = "/ledger.v1.Ledger/Transfer"
 OTHER = "/ledger.v1.Ledger/GetBalance"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
 
-    def __call__(self) -> float:
-        return self.now
-
-
-def controller(clock: Clock, **options: Any) -> AdmissionController:
+def controller(clock: FakeClock, **options: Any) -> AdmissionController:
     return AdmissionController(clock=clock, uniform=lambda: 0.5, **options)
 
 
-def run(c: AdmissionController, clock: Clock, seconds: float, method: str = M) -> None:
+def run(c: AdmissionController, clock: FakeClock, seconds: float, method: str = M) -> None:
     """One call that is admitted and takes ``seconds``."""
     ticket = c.decide(method, queued_for=0.0, deadline_remaining=None)
     assert isinstance(ticket, Admit)
@@ -62,7 +56,7 @@ def test_bad_arguments_fail_at_construction(options: dict[str, Any], message: st
 
 
 def test_deadline_rule_refuses_work_that_cannot_finish_in_time() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     c = controller(clock)
     # no estimate yet: only an expired deadline is refused
     shed = c.decide(M, queued_for=0.0, deadline_remaining=0.0)
@@ -81,7 +75,7 @@ def test_deadline_rule_refuses_work_that_cannot_finish_in_time() -> None:
 
 def test_deadline_rule_scales_the_estimate_with_the_concurrency_now() -> None:
     """30 ms measured with 1-2 calls executing; with 8 executing, a call expects ~6x longer."""
-    clock = Clock()
+    clock = FakeClock(100.0)
     c = controller(clock, initial_limit=100)
     for _ in range(20):
         pair = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(2)]
@@ -99,7 +93,7 @@ def test_deadline_rule_scales_the_estimate_with_the_concurrency_now() -> None:
 
 
 def test_queue_rule_allows_a_burst_but_not_a_standing_queue() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     c = controller(clock, queue_target=0.05, queue_interval=0.2, initial_limit=1000)
     assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=None), Admit)
     # a burst: the queue drained a moment ago, so a wait up to the interval is fine
@@ -122,7 +116,7 @@ def test_queue_rule_allows_a_burst_but_not_a_standing_queue() -> None:
 
 
 def test_limit_rule_refuses_beyond_the_concurrency_limit() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     c = controller(clock, initial_limit=2, min_limit=1, max_limit=2)
     first = c.decide(M, queued_for=0.0, deadline_remaining=None)
     second = c.decide(M, queued_for=0.0, deadline_remaining=None)
@@ -137,7 +131,7 @@ def test_limit_rule_refuses_beyond_the_concurrency_limit() -> None:
 
 
 def test_limit_shrinks_when_latency_climbs_and_grows_back_when_it_is_used() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     c = controller(clock, initial_limit=40, min_limit=2, max_limit=200, tolerance=2.0)
     for _ in range(600):
         run(c, clock, 0.010)  # baseline 10 ms
@@ -159,7 +153,7 @@ def test_limit_shrinks_when_latency_climbs_and_grows_back_when_it_is_used() -> N
 
 def test_fast_replays_mixed_in_do_not_shrink_the_limit() -> None:
     """A dedup replay takes 0.1 ms, an execution 28 ms: the mix is the method's normal cost."""
-    clock = Clock()
+    clock = FakeClock(100.0)
     c = controller(clock, initial_limit=16, min_limit=2, max_limit=16)
     for _ in range(400):
         tickets = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(8)]
@@ -177,7 +171,7 @@ def test_fast_replays_mixed_in_do_not_shrink_the_limit() -> None:
 
 
 def test_limit_does_not_grow_while_unused() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     c = controller(clock, initial_limit=10, max_limit=1000)
     for _ in range(200):
         run(c, clock, 0.010)  # one call at a time: the limit is not what holds anything back
@@ -185,7 +179,7 @@ def test_limit_does_not_grow_while_unused() -> None:
 
 
 def test_pushback_grows_with_the_shed_fraction_and_stays_in_bounds() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     c = controller(clock, initial_limit=1, min_limit=1, max_limit=1, min_pushback=0.01)
     run(c, clock, 0.040)
     held = c.decide(M, queued_for=0.0, deadline_remaining=None)
@@ -222,7 +216,7 @@ OPS = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(OPS, st.floats(0, 0.999))
 def test_invariants_over_any_sequence(ops: list[tuple[Any, ...]], jitter: float) -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     c = AdmissionController(
         clock=clock, uniform=lambda: jitter, initial_limit=4, min_limit=1, max_limit=8
     )

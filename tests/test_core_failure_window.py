@@ -7,14 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from resilient_grpc.core.failure_window import SLOTS, FailureWindow
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock
 
 
 @given(
@@ -25,7 +18,7 @@ class FakeClock:
 def test_a_failure_counts_iff_the_rate_over_the_window_reaches_the_threshold(
     seconds: float, threshold: float, events: list[tuple[bool, float]]
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     window = FailureWindow(seconds, threshold, clock=clock)
     width = seconds / SLOTS
     history: list[tuple[int, bool]] = []  # (slot number, failed)
@@ -44,7 +37,7 @@ def test_a_failure_counts_iff_the_rate_over_the_window_reaches_the_threshold(
 
 
 def test_a_burst_among_many_successes_does_not_count_but_a_run_of_failures_does() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     window = FailureWindow(1.0, 0.5, clock=clock)
     for _ in range(90):
         window.success()

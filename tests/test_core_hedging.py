@@ -10,18 +10,11 @@ from resilient_grpc import RetryBudget
 from resilient_grpc.core.hedging import HedgingPolicy, HedgingState, Verdict
 from resilient_grpc.core.pushback import Pushback
 from resilient_grpc.core.retry import Reason
+from tests.helpers import FakeClock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make(policy: HedgingPolicy, **kwargs: object) -> tuple[HedgingState, Clock]:
-    clock = Clock()
+def make(policy: HedgingPolicy, **kwargs: object) -> tuple[HedgingState, FakeClock]:
+    clock = FakeClock(100.0)
     kwargs.setdefault("hedgeable", True)
     return HedgingState(policy, clock=clock, **kwargs), clock  # type: ignore[arg-type]
 
@@ -94,7 +87,7 @@ def test_pushback_is_capped_by_max_pushback() -> None:
 
 
 def test_each_hedge_withdraws_from_the_budget_and_a_refusal_stops_hedging() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     budget = RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10.0, clock=clock)
     state = HedgingState(
         HedgingPolicy(max_attempts=3, delay=0.1), hedgeable=True, budget=budget, clock=clock
@@ -108,7 +101,7 @@ def test_each_hedge_withdraws_from_the_budget_and_a_refusal_stops_hedging() -> N
 
 
 def test_no_hedge_past_the_deadline() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     state = HedgingState(
         HedgingPolicy(max_attempts=3, delay=1.0), hedgeable=True, deadline=100.5, clock=clock
     )
@@ -145,7 +138,7 @@ def test_a_call_that_may_not_be_hedged_is_sent_once() -> None:
 def test_hedging_invariants(max_attempts, delay, events, budget_retries) -> None:
     """Whatever happens: never more than max_attempts sent, one budget withdrawal per hedge, no
     hedge before its time, nothing sent after the call is decided, a verdict only when due."""
-    clock = Clock()
+    clock = FakeClock(100.0)
     budget = RetryBudget(
         ratio=0.0, min_retries_per_second=budget_retries / 10.0, window=10.0, clock=clock
     )

@@ -13,16 +13,10 @@ from resilient_grpc import RetryBudget, RetryPolicy
 from resilient_grpc.core.policy import JITTER_KINDS
 from resilient_grpc.core.pushback import Pushback, parse_pushback_ms, pushback_from_metadata
 from resilient_grpc.core.retry import DelaySource, Reason, RetryState, TimeoutCause
+from tests.helpers import FakeClock
 
 TRANSFER = "/ledger.v1.Ledger/Transfer"
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 50.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def state(policy: RetryPolicy | None = None, **kwargs: object) -> RetryState:
@@ -50,7 +44,7 @@ def test_never_schedules_past_the_deadline_nor_beyond_max_attempts(
     rng: random.Random,
     attempt_durations: list[float],
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     policy = RetryPolicy(
         max_attempts=max_attempts,
         initial_backoff=initial,
@@ -117,7 +111,7 @@ def test_retry_info_overrides_backoff() -> None:
 
 
 def test_pushback_past_the_deadline_gives_up() -> None:
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     retry = state(deadline=clock.now + 0.3, clock=clock)
     retry.begin_attempt()
     decision = retry.on_failure("UNAVAILABLE", pushback=Pushback(1.0, "pushback"))
@@ -125,7 +119,7 @@ def test_pushback_past_the_deadline_gives_up() -> None:
 
 
 def test_budget_deposit_per_call_and_withdraw_per_retry() -> None:
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     budget = RetryBudget(ratio=0.5, min_retries_per_second=0.0, window=10.0, clock=clock)
     first = state(budget=budget, clock=clock, uniform=lambda a, b: 0.0)
     first.begin_attempt()
@@ -147,7 +141,7 @@ def test_refusals_that_are_not_about_the_budget_do_not_spend_it() -> None:
 
 
 def test_per_attempt_timeout_is_bounded_by_the_deadline() -> None:
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     retry = state(RetryPolicy(per_attempt_timeout=0.5), deadline=clock.now + 0.2, clock=clock)
     assert retry.begin_attempt() == pytest.approx(0.2)
     assert state(RetryPolicy(per_attempt_timeout=0.5)).begin_attempt() == 0.5
@@ -251,7 +245,7 @@ def test_backoff_restarts_from_initial_backoff_after_a_server_delay(pushbacks: l
 
 
 def test_an_attempt_cut_by_per_attempt_timeout_is_retried_whatever_the_codes() -> None:
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     retry = state(RetryPolicy(per_attempt_timeout=0.5), deadline=clock.now + 10.0, clock=clock)
     assert retry.begin_attempt() == 0.5
     clock.now += 0.5
@@ -264,7 +258,7 @@ def test_an_attempt_cut_by_per_attempt_timeout_is_retried_whatever_the_codes() -
 
 
 def test_a_server_deadline_exceeded_follows_retryable_codes() -> None:
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     retry = state(RetryPolicy(per_attempt_timeout=0.5), deadline=clock.now + 10.0, clock=clock)
     retry.begin_attempt()
     clock.now += 0.1  # the server answered DEADLINE_EXCEEDED long before the attempt's time
@@ -280,7 +274,7 @@ def test_a_server_deadline_exceeded_follows_retryable_codes() -> None:
 
 
 def test_the_callers_own_deadline_is_not_retried() -> None:
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     retry = state(RetryPolicy(per_attempt_timeout=5.0), deadline=clock.now + 0.3, clock=clock)
     assert retry.begin_attempt() == pytest.approx(0.3)
     clock.now += 0.3
@@ -296,7 +290,7 @@ def test_the_callers_own_deadline_is_not_retried() -> None:
 def test_timeout_cause_names_the_deadline_that_bound_the_attempt(
     per_attempt: float | None, timeout: float | None, elapsed: float
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     deadline = None if timeout is None else clock.now + timeout
     retry = state(RetryPolicy(per_attempt_timeout=per_attempt), deadline=deadline, clock=clock)
     started = clock.now

@@ -11,14 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from resilient_grpc import AdaptiveThrottle
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock
 
 
 def formula(requests: int, accepts: int, k: float) -> float:

@@ -12,12 +12,12 @@ import pytest
 
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, TRANSFER, AioLedger, Fault, SyncLedger
-from resilient_grpc import IdempotencyKeys, RetryPolicy, idempotency_key, logs, telemetry
+from resilient_grpc import IdempotencyKeys, idempotency_key, logs, telemetry
 from resilient_grpc import aio as rg_aio
 from resilient_grpc.client import resilient_channel
 from resilient_grpc.core.retry import DelaySource, Reason, RetryDecision
+from tests.helpers import FAST
 
-FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
 REQUEST = ledger_pb2.TransferRequest(from_account="alice", to_account="bob", amount=5)
 KEY = "idem-3b1f-secret-key-value"
 

@@ -11,7 +11,7 @@ import pytest
 from protos import ledger_pb2, ledger_pb2_grpc
 from resilient_grpc import AdmissionController, OverloadInterceptor
 from resilient_grpc import aio as rg_aio
-from tests.telemetry_fixtures import Otel, otel_fixture  # noqa: F401  (fixture)
+from tests.telemetry_fixtures import Otel
 from tests.test_overload_server import Log, _sync_server
 
 

@@ -8,14 +8,13 @@ import subprocess
 import sys
 import textwrap
 
-import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from resilient_grpc import telemetry
 from resilient_grpc.core.retry import DelaySource, Reason, RetryDecision
-from tests.telemetry_fixtures import Otel, otel_fixture  # noqa: F401  (fixture)
+from tests.telemetry_fixtures import Otel
 
 TRANSFER = "/ledger.v1.Ledger/Transfer"
 
@@ -334,14 +333,7 @@ def test_dedup_outcomes_are_counted_with_small_attributes(otel: Otel) -> None:
     ],
 )
 def test_server_attributes_from_targets(target: str | None, expected: dict[str, object]) -> None:
-    assert telemetry.server_attributes(target) == expected
-
-
-def test_code_number_accepts_names_numbers_and_status_codes() -> None:
-    assert telemetry.code_number("UNAVAILABLE") == 14
-    assert telemetry.code_number(grpc.StatusCode.NOT_FOUND) == 5
-    assert telemetry.code_number(4) == 4
-    assert telemetry.code_number("nonsense") == 2
+    assert telemetry._server_attributes(target) == expected
 
 
 def test_sdk_installed_after_import_still_receives_spans_and_metrics() -> None:

@@ -25,16 +25,15 @@ from resilient_grpc import (
     CircuitBreaker,
     IdempotencyKeys,
     RetryBudget,
-    RetryPolicy,
     idempotency_key,
     telemetry,
 )
 from resilient_grpc import aio as rg_aio
 from resilient_grpc.client import resilient_channel
 from resilient_grpc.errors import BreakerOpenError
-from tests.telemetry_fixtures import Otel, otel_fixture  # noqa: F401  (fixture)
+from tests.helpers import FAST
+from tests.telemetry_fixtures import Otel
 
-FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
 REQUEST = ledger_pb2.TransferRequest(from_account="alice", to_account="bob", amount=5)
 SPAN = "ledger.v1.Ledger/Transfer"
 SECRET_KEY = "k-5ecret-7f3a9c1e-do-not-export"

@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from resilient_grpc.core.service_config import DEFAULT_BUDGET_WINDOW, parse, retry_throttling_json
 from resilient_grpc.core.validation import finite_number
 
 Clock = Callable[[], float]
@@ -98,7 +99,7 @@ class RetryBudget:
 
     @classmethod
     def from_service_config(
-        cls, config: str | bytes | dict[str, Any], *, window: float = 10.0
+        cls, config: str | bytes | Mapping[str, Any], *, window: float = DEFAULT_BUDGET_WINDOW
     ) -> RetryBudget | None:
         """The budget equivalent to a gRPC service config's ``retryThrottling`` (gRFC A6).
 
@@ -106,12 +107,29 @@ class RetryBudget:
         ``min_retries_per_second`` x ``window`` retries = ``maxTokens / 2`` (see
         :mod:`resilient_grpc.service_config` for why).
         """
-        from resilient_grpc.service_config import budget_from_service_config
-
-        return budget_from_service_config(config, window=window)
+        throttling = parse(config).retry_throttling
+        if throttling is None:
+            return None
+        window = finite_number("window", window, above=0.0, unit=" of seconds")
+        return cls(
+            ratio=min(throttling.token_ratio, 1.0),
+            min_retries_per_second=throttling.max_tokens / 2 / window,
+            window=window,
+        )
 
     @property
     def refused(self) -> int:
         """How many retries this budget has refused since it was made."""
         with self._lock:
             return self._refused
+
+
+def retry_throttling_from_budget(budget: RetryBudget) -> dict[str, Any]:
+    """The ``retryThrottling`` object nearest to ``budget`` (inverse of the reading mapping)."""
+    if not isinstance(budget, RetryBudget):
+        raise ValueError(f"budget: expected a RetryBudget, got {type(budget).__name__}")
+    return retry_throttling_json(
+        ratio=budget.ratio,
+        min_retries_per_second=budget.min_retries_per_second,
+        window=budget.window,
+    )

@@ -4,27 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-STATUS_CODE_NAMES: frozenset[str] = frozenset(
-    {
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    }
-)
+#: The package's one table of status codes: name -> number (as ``grpc.StatusCode`` has them).
+CODE_NUMBERS: dict[str, int] = {
+    "OK": 0,
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "ABORTED": 10,
+    "OUT_OF_RANGE": 11,
+    "UNIMPLEMENTED": 12,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+    "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16,
+}
+
+STATUS_CODE_NAMES: frozenset[str] = frozenset(CODE_NUMBERS)
+
+_BY_NUMBER: dict[int, str] = {number: name for name, number in CODE_NUMBERS.items()}
 
 #: Codes retried by default: only UNAVAILABLE, which gRPC guarantees means "not processed".
 DEFAULT_RETRYABLE_CODES: frozenset[str] = frozenset({"UNAVAILABLE"})
@@ -61,22 +64,21 @@ def code_names(codes: Iterable[object], *, field: str) -> frozenset[str]:
     return frozenset(code_name(c, field=field) for c in codes)
 
 
-_BY_NUMBER: dict[int, str] = {
-    0: "OK",
-    1: "CANCELLED",
-    2: "UNKNOWN",
-    3: "INVALID_ARGUMENT",
-    4: "DEADLINE_EXCEEDED",
-    5: "NOT_FOUND",
-    6: "ALREADY_EXISTS",
-    7: "PERMISSION_DENIED",
-    8: "RESOURCE_EXHAUSTED",
-    9: "FAILED_PRECONDITION",
-    10: "ABORTED",
-    11: "OUT_OF_RANGE",
-    12: "UNIMPLEMENTED",
-    13: "INTERNAL",
-    14: "UNAVAILABLE",
-    15: "DATA_LOSS",
-    16: "UNAUTHENTICATED",
-}
+def code_number(code: object) -> int:
+    """The number of a status code given as a name, number or ``grpc.StatusCode`` (2, UNKNOWN,
+    for anything else: telemetry reports what it is given and never raises)."""
+    return name_and_number(code)[1]
+
+
+def name_and_number(code: object) -> tuple[str, int]:
+    """The name and number of a status code given as a name (the hot path), number or enum;
+    ``("UNKNOWN", 2)`` for anything that is not a status code."""
+    if code.__class__ is str:
+        number = CODE_NUMBERS.get(code)
+        if number is not None:
+            return code, number
+    try:
+        name = code_name(code)
+    except ValueError:
+        name = "UNKNOWN"
+    return name, CODE_NUMBERS[name]

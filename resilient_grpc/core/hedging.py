@@ -15,7 +15,7 @@ go (``grpc-retry-pushback-ms``), a negative one stops hedging (attempts in fligh
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -23,9 +23,15 @@ from typing import Any
 from resilient_grpc.core.budget import RetryBudget
 from resilient_grpc.core.codes import DEFAULT_RETRYABLE_CODES, code_names
 from resilient_grpc.core.methods import method_matches, method_patterns
-from resilient_grpc.core.policy import DEFAULT_MAX_PUSHBACK, StatusCodeLike
+from resilient_grpc.core.policy import DEFAULT_MAX_PUSHBACK, RetryPolicy, StatusCodeLike
 from resilient_grpc.core.pushback import Pushback
 from resilient_grpc.core.retry import Reason
+from resilient_grpc.core.service_config import (
+    MAX_ATTEMPTS_CAP,
+    build,
+    format_duration,
+    hedging_spec,
+)
 from resilient_grpc.core.validation import finite_number, whole_number
 
 Clock = Callable[[], float]
@@ -105,27 +111,43 @@ class HedgingPolicy:
 
     @classmethod
     def from_service_config(
-        cls, config: str | bytes | dict[str, Any], *, method: str | None = None
+        cls,
+        config: str | bytes | Mapping[str, Any],
+        *,
+        method: str | None = None,
+        max_attempts_cap: int | None = MAX_ATTEMPTS_CAP,
     ) -> HedgingPolicy:
         """Build a policy from gRPC service-config JSON (gRFC A6 ``hedgingPolicy``).
 
         ``method`` picks the ``methodConfig`` entry that applies to it; without it the config
         must have exactly one ``hedgingPolicy``. ``methods`` is set to the entry's names.
         """
-        from resilient_grpc.service_config import hedging_policy_from_service_config
-
-        return hedging_policy_from_service_config(config, method=method)
+        return build(cls, hedging_spec(config, method=method, max_attempts_cap=max_attempts_cap))
 
     def to_service_config(
-        self, methods: Iterable[str] | None = None, *, budget: Any = None
+        self,
+        methods: Iterable[str] | None = None,
+        *,
+        budget: RetryBudget | None = None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         """The gRPC service config (a dict) with this ``hedgingPolicy`` for ``methods``.
 
-        ``methods`` defaults to the policy's own ``methods`` (which must then be set).
+        ``methods`` defaults to the policy's own ``methods`` (``"*"``, every method, when it
+        lists none).
         """
-        from resilient_grpc.service_config import service_config_from_hedging
-
-        return service_config_from_hedging(self, methods, budget=budget)
+        if methods is None:
+            methods = self.methods or {"*"}
+        config = RetryPolicy(max_attempts=1).to_service_config(
+            methods, budget=budget, timeout=timeout
+        )
+        if self.max_attempts >= 2:
+            config["methodConfig"][0]["hedgingPolicy"] = {
+                "maxAttempts": min(self.max_attempts, MAX_ATTEMPTS_CAP),
+                "hedgingDelay": "0s" if self.delay == 0 else format_duration(self.delay),
+                "nonFatalStatusCodes": sorted(self.non_fatal_codes),
+            }
+        return config
 
 
 class Verdict(str, Enum):

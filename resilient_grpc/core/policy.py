@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args
 
+from resilient_grpc.core.budget import RetryBudget, retry_throttling_from_budget
 from resilient_grpc.core.codes import DEFAULT_RETRYABLE_CODES, code_names
 from resilient_grpc.core.methods import method_matches, method_patterns
+from resilient_grpc.core.service_config import (
+    MAX_ATTEMPTS_CAP,
+    build,
+    format_duration,
+    method_config_entry,
+    retry_spec,
+)
 from resilient_grpc.core.validation import finite_number, whole_number
 
 if TYPE_CHECKING:  # only for the annotation: the core never imports grpc at run time
@@ -138,19 +146,42 @@ class RetryPolicy:
 
     @classmethod
     def from_service_config(
-        cls, config: str | bytes | dict[str, Any], *, method: str | None = None
+        cls,
+        config: str | bytes | Mapping[str, Any],
+        *,
+        method: str | None = None,
+        max_attempts_cap: int | None = MAX_ATTEMPTS_CAP,
     ) -> RetryPolicy:
         """Build a policy from gRPC service-config JSON (gRFC A6 ``retryPolicy``).
 
         ``method`` (``"/pkg.Service/Method"``) picks the ``methodConfig`` entry that applies
-        to it; without it the config must have exactly one ``retryPolicy``.
+        to it (one that gRPC would not retry gets ``max_attempts=1``); without it the config
+        must have exactly one ``retryPolicy``. ``max_attempts_cap=None`` lifts gRPC's cap of 5.
         """
-        from resilient_grpc.service_config import retry_policy_from_service_config
+        spec = retry_spec(config, method=method, max_attempts_cap=max_attempts_cap)
+        return cls(max_attempts=1) if spec is None else build(cls, spec)
 
-        return retry_policy_from_service_config(config, method=method)
+    def to_service_config(
+        self,
+        methods: Iterable[str],
+        *,
+        budget: RetryBudget | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """The gRPC service config (a dict, ``json.dumps`` it) for the subset native gRPC supports.
 
-    def to_service_config(self, methods: Iterable[str], *, budget: Any = None) -> dict[str, Any]:
-        """The gRPC service config (a dict, ``json.dumps`` it) for the subset native gRPC supports."""
-        from resilient_grpc.service_config import service_config_from_policy
-
-        return service_config_from_policy(self, methods, budget=budget)
+        ``budget`` becomes ``retryThrottling``, ``timeout`` (seconds) the methods' deadline.
+        """
+        entry = method_config_entry(methods, timeout=timeout)
+        if self.max_attempts >= 2:
+            entry["retryPolicy"] = {
+                "maxAttempts": min(self.max_attempts, MAX_ATTEMPTS_CAP),
+                "initialBackoff": format_duration(self.initial_backoff),
+                "maxBackoff": format_duration(self.max_backoff),
+                "backoffMultiplier": self.multiplier,
+                "retryableStatusCodes": sorted(self.retryable_codes),
+            }
+        config: dict[str, Any] = {"methodConfig": [entry]}
+        if budget is not None:
+            config["retryThrottling"] = retry_throttling_from_budget(budget)
+        return config
