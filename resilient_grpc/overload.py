@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from resilient_grpc import telemetry
-from resilient_grpc.core.admission import AdmissionController, Admit, Shed
+from resilient_grpc.core.admission import AdmissionController, Admit, Shed, record_call
 from resilient_grpc.core.methods import method_matches, method_patterns
 from resilient_grpc.core.pushback import PUSHBACK_HEADER
 
@@ -192,19 +192,21 @@ class OverloadInterceptor(OverloadBase, _ServerInterceptor):
 
             def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 ticket = admit(context)
+                record = record_call()
                 try:
                     yield from inner(request, context)
                 finally:
-                    controller.finish(ticket)
+                    controller.finish(ticket, executed=record.executed)
 
             return rebuild(handler, unary_stream=streaming, stream_stream=streaming)
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             ticket = admit(context)
+            record = record_call()
             try:
                 return inner(request, context)
             finally:
-                controller.finish(ticket)
+                controller.finish(ticket, executed=record.executed)
 
         return rebuild(handler, unary_unary=unary, stream_unary=unary)
 

@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 import grpc
 
 from resilient_grpc import logs, telemetry
+from resilient_grpc.core.admission import handler_executed
 from resilient_grpc.core.dedup import (
     DEFAULT_LEASE,
     RENEWALS_PER_LEASE,
@@ -1015,6 +1016,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     ) -> tuple[FlowDriver, Any]:
         """The call's driver and request, or refuse it before anything runs (expired deadline,
         bad or missing key, undecodable request)."""
+        handler_executed(False)  # until the flow runs it: waits and replays are no executions
         plan = self.admit(method, context, raw, deserialize)
         if isinstance(plan, tuple):
             context.abort(*plan)
@@ -1052,6 +1054,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     ) -> Generator[bytes, None, None]:
         """Run the handler (unless its caller is already gone) and store its outcome."""
         self._beat(driver, run)
+        handler_executed(not driver.detached)
         try:
             execution: object = Abandoned() if driver.detached else (yield from execute())
         finally:

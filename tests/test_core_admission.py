@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 import pytest
@@ -15,12 +16,13 @@ from resilient_grpc.core.admission import (
     Admit,
     Shed,
     ShedReason,
+    handler_executed,
+    record_call,
 )
 from tests.helpers import FakeClock
 
 M = "/ledger.v1.Ledger/Transfer"
 OTHER = "/ledger.v1.Ledger/GetBalance"
-
 
 
 def controller(clock: FakeClock, **options: Any) -> AdmissionController:
@@ -168,6 +170,38 @@ def test_fast_replays_mixed_in_do_not_shrink_the_limit() -> None:
         for ticket in tickets[6:]:
             c.finish(ticket)  # type: ignore[arg-type]
     assert c.limit == 16
+
+
+def test_a_call_that_did_not_execute_is_in_flight_but_no_sample() -> None:
+    """A dedup wait or replay (``executed=False``) holds a slot while it lasts, but its duration
+    (its twin's execution, or nothing) neither moves the service time nor the limit."""
+    clock = FakeClock(100.0)
+    c = controller(clock, initial_limit=16, min_limit=2, max_limit=16)
+    for _ in range(20):
+        run(c, clock, 0.010)
+    limit, service = c.limit, c.service_time(M)
+    waiters = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(10)]
+    assert c.in_flight == 10
+    clock.now += 1.0  # a hundred times the method's time
+    for ticket in waiters:
+        assert isinstance(ticket, Admit)
+        c.finish(ticket, executed=False)
+    assert (c.in_flight, c.limit, c.service_time(M)) == (0, limit, service)
+    run(c, clock, 1.0)  # the same duration, executed: a sample that shrinks the limit
+    assert c.limit < limit
+
+
+def test_call_record_reaches_the_shell_only_inside_its_context() -> None:
+    def inside() -> tuple[bool, bool]:
+        handler_executed(False)  # no record yet: nobody to tell, no error
+        record = record_call()
+        assert record.executed
+        handler_executed(False)
+        skipped = record.executed
+        handler_executed(True)
+        return skipped, record.executed
+
+    assert contextvars.Context().run(inside) == (False, True)
 
 
 def test_limit_does_not_grow_while_unused() -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from resilient_grpc.core.admission import Admit, Shed
+from resilient_grpc.core.admission import Admit, Shed, record_call
 from resilient_grpc.overload import SHED_DETAILS, OverloadBase, behavior_of, rebuild
 
 __all__ = ["OverloadInterceptor"]
@@ -71,11 +71,12 @@ class OverloadInterceptor(OverloadBase, _ServerInterceptor):
 
             async def streaming(request: Any, context: _Context) -> AsyncIterator[Any]:
                 ticket = await admit(context)
+                record = record_call()
                 try:
                     async for message in inner(request, context):
                         yield message
                 finally:
-                    controller.finish(ticket)
+                    controller.finish(ticket, executed=record.executed)
 
             return rebuild(handler, unary_stream=streaming, stream_stream=streaming)
 
@@ -84,9 +85,10 @@ class OverloadInterceptor(OverloadBase, _ServerInterceptor):
 
         async def unary(request: Any, context: _Context) -> Any:
             ticket = await admit(context)
+            record = record_call()
             try:
                 return await inner(request, context)
             finally:
-                controller.finish(ticket)
+                controller.finish(ticket, executed=record.executed)
 
         return rebuild(handler, unary_unary=unary, stream_unary=unary)

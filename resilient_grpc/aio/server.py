@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import grpc
 import grpc.aio
 
+from resilient_grpc.core.admission import handler_executed
 from resilient_grpc.core.dedup import (
     RENEWALS_PER_LEASE,
     Abandoned,
@@ -282,6 +283,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     ) -> tuple[FlowDriver, Any]:
         """The call's driver and request, or refuse it before anything runs (expired deadline,
         bad or missing key, undecodable request)."""
+        handler_executed(False)  # until the flow runs it: waits and replays are no executions
         plan = self.admit(method, context, raw, deserialize)
         if isinstance(plan, tuple):
             await context.abort(*plan)
@@ -328,6 +330,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
     ) -> None:
         """Run the handler (unless its caller is already gone) and store its outcome."""
         self._beat(driver, run)
+        handler_executed(not driver.detached)
         try:
             execution: object = Abandoned() if driver.detached else await execute()
         finally:

@@ -24,6 +24,13 @@ checked in this order when a call is about to start:
   average, not single samples, so that a method whose calls are sometimes much faster (a
   dedup replay, a cache hit) does not make its normal executions look like an overload.
 
+Only calls that executed their handler teach the estimates: a call that a
+``DedupInterceptor`` inside the overload shell answered without executing it (it waited for its
+in-flight twin, was replayed, conflicted or was refused) reports that through
+:func:`handler_executed` and is counted in flight, but its duration, which measures the twin or
+nothing, is not taken for an execution time (else hedged copies waiting for their twins look like
+slow executions and shrink the limit).
+
 A refused call gets a pushback (seconds before a retry is worth it) scaled to the overload:
 the longer of the method's expected time and the wait the call saw, times the pressure
 1 / (1 - recent shed fraction), jittered by x0.5-1.5 so refused clients do not return together,
@@ -37,12 +44,23 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum
 
 from resilient_grpc.core.validation import finite_number, whole_number
 
-__all__ = ["Admission", "AdmissionController", "Admit", "MethodEstimate", "Shed", "ShedReason"]
+__all__ = [
+    "Admission",
+    "AdmissionController",
+    "Admit",
+    "CallRecord",
+    "MethodEstimate",
+    "Shed",
+    "ShedReason",
+    "handler_executed",
+    "record_call",
+]
 
 
 class ShedReason(str, Enum):
@@ -76,6 +94,41 @@ class Shed:
 
 
 Admission = Admit | Shed
+
+
+class CallRecord:
+    """What the layers inside an overload shell say about one admitted call: whether it executed
+    its handler (``False`` for a dedup wait, replay, conflict or refusal)."""
+
+    __slots__ = ("executed",)
+
+    def __init__(self) -> None:
+        self.executed = True
+
+
+_current_call: ContextVar[CallRecord | None] = ContextVar("resilient_grpc_call", default=None)
+
+
+def record_call() -> CallRecord:
+    """Start the record of the admitted call running in this context (the overload shells call
+    it after admitting a call and read it when the call ends).
+
+    Not reset afterwards: a sync worker thread keeps its context across calls, and a stale
+    record (already read) is replaced by the next admitted call's; an aio call has its own
+    task context. A mutable record rather than a value, so that a handler run in a task with a
+    copied context (a shielded aio execution) still reaches it.
+    """
+    record = CallRecord()
+    _current_call.set(record)
+    return record
+
+
+def handler_executed(executed: bool) -> None:
+    """Tell the overload shell around this call, if any, whether the call executed its handler."""
+    record = _current_call.get()
+    if record is not None:
+        record.executed = executed
+
 
 #: A call is admitted only if its deadline leaves this multiple of the method's recent
 #: execution time (an average: a margin for the slower half of the executions).
@@ -238,12 +291,18 @@ class AdmissionController:
             delay = base * pressure * (0.5 + self._uniform())
             return Shed(reason, min(self.max_pushback, max(self.min_pushback, delay)))
 
-    def finish(self, ticket: Admit) -> None:
-        """The admitted call ``ticket`` ended (however): learn its execution time, adapt the limit."""
+    def finish(self, ticket: Admit, *, executed: bool = True) -> None:
+        """The admitted call ``ticket`` ended (however): learn its execution time, adapt the limit.
+
+        ``executed=False``: the call did not execute its handler (a dedup wait or replay, see
+        :class:`CallRecord`); it leaves the calls in flight, but its duration is no sample.
+        """
         now = self._clock()
         with self._lock:
             busy = self._in_flight
             self._in_flight = max(0, self._in_flight - 1)
+            if not executed:
+                return
             estimate = self._methods.get(ticket.method)
             if estimate is None:
                 estimate = self._methods[ticket.method] = MethodEstimate()
