@@ -881,10 +881,20 @@ class DedupBase:
         return driver
 
 
-def store_down(error: StoreUnavailableError) -> StoreDown:
+def store_down(error: Exception) -> StoreDown:
     """The flow's view of a store error: full (an overload signal), a transaction that did
     not commit, an undecodable record (counted as ``store_undecodable``) or down (counted as
-    ``store_error``); its message goes to the server log only."""
+    ``store_error``); its message goes to the server log only.
+
+    Any other exception (a custom store that lets its driver's error through) is a store that
+    is down too: the client gets the same UNAVAILABLE, never the driver's text."""
+    if not isinstance(error, StoreUnavailableError):
+        _log.error(
+            "the idempotency store raised %s instead of StoreUnavailableError; treated as down",
+            type(error).__name__,
+            exc_info=error,
+        )
+        return StoreDown(f"the store raised {type(error).__name__}: {error}")
     if isinstance(error, StoreFullError):
         return StoreFull(str(error), retry_after=error.retry_after)
     if isinstance(error, CommitFailedError):
@@ -1083,7 +1093,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                 return self.store.get(key)
             finally:
                 self._flights.leave(key)
-        except StoreUnavailableError as error:
+        except Exception as error:  # a custom store's own error is a store that is down
             return store_down(error)
 
     # -- lease renewal
@@ -1103,7 +1113,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             return None
         try:
             answer: object = self.store.renew(driver.key, token, lease=driver.lease)
-        except StoreUnavailableError as error:
+        except Exception as error:
             answer = store_down(error)
         return driver.renewed(answer)
 

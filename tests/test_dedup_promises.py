@@ -384,14 +384,18 @@ def test_sync_renewals_share_one_thread() -> None:
                 stub.Transfer.future(transfer(), metadata=_keyed(f"k{n}"), timeout=10)
                 for n in range(8)
             ]
+            deadline = time.monotonic() + 5
+            while store.renewals < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # Counted while the calls still run: the thread ends once nothing is due.
+            renewal_threads = [
+                t for t in threading.enumerate() if t.name.startswith("resilient-grpc-lease")
+            ]
             for call in calls:
                 call.result()
     finally:
         server.stop(None)
     assert store.renewals >= 8  # every call was renewed at least once (every 0.1 s)...
-    renewal_threads = [
-        t for t in threading.enumerate() if t.name.startswith("resilient-grpc-lease")
-    ]
     assert len(renewal_threads) == 1  # ...by one shared thread
 
 
@@ -627,6 +631,56 @@ async def test_a_store_failing_after_the_handler_ran_is_not_logged_as_refusing_t
     assert "refusing the call" not in caplog.text
     assert "answered but not stored" in caplog.text
     assert "disk I/O error" in caplog.text
+
+
+class Buggy(MemoryStore):
+    """A custom store with a bug: it raises its driver's own error instead of
+    StoreUnavailableError, with internal details in the message."""
+
+    def __init__(self, at: str) -> None:
+        super().__init__()
+        self.at = at
+
+    def _fail(self, step: str) -> None:
+        if step == self.at:
+            raise RuntimeError("connect to db.internal:5432 failed (user=ledger)")
+
+    def claim(self, key: str, fingerprint: bytes, *, lease: float) -> ClaimResult:
+        self._fail("claim")
+        return super().claim(key, fingerprint, lease=lease)
+
+    def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
+        self._fail("complete")
+        return super().complete(key, token, outcome, ttl=ttl)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_custom_store_raising_its_own_error_tells_clients_nothing_internal(
+    kind: str, start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that raises something other than StoreUnavailableError is a store that is down:
+    the client gets the same UNAVAILABLE (not grpc's "Exception calling application" with the
+    driver's text), nothing runs, and the cause goes to the server log."""
+    caplog.set_level(logging.WARNING, logger="resilient_grpc")
+    server = await start(kind, store=Buggy("claim"))
+    error = await _error(server.stub.Transfer(transfer(), metadata=_keyed("k"), timeout=5))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == "idempotency store unavailable"
+    assert server.servicer.started == 0
+    assert "db.internal" in caplog.text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_custom_store_raising_at_completion_still_answers_live(
+    kind: str, start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="resilient_grpc")
+    server = await start(kind, store=Buggy("complete"))
+    reply = await server.stub.Transfer(transfer(), metadata=_keyed("k"), timeout=5)
+    assert reply.transfer_id  # the handler ran once; its live answer reaches the client
+    assert server.executions("k") == 1
+    assert "answered but not stored" in caplog.text
+    assert "db.internal" in caplog.text
 
 
 # ---------------------------------------------------------------------------- 7: initial metadata

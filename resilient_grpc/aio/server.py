@@ -63,7 +63,7 @@ from resilient_grpc.server import (
     unary_outcome,
     unchanged,
 )
-from resilient_grpc.stores.base import AsyncStore, DirectAsyncStore, Store, StoreUnavailableError
+from resilient_grpc.stores.base import AsyncStore, DirectAsyncStore, Store
 
 __all__ = ["DedupInterceptor"]
 
@@ -354,7 +354,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         """A claim, completion or release on a store that never blocks, without a coroutine."""
         try:
             return self.store_call(store, key, effect)
-        except StoreUnavailableError as error:
+        except Exception as error:  # a custom store's own error is a store that is down
             return store_down(error)
 
     async def _perform(self, key: str, effect: Effect) -> object:
@@ -374,7 +374,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
                 return await self.store.get(key)
             finally:
                 self._flights.leave(key)
-        except StoreUnavailableError as error:
+        except Exception as error:  # a custom store's own error is a store that is down
             return store_down(error)
 
     # -- owned tasks: shielded work, orphan claims, lease renewal
@@ -439,7 +439,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         except Exception:  # nothing was claimed
             return
         if isinstance(result, ClaimResult) and result.token is not None:
-            with contextlib.suppress(StoreUnavailableError):  # else its lease lapses
+            with contextlib.suppress(Exception):  # else its lease lapses
                 await self.store.release(key, result.token)
 
     def _beat(self, driver: FlowDriver, run: Execute) -> None:
@@ -469,7 +469,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             return
         try:
             answer: object = await self.store.renew(driver.key, token, lease=driver.lease)
-        except StoreUnavailableError as error:
+        except Exception as error:
             answer = store_down(error)
         delay = driver.renewed(answer)
         if delay is not None and driver.beating:
