@@ -136,6 +136,25 @@ def test_completed_records_are_evicted_before_any_live_claim() -> None:
         store.claim("claim-5", FP, lease=30)
 
 
+def test_a_lapsed_claim_behind_a_longer_live_one_is_evicted_to_make_room() -> None:
+    """Per-method leases: the oldest claim (a 60 s lease) is live while a newer 1 s claim has
+    lapsed; a full store drops the lapsed one instead of refusing, and when every claim is
+    live it names the soonest lease end, not the oldest claim's."""
+    clock = Clock()
+    store = MemoryStore(max_entries=3, clock=clock)
+    assert store.claim("long", FP, lease=60).token is not None
+    assert store.claim("short", FP, lease=1).token is not None
+    assert store.claim("medium", FP, lease=5).token is not None
+    clock.now += 0.5
+    with pytest.raises(StoreFullError) as refused:
+        store.claim("new", FP, lease=30)
+    assert refused.value.retry_after == pytest.approx(0.5)  # "short" ends first
+    clock.now += 1.0
+    assert store.claim("new", FP, lease=30).token is not None  # "short" lapsed: dropped
+    assert store.get("short") is None
+    assert store.get("long") is not None and store.get("medium") is not None
+
+
 def test_a_lapsed_claim_is_evicted_to_make_room() -> None:
     clock = Clock()
     store = MemoryStore(max_entries=2, clock=clock)
@@ -230,8 +249,12 @@ class BoundedMemoryMachine(RuleBasedStateMachine):
         try:
             result = self.store.claim(key, FP, lease=lease)
         except StoreFullError as full:
-            assert full.retry_after > 0
+            # Really full of live claims: nothing completed and no lapsed claim is left (with
+            # mixed leases too), and the refusal says when the first of them ends.
             assert len(live_before) >= 1
+            assert len(self.store) == len(live_before)
+            soonest = min(until for _, until in live_before.values())
+            assert full.retry_after == pytest.approx(soonest - self.clock.now)
             return
         if result.token is not None:
             assert key not in live_before

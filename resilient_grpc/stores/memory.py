@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import threading
 import time
 from collections import OrderedDict
@@ -57,8 +58,9 @@ class MemoryStore(Store):
     then the oldest completed records are evicted first (a completed key evicted before its TTL is
     no longer deduplicated, so size the bounds for your traffic times ``ttl``); a store full of
     live claims refuses a new claim with :class:`~resilient_grpc.stores.base.StoreFullError`,
-    whose ``retry_after`` is when the oldest claim's lease ends. All operations take one short
-    lock and never do I/O, so the same store serves threads and the event loop (:meth:`as_async`).
+    whose ``retry_after`` is when the soonest live claim's lease ends (with per-method leases a
+    lapsed claim is dropped even behind a longer live one). All operations take one short lock
+    and never do I/O, so the same store serves threads and the event loop (:meth:`as_async`).
     Waiters are woken when a key completes or is released, without polling.
     """
 
@@ -80,13 +82,17 @@ class MemoryStore(Store):
         self.max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
-        # Two queues, oldest write first: claims (IN_PROGRESS, ENTRY_OVERHEAD bytes each), which
-        # are never evicted while live, and completed records, evicted oldest first. OrderedDicts,
-        # not plain dicts: a full store evicts on every write, and finding the first live item of
-        # a dict whose front has been popped scans every deleted slot (tens of µs a call at 100k
-        # records); popitem(last=False) is O(1).
-        self._claims: OrderedDict[str, Entry] = OrderedDict()
+        # Claims (IN_PROGRESS, ENTRY_OVERHEAD bytes each), never evicted while live, and
+        # completed records in a queue, oldest write first, evicted oldest first. An OrderedDict,
+        # not a plain dict: a full store evicts on every write, and finding the first live item
+        # of a dict whose front has been popped scans every deleted slot (tens of µs a call at
+        # 100k records); popitem(last=False) is O(1).
+        self._claims: dict[str, Entry] = {}
         self._done: OrderedDict[str, tuple[Entry, int]] = OrderedDict()
+        # (lease end, key, token) of every claim, soonest end first: with per-method leases the
+        # oldest claim is not the first to lapse. Entries of claims since completed, released,
+        # renewed or taken over stay until they reach the top (or a rebuild) and are skipped.
+        self._leases: list[tuple[float, str, int]] = []
         self._bytes = 0
         self._waiters: dict[str, list[Callable[[], None]]] = {}
         #: completed or expired records dropped to make room before their TTL ended
@@ -123,6 +129,7 @@ class MemoryStore(Store):
                 self._make_room(ENTRY_OVERHEAD, now)
             claims[key] = entry
             self._bytes += ENTRY_OVERHEAD
+            self._track_lease(key, entry)
         return ClaimResult(token)
 
     def complete(self, key: str, token: int, outcome: Outcome, *, ttl: float | None = None) -> bool:
@@ -170,10 +177,8 @@ class MemoryStore(Store):
             entry = renew_entry(found, token, now=now, lease=lease)
             if entry is None:
                 return False
-            # same size; moved last, so the front of the queue stays the claim whose lease
-            # ends first (the one a full store checks for a lapsed lease)
-            claims[key] = entry
-            claims.move_to_end(key)
+            claims[key] = entry  # same size
+            self._track_lease(key, entry)
         return True
 
     def get(self, key: str) -> Record | None:
@@ -233,6 +238,26 @@ class MemoryStore(Store):
         for wake in self._waiters.pop(key, ()):
             wake()
 
+    def _track_lease(self, key: str, entry: Entry) -> None:
+        """Index a new or renewed claim by its lease end; rebuild the index when skipped entries
+        outnumber live ones (amortised O(log n) a write)."""
+        leases = self._leases
+        heapq.heappush(leases, (entry.lease_until, key, entry.token))
+        if len(leases) > 2 * len(self._claims) + 64:
+            leases[:] = [(e.lease_until, k, e.token) for k, e in self._claims.items()]
+            heapq.heapify(leases)
+
+    def _soonest_claim(self) -> tuple[str, Entry]:
+        """The claim whose lease ends first (skipping index entries of claims that moved on)."""
+        leases = self._leases
+        claims = self._claims
+        while True:
+            until, key, token = leases[0]
+            entry = claims.get(key)
+            if entry is not None and entry.token == token and entry.lease_until == until:
+                return key, entry
+            heapq.heappop(leases)
+
     def _drop(self, key: str) -> None:
         """Forget ``key``'s record, whichever queue holds it."""
         if self._claims.pop(key, None) is not None:
@@ -275,12 +300,13 @@ class MemoryStore(Store):
                     self.evictions += 1
                 continue
             if claims:
-                oldest, first = next(iter(claims.items()))
+                soonest, first = self._soonest_claim()
                 if first.lease_until <= now:  # its executor is presumed dead: free to drop
-                    del claims[oldest]
+                    del claims[soonest]
+                    heapq.heappop(self._leases)
                     self._bytes -= ENTRY_OVERHEAD
-                    if oldest in self._waiters:
-                        self._wake(oldest)
+                    if soonest in self._waiters:
+                        self._wake(soonest)
                     continue
                 raise StoreFullError(
                     f"MemoryStore is full of live claims ({len(claims)} in progress, "
