@@ -10,6 +10,7 @@ a cancelled call must leave all of them as its last real attempt left them. Call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -436,3 +437,61 @@ async def test_a_hedged_call_cancelled_during_the_hedge_delay_sends_nothing_more
     assert stack.budget.balance == 1.0 - (copies - 1)
     assert _client_tasks(before_tasks) == set()
     await loop_errors.check()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review9: a hedged aio call cancelled before its first await runs anyway when "
+    "awaited: HedgedAioCall._drive never reads the cancelled flag (and makes a new waker), "
+    "so its copies are sent and the call answers",
+)
+async def test_a_hedged_call_cancelled_before_it_starts_sends_nothing(
+    channel_setup: Setup,
+) -> None:
+    stack = Stack(retry=None, hedging=HedgingPolicy(max_attempts=2, delay=0.05))
+    stub = channel_setup.stub(stack)
+    call = stub.GetBalance(BALANCE_REQUEST)
+    assert call.cancel() is True
+    with contextlib.suppress(asyncio.CancelledError):  # what it must raise
+        await asyncio.wait_for(_await(call), 2.0)
+    assert channel_setup.calls() == 0
+    assert call.cancelled()
+
+
+async def test_a_hedged_call_whose_status_reader_times_out_is_cancelled_everywhere(
+    slow_setup: Setup, loop_errors: LoopErrors
+) -> None:
+    stack = Stack(retry=None, hedging=HedgingPolicy(max_attempts=3, delay=0.1))
+    stub = slow_setup.stub(stack)
+    servicer = slow_setup.servicer
+    assert isinstance(servicer, _Slow)
+    before_tasks = asyncio.all_tasks()
+    call = stub.GetBalance(BALANCE_REQUEST)
+    with contextlib.suppress(asyncio.TimeoutError):  # two copies are out when it gives up
+        await asyncio.wait_for(call.code(), 0.15)
+    await _until(lambda: servicer.cancelled == 2, 1.0)
+    await asyncio.sleep(0.2)  # past the third copy's time
+    assert slow_setup.calls() == 2
+    assert stack.throttle.counts == (0, 0)
+    assert _client_tasks(before_tasks) == set()
+    await loop_errors.check()
+
+
+async def test_done_callbacks_run_once_when_a_call_is_cancelled_in_backoff(
+    channel_setup: Setup,
+) -> None:
+    stack = Stack()
+    stub = channel_setup.stub(stack)
+    channel_setup.servicer.state.faults.fail_times(GET_BALANCE, 10)
+    seen: list[object] = []
+    call = stub.GetBalance(BALANCE_REQUEST)
+    call.add_done_callback(seen.append)
+    task = asyncio.ensure_future(_await(call))
+    await _until(lambda: channel_setup.calls() == 1)
+    assert call.cancel() is True
+    assert call.cancel() is False or not call.done()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    call.add_done_callback(seen.append)  # after the end: at once
+    assert seen == [call, call]
+    assert call.done() and call.cancelled()
