@@ -560,3 +560,29 @@ def test_a_retry_refused_by_the_breaker_after_its_backoff_is_refunded(
     assert reason_of(caught.value) is Reason.BREAKER_OPEN
     assert len(sync_side.servicer.seen) == 2
     assert stack.budget.balance == 2.0  # two calls sent, no retry sent
+
+
+def test_a_hedged_call_against_the_callers_own_deadline_never_counts(sync_side: SyncSide) -> None:
+    stack = Stack(hedging=HedgingPolicy(max_attempts=2, delay=0.005))
+    stub = sync_side.stub(stack)
+    sync_side.servicer.delay = 0.05
+    for _ in range(MANY // 2):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetBalance.future(BALANCE_REQUEST, timeout=0.02).result(timeout=5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert stack.failures(sync_side.target) == 0
+    assert stack.throttle.counts == (0, 0)
+
+
+async def test_aio_a_hedged_call_against_the_callers_own_deadline_never_counts(
+    aio_side: AioSide,
+) -> None:
+    stack = Stack(hedging=HedgingPolicy(max_attempts=2, delay=0.005))
+    stub = aio_side.stub(stack)
+    aio_side.servicer.delay = 0.05
+    for _ in range(MANY // 2):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetBalance(BALANCE_REQUEST, timeout=0.02)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert stack.failures(aio_side.target) == 0
+    assert stack.throttle.counts == (0, 0)
