@@ -281,7 +281,7 @@ def test_the_callers_own_deadline_never_counts_however_tight(sync_side: SyncSide
     reckoning of it must agree every time (rounding must not make one look like the server's)."""
     stack = Stack()
     stub = sync_side.stub(stack)
-    sync_side.servicer.delay = 0.05
+    sync_side.servicer.delay = 0.3  # far past the deadline, even on a loaded machine
     for _ in range(MANY):
         with pytest.raises(grpc.RpcError) as caught:
             stub.GetBalance(BALANCE_REQUEST, timeout=0.01)
@@ -296,7 +296,7 @@ def test_every_attempt_a_per_attempt_timeout_cuts_is_retried(sync_side: SyncSide
         max_attempts=2, initial_backoff=0.001, max_backoff=0.001, per_attempt_timeout=0.01
     )
     stub = sync_side.stub(Stack(retry=retry))
-    sync_side.servicer.delay = 0.05
+    sync_side.servicer.delay = 0.3  # far past the deadline, even on a loaded machine
     for _ in range(MANY // 2):
         with pytest.raises(grpc.RpcError) as caught:
             stub.GetBalance(BALANCE_REQUEST)
@@ -307,7 +307,7 @@ def test_every_attempt_a_per_attempt_timeout_cuts_is_retried(sync_side: SyncSide
 async def test_aio_the_callers_own_deadline_never_counts_however_tight(aio_side: AioSide) -> None:
     stack = Stack()
     stub = aio_side.stub(stack)
-    aio_side.servicer.delay = 0.05
+    aio_side.servicer.delay = 0.3  # far past the deadline, even on a loaded machine
     for _ in range(MANY):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GetBalance(BALANCE_REQUEST, timeout=0.01)
@@ -565,7 +565,7 @@ def test_a_retry_refused_by_the_breaker_after_its_backoff_is_refunded(
 def test_a_hedged_call_against_the_callers_own_deadline_never_counts(sync_side: SyncSide) -> None:
     stack = Stack(hedging=HedgingPolicy(max_attempts=2, delay=0.005))
     stub = sync_side.stub(stack)
-    sync_side.servicer.delay = 0.05
+    sync_side.servicer.delay = 0.3  # far past the deadline, even on a loaded machine
     for _ in range(MANY // 2):
         with pytest.raises(grpc.RpcError) as caught:
             stub.GetBalance.future(BALANCE_REQUEST, timeout=0.02).result(timeout=5)
@@ -579,7 +579,7 @@ async def test_aio_a_hedged_call_against_the_callers_own_deadline_never_counts(
 ) -> None:
     stack = Stack(hedging=HedgingPolicy(max_attempts=2, delay=0.005))
     stub = aio_side.stub(stack)
-    aio_side.servicer.delay = 0.05
+    aio_side.servicer.delay = 0.3  # far past the deadline, even on a loaded machine
     for _ in range(MANY // 2):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GetBalance(BALANCE_REQUEST, timeout=0.02)

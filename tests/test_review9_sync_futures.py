@@ -266,12 +266,15 @@ class StalledStorage(pybreaker.CircuitMemoryStorage):
         self.armed = False
         self.entered = threading.Event()
         self.gate = threading.Event()
+        self.ends_at = 0.0
 
     @property
     def state(self) -> str:
         if self.armed and threading.current_thread().name.startswith("resilient-grpc-"):
-            self.entered.set()
-            self.gate.wait(1.0)  # a 1 s stall
+            if not self.entered.is_set():
+                self.ends_at = time.monotonic() + 1.0  # one 1 s stall, however many reads
+                self.entered.set()
+            self.gate.wait(max(self.ends_at - time.monotonic(), 0.0))
         return str(super().state)
 
     @state.setter
