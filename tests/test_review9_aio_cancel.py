@@ -495,3 +495,28 @@ async def test_done_callbacks_run_once_when_a_call_is_cancelled_in_backoff(
     call.add_done_callback(seen.append)  # after the end: at once
     assert seen == [call, call]
     assert call.done() and call.cancelled()
+
+
+async def test_an_intercepted_call_cancelled_before_it_starts_is_not_traffic() -> None:
+    """Through ``client_interceptors`` grpc.aio cancels the interceptor task before it runs
+    (the ``resilient_channel`` version is an xfail test above)."""
+    server, port, servicer = await serve_aio()
+    setup = Setup(servicer, f"127.0.0.1:{port}", "interceptors")
+    try:
+        await _cancelled_before_start(setup)
+    finally:
+        for channel in setup.channels:
+            await channel.close()
+        await server.stop(None)
+
+
+async def _cancelled_before_start(setup: Setup) -> None:
+    stack = Stack()
+    stub = setup.stub(stack)
+    call = stub.GetBalance(BALANCE_REQUEST)
+    assert call.cancel() is True
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await asyncio.sleep(0.1)
+    assert setup.calls() == 0
+    assert stack.budget.balance == 0.0
