@@ -1,0 +1,454 @@
+"""Adversarial review 9: sync ``.future()`` and streams cancelled in every state (issue 9, items 1, 4).
+
+Each attack counts effects: attempts the server received (and whether it saw a cancellation),
+the retry budget's balance, the breaker's failures and the throttle's ``(requests, accepts)``
+(which move whenever the driver records an attempt's outcome), and how often done callbacks
+ran. Calls go through ``resilient_channel`` and ``client_interceptors`` to a real server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pybreaker
+import pytest
+
+from protos import ledger_pb2, ledger_pb2_grpc
+from protos.ledger_service import GET_BALANCE, WATCH, Fault, SyncLedger, serve
+from resilient_grpc import (
+    AdaptiveThrottle,
+    CircuitBreaker,
+    HedgingPolicy,
+    IdempotencyKeys,
+    RetryBudget,
+    RetryPolicy,
+)
+from resilient_grpc.client import client_interceptors, resilient_channel
+from tests.helpers import BALANCE_REQUEST
+
+SLOW = RetryPolicy(
+    max_attempts=5, initial_backoff=0.6, max_backoff=0.6, multiplier=1.0, jitter="none"
+)
+FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.02)
+WATCH_REQUEST = ledger_pb2.WatchRequest(account="alice", count=2)
+
+
+class Stack:
+    """Budget, breaker and a never-rejecting throttle whose counts show what was recorded."""
+
+    def __init__(
+        self,
+        retry: RetryPolicy | None = SLOW,
+        hedging: HedgingPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, window=60.0)
+        self.breaker = breaker or CircuitBreaker(fail_max=100, reset_timeout=30, failure_rate=0.0)
+        self.throttle = AdaptiveThrottle(window=60.0, uniform=lambda: 1.0)  # never rejects
+        self.retry = retry
+        self.hedging = hedging
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "retry": self.retry,
+            "hedging": self.hedging,
+            "budget": self.budget,
+            "breaker": self.breaker,
+            "throttle": self.throttle,
+            "idempotency": IdempotencyKeys(),
+        }
+
+    def failures(self, target: str) -> int:
+        return int(self.breaker.for_target(target).circuit.fail_counter)
+
+
+class Setup:
+    def __init__(self, servicer: SyncLedger, target: str, how: str) -> None:
+        self.servicer = servicer
+        self.target = target
+        self.how = how
+        self.channels: list[grpc.Channel] = []
+
+    def stub(self, stack: Stack, **extra: Any) -> ledger_pb2_grpc.LedgerStub:
+        if self.how == "channel":
+            channel = resilient_channel(self.target, **stack.kwargs(), **extra)
+        else:
+            channel = grpc.intercept_channel(
+                grpc.insecure_channel(self.target, options=[("grpc.enable_retries", 0)]),
+                *client_interceptors(target=self.target, **stack.kwargs(), **extra),
+            )
+        self.channels.append(channel)
+        return ledger_pb2_grpc.LedgerStub(channel)
+
+    def calls(self, method: str = GET_BALANCE) -> int:
+        return len(self.servicer.state.calls_to(method))
+
+
+def _setup(servicer: SyncLedger, how: str) -> Iterator[Setup]:
+    server, port, _ = serve(servicer)
+    it = Setup(servicer, f"127.0.0.1:{port}", how)
+    try:
+        yield it
+    finally:
+        for channel in it.channels:
+            channel.close()
+        server.stop(None)
+
+
+@pytest.fixture(params=["channel", "interceptors"])
+def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
+    yield from _setup(SyncLedger(), request.param)
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+class Hold(SyncLedger):
+    """GetBalance and Watch hold each attempt (before any header) until it is cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = 0
+        self._lock = threading.Lock()
+
+    def _hold(self, context: grpc.ServicerContext) -> None:
+        gone = threading.Event()
+        context.add_callback(gone.set)
+        if gone.wait(3.0) and not context.is_active():
+            with self._lock:
+                self.cancelled += 1
+
+    def GetBalance(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.state.record(GET_BALANCE, context.invocation_metadata())
+        self._hold(context)
+        return self.state.balance(request.account)
+
+    def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self.state.record(WATCH, context.invocation_metadata())
+        self._hold(context)
+        yield self.state.balance(request.account)
+
+
+@pytest.fixture(params=["channel", "interceptors"])
+def hold_setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
+    yield from _setup(Hold(), request.param)
+
+
+# Futures ---------------------------------------------------------------------------------------
+
+
+def test_a_future_cancelled_in_flight_charges_nothing_and_calls_back_once(
+    hold_setup: Setup,
+) -> None:
+    stack = Stack()
+    stub = hold_setup.stub(stack)
+    servicer = hold_setup.servicer
+    assert isinstance(servicer, Hold)
+    seen: list[object] = []
+    future = stub.GetBalance.future(BALANCE_REQUEST)
+    future.add_done_callback(seen.append)
+    _wait_until(lambda: hold_setup.calls() == 1)
+    assert future.cancel() is True
+    assert future.cancel() is False  # once
+    _wait_until(lambda: servicer.cancelled == 1)  # the server saw it
+    time.sleep(0.1)
+    assert seen == [future]
+    assert future.cancelled() and future.done() and not future.running()
+    with pytest.raises(grpc.FutureCancelledError):
+        future.result(timeout=1)
+    with pytest.raises(grpc.FutureCancelledError):
+        future.exception(timeout=1)
+    assert future.code() == grpc.StatusCode.CANCELLED
+    assert stack.throttle.counts == (0, 0)
+    assert stack.failures(hold_setup.target) == 0
+    assert stack.budget.balance == 1.0
+    assert hold_setup.calls() == 1
+
+
+def test_a_future_cancelled_during_backoff_calls_back_once_and_sends_nothing_more(
+    setup: Setup,
+) -> None:
+    stack = Stack()
+    stub = setup.stub(stack)
+    setup.servicer.state.faults.fail_times(GET_BALANCE, 10)
+    seen: list[object] = []
+    future = stub.GetBalance.future(BALANCE_REQUEST)
+    future.add_done_callback(seen.append)
+    _wait_until(lambda: setup.calls() == 1)
+    time.sleep(0.1)  # in the 0.6 s backoff
+    assert future.cancel() is True
+    time.sleep(0.7)
+    assert seen == [future]
+    assert setup.calls() == 1
+    assert stack.throttle.counts == (1, 0)
+    assert stack.failures(setup.target) == 1
+    assert stack.budget.balance == 1.0  # the call's deposit; the unsent retry refunded
+
+
+def test_cancel_racing_completion_calls_back_exactly_once(setup: Setup) -> None:
+    """Cancel at random moments around the answer: one callback, and a consistent outcome."""
+    stack = Stack(retry=FAST)
+    stub = setup.stub(stack)
+    rng = random.Random(9)
+    for _ in range(40):
+        seen: list[object] = []
+        setup.servicer.state.faults.fail_times(GET_BALANCE, rng.choice([0, 1]))
+        future = stub.GetBalance.future(BALANCE_REQUEST, timeout=5)
+        future.add_done_callback(seen.append)
+        time.sleep(rng.uniform(0.0, 0.02))
+        cancelled = future.cancel()
+        future.add_done_callback(seen.append)  # added after the end: runs at once
+        _wait_until(lambda: len(seen) >= 2)  # noqa: B023
+        time.sleep(0.005)
+        assert seen == [future, future]
+        assert future.done()
+        assert future.cancelled() is cancelled
+        if cancelled:
+            with pytest.raises(grpc.FutureCancelledError):
+                future.result(timeout=1)
+        else:
+            assert future.result(timeout=1).account == "alice"
+    setup.servicer.state.faults.clear()
+
+
+def test_a_future_cancelled_while_waiting_for_a_reconnect_stops_at_once() -> None:
+    server, port, _ = serve()
+    target = f"127.0.0.1:{port}"
+    stack = Stack(retry=RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=0.01))
+    channel = resilient_channel(
+        target,
+        **stack.kwargs(),
+        reconnect_wait=30.0,
+        options=[
+            ("grpc.initial_reconnect_backoff_ms", 20_000),
+            ("grpc.min_reconnect_backoff_ms", 20_000),
+        ],
+    )
+    try:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        stub.GetBalance(BALANCE_REQUEST, timeout=5)
+        server.stop(None).wait()  # the connection drops; nothing listens any more
+        seen: list[object] = []
+        future = stub.GetBalance.future(BALANCE_REQUEST)
+        future.add_done_callback(seen.append)
+        time.sleep(0.4)  # the attempt failed; the retry waits for a reconnect
+        assert not future.done()
+        started = time.monotonic()
+        assert future.cancel() is True
+        with pytest.raises(grpc.FutureCancelledError):
+            future.result(timeout=1)
+        assert time.monotonic() - started < 0.5
+        assert seen == [future]
+        assert stack.budget.balance == 2.0  # two calls sent; the waiting retry refunded
+        assert stack.failures(target) == 1
+        assert stack.throttle.counts == (2, 1)
+    finally:
+        channel.close()
+
+
+class StalledStorage(pybreaker.CircuitMemoryStorage):
+    """Breaker state whose reads hang, once armed, in the library's own threads (the retry's
+    admission after the backoff), until the test opens the gate: a Redis round trip that
+    waits out its socket timeout."""
+
+    def __init__(self) -> None:
+        super().__init__(pybreaker.STATE_CLOSED)
+        self.armed = False
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.ends_at = 0.0
+
+    @property
+    def state(self) -> str:
+        if self.armed and threading.current_thread().name.startswith("resilient-grpc-"):
+            if not self.entered.is_set():
+                self.ends_at = time.monotonic() + 1.0  # one 1 s stall, however many reads
+                self.entered.set()
+            self.gate.wait(max(self.ends_at - time.monotonic(), 0.0))
+        return str(super().state)
+
+    @state.setter
+    def state(self, value: str) -> None:
+        pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review9: RetryingFuture holds its lock across a step's breaker I/O (and the send), "
+    "and result(timeout)/exception(timeout)/cancel()/add_done_callback take that lock first: "
+    "while a shared breaker store stalls, result(timeout=0.2) blocks for the whole stall and "
+    "cancel() cannot stop the call (grpc's own futures honour the timeout)",
+)
+def test_result_timeout_and_cancel_are_honoured_while_a_breaker_round_trip_stalls(
+    setup: Setup,
+) -> None:
+    storage = StalledStorage()
+    stack = Stack(
+        retry=RetryPolicy(max_attempts=3, initial_backoff=0.05, max_backoff=0.05, jitter="none"),
+        breaker=CircuitBreaker(storage=lambda _target: storage, failure_rate=0.0),
+    )
+    stub = setup.stub(stack)
+    setup.servicer.state.faults.fail_times(GET_BALANCE, 1)
+    future = stub.GetBalance.future(BALANCE_REQUEST, timeout=20)
+    storage.armed = True  # the retry's admission, after the backoff, will hang
+    try:
+        assert storage.entered.wait(5)
+        started = time.monotonic()
+        with contextlib.suppress(grpc.FutureTimeoutError):  # what it must raise, in time
+            future.result(timeout=0.2)
+        waited = time.monotonic() - started
+        cancelled = future.cancel()
+        took = time.monotonic() - started - waited
+    finally:
+        storage.armed = False
+        storage.gate.set()
+    assert waited < 0.6, f"result(timeout=0.2) returned after {waited:.2f} s"
+    assert cancelled and took < 0.5, f"cancel() took {took:.2f} s"
+
+
+# Streams -----------------------------------------------------------------------------------------
+
+
+def test_a_stream_cancelled_before_it_commits_is_cancelled_on_the_server(
+    hold_setup: Setup,
+) -> None:
+    stack = Stack()
+    stub = hold_setup.stub(stack)
+    servicer = hold_setup.servicer
+    assert isinstance(servicer, Hold)
+    call = stub.Watch(WATCH_REQUEST)
+    caught: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            list(call)
+        except grpc.RpcError as error:
+            caught.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    _wait_until(lambda: hold_setup.calls(WATCH) == 1)
+    assert call.cancel() is True
+    reader.join(1.0)
+    assert not reader.is_alive()
+    _wait_until(lambda: servicer.cancelled == 1)
+    time.sleep(0.1)
+    assert caught and caught[0].code() == grpc.StatusCode.CANCELLED
+    assert call.code() == grpc.StatusCode.CANCELLED
+    assert hold_setup.calls(WATCH) == 1
+    assert stack.throttle.counts == (0, 0)
+    assert stack.failures(hold_setup.target) == 0
+    assert stack.budget.balance == 1.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review9: a sync stream cancelled before its first read deposits into the retry "
+    "budget on that read (the driver's first step, with the deposit, runs before "
+    "RetryingStream._attempt reads the cancelled flag), although nothing is sent",
+)
+def test_a_stream_cancelled_before_its_first_read_sends_nothing(setup: Setup) -> None:
+    stack = Stack()
+    stub = setup.stub(stack)
+    call = stub.Watch(WATCH_REQUEST)
+    assert call.cancel() is True
+    with pytest.raises(grpc.RpcError) as caught:
+        next(call)
+    assert caught.value.code() == grpc.StatusCode.CANCELLED
+    assert setup.calls(WATCH) == 0
+    assert stack.budget.balance == 0.0  # nothing sent: no deposit
+    assert stack.throttle.counts == (0, 0)
+
+
+# Hedged futures ----------------------------------------------------------------------------------
+
+HEDGE = HedgingPolicy(max_attempts=3, delay=0.3)
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+def test_a_hedged_future_cancelled_during_the_hedge_delay_sends_nothing_more(
+    hold_setup: Setup, copies: int
+) -> None:
+    stack = Stack(retry=None, hedging=HEDGE)
+    stub = hold_setup.stub(stack)
+    servicer = hold_setup.servicer
+    assert isinstance(servicer, Hold)
+    seen: list[object] = []
+    future = stub.GetBalance.future(BALANCE_REQUEST)
+    future.add_done_callback(seen.append)
+    _wait_until(lambda: hold_setup.calls() == copies)
+    time.sleep(0.1)  # inside the next hedge delay
+    assert future.cancel() is True
+    _wait_until(lambda: servicer.cancelled == copies)
+    time.sleep(0.4)  # past the next hedge delay
+    assert seen == [future]
+    assert hold_setup.calls() == copies
+    assert stack.throttle.counts == (0, 0)
+    assert stack.failures(hold_setup.target) == 0
+    assert stack.budget.balance == 1.0 - (copies - 1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review9: a hedged sync future whose next copy cannot be sent (the channel was "
+    "closed during a pushback wait: the send raises ValueError on the timer thread) never "
+    "finishes: the exception escapes HedgedFuture._pump with _pumping left True, so every "
+    "later event is queued and never handled, and result() without timeout hangs for ever "
+    "(a RetryingFuture ends with the ValueError)",
+)
+def test_a_hedged_future_whose_next_copy_cannot_be_sent_still_finishes(setup: Setup) -> None:
+    stub = setup.stub(Stack(retry=None, hedging=HedgingPolicy(max_attempts=3, delay=5.0)))
+    setup.servicer.state.faults.add(GET_BALANCE, Fault(pushback_ms="200"))
+    future = stub.GetBalance.future(BALANCE_REQUEST)
+    _wait_until(lambda: setup.calls() == 1)
+    time.sleep(0.05)  # the first copy failed; the next one waits for the 200 ms pushback
+    setup.channels[-1].close()  # shutting down: the next send raises
+    with contextlib.suppress(ValueError, grpc.RpcError):  # either is an end
+        future.result(timeout=1.0)
+    assert future.done()
+
+
+def test_a_retrying_future_whose_next_attempt_cannot_be_sent_ends_with_the_error(
+    setup: Setup,
+) -> None:
+    stub = setup.stub(Stack(retry=FAST))
+    setup.servicer.state.faults.add(GET_BALANCE, Fault(pushback_ms="200"))
+    future = stub.GetBalance.future(BALANCE_REQUEST)
+    _wait_until(lambda: setup.calls() == 1)
+    time.sleep(0.05)
+    setup.channels[-1].close()
+    with pytest.raises((ValueError, grpc.RpcError)):
+        future.result(timeout=1.0)
+    assert future.done()
+
+
+def test_a_probe_cancelled_in_flight_gives_the_probe_slot_back(hold_setup: Setup) -> None:
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=0.2, failure_rate=0.0, probe_every=None)
+    stub = hold_setup.stub(Stack(retry=None, breaker=breaker))
+    cut = RetryPolicy(max_attempts=1, per_attempt_timeout=0.05)  # a cut attempt counts
+    opener = hold_setup.stub(Stack(retry=cut, breaker=breaker))
+    servicer = hold_setup.servicer
+    assert isinstance(servicer, Hold)
+    target = breaker.for_target(hold_setup.target)
+    with pytest.raises(grpc.RpcError):
+        opener.GetBalance(BALANCE_REQUEST)  # the handler holds: cut, and the breaker opens
+    assert target.state == "open"
+    time.sleep(0.25)  # past reset_timeout: the next call is the probe
+    probe = stub.GetBalance.future(BALANCE_REQUEST)
+    _wait_until(lambda: hold_setup.calls() == 2)
+    assert probe.cancel() is True
+    _wait_until(lambda: servicer.cancelled == 1)
+    # the slot is free: the next call is the probe again (it goes out, it is not refused)
+    again = stub.GetBalance.future(BALANCE_REQUEST)
+    _wait_until(lambda: hold_setup.calls() == 3)
+    again.cancel()
