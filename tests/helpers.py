@@ -1,6 +1,9 @@
-"""Values and a clock that many test files share (fixtures live in ``conftest.py``)."""
+"""Values and clocks that many test files share (fixtures live in ``conftest.py``)."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 from protos import ledger_pb2
 from resilient_grpc import RetryPolicy
@@ -20,3 +23,18 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class ShiftedClock:
+    """A real clock plus an offset the test moves (:meth:`advance`): expiry can be jumped to in
+    no time, while a store's waits on the same clock still time out as they would for real."""
+
+    def __init__(self, base: Callable[[], float] = time.monotonic) -> None:
+        self.base = base
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return self.base() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
