@@ -38,9 +38,7 @@ import json
 import os
 import platform
 import random
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +63,7 @@ from resilient_grpc.core.dedup import fingerprint, request_fingerprint
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, Store
 from resilient_grpc.testing.redis_round_trips import RoundTripCounter
+from resilient_grpc.testing.servers import RedisServer, ServerUnavailableError
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dedup_overhead.json"
 REQUEST = ledger_pb2.TransferRequest(from_account="a", to_account="b", amount=1)
@@ -142,34 +141,12 @@ def redis_url() -> Iterator[str]:
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH and REDIS_URL is not set")
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    directory = tempfile.mkdtemp(prefix="dedup-bench-redis-")
-    process = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", directory],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        client = redis.Redis(port=port)
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.kill()
-        process.wait(timeout=10)
-        shutil.rmtree(directory, ignore_errors=True)
+        server = RedisServer()
+    except ServerUnavailableError as error:
+        raise SystemExit(f"{error} and REDIS_URL is not set") from None
+    with server:
+        yield server.url
 
 
 def make_store(kind: str, directory: Path, url: str) -> Store:

@@ -26,7 +26,6 @@ import asyncio
 import itertools
 import os
 import random
-import shutil
 import statistics
 import time
 import uuid
@@ -46,6 +45,7 @@ from resilient_grpc.aio import transaction as async_transaction
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import PostgresStore
 from resilient_grpc.testing.postgres_round_trips import PostgresRoundTrips
+from resilient_grpc.testing.servers import PostgresServer, ServerUnavailableError
 
 VARIANTS = (
     "pg write, no dedup",
@@ -73,19 +73,12 @@ def postgres_url() -> Iterator[str]:
     if os.environ.get("POSTGRES_URL"):
         yield os.environ["POSTGRES_URL"]
         return
-    from tests.postgres_server import PostgresServer, make_postgres_server
-
-    server = make_postgres_server()
-    if server is None:
-        raise SystemExit(
-            "PostgreSQL binaries (initdb, postgres) are missing and POSTGRES_URL is not set"
-        )
     try:
+        server = PostgresServer()
+    except ServerUnavailableError as error:
+        raise SystemExit(f"{error} and POSTGRES_URL is not set") from None
+    with server:
         yield server.url
-    finally:
-        if isinstance(server, PostgresServer):
-            server.stop()
-            shutil.rmtree(server.directory, ignore_errors=True)
 
 
 class _WriteOne(ledger_pb2_grpc.LedgerServicer):

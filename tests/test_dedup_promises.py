@@ -34,9 +34,9 @@ from resilient_grpc.core.dedup import ClaimResult, Outcome, Record
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import AsyncStore, MemoryStore, SQLiteStore
 from resilient_grpc.stores.base import StoreFullError, StoreUnavailableError
+from resilient_grpc.testing.servers import RedisServer
 from tests.dedup_fixtures import KEY, make_store, sqlite_locked, transfer
 from tests.dedup_server_process import ServerProcess
-from tests.redis_server import RedisServer
 from tests.telemetry_fixtures import Otel, otel_fixture  # noqa: F401 (fixture)
 
 REPLAYED = ("idempotency-replayed", "true")

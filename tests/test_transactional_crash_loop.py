@@ -26,8 +26,8 @@ import pytest
 
 from protos import ledger_pb2, ledger_pb2_grpc
 from resilient_grpc import IdempotencyKeys, RetryPolicy, resilient_channel
-from tests.postgres_server import ExternalPostgres, PostgresServer
-from tests.redis_server import free_port
+from resilient_grpc.testing.servers import PostgresServer, free_port
+from tests.postgres_server import ExternalPostgres
 from tests.sql_ledger_process import LedgerProcess
 from tests.sql_ledger_servers import ACCOUNTS, BALANCE, LedgerSpec, prepare
 from tests.test_transactional import Database
