@@ -34,12 +34,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
-import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 import timeit
@@ -56,6 +53,7 @@ from google.protobuf import struct_pb2
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.report import environment, write_json
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import serve, serve_aio
 from resilient_grpc.aio.server import DedupInterceptor as AioDedupInterceptor
@@ -447,9 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     postgres = dedup_postgres.run(rounds, per_round, (_Timing, _AioTiming), ServerTimes)
     report = {
         "meta": {
-            "python": sys.version.split()[0],
-            "grpcio": grpc.__version__,
-            "platform": platform.platform(),
+            **environment(),
             "rounds": rounds,
             "calls_per_round": per_round,
             "seconds": round(time.monotonic() - started, 1),
@@ -461,8 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         "fingerprint": fingerprint_cost(2_000 if args.quick else 100_000),
         "postgres": postgres,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.output, report)
     console = Console()
     console.print(table("grpc.server", sync))
     console.print(table("grpc.aio", aio))

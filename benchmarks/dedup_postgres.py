@@ -38,6 +38,7 @@ import grpc
 import grpc.aio
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
+from benchmarks.report import environment, write_json
 from protos import ledger_pb2, ledger_pb2_grpc
 from resilient_grpc import transaction
 from resilient_grpc.aio import DedupInterceptor as AioDedupInterceptor
@@ -350,9 +351,6 @@ def main(argv: list[str] | None = None) -> None:
     """Only the PostgresStore rows: ``python -m benchmarks.dedup_postgres [--quick]`` writes
     ``benchmarks/results/dedup_postgres.json`` (``benchmarks.dedup_overhead`` includes them too)."""
     import argparse
-    import json
-    import platform
-    import sys
     from pathlib import Path
 
     from rich.console import Console
@@ -369,16 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     results = run(rounds, per_round, (_Timing, _AioTiming), ServerTimes)
     results["meta"] = {
-        "python": sys.version.split()[0],
-        "grpcio": grpc.__version__,
-        "platform": platform.platform(),
+        **environment(),
         "rounds": rounds,
         "calls_per_round": per_round,
         "seconds": round(time.monotonic() - started, 1),
         "statistic": "median of every call; round trips per call: fewest in any round, and mean",
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.output, results)
     console = Console()
     console.print(table("grpc.server", results["sync"]))
     console.print(table("grpc.aio", results["aio"]))
