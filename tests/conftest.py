@@ -10,6 +10,7 @@ import pytest
 
 from protos import ledger_pb2_grpc
 from protos.ledger_service import AioLedger, SyncLedger, serve, serve_aio
+from tests.hedging_fixtures import AioHedgeLedger, HedgeLedger
 from tests.postgres_server import (
     ExternalPostgres,
     PostgresServer,
@@ -33,6 +34,24 @@ def ledger() -> Iterator[tuple[SyncLedger, int]]:
 async def aio_ledger() -> AsyncIterator[tuple[AioLedger, int]]:
     """A grpc.aio ledger server with no interceptors: (servicer, port)."""
     server, port, servicer = await serve_aio()
+    yield servicer, port
+    await server.stop(None)
+
+
+@pytest.fixture
+def hedge_ledger() -> Iterator[tuple[HedgeLedger, int]]:
+    """A sync ledger whose first attempt of every call is the slow replica: (servicer, port)."""
+    servicer = HedgeLedger()
+    server, port, _ = serve(servicer)
+    yield servicer, port
+    server.stop(None)
+
+
+@pytest.fixture
+async def aio_hedge_ledger() -> AsyncIterator[tuple[AioHedgeLedger, int]]:
+    """The grpc.aio :func:`hedge_ledger`."""
+    servicer = AioHedgeLedger()
+    server, port, _ = await serve_aio(servicer)
     yield servicer, port
     await server.stop(None)
 

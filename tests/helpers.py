@@ -2,17 +2,85 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
 
-from protos import ledger_pb2
+import grpc
+import grpc.aio
+
+from protos import ledger_pb2, ledger_pb2_grpc
 from resilient_grpc import RetryPolicy
+from resilient_grpc import client as sync_client
+from resilient_grpc.aio import client as aio_client
 
 #: Retries that back off for milliseconds, so retrying tests stay fast.
 FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
 
 BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
 TRANSFER_REQUEST = ledger_pb2.TransferRequest(from_account="alice", to_account="bob", amount=5)
+
+#: Channel options that turn gRPC core's own retries off (else it drops an application-set
+#: ``grpc-previous-rpc-attempts`` header and may retry transparently below the stack).
+RETRIES_OFF = [("grpc.enable_retries", 0)]
+
+#: ``make(**stack)``: a ledger stub whose channel has the resilience ``stack`` (retry=, budget=, ...).
+MakeStub = Callable[..., ledger_pb2_grpc.LedgerStub]
+
+
+@contextlib.contextmanager
+def stub_maker(
+    target: str, how: str = "channel", options: Sequence[tuple[str, Any]] = ()
+) -> Iterator[MakeStub]:
+    """Sync stubs on ``target`` with the stack attached as ``resilient_channel`` (``how ==
+    "channel"``) or as ``client_interceptors`` on ``grpc.intercept_channel`` over a plain channel
+    with ``options`` (any other ``how``); every channel made is closed at exit."""
+    channels: list[grpc.Channel] = []
+
+    def make(**stack: Any) -> ledger_pb2_grpc.LedgerStub:
+        if how == "channel":
+            channel = sync_client.resilient_channel(target, **stack)
+        else:
+            channel = grpc.intercept_channel(
+                grpc.insecure_channel(target, options=list(options)),
+                *sync_client.client_interceptors(target=target, **stack),
+            )
+        channels.append(channel)
+        return ledger_pb2_grpc.LedgerStub(channel)
+
+    try:
+        yield make
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+@contextlib.asynccontextmanager
+async def aio_stub_maker(
+    target: str, how: str = "channel", options: Sequence[tuple[str, Any]] = ()
+) -> AsyncIterator[MakeStub]:
+    """:func:`stub_maker` for ``grpc.aio``: ``resilient_channel``, or ``client_interceptors`` on
+    ``grpc.aio.insecure_channel`` with ``options``."""
+    channels: list[grpc.aio.Channel] = []
+
+    def make(**stack: Any) -> ledger_pb2_grpc.LedgerStub:
+        if how == "channel":
+            channel = aio_client.resilient_channel(target, **stack)
+        else:
+            channel = grpc.aio.insecure_channel(
+                target,
+                options=list(options),
+                interceptors=aio_client.client_interceptors(target=target, **stack),
+            )
+        channels.append(channel)
+        return ledger_pb2_grpc.LedgerStub(channel)
+
+    try:
+        yield make
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 class FakeClock:

@@ -9,12 +9,11 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from protos import ledger_pb2, ledger_pb2_grpc
+from protos import ledger_pb2
 from protos.ledger_service import GET_BALANCE, WATCH, Fault, SyncLedger
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
-from resilient_grpc.client import client_interceptors, resilient_channel
 from resilient_grpc.errors import attempts_of
-from tests.helpers import BALANCE_REQUEST, FAST
+from tests.helpers import BALANCE_REQUEST, FAST, RETRIES_OFF, MakeStub, stub_maker
 
 SLOW_RETRIES = RetryPolicy(
     max_attempts=5, initial_backoff=0.6, max_backoff=0.6, multiplier=1.0, jitter="none"
@@ -22,24 +21,9 @@ SLOW_RETRIES = RetryPolicy(
 
 
 @pytest.fixture(params=["channel", "interceptors"])
-def make_stub(request: pytest.FixtureRequest, ledger: tuple[SyncLedger, int]) -> Iterator[object]:
-    channels: list[grpc.Channel] = []
-    target = f"127.0.0.1:{ledger[1]}"
-
-    def make(**stack: object) -> ledger_pb2_grpc.LedgerStub:
-        if request.param == "channel":
-            channel = resilient_channel(target, **stack)  # type: ignore[arg-type]
-        else:
-            channel = grpc.intercept_channel(
-                grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)]),
-                *client_interceptors(target=target, **stack),  # type: ignore[arg-type]
-            )
-        channels.append(channel)
-        return ledger_pb2_grpc.LedgerStub(channel)
-
-    yield make
-    for channel in channels:
-        channel.close()
+def make_stub(request: pytest.FixtureRequest, ledger: tuple[SyncLedger, int]) -> Iterator[MakeStub]:
+    with stub_maker(f"127.0.0.1:{ledger[1]}", request.param, RETRIES_OFF) as make:
+        yield make
 
 
 def _wait_until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]

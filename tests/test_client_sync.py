@@ -22,7 +22,7 @@ from resilient_grpc.client import client_interceptors, resilient_channel
 from resilient_grpc.core.keys import derivation_scope, derive_key
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
-from tests.helpers import BALANCE_REQUEST, FAST, TRANSFER_REQUEST
+from tests.helpers import BALANCE_REQUEST, FAST, TRANSFER_REQUEST, MakeStub, stub_maker
 
 
 @pytest.fixture
@@ -40,25 +40,11 @@ def stub_for(channel: grpc.Channel) -> ledger_pb2_grpc.LedgerStub:
 
 
 @pytest.fixture(params=["channel", "interceptors"])
-def make_stub(request: pytest.FixtureRequest, target: str) -> Iterator[object]:
+def make_stub(request: pytest.FixtureRequest, target: str) -> Iterator[MakeStub]:
     """Build stubs with the stack attached both ways (resilient_channel, or client_interceptors
     on grpc.intercept_channel) to the test ledger; closes them afterwards."""
-    channels: list[grpc.Channel] = []
-
-    def make(**stack: object) -> ledger_pb2_grpc.LedgerStub:
-        if request.param == "channel":
-            channel = resilient_channel(target, **stack)  # type: ignore[arg-type]
-        else:
-            channel = grpc.intercept_channel(
-                grpc.insecure_channel(target),
-                *client_interceptors(target=target, **stack),  # type: ignore[arg-type]
-            )
-        channels.append(channel)
-        return stub_for(channel)
-
-    yield make
-    for channel in channels:
-        channel.close()
+    with stub_maker(target, request.param) as make:
+        yield make
 
 
 def test_fail_twice_then_succeed_with_one_key_on_all_attempts(make_stub, servicer) -> None:
