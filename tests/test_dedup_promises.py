@@ -12,11 +12,11 @@ after it, which is where a duplicate hurts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +35,17 @@ from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import AsyncStore, MemoryStore, SQLiteStore
 from resilient_grpc.stores.base import StoreFullError, StoreUnavailableError
 from resilient_grpc.testing.servers import RedisServer
-from tests.dedup_fixtures import KEY, make_store, sqlite_locked, transfer
+from tests.dedup_fixtures import (
+    KEY,
+    RawHandlers,
+    make_store,
+    serve_raw,
+    serve_raw_aio,
+    sqlite_locked,
+    transfer,
+)
 from tests.dedup_server_process import ServerProcess
-from tests.telemetry_fixtures import Otel, otel_fixture  # noqa: F401 (fixture)
+from tests.telemetry_fixtures import Otel
 
 REPLAYED = ("idempotency-replayed", "true")
 KINDS = ["sync", "aio"]
@@ -652,29 +660,17 @@ async def test_initial_metadata_is_stored_and_replayed(
 
 @pytest.fixture
 async def raw_aio_server() -> AsyncIterator[Callable[..., Awaitable[grpc.aio.Channel]]]:
-    """An aio server of raw-bytes handlers (``{"Name": handler}`` under ``test.Raw``)."""
-    servers: list[tuple[grpc.aio.Server, AioDedupInterceptor]] = []
-    channels: list[grpc.aio.Channel] = []
+    """An aio server of raw-bytes handlers (``{"Name": handler}`` under ``test.Raw``) behind an
+    ``AioDedupInterceptor(**options)``, closed (and the interceptor too) after the test."""
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def run(handlers: dict[str, grpc.RpcMethodHandler[Any, Any]], **options: Any) -> Any:
-        interceptor = AioDedupInterceptor(**options)
-        server = grpc.aio.server(interceptors=[interceptor])
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("test.Raw", handlers),)
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        servers.append((server, interceptor))
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        channels.append(channel)
-        return channel
+        async def run(handlers: RawHandlers, **options: Any) -> grpc.aio.Channel:
+            interceptor = AioDedupInterceptor(**options)
+            stack.push_async_callback(interceptor.aclose, 5)
+            raw = await stack.enter_async_context(serve_raw_aio(handlers, [interceptor]))
+            return raw.channel
 
-    yield run
-    for channel in channels:
-        await channel.close()
-    for server, interceptor in servers:
-        await server.stop(None)
-        await interceptor.aclose(5)
+        yield run
 
 
 async def test_aio_stream_handlers_that_write_through_the_context_are_deduplicated(
@@ -734,29 +730,15 @@ def test_a_sync_stream_whose_client_goes_away_keeps_its_claim() -> None:
             yield b"m%d" % n
             time.sleep(0.05)
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8), interceptors=[DedupInterceptor(lease=30.0)]
-    )
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Raw", {"Watch": grpc.unary_stream_rpc_method_handler(stream)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            method = channel.unary_stream("/test.Raw/Watch")
-            call = method(b"req", metadata=_keyed("s"), timeout=10)
-            assert next(call) == b"m0"
-            call.cancel()
-            time.sleep(0.3)
-            with pytest.raises(grpc.RpcError) as retry:
-                list(method(b"req", metadata=_keyed("s"), timeout=1))
-    finally:
-        server.stop(None)
+    handlers = {"Watch": grpc.unary_stream_rpc_method_handler(stream)}
+    with serve_raw(handlers, [DedupInterceptor(lease=30.0)]) as channel:
+        method = channel.unary_stream("/test.Raw/Watch")
+        call = method(b"req", metadata=_keyed("s"), timeout=10)
+        assert next(call) == b"m0"
+        call.cancel()
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as retry:
+            list(method(b"req", metadata=_keyed("s"), timeout=1))
     assert retry.value.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert executions == [b"req"]
 
@@ -809,19 +791,9 @@ async def test_aio_aclose_cancels_executions_that_outlived_their_calls_and_keeps
 
     store = MemoryStore()
     interceptor = AioDedupInterceptor(store, lease=30.0)
-    server = grpc.aio.server(interceptors=[interceptor])
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Raw", {"Slow": grpc.unary_unary_rpc_method_handler(slow)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        method = channel.unary_unary("/test.Raw/Slow")
+    handlers = {"Slow": grpc.unary_unary_rpc_method_handler(slow)}
+    async with serve_raw_aio(handlers, [interceptor]) as raw:
+        method = raw.channel.unary_unary("/test.Raw/Slow")
         error = await _error(method(b"req", metadata=_keyed("slow"), timeout=0.3))
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert started.is_set() and seen == []  # the execution outlived its call
@@ -830,9 +802,6 @@ async def test_aio_aclose_cancels_executions_that_outlived_their_calls_and_keeps
         (key,) = list(store._claims)
         record = store.get(key)
         assert record is not None and record.state.value == "in_progress"  # claim kept
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 def test_a_sync_handler_sees_a_servicer_context() -> None:
@@ -843,23 +812,9 @@ def test_a_sync_handler_sees_a_servicer_context() -> None:
         seen.append(isinstance(context, grpc.ServicerContext) and context.is_active())
         return b"paid"
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2), interceptors=[DedupInterceptor()]
-    )
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Raw", {"Pay": grpc.unary_unary_rpc_method_handler(pay)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            assert channel.unary_unary("/test.Raw/Pay")(b"r", metadata=_keyed("p"), timeout=5)
-    finally:
-        server.stop(None)
+    handlers = {"Pay": grpc.unary_unary_rpc_method_handler(pay)}
+    with serve_raw(handlers, [DedupInterceptor()], max_workers=2) as channel:
+        assert channel.unary_unary("/test.Raw/Pay")(b"r", metadata=_keyed("p"), timeout=5)
     assert seen == [True]
 
 
