@@ -21,6 +21,14 @@ FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
 BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
 TRANSFER_REQUEST = ledger_pb2.TransferRequest(from_account="alice", to_account="bob", amount=5)
 
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition`` every 5 ms until it is true; fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached in {timeout:g} s: {what}"
+        time.sleep(0.005)
+
+
 #: Channel options that turn gRPC core's own retries off (else it drops an application-set
 #: ``grpc-previous-rpc-attempts`` header and may retry transparently below the stack).
 RETRIES_OFF = [("grpc.enable_retries", 0)]
