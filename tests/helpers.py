@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
 import grpc.aio
+import pybreaker
 
 from protos import ledger_pb2, ledger_pb2_grpc
 from resilient_grpc import RetryPolicy
@@ -27,6 +30,46 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 10.0) 
     while not condition():
         assert time.monotonic() < deadline, f"not reached in {timeout:g} s: {what}"
         time.sleep(0.005)
+
+
+async def until(
+    condition: Callable[[], object], what: str = "condition", timeout: float = 5.0
+) -> None:
+    """:func:`wait_for` on the event loop: poll every 10 ms without blocking it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"not reached in {timeout:g} s: {what}"
+        await asyncio.sleep(0.01)
+
+
+class GatedStorage(pybreaker.CircuitMemoryStorage):
+    """In-memory breaker state whose reads, while :meth:`holds` says so, wait for the test to
+    open ``gate`` (``entered`` is set first): a breaker store that stalls on demand."""
+
+    def __init__(self) -> None:
+        super().__init__(pybreaker.STATE_CLOSED)
+        self.armed = False
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def holds(self) -> bool:
+        """Whether this read waits: the first read after the test set ``armed`` (disarms it)."""
+        if self.armed:
+            self.armed = False
+            return True
+        return False
+
+    @property
+    def state(self) -> str:
+        if self.holds():
+            self.entered.set()
+            assert self.gate.wait(10), "the test never opened the gate"
+        return str(super().state)
+
+    @state.setter
+    def state(self, value: str) -> None:
+        pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
 
 
 #: Channel options that turn gRPC core's own retries off (else it drops an application-set

@@ -45,6 +45,7 @@ from tests.dedup_fixtures import (
     transfer,
 )
 from tests.dedup_server_process import ServerProcess
+from tests.helpers import until
 from tests.telemetry_fixtures import Otel
 
 REPLAYED = ("idempotency-replayed", "true")
@@ -316,7 +317,7 @@ async def test_a_cancel_at_any_await_point_of_the_aio_shell_never_duplicates_nor
     stub = server.stub
     if point == "wait":
         first = asyncio.ensure_future(stub.Transfer(transfer(), metadata=_keyed("k"), timeout=10))
-        await _until(lambda: server.servicer.started == 1)
+        await until(lambda: server.servicer.started == 1)
     if point == "wait":  # the client cancels a waiting duplicate (its deadline would not land)
         duplicate = stub.Transfer(transfer(), metadata=_keyed("k"), timeout=10)
         await asyncio.sleep(0.2)
@@ -334,14 +335,6 @@ async def test_a_cancel_at_any_await_point_of_the_aio_shell_never_duplicates_nor
     assert server.executions("k") == 1
 
 
-async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 # ---------------------------------------------------------------------------- 3: slow handlers
 
 
@@ -357,7 +350,7 @@ async def test_a_handler_slower_than_its_lease_runs_once_and_its_outcome_is_stor
     first = asyncio.ensure_future(
         server.stub.Transfer(transfer(), metadata=_keyed("slow"), timeout=20)
     )
-    await _until(lambda: server.servicer.started == 1)
+    await until(lambda: server.servicer.started == 1)
     await asyncio.sleep(1.3)  # past the first lease
     duplicate = server.stub.Transfer(transfer(), metadata=_keyed("slow"), timeout=10)
     await asyncio.gather(first, duplicate)
@@ -466,7 +459,7 @@ async def test_redis_restarted_mid_handler_is_never_silent(
     first = asyncio.ensure_future(
         server.stub.Transfer(transfer(), metadata=_keyed("r"), timeout=20)
     )
-    await _until(lambda: server.servicer.started == 1)
+    await until(lambda: server.servicer.started == 1)
     await asyncio.to_thread(redis_server.stop)
     await asyncio.sleep(0.35)  # a renewal fails while Redis is down
     await asyncio.to_thread(redis_server.start)
@@ -535,7 +528,7 @@ async def test_a_waiter_is_not_orphaned_when_the_key_is_reclaimed_in_the_same_pr
     stub = server.stub
     try:
         a = asyncio.ensure_future(stub.Transfer(transfer(), metadata=_keyed("k"), timeout=30))
-        await _until(lambda: server.servicer.started == 1)
+        await until(lambda: server.servicer.started == 1)
         b_call = stub.Transfer(transfer(), metadata=_keyed("k"), timeout=30)
         b = asyncio.ensure_future(b_call)
         await asyncio.sleep(0.3)  # B is waiting on A's flight
@@ -556,7 +549,7 @@ async def test_waiting_duplicates_are_bounded_per_key(kind: str, start: Start) -
     stub = server.stub
     try:
         first = asyncio.ensure_future(stub.Transfer(transfer(), metadata=_keyed("k"), timeout=20))
-        await _until(lambda: server.servicer.started == 1)
+        await until(lambda: server.servicer.started == 1)
         waiters = [
             asyncio.ensure_future(stub.Transfer(transfer(), metadata=_keyed("k"), timeout=20))
             for _ in range(2)
@@ -598,7 +591,7 @@ async def test_the_lease_can_be_set_per_method(kind: str, start: Start) -> None:
     assert hold is not None
     call = asyncio.ensure_future(server.stub.Transfer(transfer(), metadata=_keyed("k"), timeout=10))
     try:
-        await _until(lambda: server.servicer.started == 1)
+        await until(lambda: server.servicer.started == 1)
         (key,) = list(store._claims)
         record = store.get(key)
         assert record is not None and 80.0 < record.lease_left <= 90.0
