@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -10,15 +9,10 @@ import pytest
 
 from protos import ledger_pb2_grpc
 from protos.ledger_service import AioLedger, SyncLedger, serve, serve_aio
+from resilient_grpc.testing.servers import PostgresServer, RedisServer
 from tests.hedging_fixtures import AioHedgeLedger, HedgeLedger
-from tests.postgres_server import (
-    ExternalPostgres,
-    PostgresServer,
-    make_postgres_server,
-    postgres_unavailable,
-)
+from tests.private_servers import ExternalServer, private_or_external, unavailable
 from tests.redis_cluster import RedisCluster, make_redis_cluster
-from tests.redis_server import ExternalRedis, RedisServer, make_redis_server, redis_unavailable
 from tests.telemetry_fixtures import Otel, fresh_otel
 
 
@@ -71,19 +65,18 @@ def otel() -> Iterator[Otel]:
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer | ExternalRedis]:
+def redis_server() -> Iterator[RedisServer | ExternalServer]:
     """A real Redis for the whole session (started by us unless REDIS_URL is set)."""
-    server = make_redis_server()
+    server = private_or_external("REDIS_URL", RedisServer)
     if server is None:
-        redis_unavailable("redis-server is not on PATH and REDIS_URL is not set")
-        raise AssertionError("unreachable")
+        unavailable("Redis", "redis-server is not on PATH and REDIS_URL is not set")
     yield server
     if isinstance(server, RedisServer):
-        server.stop()
+        server.close()
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer | ExternalRedis) -> Iterator[str]:
+def redis_url(redis_server: RedisServer | ExternalServer) -> Iterator[str]:
     """The URL of a running Redis, flushed before each test; restarted if a test stopped it."""
     import redis
 
@@ -102,8 +95,7 @@ def redis_cluster_session() -> Iterator[RedisCluster]:
     """A real 6-node Redis Cluster (3 masters, 3 replicas) for the whole session."""
     cluster = make_redis_cluster()
     if cluster is None:
-        redis_unavailable("redis-server and redis-cli must be on PATH for Redis Cluster tests")
-        raise AssertionError("unreachable")
+        unavailable("Redis", "redis-server and redis-cli must be on PATH for Redis Cluster tests")
     yield cluster
     cluster.stop()
 
@@ -126,22 +118,21 @@ def redis_cluster(redis_cluster_session: RedisCluster) -> Iterator[RedisCluster]
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer | ExternalPostgres]:
+def postgres_server() -> Iterator[PostgresServer | ExternalServer]:
     """A real PostgreSQL for the whole session (started by us unless POSTGRES_URL is set)."""
-    server = make_postgres_server()
+    server = private_or_external("POSTGRES_URL", PostgresServer)
     if server is None:
-        postgres_unavailable(
-            "PostgreSQL binaries (initdb, postgres) are missing and POSTGRES_URL is not set"
+        unavailable(
+            "PostgreSQL",
+            "PostgreSQL binaries (initdb, postgres) are missing and POSTGRES_URL is not set",
         )
-        raise AssertionError("unreachable")
     yield server
     if isinstance(server, PostgresServer):
-        server.stop()
-        shutil.rmtree(server.directory, ignore_errors=True)
+        server.close()
 
 
 @pytest.fixture
-def postgres_url(postgres_server: PostgresServer | ExternalPostgres) -> Iterator[str]:
+def postgres_url(postgres_server: PostgresServer | ExternalServer) -> Iterator[str]:
     """The URL of a running PostgreSQL; restarted if a test crashed it."""
     if isinstance(postgres_server, PostgresServer) and postgres_server.process is None:
         postgres_server.start()

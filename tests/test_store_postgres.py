@@ -22,7 +22,7 @@ from resilient_grpc.core.dedup import Outcome, RecordState, fingerprint
 from resilient_grpc.stores import AsyncPostgresStore, PostgresStore, StoreUnavailableError
 from resilient_grpc.testing.postgres_round_trips import PostgresRoundTrips
 from resilient_grpc.testing.servers import PostgresServer
-from tests.postgres_server import ExternalPostgres
+from tests.private_servers import ExternalServer
 
 FP = fingerprint(b"request")
 OK = Outcome("OK", responses=(b"response",))
@@ -156,7 +156,7 @@ def test_bad_arguments_are_refused_at_construction() -> None:
 
 
 def test_database_down_raises_store_unavailable_then_recovers(
-    postgres_server: PostgresServer | ExternalPostgres, postgres_url: str, table: str
+    postgres_server: PostgresServer | ExternalServer, postgres_url: str, table: str
 ) -> None:
     if not isinstance(postgres_server, PostgresServer):
         pytest.skip("POSTGRES_URL: cannot stop that server")

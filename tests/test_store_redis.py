@@ -18,7 +18,7 @@ from resilient_grpc.stores import RedisStore, StoreUnavailableError, Undecodable
 from resilient_grpc.stores.redis import DEFAULT_PREFIX
 from resilient_grpc.testing.redis_round_trips import RoundTripCounter
 from resilient_grpc.testing.servers import RedisServer, ServerUnavailableError, free_port
-from tests.redis_server import redis_unavailable
+from tests.private_servers import unavailable
 
 FP = fingerprint(b"request")
 
@@ -132,8 +132,7 @@ def _private(settings: dict[str, str | tuple[str, ...]], directory: Path) -> Red
     try:
         return RedisServer(settings, directory=directory)
     except ServerUnavailableError as error:
-        redis_unavailable(str(error))
-        raise
+        unavailable("Redis", str(error))
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -17,16 +17,14 @@ from resilient_grpc.testing.servers import (
     ServerUnavailableError,
     wait_until,
 )
-from tests.postgres_server import ExternalPostgres
-from tests.redis_server import redis_unavailable
+from tests.private_servers import ExternalServer, unavailable
 
 
 def _redis(directory: Path) -> RedisServer:
     try:
         return RedisServer(directory=directory)
     except ServerUnavailableError as error:
-        redis_unavailable(str(error))
-        raise
+        unavailable("Redis", str(error))
 
 
 def test_redis_server_crashes_and_restarts_on_its_port(tmp_path: Path) -> None:
@@ -52,8 +50,7 @@ def test_a_directory_it_made_is_removed_on_close() -> None:
     try:
         server = RedisServer()
     except ServerUnavailableError as error:
-        redis_unavailable(str(error))
-        raise
+        unavailable("Redis", str(error))
     with server:
         assert server.directory.is_dir()
     assert not server.directory.exists()
@@ -79,7 +76,7 @@ def test_wait_until_gives_up_after_its_timeout() -> None:
 
 
 def test_postgres_server_crashes_and_recovers_its_data(
-    postgres_server: PostgresServer | ExternalPostgres,
+    postgres_server: PostgresServer | ExternalServer,
 ) -> None:
     if not isinstance(postgres_server, PostgresServer):
         pytest.skip("POSTGRES_URL: cannot stop that server")
