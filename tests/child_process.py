@@ -1,7 +1,7 @@
 """A test's server *process*: ``python -m tests.<module>`` run from the repository root, with its
 stdout read line by line as it comes, its stderr kept for error messages, and its stdin as the
 off switch (the child exits when stdin closes). ``say`` is the child's side: one whole line per
-call, flushed, from any thread."""
+call, flushed, from any thread. :func:`run_module` runs a module (a benchmark) to its end."""
 
 from __future__ import annotations
 
@@ -9,9 +9,25 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def run_module(
+    module: str, *arguments: str, timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m module *arguments`` from the repository root, run to its end within
+    ``timeout`` s; output captured as text. ``env`` adds to (or overrides) the environment."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *arguments],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 class ChildProcess:
