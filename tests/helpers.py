@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -23,6 +24,15 @@ FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
 
 BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
 TRANSFER_REQUEST = ledger_pb2.TransferRequest(from_account="alice", to_account="bob", amount=5)
+
+def run_threads(work: Callable[[], object], count: int, timeout: float = 30.0) -> None:
+    """Run ``work`` on ``count`` threads at once and join them (each within ``timeout`` s)."""
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
     """Poll ``condition`` every 5 ms until it is true; fail with ``what`` after ``timeout`` s."""
@@ -70,6 +80,22 @@ class GatedStorage(pybreaker.CircuitMemoryStorage):
     @state.setter
     def state(self, value: str) -> None:
         pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
+
+
+def native_retry_options(
+    *, max_attempts: int, initial: str, maximum: str, multiplier: float, codes: list[str]
+) -> list[tuple[str, Any]]:
+    """Channel options for gRPC's *own* retries of every ledger method (written by hand, not
+    by the library under test): a service config with one ``retryPolicy``."""
+    policy = {
+        "maxAttempts": max_attempts,
+        "initialBackoff": initial,
+        "maxBackoff": maximum,
+        "backoffMultiplier": multiplier,
+        "retryableStatusCodes": codes,
+    }
+    config = {"methodConfig": [{"name": [{"service": "ledger.v1.Ledger"}], "retryPolicy": policy}]}
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
 
 
 #: Channel options that turn gRPC core's own retries off (else it drops an application-set

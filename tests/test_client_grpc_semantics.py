@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -34,27 +33,19 @@ from resilient_grpc.aio.client import resilient_channel as aio_resilient_channel
 from resilient_grpc.client import resilient_channel
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
-from tests.helpers import BALANCE_REQUEST, RETRIES_OFF, aio_stub_maker, stub_maker
+from tests.helpers import (
+    BALANCE_REQUEST,
+    RETRIES_OFF,
+    aio_stub_maker,
+    native_retry_options,
+    stub_maker,
+)
 
 WATCH_REQUEST = ledger_pb2.WatchRequest(account="alice", count=2)
 FAST = RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=0.02)
-NATIVE_FIVE = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": "ledger.v1.Ledger"}],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.01s",
-                    "maxBackoff": "0.01s",
-                    "backoffMultiplier": 1,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
+NATIVE_OPTIONS = native_retry_options(
+    max_attempts=5, initial="0.01s", maximum="0.01s", multiplier=1, codes=["UNAVAILABLE"]
 )
-NATIVE_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", NATIVE_FIVE)]
 
 
 def _target(port: int) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
@@ -22,7 +21,14 @@ from resilient_grpc.client import client_interceptors, resilient_channel
 from resilient_grpc.core.keys import derivation_scope, derive_key
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
-from tests.helpers import BALANCE_REQUEST, FAST, TRANSFER_REQUEST, MakeStub, stub_maker
+from tests.helpers import (
+    BALANCE_REQUEST,
+    FAST,
+    TRANSFER_REQUEST,
+    MakeStub,
+    run_threads,
+    stub_maker,
+)
 
 
 @pytest.fixture
@@ -336,11 +342,7 @@ def test_concurrent_calls_from_many_threads(make_stub, servicer) -> None:
             except BaseException as error:  # collected and asserted below
                 errors.append(error)
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    run_threads(work, 8)
 
     assert errors == [] or all(isinstance(e, grpc.RpcError) for e in errors)
     assert servicer.state.duplicate_executions == 0

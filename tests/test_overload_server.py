@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -39,7 +38,7 @@ from resilient_grpc import (
 from resilient_grpc import aio as rg_aio
 from resilient_grpc.core.pushback import PUSHBACK_HEADER
 from resilient_grpc.overload import SHED_DETAILS
-from tests.helpers import wait_for
+from tests.helpers import native_retry_options, wait_for
 
 TRANSFER = "/ledger.v1.Ledger/Transfer"
 WORKERS = 4
@@ -48,23 +47,9 @@ RATE = 300.0  # offered: more than twice the capacity
 DURATION = 1.2
 DEADLINE = 0.5
 
-NATIVE_RETRY = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": "ledger.v1.Ledger"}],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.02s",
-                    "maxBackoff": "0.5s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
-                },
-            }
-        ]
-    }
+CLIENT_OPTIONS = native_retry_options(
+    max_attempts=5, initial="0.02s", maximum="0.5s", multiplier=2, codes=["RESOURCE_EXHAUSTED"]
 )
-CLIENT_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", NATIVE_RETRY)]
 
 
 @dataclass

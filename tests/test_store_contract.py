@@ -28,7 +28,7 @@ from resilient_grpc.stores import (
     Store,
 )
 from resilient_grpc.stores.base import DirectAsyncStore
-from tests.helpers import ShiftedClock
+from tests.helpers import ShiftedClock, run_threads
 
 FP_A = fingerprint(b"request-a")
 FP_B = fingerprint(b"request-b")
@@ -269,11 +269,7 @@ def test_threads_claiming_one_key_get_one_token(
         barrier.wait(timeout=5)
         results.append(store.claim("k", FP_A, lease=5))
 
-    threads = [threading.Thread(target=claim) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
+    run_threads(claim, 16, timeout=10)
     store.close()
     assert len(results) == 16
     assert sum(r.token is not None for r in results) == 1
