@@ -11,7 +11,7 @@ from protos import ledger_pb2_grpc
 from protos.ledger_service import AioLedger, SyncLedger, serve, serve_aio
 from resilient_grpc.testing.servers import PostgresServer, RedisServer
 from tests.hedging_fixtures import AioHedgeLedger, HedgeLedger
-from tests.private_servers import ExternalServer, private_or_external, unavailable
+from tests.private_servers import ExternalServer, ensure_running, session_server, unavailable
 from tests.redis_cluster import RedisCluster, make_redis_cluster
 from tests.telemetry_fixtures import Otel, fresh_otel
 
@@ -67,12 +67,9 @@ def otel() -> Iterator[Otel]:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer | ExternalServer]:
     """A real Redis for the whole session (started by us unless REDIS_URL is set)."""
-    server = private_or_external("REDIS_URL", RedisServer)
-    if server is None:
-        unavailable("Redis", "redis-server is not on PATH and REDIS_URL is not set")
-    yield server
-    if isinstance(server, RedisServer):
-        server.close()
+    yield from session_server(
+        "REDIS_URL", RedisServer, "Redis", "redis-server is not on PATH and REDIS_URL is not set"
+    )
 
 
 @pytest.fixture
@@ -80,14 +77,12 @@ def redis_url(redis_server: RedisServer | ExternalServer) -> Iterator[str]:
     """The URL of a running Redis, flushed before each test; restarted if a test stopped it."""
     import redis
 
-    if isinstance(redis_server, RedisServer) and redis_server.process is None:
-        redis_server.start()
-    client = redis.Redis.from_url(redis_server.url)
+    url = ensure_running(redis_server)
+    client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()
-    yield redis_server.url
-    if isinstance(redis_server, RedisServer) and redis_server.process is None:
-        redis_server.start()
+    yield url
+    ensure_running(redis_server)
 
 
 @pytest.fixture(scope="session")
@@ -120,22 +115,16 @@ def redis_cluster(redis_cluster_session: RedisCluster) -> Iterator[RedisCluster]
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer | ExternalServer]:
     """A real PostgreSQL for the whole session (started by us unless POSTGRES_URL is set)."""
-    server = private_or_external("POSTGRES_URL", PostgresServer)
-    if server is None:
-        unavailable(
-            "PostgreSQL",
-            "PostgreSQL binaries (initdb, postgres) are missing and POSTGRES_URL is not set",
-        )
-    yield server
-    if isinstance(server, PostgresServer):
-        server.close()
+    yield from session_server(
+        "POSTGRES_URL",
+        PostgresServer,
+        "PostgreSQL",
+        "PostgreSQL binaries (initdb, postgres) are missing and POSTGRES_URL is not set",
+    )
 
 
 @pytest.fixture
 def postgres_url(postgres_server: PostgresServer | ExternalServer) -> Iterator[str]:
     """The URL of a running PostgreSQL; restarted if a test crashed it."""
-    if isinstance(postgres_server, PostgresServer) and postgres_server.process is None:
-        postgres_server.start()
-    yield postgres_server.url
-    if isinstance(postgres_server, PostgresServer) and postgres_server.process is None:
-        postgres_server.start()
+    yield ensure_running(postgres_server)
+    ensure_running(postgres_server)

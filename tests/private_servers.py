@@ -7,7 +7,7 @@ fail under ``CI=true`` (CI must exercise every store).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
 
 import pytest
@@ -51,3 +51,24 @@ def private_or_external(
         return None
     server.start()
     return server
+
+
+def session_server(
+    variable: str, make: Callable[[], Private], what: str, missing: str
+) -> Iterator[Private | ExternalServer]:
+    """The body of a session fixture: the server (or a skip saying ``missing``), closed after."""
+    server = private_or_external(variable, make)
+    if server is None:
+        unavailable(what, missing)
+    try:
+        yield server
+    finally:
+        if not isinstance(server, ExternalServer):
+            server.close()
+
+
+def ensure_running(server: RedisServer | PostgresServer | ExternalServer) -> str:
+    """Start again a private server that a test stopped (crashed); its URL."""
+    if not isinstance(server, ExternalServer) and not server.running:
+        server.start()
+    return server.url
