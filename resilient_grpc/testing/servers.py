@@ -100,6 +100,8 @@ class _Owned(ABC):
     """The lifecycle both servers share: a port, a directory, a process; ``close()`` and ``with``."""
 
     process: subprocess.Popen[bytes] | None
+    #: seconds :meth:`start` waits for the server to serve
+    start_timeout: float
 
     def __init__(self, directory: str | os.PathLike[str] | None, prefix: str) -> None:
         #: the listening port, the same across restarts
@@ -121,6 +123,20 @@ class _Owned(ABC):
     @abstractmethod
     def stop(self) -> None:
         """Kill the server process (a crash), keeping its files for the next :meth:`start`."""
+
+    def _wait_ready(self, ready: Callable[[], bool], name: str, interval: float) -> None:
+        """After spawning: wait for ``ready()``, or stop the process and raise."""
+        try:
+            wait_until(
+                ready,
+                timeout=self.start_timeout,
+                what=f"{name} on port {self.port}",
+                process=self.process,
+                interval=interval,
+            )
+        except BaseException:
+            self.stop()
+            raise
 
     def close(self) -> None:
         """Stop the server and remove its directory if it made it."""
@@ -187,16 +203,7 @@ class RedisServer(_Owned):
         self.process = subprocess.Popen(
             arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        try:
-            wait_until(
-                self.ping,
-                timeout=self.start_timeout,
-                what=f"redis-server on port {self.port}",
-                process=self.process,
-            )
-        except BaseException:
-            self.stop()
-            raise
+        self._wait_ready(self.ping, "redis-server", 0.02)
 
     def ping(self) -> bool:
         """Whether the server answers ``PING`` now (a raw RESP exchange: no client library)."""
@@ -326,17 +333,7 @@ class PostgresServer(_Owned):
         if self._user is not None:
             with contextlib.suppress(OSError):
                 os.chown(self.directory / "postgres.log", self._uid, self._gid)
-        try:
-            wait_until(
-                self.ready,
-                timeout=self.start_timeout,
-                what=f"postgres on port {self.port}",
-                process=self.process,
-                interval=0.05,
-            )
-        except BaseException:
-            self.stop()
-            raise
+        self._wait_ready(self.ready, "postgres", 0.05)
 
     def ready(self) -> bool:
         """Whether the postmaster accepts connections now: the status line of its
