@@ -109,6 +109,7 @@ class _Owned(ABC):
         self._made_directory = directory is None
         #: the server's own files (data, logs)
         self.directory = Path(tempfile.mkdtemp(prefix=prefix) if directory is None else directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.process = None
 
     @property
