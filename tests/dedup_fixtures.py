@@ -41,9 +41,7 @@ def serve_raw(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors
     )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(RAW_SERVICE, handlers),)
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RAW_SERVICE, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -67,9 +65,7 @@ async def serve_raw_aio(
 ) -> AsyncIterator[AioRaw]:
     """The grpc.aio :func:`serve_raw` (stopping an already stopped server at exit is fine)."""
     server = grpc.aio.server(interceptors=interceptors)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(RAW_SERVICE, handlers),)
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RAW_SERVICE, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

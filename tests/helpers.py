@@ -25,6 +25,7 @@ FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
 BALANCE_REQUEST = ledger_pb2.BalanceRequest(account="alice")
 TRANSFER_REQUEST = ledger_pb2.TransferRequest(from_account="alice", to_account="bob", amount=5)
 
+
 def run_threads(work: Callable[[], object], count: int, timeout: float = 30.0) -> None:
     """Run ``work`` on ``count`` threads at once and join them (each within ``timeout`` s)."""
     threads = [threading.Thread(target=work) for _ in range(count)]
