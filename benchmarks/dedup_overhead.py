@@ -34,14 +34,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
-import platform
 import random
-import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import timeit
@@ -58,6 +53,7 @@ from google.protobuf import struct_pb2
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.report import environment, write_json
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import serve, serve_aio
 from resilient_grpc.aio.server import DedupInterceptor as AioDedupInterceptor
@@ -65,6 +61,7 @@ from resilient_grpc.core.dedup import fingerprint, request_fingerprint
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, Store
 from resilient_grpc.testing.redis_round_trips import RoundTripCounter
+from resilient_grpc.testing.servers import RedisServer, ServerUnavailableError
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dedup_overhead.json"
 REQUEST = ledger_pb2.TransferRequest(from_account="a", to_account="b", amount=1)
@@ -142,34 +139,12 @@ def redis_url() -> Iterator[str]:
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH and REDIS_URL is not set")
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    directory = tempfile.mkdtemp(prefix="dedup-bench-redis-")
-    process = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", directory],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        client = redis.Redis(port=port)
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.kill()
-        process.wait(timeout=10)
-        shutil.rmtree(directory, ignore_errors=True)
+        server = RedisServer()
+    except ServerUnavailableError as error:
+        raise SystemExit(f"{error} and REDIS_URL is not set") from None
+    with server:
+        yield server.url
 
 
 def make_store(kind: str, directory: Path, url: str) -> Store:
@@ -470,9 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     postgres = dedup_postgres.run(rounds, per_round, (_Timing, _AioTiming), ServerTimes)
     report = {
         "meta": {
-            "python": sys.version.split()[0],
-            "grpcio": grpc.__version__,
-            "platform": platform.platform(),
+            **environment(),
             "rounds": rounds,
             "calls_per_round": per_round,
             "seconds": round(time.monotonic() - started, 1),
@@ -484,8 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         "fingerprint": fingerprint_cost(2_000 if args.quick else 100_000),
         "postgres": postgres,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.output, report)
     console = Console()
     console.print(table("grpc.server", sync))
     console.print(table("grpc.aio", aio))

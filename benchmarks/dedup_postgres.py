@@ -26,7 +26,6 @@ import asyncio
 import itertools
 import os
 import random
-import shutil
 import statistics
 import time
 import uuid
@@ -39,6 +38,7 @@ import grpc
 import grpc.aio
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
+from benchmarks.report import environment, write_json
 from protos import ledger_pb2, ledger_pb2_grpc
 from resilient_grpc import transaction
 from resilient_grpc.aio import DedupInterceptor as AioDedupInterceptor
@@ -46,6 +46,7 @@ from resilient_grpc.aio import transaction as async_transaction
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import PostgresStore
 from resilient_grpc.testing.postgres_round_trips import PostgresRoundTrips
+from resilient_grpc.testing.servers import PostgresServer, ServerUnavailableError
 
 VARIANTS = (
     "pg write, no dedup",
@@ -73,19 +74,12 @@ def postgres_url() -> Iterator[str]:
     if os.environ.get("POSTGRES_URL"):
         yield os.environ["POSTGRES_URL"]
         return
-    from tests.postgres_server import PostgresServer, make_postgres_server
-
-    server = make_postgres_server()
-    if server is None:
-        raise SystemExit(
-            "PostgreSQL binaries (initdb, postgres) are missing and POSTGRES_URL is not set"
-        )
     try:
+        server = PostgresServer()
+    except ServerUnavailableError as error:
+        raise SystemExit(f"{error} and POSTGRES_URL is not set") from None
+    with server:
         yield server.url
-    finally:
-        if isinstance(server, PostgresServer):
-            server.stop()
-            shutil.rmtree(server.directory, ignore_errors=True)
 
 
 class _WriteOne(ledger_pb2_grpc.LedgerServicer):
@@ -357,9 +351,6 @@ def main(argv: list[str] | None = None) -> None:
     """Only the PostgresStore rows: ``python -m benchmarks.dedup_postgres [--quick]`` writes
     ``benchmarks/results/dedup_postgres.json`` (``benchmarks.dedup_overhead`` includes them too)."""
     import argparse
-    import json
-    import platform
-    import sys
     from pathlib import Path
 
     from rich.console import Console
@@ -376,16 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     results = run(rounds, per_round, (_Timing, _AioTiming), ServerTimes)
     results["meta"] = {
-        "python": sys.version.split()[0],
-        "grpcio": grpc.__version__,
-        "platform": platform.platform(),
+        **environment(),
         "rounds": rounds,
         "calls_per_round": per_round,
         "seconds": round(time.monotonic() - started, 1),
         "statistic": "median of every call; round trips per call: fewest in any round, and mean",
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.output, results)
     console = Console()
     console.print(table("grpc.server", results["sync"]))
     console.print(table("grpc.aio", results["aio"]))

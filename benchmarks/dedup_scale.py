@@ -29,7 +29,6 @@ import asyncio
 import collections
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -41,6 +40,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from benchmarks.report import environment, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "dedup_scale.json"
@@ -257,8 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                         ]
     report = {
         "meta": {
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
+            **environment(),
             "cpus": os.cpu_count(),
             "seconds_per_configuration": seconds,
             "client_processes": clients,
@@ -268,8 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "stores": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.output, report)
     for store, configurations in rows.items():
         for row in configurations:
             print(

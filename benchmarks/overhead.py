@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import random
 import statistics
 import sys
@@ -32,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.metrics import percentile
-from benchmarks.report import write_json
+from benchmarks.report import environment, write_json
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, serve, serve_aio
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
@@ -284,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "calls_per_round": calls,
         "elapsed_s": round(elapsed, 1),
-        "python": sys.version.split()[0],
-        "grpcio": grpc.__version__,
-        "platform": platform.platform(),
+        **environment(),
         "results": results,
     }
     write_json(args.output, document)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 from rich.console import Console
 from rich.table import Table
 
@@ -106,7 +108,17 @@ def markdown(
     return "\n".join(out)
 
 
+def environment() -> dict[str, str]:
+    """Where a result was measured, for every benchmark's JSON: Python, grpcio, platform."""
+    return {
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "platform": platform.platform(),
+    }
+
+
 def write_json(path: Path, document: Mapping[str, Any]) -> None:
+    """Write a benchmark's result document (its directory is made if missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
 

@@ -195,7 +195,7 @@ class CallPlan:
     ``fingerprint``."""
 
     method: str
-    key: str
+    idempotency_key: str
     store_key: str
     wait_until: float
     request: Any = None
@@ -484,17 +484,17 @@ class FlowDriver:
         "_flights",
         "beat",
         "beating",
-        "call_key",
         "detached",
         "error",
         "flow",
         "heartbeats",
-        "key",
+        "idempotency_key",
         "lease",
         "method",
         "renewer",
         "response",
         "store",
+        "store_key",
         "token",
         "verdict",
     )
@@ -511,8 +511,10 @@ class FlowDriver:
             fingerprint, settings, clock=time.monotonic, wait_until=plan.wait_until, lease=lease
         )
         self.method = plan.method
-        self.key = plan.store_key
-        self.call_key = plan.key
+        #: the key in the store: the client's key scoped by the caller's identity (a hash)
+        self.store_key = plan.store_key
+        #: the client's idempotency key, as sent
+        self.idempotency_key = plan.idempotency_key
         #: this call's lease (seconds), as configured for its method
         self.lease = lease
         self._flights = flights
@@ -538,20 +540,20 @@ class FlowDriver:
     def scope(self) -> call_scope:
         """The context manager the handler runs inside: the call's key as derivation scope, and
         the call (store, store key, claim token) bound for :func:`resilient_grpc.transaction`."""
-        inner = derivation_scope.of(DerivationScope.trusted(self.call_key))
-        return call_scope(self.store, self.key, self.token, inner)
+        inner = derivation_scope.of(DerivationScope.trusted(self.idempotency_key))
+        return call_scope(self.store, self.store_key, self.token, inner)
 
     def advance(self, effect: Effect, answer: object) -> Effect | None:
         """Send ``answer`` (to ``effect``) to the flow; ``None`` when the flow has decided."""
         if isinstance(answer, ClaimResult):
             token = answer.token
             if token is not None:  # we own the key: duplicates in this process wait on us
-                self._flights.open(self.key, token)
+                self._flights.open(self.store_key, token)
                 self.token = token
         elif isinstance(effect, (Complete, Release)) and not isinstance(answer, CommitFailed):
             # (a failed commit keeps the flight open until the release that follows it)
             self.token = None
-            self._flights.end(self.key, effect.token)
+            self._flights.end(self.store_key, effect.token)
         step = self.flow.send(answer)
         if isinstance(step, Verdict):
             self.verdict = step
@@ -603,7 +605,7 @@ class FlowDriver:
         if token is None:
             return
         self.token = None
-        self._flights.end(self.key, token)
+        self._flights.end(self.store_key, token)
         telemetry.dedup_outcome(self.method, "interrupted", "")
 
 
@@ -1076,7 +1078,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         while effect is not None:
             if isinstance(effect, Execute):
                 return effect
-            effect = driver.advance(effect, self._perform(driver.key, effect))
+            effect = driver.advance(effect, self._perform(driver.store_key, effect))
         return None
 
     def _perform(self, key: str, effect: Effect) -> object:
@@ -1112,7 +1114,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         if token is None:
             return None
         try:
-            answer: object = self.store.renew(driver.key, token, lease=driver.lease)
+            answer: object = self.store.renew(driver.store_key, token, lease=driver.lease)
         except Exception as error:
             answer = store_down(error)
         return driver.renewed(answer)

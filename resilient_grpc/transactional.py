@@ -65,7 +65,7 @@ class ActiveCall:
     """The deduplicated call whose handler runs in this context."""
 
     store: object
-    key: str
+    store_key: str
     token: int | None
 
 
@@ -83,11 +83,11 @@ class call_scope:
     def __init__(
         self,
         store: object,
-        key: str,
+        store_key: str,
         token: int | None,
         inner: contextlib.AbstractContextManager[Any],
     ) -> None:
-        self._call = ActiveCall(store, key, token)
+        self._call = ActiveCall(store, store_key, token)
         self._inner = inner
 
     def __enter__(self) -> Any:
@@ -150,7 +150,7 @@ def transaction(context: Any) -> Iterator[Any]:
     if not isinstance(call.store, Store) or not isinstance(call.store, TransactionalStore):
         _cannot(call.store)
     assert call.token is not None
-    yield call.store.begin_transaction(call.key, call.token, context)
+    yield call.store.begin_transaction(call.store_key, call.token, context)
 
 
 @contextlib.asynccontextmanager
@@ -165,7 +165,7 @@ async def async_transaction(context: Any) -> AsyncIterator[Any]:
     if not isinstance(store, AsyncStore) or not isinstance(store, AsyncTransactionalStore):
         _cannot(store)
     assert call.token is not None
-    yield await store.begin_transaction(call.key, call.token, context)
+    yield await store.begin_transaction(call.store_key, call.token, context)
 
 
 def abort_call(context: Any) -> NoReturn:

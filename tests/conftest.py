@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -10,14 +9,10 @@ import pytest
 
 from protos import ledger_pb2_grpc
 from protos.ledger_service import AioLedger, SyncLedger, serve, serve_aio
-from tests.postgres_server import (
-    ExternalPostgres,
-    PostgresServer,
-    make_postgres_server,
-    postgres_unavailable,
-)
+from resilient_grpc.testing.servers import PostgresServer, RedisServer
+from tests.hedging_fixtures import AioHedgeLedger, HedgeLedger
+from tests.private_servers import ExternalServer, ensure_running, session_server, unavailable
 from tests.redis_cluster import RedisCluster, make_redis_cluster
-from tests.redis_server import ExternalRedis, RedisServer, make_redis_server, redis_unavailable
 from tests.telemetry_fixtures import Otel, fresh_otel
 
 
@@ -38,6 +33,24 @@ async def aio_ledger() -> AsyncIterator[tuple[AioLedger, int]]:
 
 
 @pytest.fixture
+def hedge_ledger() -> Iterator[tuple[HedgeLedger, int]]:
+    """A sync ledger whose first attempt of every call is the slow replica: (servicer, port)."""
+    servicer = HedgeLedger()
+    server, port, _ = serve(servicer)
+    yield servicer, port
+    server.stop(None)
+
+
+@pytest.fixture
+async def aio_hedge_ledger() -> AsyncIterator[tuple[AioHedgeLedger, int]]:
+    """The grpc.aio :func:`hedge_ledger`."""
+    servicer = AioHedgeLedger()
+    server, port, _ = await serve_aio(servicer)
+    yield servicer, port
+    await server.stop(None)
+
+
+@pytest.fixture
 def plain_stub(ledger: tuple[SyncLedger, int]) -> Iterator[ledger_pb2_grpc.LedgerStub]:
     """A stub on a bare channel to the sync ledger (no resilience)."""
     with grpc.insecure_channel(f"127.0.0.1:{ledger[1]}") as channel:
@@ -52,30 +65,24 @@ def otel() -> Iterator[Otel]:
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer | ExternalRedis]:
+def redis_server() -> Iterator[RedisServer | ExternalServer]:
     """A real Redis for the whole session (started by us unless REDIS_URL is set)."""
-    server = make_redis_server()
-    if server is None:
-        redis_unavailable("redis-server is not on PATH and REDIS_URL is not set")
-        raise AssertionError("unreachable")
-    yield server
-    if isinstance(server, RedisServer):
-        server.stop()
+    yield from session_server(
+        "REDIS_URL", RedisServer, "Redis", "redis-server is not on PATH and REDIS_URL is not set"
+    )
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer | ExternalRedis) -> Iterator[str]:
+def redis_url(redis_server: RedisServer | ExternalServer) -> Iterator[str]:
     """The URL of a running Redis, flushed before each test; restarted if a test stopped it."""
     import redis
 
-    if isinstance(redis_server, RedisServer) and redis_server.process is None:
-        redis_server.start()
-    client = redis.Redis.from_url(redis_server.url)
+    url = ensure_running(redis_server)
+    client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()
-    yield redis_server.url
-    if isinstance(redis_server, RedisServer) and redis_server.process is None:
-        redis_server.start()
+    yield url
+    ensure_running(redis_server)
 
 
 @pytest.fixture(scope="session")
@@ -83,8 +90,7 @@ def redis_cluster_session() -> Iterator[RedisCluster]:
     """A real 6-node Redis Cluster (3 masters, 3 replicas) for the whole session."""
     cluster = make_redis_cluster()
     if cluster is None:
-        redis_unavailable("redis-server and redis-cli must be on PATH for Redis Cluster tests")
-        raise AssertionError("unreachable")
+        unavailable("Redis", "redis-server and redis-cli must be on PATH for Redis Cluster tests")
     yield cluster
     cluster.stop()
 
@@ -107,25 +113,18 @@ def redis_cluster(redis_cluster_session: RedisCluster) -> Iterator[RedisCluster]
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer | ExternalPostgres]:
+def postgres_server() -> Iterator[PostgresServer | ExternalServer]:
     """A real PostgreSQL for the whole session (started by us unless POSTGRES_URL is set)."""
-    server = make_postgres_server()
-    if server is None:
-        postgres_unavailable(
-            "PostgreSQL binaries (initdb, postgres) are missing and POSTGRES_URL is not set"
-        )
-        raise AssertionError("unreachable")
-    yield server
-    if isinstance(server, PostgresServer):
-        server.stop()
-        shutil.rmtree(server.directory, ignore_errors=True)
+    yield from session_server(
+        "POSTGRES_URL",
+        PostgresServer,
+        "PostgreSQL",
+        "PostgreSQL binaries (initdb, postgres) are missing and POSTGRES_URL is not set",
+    )
 
 
 @pytest.fixture
-def postgres_url(postgres_server: PostgresServer | ExternalPostgres) -> Iterator[str]:
+def postgres_url(postgres_server: PostgresServer | ExternalServer) -> Iterator[str]:
     """The URL of a running PostgreSQL; restarted if a test crashed it."""
-    if isinstance(postgres_server, PostgresServer) and postgres_server.process is None:
-        postgres_server.start()
-    yield postgres_server.url
-    if isinstance(postgres_server, PostgresServer) and postgres_server.process is None:
-        postgres_server.start()
+    yield ensure_running(postgres_server)
+    ensure_running(postgres_server)

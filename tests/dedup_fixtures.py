@@ -1,5 +1,6 @@
-"""Helpers for the dedup server tests: slow and failing ledgers, and a raw HTTP/2 gRPC call that can
-send header values the grpc client refuses to send (non-ASCII idempotency keys)."""
+"""Helpers for the dedup server tests: slow and failing ledgers, servers of raw-bytes handlers, a
+parallel run of keyed transfers, and a raw HTTP/2 gRPC call that can send header values the grpc
+client refuses to send (non-ASCII idempotency keys)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,96 @@ import struct
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.aio
 
-from protos import ledger_pb2
+from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import TRANSFER, AioLedger, SyncLedger
+from resilient_grpc import IdempotencyKeys, RetryPolicy, resilient_channel
 from resilient_grpc.stores import MemoryStore, RedisStore, SQLiteStore, Store
 
 KEY = "idempotency-key"
+#: The service of :func:`serve_raw` / :func:`serve_raw_aio`: ``/test.Raw/<Name>``.
+RAW_SERVICE = "test.Raw"
+RawHandlers = dict[str, "grpc.RpcMethodHandler[Any, Any]"]
+
+
+@contextlib.contextmanager
+def serve_raw(
+    handlers: RawHandlers, interceptors: Sequence[grpc.ServerInterceptor], *, max_workers: int = 8
+) -> Iterator[grpc.Channel]:
+    """A sync server of raw-bytes ``handlers`` (``{"Name": handler}`` under ``test.Raw``) behind
+    ``interceptors``, and a channel to it; both closed at exit."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RAW_SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        server.stop(None)
+
+
+@dataclass
+class AioRaw:
+    """A running :func:`serve_raw_aio`: the server (a test may stop it early) and a channel."""
+
+    server: grpc.aio.Server
+    channel: grpc.aio.Channel
+
+
+@contextlib.asynccontextmanager
+async def serve_raw_aio(
+    handlers: RawHandlers, interceptors: Sequence[grpc.aio.ServerInterceptor]
+) -> AsyncIterator[AioRaw]:
+    """The grpc.aio :func:`serve_raw` (stopping an already stopped server at exit is fine)."""
+    server = grpc.aio.server(interceptors=interceptors)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RAW_SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield AioRaw(server, channel)
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+def transfer_in_parallel(
+    target: str,
+    retry: RetryPolicy,
+    options: Sequence[tuple[str, Any]],
+    *,
+    workers: int = 4,
+    per_worker: int = 250,
+) -> list[ledger_pb2.TransferReply]:
+    """``workers`` threads, each on its own ``resilient_channel`` (keys, ``retry``), send
+    ``per_worker`` transfers of distinct amounts 1..workers*per_worker; every reply, in order."""
+
+    def worker(index: int) -> list[ledger_pb2.TransferReply]:
+        channel = resilient_channel(
+            target, retry=retry, idempotency=IdempotencyKeys(), options=list(options)
+        )
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        try:
+            return [
+                stub.Transfer(transfer(amount=index * per_worker + n + 1), timeout=30)
+                for n in range(per_worker)
+            ]
+        finally:
+            channel.close()
+
+    with futures.ThreadPoolExecutor(workers) as pool:
+        return [reply for batch in pool.map(worker, range(workers)) for reply in batch]
 
 
 class SlowLedger(SyncLedger):

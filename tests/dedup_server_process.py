@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import queue
-import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.child_process import ChildProcess, say
 
 
-class ServerProcess:
+class ServerProcess(ChildProcess):
     """Starts the script in a child process and collects its output lines."""
 
     def __init__(
@@ -35,44 +32,19 @@ class ServerProcess:
         hang_once: str = "",
         hang_after_effect: bool = False,
     ) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "tests.dedup_server_process",
-            "--store",
-            store,
-            "--delay",
-            str(delay),
-            "--lease",
-            str(lease),
-        ]
+        arguments = ["--store", store, "--delay", str(delay), "--lease", str(lease)]
         if hang_once:
-            command += ["--hang-once", hang_once]
+            arguments += ["--hang-once", hang_once]
         if hang_after_effect:
-            command.append("--hang-after-effect")
-        self.process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        self.errors: list[str] = []
+            arguments.append("--hang-after-effect")
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
-        assert self.process.stdout is not None and self.process.stderr is not None
-        threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
-        threading.Thread(
-            target=lambda: self.errors.extend(self.process.stderr or ()), daemon=True
-        ).start()
+        super().__init__("tests.dedup_server_process", arguments)
         self.port = int(self.wait_for("PORT ").split()[1])
 
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.append(line.strip())
-            self._queue.put(line.strip())
+    def on_line(self, line: str) -> None:
+        self.lines.append(line)
+        self._queue.put(line)
 
     def wait_for(self, prefix: str, timeout: float = 60.0) -> str:
         """The first output line starting with ``prefix`` (waits up to ``timeout`` s)."""
@@ -99,21 +71,6 @@ class ServerProcess:
         """The keys of the transfers this process applied, in order."""
         return [line.split()[1] for line in self.lines if line.startswith("EXEC ")]
 
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        """Close stdin (the server exits), then collect the rest of its output."""
-        if self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        time.sleep(0.05)  # let the reader thread drain the pipe
-
 
 def _main() -> None:
     import grpc
@@ -135,11 +92,6 @@ def _main() -> None:
         store: Any = SQLiteStore(where)
     else:
         store = RedisStore.from_url(where, cluster=kind == "redis-cluster")
-    lock = threading.Lock()
-
-    def say(text: str) -> None:
-        with lock:
-            print(text, flush=True)
 
     def first_to_hang() -> bool:
         if not args.hang_once:

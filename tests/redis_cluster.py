@@ -12,23 +12,14 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from tests.redis_server import free_port
+from resilient_grpc.testing.servers import RedisServer, free_port
 
 NODE_TIMEOUT_MS = 2000
-
-
-@dataclass
-class Node:
-    port: int
-    bus_port: int
-    directory: Path
-    process: subprocess.Popen[bytes] | None = None
 
 
 def _client(port: int, timeout: float = 2.0) -> redis.Redis:
@@ -54,9 +45,19 @@ class RedisCluster:
         self.server = server
         self.cli = cli
         self.directory = directory
-        self.nodes = [
-            Node(free_port(), free_port(), directory / f"node-{index}") for index in range(6)
-        ]
+        self.nodes = [self._node(server, directory / f"node-{index}") for index in range(6)]
+
+    @staticmethod
+    def _node(binary: str, directory: Path) -> RedisServer:
+        settings = {
+            "cluster-enabled": "yes",
+            "cluster-config-file": "nodes.conf",
+            "cluster-port": str(free_port()),
+            "cluster-node-timeout": str(NODE_TIMEOUT_MS),
+            "repl-ping-replica-period": "1",
+            "logfile": str(directory / "redis.log"),
+        }
+        return RedisServer(settings, binary=binary, directory=directory)
 
     @property
     def startup_url(self) -> str:
@@ -66,38 +67,9 @@ class RedisCluster:
     def ports(self) -> list[int]:
         return [node.port for node in self.nodes]
 
-    def _spawn(self, node: Node) -> None:
-        node.directory.mkdir(parents=True, exist_ok=True)
-        node.process = subprocess.Popen(
-            [
-                self.server,
-                "--bind", "127.0.0.1",
-                "--port", str(node.port),
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf",
-                "--cluster-port", str(node.bus_port),
-                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-                "--repl-ping-replica-period", "1",
-                "--appendonly", "no",
-                "--save", "",
-                "--dir", str(node.directory),
-                "--logfile", str(node.directory / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if _command(node.port, "PING", timeout=0.2):
-                    return
-            except redis.RedisError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server (cluster node) did not start on port {node.port}")
-
     def start(self) -> None:
         for node in self.nodes:
-            self._spawn(node)
+            node.start()
         subprocess.run(
             [
                 self.cli, "--cluster", "create",
@@ -201,29 +173,22 @@ class RedisCluster:
                 return ids[fields[0]]
         raise LookupError(f"master {master} has no healthy replica")
 
-    def node(self, port: int) -> Node:
+    def node(self, port: int) -> RedisServer:
         return next(n for n in self.nodes if n.port == port)
 
     def kill(self, port: int) -> None:
         """SIGKILL one node (no shutdown save, no goodbye to the cluster)."""
-        node = self.node(port)
-        if node.process is not None:
-            node.process.kill()
-            node.process.wait(timeout=10)
-            node.process = None
+        self.node(port).stop()
 
     def restart(self, port: int) -> None:
         """Bring a killed node back with its cluster config (it rejoins, as a replica if its
         master role was taken over)."""
-        self._spawn(self.node(port))
+        self.node(port).start()
 
     def stop(self, *, keep_files: bool = False) -> None:
         """Kill every node; remove their directories unless ``keep_files`` (logs to read)."""
         for node in self.nodes:
-            if node.process is not None:
-                node.process.kill()
-                node.process.wait(timeout=10)
-                node.process = None
+            node.stop()
         if not keep_files:
             shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -16,44 +16,25 @@ import asyncio
 import logging
 import os
 import queue
-import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
-from typing import IO
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.child_process import ChildProcess, say
 
 
-class LedgerProcess:
+class LedgerProcess(ChildProcess):
     """Starts the script in a child process; ``wrote`` queues the ``WROTE`` lines as they come."""
 
     def __init__(self, arguments: list[str]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.sql_ledger_process", *arguments],
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        self.errors: list[str] = []
         self.wrote: queue.Queue[str] = queue.Queue()
         self._port: queue.Queue[int] = queue.Queue()
-        assert self.process.stdout is not None and self.process.stderr is not None
-        threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
-        threading.Thread(
-            target=lambda: self.errors.extend(self.process.stderr or ()), daemon=True
-        ).start()
+        super().__init__("tests.sql_ledger_process", arguments)
 
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            if line.startswith("WROTE "):
-                self.wrote.put(line.split()[1])
-            elif line.startswith("PORT "):
-                self._port.put(int(line.split()[1]))
+    def on_line(self, line: str) -> None:
+        if line.startswith("WROTE "):
+            self.wrote.put(line.split()[1])
+        elif line.startswith("PORT "):
+            self._port.put(int(line.split()[1]))
 
     def go(self) -> None:
         """Let a process started with ``--standby`` (imports done, port not bound yet) serve."""
@@ -69,19 +50,6 @@ class LedgerProcess:
             raise AssertionError(
                 f"ledger process did not start: {''.join(self.errors)[-3000:]}"
             ) from None
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def _main() -> None:
@@ -103,11 +71,6 @@ def _main() -> None:
         import psycopg_pool  # noqa: F401
 
         sys.stdin.readline()
-    lock = threading.Lock()
-
-    def say(text: str) -> None:
-        with lock:
-            print(text, flush=True)
 
     def pause() -> float:
         return 2.0 if args.pause_file and os.path.exists(args.pause_file) else 0.0

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -84,9 +83,3 @@ def fresh_otel() -> Iterator[Otel]:
         tracer_provider.shutdown()
         meter_provider.shutdown()
 
-
-@pytest.fixture(name="otel")
-def otel_fixture() -> Iterator[Otel]:
-    """The ``otel`` fixture of ``conftest.py``, for the modules that still import it by name."""
-    with fresh_otel() as otel:
-        yield otel

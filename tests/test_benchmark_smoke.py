@@ -10,10 +10,7 @@ fast; plus small checks of the metric definitions on hand-made records.
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +18,8 @@ import pytest
 from benchmarks.load import Phase, RequestRecord, poisson_schedule
 from benchmarks.metrics import compute, time_to_recover
 from benchmarks.policies import POLICY_NAMES
+from tests.child_process import run_module
 
-REPO = Path(__file__).resolve().parent.parent
 METRIC_FIELDS = {
     "requests",
     "succeeded",
@@ -45,25 +42,12 @@ ALL_SCENARIOS = ["outage", "overload", "lost", "slow-replica", "partial-outage"]
 @pytest.mark.timeout(150)
 def test_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     # the replicas share an embedded SQLite dedup store (the default): no server needed
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "140"}
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--scale",
-            "0.25",
-            "--policies",
-            "naive-x3,full-stack",
-            "--output-dir",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    completed = run_module(
+        "benchmarks",
+        *("--quick", "--scale", "0.25", "--policies", "naive-x3,full-stack"),
+        *("--output-dir", str(tmp_path)),
         timeout=140,
+        env={"COLUMNS": "140"},
     )
     assert completed.returncode == 0, completed.stderr[-3000:] + completed.stdout[-3000:]
     out = completed.stdout
@@ -99,14 +83,7 @@ def test_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
 
 
 def test_unknown_policy_is_refused() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--policies", "naive-x3,nonsense"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    completed = run_module("benchmarks", "--policies", "naive-x3,nonsense", timeout=30)
     assert completed.returncode != 0
     assert "nonsense" in completed.stderr
     assert "naive-x3" in POLICY_NAMES

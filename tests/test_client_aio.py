@@ -22,7 +22,7 @@ from resilient_grpc import (
 from resilient_grpc.aio.client import client_interceptors, resilient_channel
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
-from tests.helpers import BALANCE_REQUEST, FAST, TRANSFER_REQUEST
+from tests.helpers import BALANCE_REQUEST, FAST, TRANSFER_REQUEST, MakeStub, aio_stub_maker
 
 
 @pytest.fixture
@@ -33,26 +33,11 @@ def servicer(aio_ledger: tuple[AioLedger, int]) -> AioLedger:
 @pytest.fixture(params=["channel", "interceptors"])
 async def make_stub(
     request: pytest.FixtureRequest, aio_ledger: tuple[AioLedger, int]
-) -> AsyncIterator[object]:
+) -> AsyncIterator[MakeStub]:
     """Build stubs with the stack attached both ways (resilient_channel, or client_interceptors
     on a grpc.aio channel) to the test ledger; closes them afterwards."""
-    channels: list[grpc.aio.Channel] = []
-    target = f"127.0.0.1:{aio_ledger[1]}"
-
-    def make(**stack: object) -> ledger_pb2_grpc.LedgerStub:
-        if request.param == "channel":
-            channel = resilient_channel(target, **stack)  # type: ignore[arg-type]
-        else:
-            channel = grpc.aio.insecure_channel(
-                target,
-                interceptors=client_interceptors(target=target, **stack),  # type: ignore[arg-type]
-            )
-        channels.append(channel)
-        return ledger_pb2_grpc.LedgerStub(channel)
-
-    yield make
-    for channel in channels:
-        await channel.close()
+    async with aio_stub_maker(f"127.0.0.1:{aio_ledger[1]}", request.param) as make:
+        yield make
 
 
 async def test_fail_twice_then_succeed_with_one_key_on_all_attempts(make_stub, servicer) -> None:

@@ -8,7 +8,7 @@ it was started by ``await call.code()`` under ``asyncio.wait_for``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import grpc.aio
@@ -17,8 +17,8 @@ import pytest
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, WATCH, AioLedger, Fault, serve_aio
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
-from resilient_grpc.aio.client import client_interceptors, resilient_channel
-from tests.helpers import BALANCE_REQUEST
+from resilient_grpc.aio.client import resilient_channel
+from tests.helpers import BALANCE_REQUEST, RETRIES_OFF, aio_stub_maker, until
 
 #: A long, fixed backoff: a cancellation lands inside it; a retry after it would be seen.
 SLOW_RETRIES = RetryPolicy(
@@ -51,24 +51,8 @@ async def stub_and_stack(
 ) -> AsyncIterator[tuple[ledger_pb2_grpc.LedgerStub, Stack, str]]:
     target = f"127.0.0.1:{aio_ledger[1]}"
     stack = Stack()
-    if request.param == "channel":
-        channel = resilient_channel(target, **stack.kwargs())  # type: ignore[arg-type]
-    else:
-        channel = grpc.aio.insecure_channel(
-            target,
-            options=[("grpc.enable_retries", 0)],
-            interceptors=client_interceptors(target=target, **stack.kwargs()),  # type: ignore[arg-type]
-        )
-    yield ledger_pb2_grpc.LedgerStub(channel), stack, target
-    await channel.close()
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+    async with aio_stub_maker(target, request.param, RETRIES_OFF) as make:
+        yield make(**stack.kwargs()), stack, target
 
 
 async def _await(call: object) -> object:
@@ -81,7 +65,7 @@ async def test_cancel_during_backoff(stub_and_stack, aio_ledger) -> None:
     servicer.state.faults.fail_times(GET_BALANCE, 10)
     call = stub.GetBalance(BALANCE_REQUEST)
     task = asyncio.ensure_future(_await(call))
-    await _until(lambda: len(servicer.state.calls_to(GET_BALANCE)) == 1)
+    await until(lambda: len(servicer.state.calls_to(GET_BALANCE)) == 1)
     await asyncio.sleep(0.1)  # the first attempt failed: the call is in its 0.6 s backoff
 
     assert call.cancel() is True
@@ -102,7 +86,7 @@ async def test_cancel_in_flight(stub_and_stack, aio_ledger) -> None:
     servicer.state.faults.add(GET_BALANCE, Fault(code=None, delay=2.0))
     call = stub.GetBalance(BALANCE_REQUEST)
     task = asyncio.ensure_future(_await(call))
-    await _until(lambda: len(servicer.state.calls_to(GET_BALANCE)) == 1)
+    await until(lambda: len(servicer.state.calls_to(GET_BALANCE)) == 1)
 
     assert call.cancel() is True
     with pytest.raises(asyncio.CancelledError):
@@ -185,7 +169,7 @@ async def test_a_stream_cancelled_during_backoff_stops_at_once(stub_and_stack, a
         return [message async for message in call]
 
     task = asyncio.ensure_future(read())
-    await _until(lambda: len(servicer.state.calls_to(WATCH)) == 1)
+    await until(lambda: len(servicer.state.calls_to(WATCH)) == 1)
     await asyncio.sleep(0.1)
 
     assert call.cancel() is True

@@ -9,12 +9,11 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from protos import ledger_pb2, ledger_pb2_grpc
+from protos import ledger_pb2
 from protos.ledger_service import GET_BALANCE, WATCH, Fault, SyncLedger
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
-from resilient_grpc.client import client_interceptors, resilient_channel
 from resilient_grpc.errors import attempts_of
-from tests.helpers import BALANCE_REQUEST, FAST
+from tests.helpers import BALANCE_REQUEST, FAST, RETRIES_OFF, MakeStub, stub_maker, wait_for
 
 SLOW_RETRIES = RetryPolicy(
     max_attempts=5, initial_backoff=0.6, max_backoff=0.6, multiplier=1.0, jitter="none"
@@ -22,31 +21,9 @@ SLOW_RETRIES = RetryPolicy(
 
 
 @pytest.fixture(params=["channel", "interceptors"])
-def make_stub(request: pytest.FixtureRequest, ledger: tuple[SyncLedger, int]) -> Iterator[object]:
-    channels: list[grpc.Channel] = []
-    target = f"127.0.0.1:{ledger[1]}"
-
-    def make(**stack: object) -> ledger_pb2_grpc.LedgerStub:
-        if request.param == "channel":
-            channel = resilient_channel(target, **stack)  # type: ignore[arg-type]
-        else:
-            channel = grpc.intercept_channel(
-                grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)]),
-                *client_interceptors(target=target, **stack),  # type: ignore[arg-type]
-            )
-        channels.append(channel)
-        return ledger_pb2_grpc.LedgerStub(channel)
-
-    yield make
-    for channel in channels:
-        channel.close()
-
-
-def _wait_until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+def make_stub(request: pytest.FixtureRequest, ledger: tuple[SyncLedger, int]) -> Iterator[MakeStub]:
+    with stub_maker(f"127.0.0.1:{ledger[1]}", request.param, RETRIES_OFF) as make:
+        yield make
 
 
 def test_four_parallel_futures_overlap_on_the_server(make_stub, ledger) -> None:
@@ -107,7 +84,7 @@ def test_cancel_during_backoff_stops_the_call(make_stub, ledger) -> None:
 
     future = stub.GetBalance.future(BALANCE_REQUEST)
     future.add_done_callback(lambda _f: called.set())
-    _wait_until(lambda: len(servicer.state.calls_to(GET_BALANCE)) == 1)
+    wait_for(lambda: len(servicer.state.calls_to(GET_BALANCE)) == 1, "the call on the server", 5.0)
     time.sleep(0.1)  # inside the 0.6 s backoff
 
     assert future.cancel() is True
@@ -130,7 +107,7 @@ def test_cancel_in_flight_cancels_the_rpc(make_stub, ledger) -> None:
     servicer.state.faults.add(GET_BALANCE, Fault(code=None, delay=2.0))
 
     future = stub.GetBalance.future(BALANCE_REQUEST, timeout=10)
-    _wait_until(lambda: len(servicer.state.calls_to(GET_BALANCE)) == 1)
+    wait_for(lambda: len(servicer.state.calls_to(GET_BALANCE)) == 1, "the call on the server", 5.0)
     assert future.cancel() is True
     with pytest.raises(grpc.FutureCancelledError):
         future.result(timeout=2)
@@ -165,7 +142,7 @@ def test_a_stream_cancelled_during_backoff_stops_at_once(make_stub, ledger) -> N
 
     reader = threading.Thread(target=read)
     reader.start()
-    _wait_until(lambda: len(servicer.state.calls_to(WATCH)) == 1)
+    wait_for(lambda: len(servicer.state.calls_to(WATCH)) == 1, "the stream on the server", 5.0)
     time.sleep(0.1)  # inside the 0.6 s backoff
 
     assert call.cancel() is True

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -30,33 +29,23 @@ from protos.ledger_service import (
     serve_aio,
 )
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
-from resilient_grpc.aio.client import client_interceptors as aio_client_interceptors
 from resilient_grpc.aio.client import resilient_channel as aio_resilient_channel
-from resilient_grpc.client import client_interceptors, resilient_channel
+from resilient_grpc.client import resilient_channel
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
-from tests.helpers import BALANCE_REQUEST
+from tests.helpers import (
+    BALANCE_REQUEST,
+    RETRIES_OFF,
+    aio_stub_maker,
+    native_retry_options,
+    stub_maker,
+)
 
 WATCH_REQUEST = ledger_pb2.WatchRequest(account="alice", count=2)
 FAST = RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=0.02)
-NATIVE_FIVE = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": "ledger.v1.Ledger"}],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.01s",
-                    "maxBackoff": "0.01s",
-                    "backoffMultiplier": 1,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
+NATIVE_OPTIONS = native_retry_options(
+    max_attempts=5, initial="0.01s", maximum="0.01s", multiplier=1, codes=["UNAVAILABLE"]
 )
-NATIVE_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", NATIVE_FIVE)]
-RETRIES_OFF = [("grpc.enable_retries", 0)]
 
 
 def _target(port: int) -> str:
@@ -102,45 +91,14 @@ CUT = RetryPolicy(
 
 @pytest.fixture(params=["channel", "interceptors"])
 def sync_stub(request: pytest.FixtureRequest, ledger) -> Iterator[Any]:
-    channels: list[grpc.Channel] = []
-
-    def make(**stack: Any) -> ledger_pb2_grpc.LedgerStub:
-        target = _target(ledger[1])
-        if request.param == "channel":
-            channel = resilient_channel(target, **stack)
-        else:
-            channel = grpc.intercept_channel(
-                grpc.insecure_channel(target, options=RETRIES_OFF),
-                *client_interceptors(target=target, **stack),
-            )
-        channels.append(channel)
-        return ledger_pb2_grpc.LedgerStub(channel)
-
-    yield make
-    for channel in channels:
-        channel.close()
+    with stub_maker(_target(ledger[1]), request.param, RETRIES_OFF) as make:
+        yield make
 
 
 @pytest.fixture(params=["channel", "interceptors"])
 async def aio_stub(request: pytest.FixtureRequest, aio_ledger) -> AsyncIterator[Any]:
-    channels: list[grpc.aio.Channel] = []
-
-    def make(**stack: Any) -> ledger_pb2_grpc.LedgerStub:
-        target = _target(aio_ledger[1])
-        if request.param == "channel":
-            channel = aio_resilient_channel(target, **stack)
-        else:
-            channel = grpc.aio.insecure_channel(
-                target,
-                options=RETRIES_OFF,
-                interceptors=aio_client_interceptors(target=target, **stack),
-            )
-        channels.append(channel)
-        return ledger_pb2_grpc.LedgerStub(channel)
-
-    yield make
-    for channel in channels:
-        await channel.close()
+    async with aio_stub_maker(_target(aio_ledger[1]), request.param, RETRIES_OFF) as make:
+        yield make
 
 
 def test_an_attempt_cut_by_per_attempt_timeout_is_retried(sync_stub, ledger) -> None:

@@ -19,40 +19,19 @@ from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import MemoryStore
 from tests.hedging_fixtures import PREVIOUS, HedgeLedger, attempt_number
-from tests.helpers import BALANCE_REQUEST, TRANSFER_REQUEST
+from tests.helpers import BALANCE_REQUEST, RETRIES_OFF, TRANSFER_REQUEST, MakeStub, stub_maker
 
 HEDGE = HedgingPolicy(max_attempts=3, delay=0.1)
 
 
-@pytest.fixture
-def hedge_ledger() -> Iterator[tuple[HedgeLedger, int]]:
-    servicer = HedgeLedger()
-    server, port, _ = serve(servicer)
-    yield servicer, port
-    server.stop(None)
-
-
 @pytest.fixture(params=["channel", "interceptors-future"])
-def make_stub(request: pytest.FixtureRequest, hedge_ledger: tuple[HedgeLedger, int]):
+def make_stub(
+    request: pytest.FixtureRequest, hedge_ledger: tuple[HedgeLedger, int]
+) -> Iterator[MakeStub]:
     """Stubs with the stack as resilient_channel, or as client_interceptors used with
     ``.future()`` (the interceptor path that can have several attempts in flight)."""
-    channels: list[grpc.Channel] = []
-    target = f"127.0.0.1:{hedge_ledger[1]}"
-
-    def make(**stack: object) -> ledger_pb2_grpc.LedgerStub:
-        if request.param == "channel":
-            channel = resilient_channel(target, **stack)  # type: ignore[arg-type]
-        else:
-            channel = grpc.intercept_channel(
-                grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)]),
-                *client_interceptors(target=target, **stack),  # type: ignore[arg-type]
-            )
-        channels.append(channel)
-        return ledger_pb2_grpc.LedgerStub(channel)
-
-    yield make
-    for channel in channels:
-        channel.close()
+    with stub_maker(f"127.0.0.1:{hedge_ledger[1]}", request.param, RETRIES_OFF) as make:
+        yield make
 
 
 def call(stub_method, request, **kwargs):

@@ -21,45 +21,31 @@ from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
 from resilient_grpc.stores import MemoryStore
 from tests.hedging_fixtures import PREVIOUS, AioHedgeLedger, attempt_number
-from tests.helpers import BALANCE_REQUEST, TRANSFER_REQUEST
+from tests.helpers import (
+    BALANCE_REQUEST,
+    RETRIES_OFF,
+    TRANSFER_REQUEST,
+    MakeStub,
+    aio_stub_maker,
+)
 
 HEDGE = HedgingPolicy(max_attempts=3, delay=0.1)
 
 
-@pytest.fixture
-async def hedge_ledger() -> AsyncIterator[tuple[AioHedgeLedger, int]]:
-    servicer = AioHedgeLedger()
-    server, port, _ = await serve_aio(servicer)
-    yield servicer, port
-    await server.stop(None)
-
-
 @pytest.fixture(params=["channel", "interceptors"])
-async def make_stub(request: pytest.FixtureRequest, hedge_ledger: tuple[AioHedgeLedger, int]):
-    channels: list[grpc.aio.Channel] = []
-    target = f"127.0.0.1:{hedge_ledger[1]}"
-
-    def make(**stack: object) -> ledger_pb2_grpc.LedgerStub:
-        if request.param == "channel":
-            channel = resilient_channel(target, **stack)  # type: ignore[arg-type]
-        else:
-            channel = grpc.aio.insecure_channel(
-                target,
-                options=[("grpc.enable_retries", 0)],
-                interceptors=client_interceptors(target=target, **stack),  # type: ignore[arg-type]
-            )
-        channels.append(channel)
-        return ledger_pb2_grpc.LedgerStub(channel)
-
-    yield make
-    for channel in channels:
-        await channel.close()
+async def make_stub(
+    request: pytest.FixtureRequest, aio_hedge_ledger: tuple[AioHedgeLedger, int]
+) -> AsyncIterator[MakeStub]:
+    async with aio_stub_maker(
+        f"127.0.0.1:{aio_hedge_ledger[1]}", request.param, RETRIES_OFF
+    ) as make:
+        yield make
 
 
 async def test_the_fast_copy_wins_and_the_slow_one_is_cancelled_on_the_server(
-    make_stub, hedge_ledger
+    make_stub, aio_hedge_ledger
 ) -> None:
-    servicer, _ = hedge_ledger
+    servicer, _ = aio_hedge_ledger
     stub = make_stub(hedging=HEDGE, idempotency=IdempotencyKeys())
 
     started = time.monotonic()
@@ -99,8 +85,8 @@ async def test_keyed_hedged_writes_execute_once_with_dedup_and_twice_without() -
     assert await run([DedupInterceptor(MemoryStore())]) == 1
 
 
-async def test_no_hedges_when_the_budget_is_exhausted(make_stub, hedge_ledger) -> None:
-    servicer, _ = hedge_ledger
+async def test_no_hedges_when_the_budget_is_exhausted(make_stub, aio_hedge_ledger) -> None:
+    servicer, _ = aio_hedge_ledger
     servicer.hold = 0.5
     budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0)
     stub = make_stub(hedging=HEDGE, budget=budget, idempotency=IdempotencyKeys())
@@ -112,9 +98,9 @@ async def test_no_hedges_when_the_budget_is_exhausted(make_stub, hedge_ledger) -
 
 
 async def test_no_hedges_while_the_breaker_probes_and_none_at_all_when_open(
-    make_stub, hedge_ledger
+    make_stub, aio_hedge_ledger
 ) -> None:
-    servicer, port = hedge_ledger
+    servicer, port = aio_hedge_ledger
     servicer.hold = 0.5
     breaker = CircuitBreaker(fail_max=1, reset_timeout=0.2, failure_rate=0)
     stub = make_stub(hedging=HEDGE, breaker=breaker, idempotency=IdempotencyKeys())
@@ -136,8 +122,8 @@ async def test_no_hedges_while_the_breaker_probes_and_none_at_all_when_open(
     assert breaker.for_target(f"127.0.0.1:{port}").state == "closed"
 
 
-async def test_non_fatal_failures_send_the_next_copy_at_once(make_stub, hedge_ledger) -> None:
-    servicer, _ = hedge_ledger
+async def test_non_fatal_failures_send_the_next_copy_at_once(make_stub, aio_hedge_ledger) -> None:
+    servicer, _ = aio_hedge_ledger
     servicer.slow_first = False
     stub = make_stub(hedging=HedgingPolicy(max_attempts=3, delay=5.0), idempotency=IdempotencyKeys())
     servicer.state.faults.fail_times(GET_BALANCE, 3)
@@ -153,8 +139,8 @@ async def test_non_fatal_failures_send_the_next_copy_at_once(make_stub, hedge_le
 
 
 @pytest.mark.parametrize("how", ["task", "call"])
-async def test_cancel_cancels_every_attempt_in_flight(make_stub, hedge_ledger, how) -> None:
-    servicer, _ = hedge_ledger
+async def test_cancel_cancels_every_attempt_in_flight(make_stub, aio_hedge_ledger, how) -> None:
+    servicer, _ = aio_hedge_ledger
     servicer.slow_first = True
     # every attempt is slow: attempt 1 holds, later ones hold too
     stub = make_stub(hedging=HedgingPolicy(max_attempts=2, delay=0.05), idempotency=IdempotencyKeys())
@@ -186,7 +172,7 @@ async def test_retry_and_hedging_on_the_same_methods_is_refused() -> None:
 
 
 async def test_hedging_with_a_redis_breaker_runs_breaker_io_off_the_loop(
-    hedge_ledger, redis_url, monkeypatch
+    aio_hedge_ledger, redis_url, monkeypatch
 ) -> None:
     """With a breaker whose state lives in Redis, every event of the hedged call does Redis
     round trips: they run in worker threads, never on the event loop."""
@@ -196,7 +182,7 @@ async def test_hedging_with_a_redis_breaker_runs_breaker_io_off_the_loop(
 
     from resilient_grpc.breaker import TargetBreaker
 
-    servicer, port = hedge_ledger
+    servicer, port = aio_hedge_ledger
     loop_thread = threading.get_ident()
     admit_threads: list[int] = []
     original = TargetBreaker.admit

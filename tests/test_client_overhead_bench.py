@@ -6,38 +6,22 @@ The numbers are the benchmark's business and are never asserted here.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks.overhead import VARIANTS
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.child_process import run_module
 
 
 @pytest.mark.timeout(90)
 def test_tiny_run_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     output = tmp_path / "overhead.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.overhead",
-            "--rounds",
-            "1",
-            "--calls",
-            "3",
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
+    completed = run_module(
+        "benchmarks.overhead",
+        *("--rounds", "1", "--calls", "3", "--output", str(output)),
         timeout=80,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "160"},
+        env={"COLUMNS": "160"},
     )
     assert completed.returncode == 0, completed.stderr
     assert "resilient_grpc" in completed.stdout and "x bare" in completed.stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
@@ -22,7 +21,14 @@ from resilient_grpc.client import client_interceptors, resilient_channel
 from resilient_grpc.core.keys import derivation_scope, derive_key
 from resilient_grpc.core.retry import Reason
 from resilient_grpc.errors import BreakerOpenError, attempts_of, reason_of
-from tests.helpers import BALANCE_REQUEST, FAST, TRANSFER_REQUEST
+from tests.helpers import (
+    BALANCE_REQUEST,
+    FAST,
+    TRANSFER_REQUEST,
+    MakeStub,
+    run_threads,
+    stub_maker,
+)
 
 
 @pytest.fixture
@@ -40,25 +46,11 @@ def stub_for(channel: grpc.Channel) -> ledger_pb2_grpc.LedgerStub:
 
 
 @pytest.fixture(params=["channel", "interceptors"])
-def make_stub(request: pytest.FixtureRequest, target: str) -> Iterator[object]:
+def make_stub(request: pytest.FixtureRequest, target: str) -> Iterator[MakeStub]:
     """Build stubs with the stack attached both ways (resilient_channel, or client_interceptors
     on grpc.intercept_channel) to the test ledger; closes them afterwards."""
-    channels: list[grpc.Channel] = []
-
-    def make(**stack: object) -> ledger_pb2_grpc.LedgerStub:
-        if request.param == "channel":
-            channel = resilient_channel(target, **stack)  # type: ignore[arg-type]
-        else:
-            channel = grpc.intercept_channel(
-                grpc.insecure_channel(target),
-                *client_interceptors(target=target, **stack),  # type: ignore[arg-type]
-            )
-        channels.append(channel)
-        return stub_for(channel)
-
-    yield make
-    for channel in channels:
-        channel.close()
+    with stub_maker(target, request.param) as make:
+        yield make
 
 
 def test_fail_twice_then_succeed_with_one_key_on_all_attempts(make_stub, servicer) -> None:
@@ -350,11 +342,7 @@ def test_concurrent_calls_from_many_threads(make_stub, servicer) -> None:
             except BaseException as error:  # collected and asserted below
                 errors.append(error)
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    run_threads(work, 8)
 
     assert errors == [] or all(isinstance(e, grpc.RpcError) for e in errors)
     assert servicer.state.duplicate_executions == 0

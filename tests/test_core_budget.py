@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient_grpc import RetryBudget
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, run_threads
 
 events = st.lists(
     st.tuples(
@@ -88,10 +88,6 @@ def test_concurrent_threads_never_overdraw() -> None:
         with lock:
             admitted.extend(local)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    run_threads(worker, 8)
     assert sum(admitted) == 200
     assert budget.refused == 8 * 200 - 200

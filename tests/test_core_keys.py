@@ -20,6 +20,7 @@ from resilient_grpc.core.keys import (
     new_key,
     validate_key,
 )
+from tests.helpers import run_threads
 
 visible = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=255)
 methods = st.from_regex(r"\A/[a-z]{1,8}\.[A-Z][a-z]{0,8}/[A-Z][a-z]{0,8}\Z")
@@ -122,11 +123,7 @@ def test_scope_counters_are_thread_safe() -> None:
                 with lock:
                     keys.append(key)
 
-        threads = [threading.Thread(target=worker) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=10)
+        run_threads(worker, 4, timeout=10)
     assert sorted(keys) == sorted(derive_key("K", "/a.B/C", n) for n in range(400))
 
 

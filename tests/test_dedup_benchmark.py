@@ -6,14 +6,11 @@ PostgreSQL round trips, duplicate executions), which are not timings."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.child_process import run_module
 
 
 @pytest.mark.timeout(120)
@@ -21,18 +18,11 @@ def test_quick_run_writes_the_documented_json(
     tmp_path: Path, redis_url: str, postgres_url: str
 ) -> None:
     output = tmp_path / "dedup_overhead.json"
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.dedup_overhead", "--quick", "--output", str(output)],
-        cwd=REPO,
-        env={
-            **os.environ,
-            "REDIS_URL": redis_url,
-            "POSTGRES_URL": postgres_url,
-            "PYTHONPATH": str(REPO),
-        },
-        capture_output=True,
-        text=True,
+    completed = run_module(
+        "benchmarks.dedup_overhead",
+        *("--quick", "--output", str(output)),
         timeout=110,
+        env={"REDIS_URL": redis_url, "POSTGRES_URL": postgres_url},
     )
     assert completed.returncode == 0, completed.stderr
     assert "DedupInterceptor cost per call (grpc.server" in completed.stdout
@@ -61,21 +51,9 @@ def test_quick_run_writes_the_documented_json(
 @pytest.mark.timeout(120)
 def test_scale_quick_run_writes_the_documented_json(tmp_path: Path) -> None:
     output = tmp_path / "dedup_scale.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.dedup_scale",
-            "--quick",
-            "--only",
-            "memory",
-            "--output",
-            str(output),
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
+    completed = run_module(
+        "benchmarks.dedup_scale",
+        *("--quick", "--only", "memory", "--output", str(output)),
         timeout=110,
     )
     assert completed.returncode == 0, completed.stderr

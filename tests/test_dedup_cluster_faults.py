@@ -5,17 +5,15 @@ replicas that share one cluster-backed RedisStore each."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import SyncLedger, serve
-from resilient_grpc import IdempotencyKeys, RetryPolicy, resilient_channel
+from resilient_grpc import RetryPolicy
 from resilient_grpc.server import SHARED_SCOPE, DedupInterceptor
 from resilient_grpc.stores import RedisStore
 from resilient_grpc.testing import FaultProxy
-from tests.dedup_fixtures import transfer
+from tests.dedup_fixtures import transfer_in_parallel
 from tests.redis_cluster import RedisCluster
 
 RETRY = RetryPolicy(max_attempts=30, initial_backoff=0.002, max_backoff=0.05, jitter="full")
@@ -50,25 +48,9 @@ def test_a_thousand_transfers_over_two_replicas_on_a_cluster_apply_exactly_once(
 ) -> None:
     ledger, proxies = two_replicas
     target = "ipv4:" + ",".join(proxy.target for proxy in proxies)
-    workers, per_worker = 4, 250
+    replies = transfer_in_parallel(target, RETRY, BALANCED, workers=4, per_worker=250)
 
-    def worker(index: int) -> list[ledger_pb2.TransferReply]:
-        channel = resilient_channel(
-            target, retry=RETRY, idempotency=IdempotencyKeys(), options=BALANCED
-        )
-        stub = ledger_pb2_grpc.LedgerStub(channel)
-        try:
-            return [
-                stub.Transfer(transfer(amount=index * per_worker + n + 1), timeout=30)
-                for n in range(per_worker)
-            ]
-        finally:
-            channel.close()
-
-    with ThreadPoolExecutor(workers) as pool:
-        replies = [reply for batch in pool.map(worker, range(workers)) for reply in batch]
-
-    total = workers * per_worker
+    total = 4 * 250
     state = ledger.state
     assert len(replies) == total
     cut = sum(proxy.counters.responses_cut for proxy in proxies)

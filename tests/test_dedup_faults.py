@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -18,8 +17,8 @@ from resilient_grpc.aio.server import DedupInterceptor as AioDedupInterceptor
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import MemoryStore, RedisStore
 from resilient_grpc.testing import FaultProxy
-from tests.dedup_fixtures import KEY, transfer
-from tests.redis_server import RedisServer
+from resilient_grpc.testing.servers import RedisServer
+from tests.dedup_fixtures import KEY, transfer, transfer_in_parallel
 
 RETRY = RetryPolicy(max_attempts=30, initial_backoff=0.002, max_backoff=0.05, jitter="full")
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
@@ -37,25 +36,9 @@ def test_a_thousand_transfers_with_30_percent_lost_responses_apply_exactly_once(
     ledger_behind_proxy: tuple[SyncLedger, FaultProxy],
 ) -> None:
     servicer, proxy = ledger_behind_proxy
-    workers, per_worker = 4, 250
+    replies = transfer_in_parallel(proxy.target, RETRY, OWN_CONNECTION, workers=4, per_worker=250)
 
-    def worker(index: int) -> list[ledger_pb2.TransferReply]:
-        channel = resilient_channel(
-            proxy.target, retry=RETRY, idempotency=IdempotencyKeys(), options=OWN_CONNECTION
-        )
-        stub = ledger_pb2_grpc.LedgerStub(channel)
-        try:
-            return [
-                stub.Transfer(transfer(amount=index * per_worker + n + 1), timeout=30)
-                for n in range(per_worker)
-            ]
-        finally:
-            channel.close()
-
-    with ThreadPoolExecutor(workers) as pool:
-        replies = [reply for batch in pool.map(worker, range(workers)) for reply in batch]
-
-    total = workers * per_worker
+    total = 4 * 250
     state = servicer.state
     counters = proxy.counters
     assert len(replies) == total, "every logical transfer got its acknowledgement"
@@ -93,7 +76,7 @@ async def test_aio_lost_responses_apply_exactly_once() -> None:
 def test_redis_stopped_mid_run_fails_closed_then_recovers_without_loss_or_duplicates(
     redis_server: RedisServer, redis_url: str
 ) -> None:
-    if not redis_server.can_stop:
+    if not isinstance(redis_server, RedisServer):
         pytest.skip("REDIS_URL points at a server these tests cannot stop")
     store = RedisStore.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
     server, port, servicer = serve(interceptors=[DedupInterceptor(store)])

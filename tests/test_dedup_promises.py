@@ -12,11 +12,11 @@ after it, which is where a duplicate hurts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,19 @@ from resilient_grpc.core.dedup import ClaimResult, Outcome, Record
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import AsyncStore, MemoryStore, SQLiteStore
 from resilient_grpc.stores.base import StoreFullError, StoreUnavailableError
-from tests.dedup_fixtures import KEY, make_store, sqlite_locked, transfer
+from resilient_grpc.testing.servers import RedisServer
+from tests.dedup_fixtures import (
+    KEY,
+    RawHandlers,
+    make_store,
+    serve_raw,
+    serve_raw_aio,
+    sqlite_locked,
+    transfer,
+)
 from tests.dedup_server_process import ServerProcess
-from tests.redis_server import RedisServer
-from tests.telemetry_fixtures import Otel, otel_fixture  # noqa: F401 (fixture)
+from tests.helpers import until
+from tests.telemetry_fixtures import Otel
 
 REPLAYED = ("idempotency-replayed", "true")
 KINDS = ["sync", "aio"]
@@ -308,7 +317,7 @@ async def test_a_cancel_at_any_await_point_of_the_aio_shell_never_duplicates_nor
     stub = server.stub
     if point == "wait":
         first = asyncio.ensure_future(stub.Transfer(transfer(), metadata=_keyed("k"), timeout=10))
-        await _until(lambda: server.servicer.started == 1)
+        await until(lambda: server.servicer.started == 1)
     if point == "wait":  # the client cancels a waiting duplicate (its deadline would not land)
         duplicate = stub.Transfer(transfer(), metadata=_keyed("k"), timeout=10)
         await asyncio.sleep(0.2)
@@ -326,14 +335,6 @@ async def test_a_cancel_at_any_await_point_of_the_aio_shell_never_duplicates_nor
     assert server.executions("k") == 1
 
 
-async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 # ---------------------------------------------------------------------------- 3: slow handlers
 
 
@@ -349,7 +350,7 @@ async def test_a_handler_slower_than_its_lease_runs_once_and_its_outcome_is_stor
     first = asyncio.ensure_future(
         server.stub.Transfer(transfer(), metadata=_keyed("slow"), timeout=20)
     )
-    await _until(lambda: server.servicer.started == 1)
+    await until(lambda: server.servicer.started == 1)
     await asyncio.sleep(1.3)  # past the first lease
     duplicate = server.stub.Transfer(transfer(), metadata=_keyed("slow"), timeout=10)
     await asyncio.gather(first, duplicate)
@@ -462,7 +463,7 @@ async def test_redis_restarted_mid_handler_is_never_silent(
     first = asyncio.ensure_future(
         server.stub.Transfer(transfer(), metadata=_keyed("r"), timeout=20)
     )
-    await _until(lambda: server.servicer.started == 1)
+    await until(lambda: server.servicer.started == 1)
     await asyncio.to_thread(redis_server.stop)
     await asyncio.sleep(0.35)  # a renewal fails while Redis is down
     await asyncio.to_thread(redis_server.start)
@@ -531,7 +532,7 @@ async def test_a_waiter_is_not_orphaned_when_the_key_is_reclaimed_in_the_same_pr
     stub = server.stub
     try:
         a = asyncio.ensure_future(stub.Transfer(transfer(), metadata=_keyed("k"), timeout=30))
-        await _until(lambda: server.servicer.started == 1)
+        await until(lambda: server.servicer.started == 1)
         b_call = stub.Transfer(transfer(), metadata=_keyed("k"), timeout=30)
         b = asyncio.ensure_future(b_call)
         await asyncio.sleep(0.3)  # B is waiting on A's flight
@@ -552,7 +553,7 @@ async def test_waiting_duplicates_are_bounded_per_key(kind: str, start: Start) -
     stub = server.stub
     try:
         first = asyncio.ensure_future(stub.Transfer(transfer(), metadata=_keyed("k"), timeout=20))
-        await _until(lambda: server.servicer.started == 1)
+        await until(lambda: server.servicer.started == 1)
         waiters = [
             asyncio.ensure_future(stub.Transfer(transfer(), metadata=_keyed("k"), timeout=20))
             for _ in range(2)
@@ -594,7 +595,7 @@ async def test_the_lease_can_be_set_per_method(kind: str, start: Start) -> None:
     assert hold is not None
     call = asyncio.ensure_future(server.stub.Transfer(transfer(), metadata=_keyed("k"), timeout=10))
     try:
-        await _until(lambda: server.servicer.started == 1)
+        await until(lambda: server.servicer.started == 1)
         (key,) = list(store._claims)
         record = store.get(key)
         assert record is not None and 80.0 < record.lease_left <= 90.0
@@ -706,29 +707,17 @@ async def test_initial_metadata_is_stored_and_replayed(
 
 @pytest.fixture
 async def raw_aio_server() -> AsyncIterator[Callable[..., Awaitable[grpc.aio.Channel]]]:
-    """An aio server of raw-bytes handlers (``{"Name": handler}`` under ``test.Raw``)."""
-    servers: list[tuple[grpc.aio.Server, AioDedupInterceptor]] = []
-    channels: list[grpc.aio.Channel] = []
+    """An aio server of raw-bytes handlers (``{"Name": handler}`` under ``test.Raw``) behind an
+    ``AioDedupInterceptor(**options)``, closed (and the interceptor too) after the test."""
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def run(handlers: dict[str, grpc.RpcMethodHandler[Any, Any]], **options: Any) -> Any:
-        interceptor = AioDedupInterceptor(**options)
-        server = grpc.aio.server(interceptors=[interceptor])
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("test.Raw", handlers),)
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        servers.append((server, interceptor))
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        channels.append(channel)
-        return channel
+        async def run(handlers: RawHandlers, **options: Any) -> grpc.aio.Channel:
+            interceptor = AioDedupInterceptor(**options)
+            stack.push_async_callback(interceptor.aclose, 5)
+            raw = await stack.enter_async_context(serve_raw_aio(handlers, [interceptor]))
+            return raw.channel
 
-    yield run
-    for channel in channels:
-        await channel.close()
-    for server, interceptor in servers:
-        await server.stop(None)
-        await interceptor.aclose(5)
+        yield run
 
 
 async def test_aio_stream_handlers_that_write_through_the_context_are_deduplicated(
@@ -788,29 +777,15 @@ def test_a_sync_stream_whose_client_goes_away_keeps_its_claim() -> None:
             yield b"m%d" % n
             time.sleep(0.05)
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8), interceptors=[DedupInterceptor(lease=30.0)]
-    )
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Raw", {"Watch": grpc.unary_stream_rpc_method_handler(stream)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            method = channel.unary_stream("/test.Raw/Watch")
-            call = method(b"req", metadata=_keyed("s"), timeout=10)
-            assert next(call) == b"m0"
-            call.cancel()
-            time.sleep(0.3)
-            with pytest.raises(grpc.RpcError) as retry:
-                list(method(b"req", metadata=_keyed("s"), timeout=1))
-    finally:
-        server.stop(None)
+    handlers = {"Watch": grpc.unary_stream_rpc_method_handler(stream)}
+    with serve_raw(handlers, [DedupInterceptor(lease=30.0)]) as channel:
+        method = channel.unary_stream("/test.Raw/Watch")
+        call = method(b"req", metadata=_keyed("s"), timeout=10)
+        assert next(call) == b"m0"
+        call.cancel()
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as retry:
+            list(method(b"req", metadata=_keyed("s"), timeout=1))
     assert retry.value.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert executions == [b"req"]
 
@@ -863,19 +838,9 @@ async def test_aio_aclose_cancels_executions_that_outlived_their_calls_and_keeps
 
     store = MemoryStore()
     interceptor = AioDedupInterceptor(store, lease=30.0)
-    server = grpc.aio.server(interceptors=[interceptor])
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Raw", {"Slow": grpc.unary_unary_rpc_method_handler(slow)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        method = channel.unary_unary("/test.Raw/Slow")
+    handlers = {"Slow": grpc.unary_unary_rpc_method_handler(slow)}
+    async with serve_raw_aio(handlers, [interceptor]) as raw:
+        method = raw.channel.unary_unary("/test.Raw/Slow")
         error = await _error(method(b"req", metadata=_keyed("slow"), timeout=0.3))
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert started.is_set() and seen == []  # the execution outlived its call
@@ -884,9 +849,6 @@ async def test_aio_aclose_cancels_executions_that_outlived_their_calls_and_keeps
         (key,) = list(store._claims)
         record = store.get(key)
         assert record is not None and record.state.value == "in_progress"  # claim kept
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 def test_a_sync_handler_sees_a_servicer_context() -> None:
@@ -897,23 +859,9 @@ def test_a_sync_handler_sees_a_servicer_context() -> None:
         seen.append(isinstance(context, grpc.ServicerContext) and context.is_active())
         return b"paid"
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2), interceptors=[DedupInterceptor()]
-    )
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Raw", {"Pay": grpc.unary_unary_rpc_method_handler(pay)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            assert channel.unary_unary("/test.Raw/Pay")(b"r", metadata=_keyed("p"), timeout=5)
-    finally:
-        server.stop(None)
+    handlers = {"Pay": grpc.unary_unary_rpc_method_handler(pay)}
+    with serve_raw(handlers, [DedupInterceptor()], max_workers=2) as channel:
+        assert channel.unary_unary("/test.Raw/Pay")(b"r", metadata=_keyed("p"), timeout=5)
     assert seen == [True]
 
 

@@ -15,7 +15,7 @@ from protos.ledger_service import serve
 from resilient_grpc.server import DedupInterceptor
 from resilient_grpc.stores import SQLiteStore
 from tests.dedup_fixtures import KEY, SlowLedger, sqlite_locked, transfer
-from tests.telemetry_fixtures import Otel, otel_fixture  # noqa: F401  (fixture)
+from tests.telemetry_fixtures import Otel
 
 
 def _counts(otel: Otel) -> dict[str, float]:

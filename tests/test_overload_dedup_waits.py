@@ -28,6 +28,7 @@ from resilient_grpc import (
     OverloadInterceptor,
 )
 from resilient_grpc import aio as rg_aio
+from tests.helpers import wait_for
 
 DUPLICATES = 8
 WARM_CALLS = 20
@@ -63,13 +64,6 @@ class AioLedger(ledger_pb2_grpc.LedgerServicer):
         return ledger_pb2.TransferReply()
 
 
-def _bounded(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.005)
-
-
 @pytest.mark.timeout(60)
 def test_sync_duplicates_waiting_on_a_slow_execution_do_not_shrink_the_limit() -> None:
     controller = AdmissionController()
@@ -97,12 +91,12 @@ def test_sync_duplicates_waiting_on_a_slow_execution_do_not_shrink_the_limit() -
                 stub.Transfer.future(hold, metadata=_key("slow"), timeout=20)
                 for _ in range(1 + DUPLICATES)
             ]
-            _bounded(lambda: controller.in_flight == 1 + DUPLICATES, "duplicates not in flight")
+            wait_for(lambda: controller.in_flight == 1 + DUPLICATES, "duplicates not in flight")
             time.sleep(0.2)  # the one execution and its waiting duplicates are slow
             release.set()
             for call in calls:
                 call.result(timeout=10)
-            _bounded(lambda: controller.in_flight == 0, "calls left in flight")
+            wait_for(lambda: controller.in_flight == 0, "calls left in flight")
             # and a replay afterwards is no sample either (a very fast "execution")
             stub.Transfer(hold, metadata=_key("slow"), timeout=5)
     finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +38,7 @@ from resilient_grpc import (
 from resilient_grpc import aio as rg_aio
 from resilient_grpc.core.pushback import PUSHBACK_HEADER
 from resilient_grpc.overload import SHED_DETAILS
+from tests.helpers import native_retry_options, wait_for
 
 TRANSFER = "/ledger.v1.Ledger/Transfer"
 WORKERS = 4
@@ -47,23 +47,9 @@ RATE = 300.0  # offered: more than twice the capacity
 DURATION = 1.2
 DEADLINE = 0.5
 
-NATIVE_RETRY = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": "ledger.v1.Ledger"}],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.02s",
-                    "maxBackoff": "0.5s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
-                },
-            }
-        ]
-    }
+CLIENT_OPTIONS = native_retry_options(
+    max_attempts=5, initial="0.02s", maximum="0.5s", multiplier=2, codes=["RESOURCE_EXHAUSTED"]
 )
-CLIENT_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", NATIVE_RETRY)]
 
 
 @dataclass
@@ -226,9 +212,7 @@ def test_refused_call_claims_no_key_with_dedup_behind() -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = ledger_pb2_grpc.LedgerStub(channel)
             hold = stub.Transfer.future(ledger_pb2.TransferRequest(memo="hold"), timeout=10)
-            deadline = time.monotonic() + 10
-            while controller.in_flight < 1 and time.monotonic() < deadline:
-                time.sleep(0.005)
+            wait_for(lambda: controller.in_flight >= 1, "the held call in flight")
             keyed = [("idempotency-key", "order-1")]
             request = ledger_pb2.TransferRequest(memo="order-1")
             with pytest.raises(grpc.RpcError) as refused:
@@ -265,9 +249,7 @@ def test_resilient_server_knows_how_long_a_call_queued() -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = ledger_pb2_grpc.LedgerStub(channel)
             hold = stub.Transfer.future(ledger_pb2.TransferRequest(memo="hold"), timeout=10)
-            deadline = time.monotonic() + 10
-            while controller.in_flight < 1 and time.monotonic() < deadline:
-                time.sleep(0.005)
+            wait_for(lambda: controller.in_flight >= 1, "the held call in flight")
             queued = stub.Transfer.future(ledger_pb2.TransferRequest(memo="queued"), timeout=10)
             time.sleep(0.2)  # "queued" waits behind "hold" for at least this long
             release.set()
@@ -414,9 +396,7 @@ def test_client_stack_waits_the_pushback_and_its_budget_counts_the_retry(
             hold = ledger_pb2_grpc.LedgerStub(plain).Transfer.future(
                 ledger_pb2.TransferRequest(memo="hold"), timeout=10
             )
-            deadline = time.monotonic() + 10
-            while controller.in_flight < 1 and time.monotonic() < deadline:
-                time.sleep(0.005)
+            wait_for(lambda: controller.in_flight >= 1, "the held call in flight")
             watcher = _release_after_first_shed(log, release)
             with resilient_channel(
                 f"127.0.0.1:{port}", retry=policy, budget=budget, idempotency=IdempotencyKeys()

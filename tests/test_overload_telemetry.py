@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from protos import ledger_pb2, ledger_pb2_grpc
 from resilient_grpc import AdmissionController, OverloadInterceptor
 from resilient_grpc import aio as rg_aio
+from tests.helpers import wait_for
 from tests.telemetry_fixtures import Otel
 from tests.test_overload_server import Log, _sync_server
 
@@ -25,9 +25,7 @@ def test_counts_admitted_and_shed_by_reason_and_reports_the_limit(otel: Otel) ->
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = ledger_pb2_grpc.LedgerStub(channel)
             hold = stub.Transfer.future(ledger_pb2.TransferRequest(memo="hold"), timeout=10)
-            deadline = time.monotonic() + 10
-            while controller.in_flight < 1 and time.monotonic() < deadline:
-                time.sleep(0.005)
+            wait_for(lambda: controller.in_flight >= 1, "the held call in flight")
             for _ in range(2):
                 with pytest.raises(grpc.RpcError):
                     stub.Transfer(ledger_pb2.TransferRequest(memo="x"), timeout=5)

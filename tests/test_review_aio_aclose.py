@@ -18,7 +18,7 @@ import pytest
 from resilient_grpc.aio.server import DedupInterceptor
 from resilient_grpc.stores import MemoryStore
 from resilient_grpc.stores.base import ThreadedAsyncStore
-from tests.dedup_fixtures import KEY
+from tests.dedup_fixtures import KEY, serve_raw_aio
 
 LEASE = 0.3  # a renewal every 0.1 s
 
@@ -51,24 +51,14 @@ async def test_aclose_owns_the_renewals_started_during_its_grace(grace: float | 
 
     store = SlowRenewals()
     interceptor = DedupInterceptor(store, lease=LEASE)
-    server = grpc.aio.server(interceptors=[interceptor])
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Raw", {"Slow": grpc.unary_unary_rpc_method_handler(slow)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        method = channel.unary_unary("/test.Raw/Slow")
+    handlers = {"Slow": grpc.unary_unary_rpc_method_handler(slow)}
+    async with serve_raw_aio(handlers, [interceptor]) as raw:
+        method = raw.channel.unary_unary("/test.Raw/Slow")
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await method(b"req", metadata=[(KEY, "slow")], timeout=0.2)
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert started.is_set()  # the execution outlived its call, renewing its lease
-        await server.stop(None)
+        await raw.server.stop(None)
 
         await interceptor.aclose(grace)
         assert store.renewals >= 2
@@ -77,6 +67,3 @@ async def test_aclose_owns_the_renewals_started_during_its_grace(grace: float | 
         await asyncio.sleep(LEASE)  # a renewal left scheduled would start a task by now
         assert not interceptor._tasks
         assert set(asyncio.all_tasks()) <= before
-    finally:
-        await channel.close()
-        await server.stop(None)

@@ -11,50 +11,18 @@ read (a slow store); the calls go to a real server on loopback.
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Callable
 from typing import Any
 
-import pybreaker
 import pytest
 
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, AioLedger
 from resilient_grpc import CircuitBreaker, HedgingPolicy, IdempotencyKeys, RetryPolicy
 from resilient_grpc.aio.client import resilient_channel
+from tests.helpers import GatedStorage, until
 
 BALANCE = ledger_pb2.BalanceRequest(account="alice")
 RESET = 0.2
-
-
-class GatedStorage(pybreaker.CircuitMemoryStorage):
-    """In-memory breaker state whose next read, once armed, waits for the test to let it go."""
-
-    def __init__(self) -> None:
-        super().__init__(pybreaker.STATE_CLOSED)
-        self.armed = False
-        self.entered = threading.Event()
-        self.gate = threading.Event()
-
-    @property
-    def state(self) -> str:
-        if self.armed:
-            self.armed = False
-            self.entered.set()
-            assert self.gate.wait(10), "the test never opened the gate"
-        return str(super().state)
-
-    @state.setter
-    def state(self, value: str) -> None:
-        pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("policy", ["retry", "hedging"])
@@ -89,7 +57,7 @@ async def test_a_task_cancelled_during_the_probe_admission_frees_the_probe_slot(
         calls_before = len(servicer.state.calls_to(GET_BALANCE))
 
         task = asyncio.ensure_future(stub.GetBalance(BALANCE, timeout=10))
-        await _until(gated.entered.is_set)  # the admission is in its worker thread
+        await until(gated.entered.is_set)  # the admission is in its worker thread
         task.cancel()
         await asyncio.sleep(0.05)
         gated.gate.set()  # the slow store answers: the probe slot was taken

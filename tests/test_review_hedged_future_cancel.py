@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
 
 from protos import ledger_pb2, ledger_pb2_grpc
-from protos.ledger_service import GET_BALANCE, serve
+from protos.ledger_service import GET_BALANCE
 from resilient_grpc import IdempotencyKeys
 from resilient_grpc.client import client_interceptors
 from resilient_grpc.core.hedging import HedgingPolicy
@@ -42,14 +42,6 @@ class HoldSecondCopy(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg
             self.entered.set()
             assert self.gate.wait(10)
         return continuation(client_call_details, request)
-
-
-@pytest.fixture
-def hedge_ledger() -> Iterator[tuple[HedgeLedger, int]]:
-    servicer = HedgeLedger()
-    server, port, _ = serve(servicer)
-    yield servicer, port
-    server.stop(None)
 
 
 def test_cancel_while_the_timer_thread_sends_a_copy_is_done_at_once(

@@ -12,40 +12,25 @@ from __future__ import annotations
 import threading
 import time
 
-import pybreaker
-
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, SyncLedger
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryPolicy
 from resilient_grpc.client import resilient_channel
+from tests.helpers import GatedStorage
 
 BALANCE = ledger_pb2.BalanceRequest(account="alice")
 RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.1, max_backoff=0.1, jitter="none")
 DEADLINE = 1.0
 
 
-class StalledStorage(pybreaker.CircuitMemoryStorage):
-    """Breaker state whose reads, once armed, hang until the test lets them go (the store stalls
+class StalledStorage(GatedStorage):
+    """Breaker state whose reads, while armed, hang until the test lets them go (the store stalls
     after the first attempt's outcome was recorded, before the retry is admitted)."""
 
-    def __init__(self) -> None:
-        super().__init__(pybreaker.STATE_CLOSED)
-        self.armed = False
-        self.entered = threading.Event()
-        self.gate = threading.Event()
-
-    @property
-    def state(self) -> str:
+    def holds(self) -> bool:
         # The library's own threads (not gRPC's callback thread, where the first attempt's
         # outcome is recorded): the retry's admission after the backoff.
-        if self.armed and threading.current_thread().name.startswith("resilient-grpc-"):
-            self.entered.set()
-            self.gate.wait(10)
-        return str(super().state)
-
-    @state.setter
-    def state(self, value: str) -> None:
-        pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
+        return self.armed and threading.current_thread().name.startswith("resilient-grpc-")
 
 
 def test_a_stalled_breaker_store_does_not_hold_another_futures_retry_past_its_deadline(

@@ -1,13 +1,18 @@
 """Every store honours one contract: claim with a fencing token, fenced complete and release, get,
-wait, lease lapse and TTL. Run against MemoryStore, SQLiteStore, a real Redis and a real Redis
-Cluster, through the blocking interface and through the asyncio view."""
+wait, lease lapse and TTL. Run against MemoryStore, SQLiteStore, a real Redis, a real Redis
+Cluster and a real PostgreSQL, through the blocking interface and through the asyncio view.
+
+Leases and TTLs lapse on the store's clock: MemoryStore and SQLiteStore get a
+:class:`~tests.helpers.ShiftedClock` that :func:`elapse` moves forward, while the servers' own
+expiry is what the test checks on Redis and PostgreSQL, so there :func:`elapse` sleeps (briefly)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ from resilient_grpc.stores import (
     Store,
 )
 from resilient_grpc.stores.base import DirectAsyncStore
+from tests.helpers import ShiftedClock, run_threads
 
 FP_A = fingerprint(b"request-a")
 FP_B = fingerprint(b"request-b")
@@ -38,33 +44,38 @@ class Blocking(DirectAsyncStore):
         return await asyncio.to_thread(self.store.wait, key, timeout)
 
 
-def _memory(_: Path, __: str) -> Store:
-    return MemoryStore()
+Elapse = Callable[[float], Awaitable[None]]
 
 
-def _sqlite(tmp_path: Path, __: str) -> Store:
-    return SQLiteStore(tmp_path / "dedup.sqlite3")
+def _memory(_: Path, __: str, clock: ShiftedClock) -> Store:
+    return MemoryStore(clock=clock)
 
 
-def _redis(_: Path, url: str) -> Store:
+def _sqlite(tmp_path: Path, __: str, clock: ShiftedClock) -> Store:
+    return SQLiteStore(tmp_path / "dedup.sqlite3", clock=clock)
+
+
+def _redis(_: Path, url: str, __: ShiftedClock) -> Store:
     return RedisStore.from_url(url)
 
 
-def _postgres(_: Path, url: str) -> Store:
+def _postgres(_: Path, url: str, __: ShiftedClock) -> Store:
     return PostgresStore(url, table=f"dedup_{uuid.uuid4().hex}")
 
 
-def _redis_cluster(_: Path, url: str) -> Store:
+def _redis_cluster(_: Path, url: str, __: ShiftedClock) -> Store:
     return RedisStore.from_url(url, cluster=True)
 
 
-MAKERS: dict[str, Callable[[Path, str], Store]] = {
+MAKERS: dict[str, Callable[[Path, str, ShiftedClock], Store]] = {
     "memory": _memory,
     "sqlite": _sqlite,
     "redis": _redis,
     "postgres": _postgres,
     "redis-cluster": _redis_cluster,
 }
+#: the clock each store that takes one reads by default (the others keep time on their server)
+CLOCKS: dict[str, Callable[[], float]] = {"memory": time.monotonic, "sqlite": time.time}
 URL_FIXTURES = {"redis": "redis_url", "postgres": "postgres_url"}
 
 
@@ -75,15 +86,34 @@ def _url(name: str, request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue(fixture) if fixture else ""
 
 
+_ELAPSE = pytest.StashKey[Elapse]()
+
+
 @pytest.fixture(params=[(name, view) for name in MAKERS for view in ("sync", "async")], ids=str)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncStore]:
     name, view = request.param
     url = _url(name, request)
-    blocking = MAKERS[name](tmp_path, url)
+    base = CLOCKS.get(name)
+    clock = ShiftedClock(base or time.monotonic)
+
+    async def elapse(seconds: float) -> None:
+        if base is None:
+            await asyncio.sleep(seconds)
+        else:
+            clock.advance(seconds)
+
+    request.node.stash[_ELAPSE] = elapse
+    blocking = MAKERS[name](tmp_path, url, clock)
     async_store = blocking.as_async() if view == "async" else Blocking(blocking)
     yield async_store
     await async_store.aclose()
     blocking.close()
+
+
+@pytest.fixture
+def elapse(store: AsyncStore, request: pytest.FixtureRequest) -> Elapse:
+    """Let ``seconds`` pass on the store's clock: moved at once, or slept for a real server."""
+    return request.node.stash[_ELAPSE]
 
 
 async def test_claim_complete_replay(store: AsyncStore) -> None:
@@ -127,11 +157,11 @@ async def test_release_frees_the_key(store: AsyncStore) -> None:
 
 
 async def test_lapsed_lease_lets_a_new_claim_in_and_fences_the_stale_one(
-    store: AsyncStore,
+    store: AsyncStore, elapse: Elapse
 ) -> None:
     stale = await store.claim("k", FP_A, lease=0.05)
     assert stale.token is not None
-    await asyncio.sleep(0.12)
+    await elapse(0.12)
     assert await store.get("k") is None
     fresh = await store.claim("k", FP_A, lease=5)
     assert fresh.token is not None
@@ -143,22 +173,22 @@ async def test_lapsed_lease_lets_a_new_claim_in_and_fences_the_stale_one(
 
 
 async def test_a_stale_executor_cannot_complete_after_its_lease_even_untaken(
-    store: AsyncStore,
+    store: AsyncStore, elapse: Elapse
 ) -> None:
     stale = await store.claim("k", FP_A, lease=0.05)
     assert stale.token is not None
-    await asyncio.sleep(0.12)
+    await elapse(0.12)
     assert not await store.complete("k", stale.token, OUTCOME)
     assert await store.get("k") is None
 
 
-async def test_renew_extends_only_the_tokens_live_claim(store: AsyncStore) -> None:
+async def test_renew_extends_only_the_tokens_live_claim(store: AsyncStore, elapse: Elapse) -> None:
     claim = await store.claim("k", FP_A, lease=0.2)
     assert claim.token is not None
     assert not await store.renew("k", claim.token + 1, lease=5)  # fenced: not our token
     assert not await store.renew("missing", claim.token, lease=5)
     assert await store.renew("k", claim.token, lease=5)
-    await asyncio.sleep(0.3)  # past the first lease: the renewal holds the key
+    await elapse(0.3)  # past the first lease: the renewal holds the key
     record = await store.get("k")
     assert record is not None and record.state is RecordState.IN_PROGRESS
     assert 4.0 < record.lease_left <= 5.0
@@ -169,19 +199,19 @@ async def test_renew_extends_only_the_tokens_live_claim(store: AsyncStore) -> No
     assert record is not None and record.outcome == OUTCOME
 
 
-async def test_a_lapsed_claim_cannot_be_renewed(store: AsyncStore) -> None:
+async def test_a_lapsed_claim_cannot_be_renewed(store: AsyncStore, elapse: Elapse) -> None:
     stale = await store.claim("k", FP_A, lease=0.05)
     assert stale.token is not None
-    await asyncio.sleep(0.12)
+    await elapse(0.12)
     assert not await store.renew("k", stale.token, lease=5)
     assert await store.get("k") is None
 
 
-async def test_ttl_expires_completed_records(store: AsyncStore) -> None:
+async def test_ttl_expires_completed_records(store: AsyncStore, elapse: Elapse) -> None:
     claim = await store.claim("k", FP_A, lease=5)
     assert claim.token is not None
     assert await store.complete("k", claim.token, OUTCOME, ttl=0.05)
-    await asyncio.sleep(0.12)
+    await elapse(0.12)
     assert await store.get("k") is None
     assert (await store.claim("k", FP_A, lease=5)).token is not None
 
@@ -231,7 +261,7 @@ def test_threads_claiming_one_key_get_one_token(
     name: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     url = _url(name, request)
-    store = MAKERS[name](tmp_path, url)
+    store = MAKERS[name](tmp_path, url, ShiftedClock(CLOCKS.get(name, time.monotonic)))
     results: list[ClaimResult] = []
     barrier = threading.Barrier(16)
 
@@ -239,11 +269,7 @@ def test_threads_claiming_one_key_get_one_token(
         barrier.wait(timeout=5)
         results.append(store.claim("k", FP_A, lease=5))
 
-    threads = [threading.Thread(target=claim) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
+    run_threads(claim, 16, timeout=10)
     store.close()
     assert len(results) == 16
     assert sum(r.token is not None for r in results) == 1

@@ -21,7 +21,8 @@ from resilient_grpc import DedupInterceptor
 from resilient_grpc.core.dedup import Outcome, RecordState, fingerprint
 from resilient_grpc.stores import AsyncPostgresStore, PostgresStore, StoreUnavailableError
 from resilient_grpc.testing.postgres_round_trips import PostgresRoundTrips
-from tests.postgres_server import ExternalPostgres, PostgresServer
+from resilient_grpc.testing.servers import PostgresServer
+from tests.private_servers import ExternalServer
 
 FP = fingerprint(b"request")
 OK = Outcome("OK", responses=(b"response",))
@@ -155,9 +156,9 @@ def test_bad_arguments_are_refused_at_construction() -> None:
 
 
 def test_database_down_raises_store_unavailable_then_recovers(
-    postgres_server: PostgresServer | ExternalPostgres, postgres_url: str, table: str
+    postgres_server: PostgresServer | ExternalServer, postgres_url: str, table: str
 ) -> None:
-    if not postgres_server.can_stop:
+    if not isinstance(postgres_server, PostgresServer):
         pytest.skip("POSTGRES_URL: cannot stop that server")
     store = PostgresStore(postgres_url, table=table, timeout=1.0)
     asynchronous = store.as_async()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from resilient_grpc.core.dedup import Outcome, fingerprint, scoped_key
 from resilient_grpc.stores import RedisStore, StoreUnavailableError, UndecodableRecordError
 from resilient_grpc.stores.redis import DEFAULT_PREFIX
 from resilient_grpc.testing.redis_round_trips import RoundTripCounter
-from tests.redis_server import RedisServer, free_port, redis_unavailable
+from resilient_grpc.testing.servers import RedisServer, ServerUnavailableError, free_port
+from tests.private_servers import unavailable
 
 FP = fingerprint(b"request")
 
@@ -114,16 +114,10 @@ def test_a_missing_redis_client_names_the_extra() -> None:
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[Callable[[dict[str, str | tuple[str, ...]]], str]]:
     """Start a redis-server of our own with the given settings; its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        redis_unavailable("redis-server is not on PATH")
-    assert binary is not None
     servers: list[RedisServer] = []
 
     def start(settings: dict[str, str | tuple[str, ...]]) -> str:
-        directory = tmp_path / f"redis-{len(servers)}"
-        directory.mkdir()
-        server = RedisServer(binary, directory, settings)
+        server = _private(settings, tmp_path / f"redis-{len(servers)}")
         servers.append(server)
         server.start()
         return server.url
@@ -131,6 +125,14 @@ def private_redis(tmp_path: Path) -> Iterator[Callable[[dict[str, str | tuple[st
     yield start
     for server in servers:
         server.stop()
+
+
+def _private(settings: dict[str, str | tuple[str, ...]], directory: Path) -> RedisServer:
+    """A private redis-server with ``settings`` (not started), or a skip without the binary."""
+    try:
+        return RedisServer(settings, directory=directory)
+    except ServerUnavailableError as error:
+        unavailable("Redis", str(error))
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -225,12 +227,8 @@ async def test_a_redis_without_config_logs_once_that_it_could_not_check(
 def test_an_unreachable_redis_is_checked_once_it_answers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        redis_unavailable("redis-server is not on PATH")
-    assert binary is not None
     caplog.set_level(logging.WARNING, logger="resilient_grpc.stores.redis")
-    server = RedisServer(binary, tmp_path, {"appendonly": "no"})  # not started yet
+    server = _private({"appendonly": "no"}, tmp_path)  # not started yet
     store = RedisStore.from_url(server.url, socket_connect_timeout=0.5)
     with pytest.raises(StoreUnavailableError):
         store.claim("k", FP, lease=5)

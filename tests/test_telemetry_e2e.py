@@ -31,7 +31,7 @@ from resilient_grpc import (
 from resilient_grpc import aio as rg_aio
 from resilient_grpc.client import resilient_channel
 from resilient_grpc.errors import BreakerOpenError
-from tests.helpers import FAST
+from tests.helpers import FAST, aio_stub_maker, stub_maker
 from tests.telemetry_fixtures import Otel
 
 REQUEST = ledger_pb2.TransferRequest(from_account="alice", to_account="bob", amount=5)
@@ -52,30 +52,14 @@ def assert_no_key_anywhere(otel: Otel, caplog: pytest.LogCaptureFixture, key: st
 
 @pytest.fixture
 def sync_stub(ledger: tuple[SyncLedger, int]) -> Iterator[Any]:
-    channels: list[grpc.Channel] = []
-
-    def make(**stack: Any) -> ledger_pb2_grpc.LedgerStub:
-        channel = resilient_channel(f"127.0.0.1:{ledger[1]}", **stack)
-        channels.append(channel)
-        return ledger_pb2_grpc.LedgerStub(channel)
-
-    yield make
-    for channel in channels:
-        channel.close()
+    with stub_maker(f"127.0.0.1:{ledger[1]}") as make:
+        yield make
 
 
 @pytest.fixture
 async def aio_stub(aio_ledger: tuple[AioLedger, int]) -> AsyncIterator[Any]:
-    channels: list[grpc.aio.Channel] = []
-
-    def make(**stack: Any) -> ledger_pb2_grpc.LedgerStub:
-        channel = rg_aio.resilient_channel(f"127.0.0.1:{aio_ledger[1]}", **stack)
-        channels.append(channel)
-        return ledger_pb2_grpc.LedgerStub(channel)
-
-    yield make
-    for channel in channels:
-        await channel.close()
+    async with aio_stub_maker(f"127.0.0.1:{aio_ledger[1]}") as make:
+        yield make
 
 
 def check_fail_twice_then_succeed(otel: Otel, port: int, parent: Any) -> None:

@@ -17,6 +17,7 @@ from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_sql import Refusal
 from resilient_grpc import MemoryStore, SQLiteStore, TransactionUnavailableError, transaction
 from resilient_grpc.stores.base import ThreadedAsyncStore
+from resilient_grpc.testing.servers import PostgresServer
 from resilient_grpc.transactional import async_transaction, call_scope
 from tests.sql_ledger_servers import ACCOUNTS, BALANCE, LedgerSpec, RunningLedger, start_ledger
 
@@ -240,7 +241,7 @@ def test_database_down_between_write_and_commit_fails_closed(
 ) -> None:
     start, database, _ = pg_setup
     server = request.getfixturevalue("postgres_server")
-    if not server.can_stop:
+    if not isinstance(server, PostgresServer):
         pytest.skip("POSTGRES_URL: cannot stop that server")
     crashed = threading.Event()
 

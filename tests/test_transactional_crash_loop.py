@@ -26,8 +26,8 @@ import pytest
 
 from protos import ledger_pb2, ledger_pb2_grpc
 from resilient_grpc import IdempotencyKeys, RetryPolicy, resilient_channel
-from tests.postgres_server import ExternalPostgres, PostgresServer
-from tests.redis_server import free_port
+from resilient_grpc.testing.servers import PostgresServer, free_port
+from tests.private_servers import ExternalServer
 from tests.sql_ledger_process import LedgerProcess
 from tests.sql_ledger_servers import ACCOUNTS, BALANCE, LedgerSpec, prepare
 from tests.test_transactional import Database
@@ -256,7 +256,7 @@ def test_sqlite_transactional_exactly_once_through_server_kills(
 
 
 def test_postgres_crashes_too_nothing_applies_twice_and_service_resumes(
-    postgres_where: str, postgres_server: PostgresServer | ExternalPostgres
+    postgres_where: str, postgres_server: PostgresServer | ExternalServer
 ) -> None:
     if not isinstance(postgres_server, PostgresServer):
         pytest.skip("POSTGRES_URL: cannot crash that server")

@@ -344,9 +344,9 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
             if isinstance(effect, Execute):
                 return effect
             if direct is not None and not isinstance(effect, Wait):
-                answer = self._perform_now(direct, driver.key, effect)
+                answer = self._perform_now(direct, driver.store_key, effect)
             else:
-                answer = await self._perform(driver.key, effect)
+                answer = await self._perform(driver.store_key, effect)
             effect = driver.advance(effect, answer)
         return None
 
@@ -468,7 +468,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         if token is None:
             return
         try:
-            answer: object = await self.store.renew(driver.key, token, lease=driver.lease)
+            answer: object = await self.store.renew(driver.store_key, token, lease=driver.lease)
         except Exception as error:
             answer = store_down(error)
         delay = driver.renewed(answer)

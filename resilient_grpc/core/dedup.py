@@ -368,12 +368,12 @@ class StoreDown:
     """Sent back instead of an effect's answer when the store could not be used.
 
     ``message`` says why, for the server log only: it may name files, hosts or driver errors,
-    so it never goes into a status sent to a client. ``outcome`` is the dedup outcome counted
-    when it refuses a call (e.g. a record the store could not decode gets its own).
+    so it never goes into a status sent to a client. ``event`` is the dedup telemetry event
+    counted when it refuses a call (e.g. a record the store could not decode gets its own).
     """
 
     message: str
-    outcome: str = "store_error"
+    event: str = "store_error"
 
 
 @dataclass(slots=True)
@@ -383,7 +383,7 @@ class CommitFailed(StoreDown):
     with the record, so its answer must not reach the client. The flow releases the key and
     answers UNAVAILABLE (safe to retry with the same key)."""
 
-    outcome: str = "commit_failed"
+    event: str = "commit_failed"
 
 
 @dataclass(slots=True)
@@ -391,7 +391,7 @@ class StoreFull(StoreDown):
     """The store is full of live claims and refused a claim; one may free up in ``retry_after`` s."""
 
     retry_after: float = 1.0
-    outcome: str = "store_full"
+    event: str = "store_full"
 
 
 @dataclass(slots=True)
@@ -422,7 +422,7 @@ class Action(str, Enum):
 
 @dataclass(slots=True)
 class Verdict:
-    """The end of the flow: what to send, the telemetry outcomes to report, and ``detail`` for
+    """The end of the flow: what to send, the telemetry events to report, and ``detail`` for
     the server log (e.g. a store's own error message; never sent to the client)."""
 
     action: Action
@@ -593,7 +593,7 @@ class DedupFlow:
         if isinstance(answer, CommitFailed) and self.state is _COMPLETING:
             # transactional mode: the handler's writes rolled back with its record, so its live
             # answer must not reach the client as a success; free the key for the retry
-            self._events = (*events, answer.outcome)
+            self._events = (*events, answer.event)
             self._failed_commit = answer.message
             self.state = _RELEASING
             return Release(self._token)
@@ -714,7 +714,7 @@ def _store_down(down: StoreDown, events: tuple[str, ...]) -> Verdict:
     return Verdict(
         Action.ANSWER,
         Outcome("UNAVAILABLE", STORE_UNAVAILABLE),
-        (*events, down.outcome),
+        (*events, down.event),
         down.message,
     )
 
@@ -728,7 +728,7 @@ def _store_full(settings: FlowSettings, full: StoreFull, events: tuple[str, ...]
             f"idempotency store is full of in-flight calls; retry after {pushback} ms",
             ((PUSHBACK_HEADER, pushback),),
         ),
-        (*events, full.outcome),
+        (*events, full.event),
         full.message,
     )
 

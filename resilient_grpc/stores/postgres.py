@@ -272,9 +272,14 @@ def _settings(
 class _Common:
     """Arguments, statements and bookkeeping shared by the sync and async stores."""
 
-    def __init__(self, settings: _Settings, conninfo: str | None) -> None:
+    def __init__(self, settings: _Settings, conninfo: str | None, *, pooled: bool) -> None:
+        """``pooled``: the application gave its own pool (``from_pool``), which the store never
+        closes; otherwise ``conninfo`` must say where to open one."""
+        if not pooled and not isinstance(conninfo, str):
+            raise ValueError(f"conninfo must be a connection string or URL, got {conninfo!r}")
         self._settings = settings
         self.conninfo = conninfo
+        self._owns_pool = not pooled
         self.table = settings.table
         self.ttl = settings.ttl
         self.timeout = settings.timeout
@@ -348,12 +353,8 @@ class PostgresStore(_Common, Store):
         clock: Clock | None = None,
         _pool: ConnectionPool[psycopg.Connection[Any]] | None = None,
     ) -> None:
-        if _pool is None and not isinstance(conninfo, str):
-            raise ValueError(f"conninfo must be a connection string or URL, got {conninfo!r}")
-        _Common.__init__(
-            self, _settings(table, ttl, timeout, min_size, max_size, purge_batch, clock), conninfo
-        )
-        self._owns_pool = _pool is None
+        settings = _settings(table, ttl, timeout, min_size, max_size, purge_batch, clock)
+        _Common.__init__(self, settings, conninfo, pooled=_pool is not None)
         self._pool = _pool
         self._lock = threading.Lock()
 
@@ -606,12 +607,8 @@ class AsyncPostgresStore(_Common, AsyncStore):
         clock: Clock | None = None,
         _pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None,
     ) -> None:
-        if _pool is None and not isinstance(conninfo, str):
-            raise ValueError(f"conninfo must be a connection string or URL, got {conninfo!r}")
-        _Common.__init__(
-            self, _settings(table, ttl, timeout, min_size, max_size, purge_batch, clock), conninfo
-        )
-        self._owns_pool = _pool is None
+        settings = _settings(table, ttl, timeout, min_size, max_size, purge_batch, clock)
+        _Common.__init__(self, settings, conninfo, pooled=_pool is not None)
         self._pool = _pool
         self._pool_lock: asyncio.Lock | None = None
 
