@@ -295,9 +295,7 @@ def test_a_non_fatal_failure_plans_the_next_copy_one_backoff_later(draws: list[f
 def test_a_held_copy_past_the_deadline_gives_the_call_up() -> None:
     clock = FakeClock(100.0)
     policy = HedgingPolicy(max_attempts=3, delay=5.0, failure_backoff=0.2)
-    state = HedgingState(
-        policy, hedgeable=True, clock=clock, deadline=100.5, draw=lambda: 0.999
-    )
+    state = HedgingState(policy, hedgeable=True, clock=clock, deadline=100.5, draw=lambda: 0.999)
     state.begin()
     state.on_answer(1, "UNAVAILABLE")
     while not state.exhausted():
