@@ -320,3 +320,19 @@ async def test_without_a_failure_backoff_an_open_breaker_ends_the_call(
         await stub.GetBalance(BALANCE_REQUEST, timeout=15)
     assert reason_of(caught.value) is Reason.BREAKER_OPEN
     assert len(servicer.state.calls_to(GET_BALANCE)) == 1
+
+
+async def test_a_winning_latency_hedge_gives_its_withdrawal_back(make_stub, hedge_ledger) -> None:
+    servicer, _ = hedge_ledger
+    servicer.hold = 0.5  # every first copy is slow: the hedge wins every call
+    hedging_budget = RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10.0)  # one hedge
+    stub = make_stub(
+        hedging=HedgingPolicy(max_attempts=2, delay=0.05, refund_wins=True),
+        hedging_budget=hedging_budget,
+        idempotency=IdempotencyKeys(),
+    )
+    for _ in range(3):  # the budget allows one hedge; refunded, it serves every call
+        assert (await stub.GetBalance(BALANCE_REQUEST, timeout=15)).account == "alice"
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 6
+    assert hedging_budget.refused == 0
+    assert hedging_budget.balance == pytest.approx(1.0)

@@ -314,3 +314,48 @@ def test_hold_is_only_for_a_due_failure_copy_with_a_backoff() -> None:
         state.hold()
     with pytest.raises(ValueError, match="failure_backoff"):
         HedgingPolicy(failure_backoff=-1.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(winner=st.integers(min_value=1, max_value=3), refund=st.booleans())
+def test_a_winning_latency_hedge_is_refunded_only_with_refund_wins(
+    winner: int, refund: bool
+) -> None:
+    clock = FakeClock(100.0)
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, window=10.0, clock=clock)
+    for _ in range(10):
+        budget.deposit()
+    state = HedgingState(
+        HedgingPolicy(max_attempts=3, delay=0.1, refund_wins=refund),
+        hedgeable=True,
+        budget=budget,
+        clock=clock,
+    )
+    state.begin()  # 11 deposits: 11 withdrawals allowed
+    for _ in range(2):
+        clock.now += 0.1
+        assert state.hedge() is not None
+    assert budget.balance == pytest.approx(9.0)
+    assert state.on_answer(winner, "OK").verdict is Verdict.COMMIT
+    refunded = refund and winner > 1  # the first attempt withdrew nothing
+    assert state.refunded is refunded
+    assert budget.balance == pytest.approx(10.0 if refunded else 9.0)
+
+
+def test_a_failure_copy_that_wins_is_not_refunded() -> None:
+    clock = FakeClock(100.0)
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, clock=clock)
+    state = HedgingState(
+        HedgingPolicy(max_attempts=3, delay=0.1, refund_wins=True),
+        hedgeable=True,
+        budget=budget,
+        clock=clock,
+    )
+    state.begin()
+    state.on_answer(1, "UNAVAILABLE")
+    assert state.hedge() == 2  # a failure copy: a retry, whatever it answers
+    state.on_answer(2, "OK")
+    assert not state.refunded
+    assert budget.balance == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="refund_wins"):
+        HedgingPolicy(refund_wins=1)  # type: ignore[arg-type]

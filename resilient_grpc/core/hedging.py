@@ -69,6 +69,14 @@ class HedgingPolicy:
     back (for the next backoff) rather than dropped, and goes out if a probe closes the breaker
     before the call's deadline: a call that failed in the last moments of an outage is
     answered after it, as a retry with backoff would be. It is not part of the service config.
+
+    ``refund_wins`` (default False): a latency hedge that wins the call (its OK is the first
+    answer) gives its budget withdrawal back. It did what hedging is for: the replica the
+    earlier copies went to was slow and another one was not. The budget then bounds only the
+    hedges that did not help, which is what an overloaded backend gets (every copy waits in
+    the same queue, and the earliest answers first), so a small hedging budget serves a slow
+    replica, where a third of the calls need a hedge, without letting the copies feed an
+    overload. The winners add at most ``max_attempts - 1`` copies per call.
     """
 
     max_attempts: int
@@ -78,6 +86,7 @@ class HedgingPolicy:
     idempotent_methods: frozenset[str]
     max_pushback: float
     failure_backoff: float
+    refund_wins: bool
 
     def __init__(
         self,
@@ -89,6 +98,7 @@ class HedgingPolicy:
         idempotent_methods: Iterable[str] = frozenset(),
         max_pushback: float = DEFAULT_MAX_PUSHBACK,
         failure_backoff: float = 0.0,
+        refund_wins: bool = False,
     ) -> None:
         whole_number("max_attempts", max_attempts, at_least=1)
         object.__setattr__(self, "max_attempts", max_attempts)
@@ -115,6 +125,10 @@ class HedgingPolicy:
             "failure_backoff",
             finite_number("failure_backoff", failure_backoff, at_least=0.0, unit=" of seconds"),
         )
+
+        if not isinstance(refund_wins, bool):
+            raise ValueError(f"refund_wins must be True or False, got {refund_wins!r}")
+        object.__setattr__(self, "refund_wins", refund_wins)
 
     def backoff_after(self, failures: int, draw: float) -> float:
         """The wait before the copy that follows the ``failures``-th non-fatal failure.
@@ -239,6 +253,10 @@ class HedgingState:
         self.after_failure = False
         #: Non-fatal failures so far (they set the failure backoff).
         self.failures = 0
+        #: The latency hedges sent, by number, with the budget each withdrew from.
+        self._latency_hedges: dict[int, RetryBudget | None] = {}
+        #: Whether the winner was a latency hedge whose withdrawal was given back.
+        self.refunded = False
         self._clock = clock
         self._draw = draw
         self._limit = policy.max_attempts if hedgeable else 1
@@ -308,7 +326,11 @@ class HedgingState:
         if budget is not None and not budget.try_withdraw():
             self.stop(Reason.BUDGET_EXHAUSTED)
             return None
-        return self._send(now)
+        latency = not self.after_failure
+        number = self._send(now)
+        if latency:
+            self._latency_hedges[number] = budget
+        return number
 
     def _failure_wait(self) -> float:
         if not self.policy.failure_backoff:
@@ -341,6 +363,11 @@ class HedgingState:
         if code == "OK" or code not in self.policy.non_fatal_codes:
             self.committed = True
             self.next_at = None
+            if code == "OK" and self.policy.refund_wins and number in self._latency_hedges:
+                budget = self._latency_hedges[number]
+                if budget is not None:
+                    budget.refund()
+                    self.refunded = True
             reason = Reason.SUCCESS if code == "OK" else Reason.NOT_RETRYABLE_CODE
             return Answer(Verdict.COMMIT, reason)
         if pushback is not None:
