@@ -300,7 +300,8 @@ def _ours(
 #: only the hedges that did not help (those of an overload); failure copies withdraw from the
 #: 10% retry budget, back off (50 ms, doubling) and wait for the breaker to close, so a call
 #: that failed at the end of an outage is answered after it; the breaker counts one failure
-#: per call and looks at the last 0.25 s, so it opens early in an outage.
+#: per call and looks at the last 0.5 s, so it opens early in an outage (0.25 s opened it now
+#: and then after the overload spike).
 FULL_STACK_CONFIG: dict[str, Any] = {
     "breaker": True,
     "hedging": True,
@@ -308,12 +309,12 @@ FULL_STACK_CONFIG: dict[str, Any] = {
     "hedging_budget_ratio": 0.1,
     "refund_wins": True,
     "failure_backoff": 0.05,
-    "breaker_window": 0.25,
+    "breaker_window": 0.5,
 }
 FULL_STACK = (
     "HedgingPolicy(5 copies, 50 ms apart, failure_backoff=0.05, refund_wins=True) instead of "
     "retries + hedging budget 10% + retry budget 10% + CircuitBreaker(fail_max=5, "
-    "reset_timeout=0.5, probe_every=2, window=0.25) + idempotency keys"
+    "reset_timeout=0.5, probe_every=2, window=0.5) + idempotency keys"
 )
 
 POLICIES: tuple[Policy, ...] = (
