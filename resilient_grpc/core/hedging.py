@@ -76,7 +76,8 @@ class HedgingPolicy:
     hedges that did not help, which is what an overloaded backend gets (every copy waits in
     the same queue, and the earliest answers first), so a small hedging budget serves a slow
     replica, where a third of the calls need a hedge, without letting the copies feed an
-    overload. The winners add at most ``max_attempts - 1`` copies per call.
+    overload. The winners add at most ``max_attempts - 1`` copies per call. Neither this nor
+    ``failure_backoff`` is part of the service config (``to_service_config`` leaves them out).
     """
 
     max_attempts: int
