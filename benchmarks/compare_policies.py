@@ -43,7 +43,7 @@ from benchmarks.policies import (
     ClientSettings,
     Policy,
 )
-from benchmarks.scenarios import SCENARIO_NAMES, Scenario, build_scenarios
+from benchmarks.scenarios import DEFAULT_SCENARIOS, SCENARIO_NAMES, Scenario, build_scenarios
 from benchmarks.server_model import PROXY_COUNTERS, CapacityConfig, ServerProcess
 from protos import ledger_pb2
 
@@ -76,7 +76,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "exp-no-jitter and tenacity)",
     )
     parser.add_argument(
-        "--scenarios", help=f"comma-separated subset of: {', '.join(SCENARIO_NAMES)}"
+        "--scenarios",
+        help=f"comma-separated subset of: {', '.join(SCENARIO_NAMES)} (default: all but "
+        "partial-outage-kill)",
     )
     parser.add_argument(
         "--scale",
@@ -137,7 +139,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.scenario_list = (
         _pick(args.scenarios, SCENARIO_NAMES, "--scenarios")
         if args.scenarios
-        else list(SCENARIO_NAMES)
+        else list(DEFAULT_SCENARIOS)
     )
     if args.scale is None:
         args.scale = QUICK_SCALE if args.quick else 1.0
@@ -187,13 +189,14 @@ async def run_trial(
     shared = scenario.replicas > 1 and policy.server_dedup
     if shared and shared_store is None:
         raise RuntimeError("replicas with server dedup need a shared store (shared_store)")
-    ports = []
-    for index, server in enumerate(replicas):
+
+    def start(index: int, port: int = 0) -> int:
         odd = index == 0
         factor = scenario.slow_factor if odd else 1.0
-        ports.append(
-            server.request(
+        return int(
+            replicas[index].request(
                 cmd="start",
+                port=port,
                 # a slow replica takes factor x the service time, the extra before the queue
                 workers=capacity.workers,
                 queue=capacity.queue,
@@ -206,6 +209,10 @@ async def run_trial(
                 outage=list(scenario.trigger) if scenario.outage and odd else None,
             )["port"]
         )
+
+    ports = [start(index) for index in range(len(replicas))]
+    #: Logs of replica 0 taken just before it was killed (its process loses them).
+    before_kill: dict[str, Any] = {"attempts": [], "executions": []}
     options: list[tuple[str, Any]] = []
     if scenario.replicas > 1:
         target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
@@ -238,9 +245,24 @@ async def run_trial(
                 )
             )
 
-        records = await run_open_loop(
-            one, offsets, origin, drain_timeout=settings.deadline + 1.0, on_tick=on_tick
-        )
+        async def kill_and_restart() -> None:
+            """SIGKILL replica 0 for the trigger window, then start it again on its port."""
+            await asyncio.sleep(max(origin + scenario.trigger[0] - time.monotonic(), 0.0))
+            victim = replicas[0]
+            before_kill.update(await asyncio.to_thread(victim.request, cmd="logs"))
+            await asyncio.to_thread(victim.kill)
+            await asyncio.sleep(max(origin + scenario.trigger[1] - time.monotonic(), 0.0))
+            await asyncio.to_thread(start, 0, ports[0])
+            await asyncio.to_thread(victim.request, cmd="go", origin=origin)
+
+        killer = asyncio.ensure_future(kill_and_restart()) if scenario.kill else None
+        try:
+            records = await run_open_loop(
+                one, offsets, origin, drain_timeout=settings.deadline + 1.0, on_tick=on_tick
+            )
+        finally:
+            if killer is not None:
+                await killer  # bounded: it ends at the trigger's end, inside the run
     finally:
         await client.close()
     counters = (
@@ -250,8 +272,11 @@ async def run_trial(
     )
     attempts: list[tuple[float, str]] = []
     executions: list[tuple[float, str, bool]] = []
-    for server in replicas:
+    for index, server in enumerate(replicas):
         logs = server.request(cmd="stop", drain_timeout=3.0)
+        if index == 0 and scenario.kill:  # what it saw before it was killed, then after
+            logs["attempts"] = [*before_kill["attempts"], *logs["attempts"]]
+            logs["executions"] = [*before_kill["executions"], *logs["executions"]]
         attempts += [(float(t), str(code)) for t, code in logs["attempts"] if float(t) >= origin]
         executions += [
             (float(t), str(key), bool(late))

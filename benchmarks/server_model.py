@@ -247,7 +247,8 @@ class _Running:
         ledger_pb2_grpc.add_LedgerServicer_to_server(
             ModelLedger(self.config.service_time, self.log), self.server
         )
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        # a replica started again after a kill takes its old port back
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{int(command.get('port', 0))}")
         self.server.start()
 
     def go(self, origin: float) -> None:
@@ -305,6 +306,8 @@ def serve_forever() -> None:
             elif name == "go" and running is not None:
                 running.go(float(command["origin"]))
                 reply = {"ok": True}
+            elif name == "logs" and running is not None:  # what it saw so far (before a kill)
+                reply = {"ok": True, **running.log.snapshot()}
             elif name == "stop" and running is not None:
                 reply = {"ok": True, **running.stop(float(command.get("drain_timeout", 3.0)))}
                 running = None
@@ -326,6 +329,9 @@ class ServerProcess:
     """The driver's handle on the server process (one per benchmark run, reused by every trial)."""
 
     def __init__(self) -> None:
+        self._spawn()
+
+    def _spawn(self) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
@@ -356,6 +362,15 @@ class ServerProcess:
         if not reply.get("ok"):
             raise RuntimeError(f"benchmark server: {reply.get('error')}")
         return reply
+
+    def kill(self) -> None:
+        """SIGKILL the process (a crash: no drain, no goodbye) and start a fresh, idle one."""
+        self._process.kill()
+        self._process.wait(timeout=5)
+        for pipe in (self._process.stdin, self._process.stdout):
+            if pipe is not None:
+                pipe.close()
+        self._spawn()
 
     def close(self) -> None:
         """Ask the process to exit; kill it if it does not within a few seconds."""

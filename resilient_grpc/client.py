@@ -1210,6 +1210,7 @@ def client_interceptors(
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
     throttle: AdaptiveThrottle | None = None,
     hedging: HedgingPolicy | None = None,
+    hedging_budget: RetryBudget | None = None,
 ) -> list[Any]:
     """Interceptors for ``grpc.intercept_channel(channel, *client_interceptors(...))``.
 
@@ -1226,8 +1227,10 @@ def client_interceptors(
     lists (every method if it lists none; then ``retry`` must be ``None``). With interceptors a
     blocking call's continuation returns only when its attempt is over, so a blocking hedged
     call sends its copies one after another (on non-fatal failures); ``.future()`` calls and
-    :func:`resilient_channel` hedge for real. Bad arguments raise ``ValueError`` naming the
-    argument.
+    :func:`resilient_channel` hedge for real. ``hedging_budget``: a :class:`RetryBudget` for
+    the latency hedges (copies sent because ``delay`` passed without an answer); copies sent
+    after a non-fatal failure are retries and withdraw from ``budget``. Without it every copy
+    withdraws from ``budget``. Bad arguments raise ``ValueError`` naming the argument.
 
     Turn gRPC's native retries off on the channel you intercept: create it with the option
     ``("grpc.enable_retries", 0)``. Otherwise a service config with a ``retryPolicy`` (yours,
@@ -1246,6 +1249,7 @@ def client_interceptors(
         "sync",
         throttle=throttle,
         hedging=hedging,
+        hedging_budget=hedging_budget,
     )
     return [_Interceptor(stack)]
 
@@ -1262,6 +1266,7 @@ def resilient_channel(
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
     throttle: AdaptiveThrottle | None = None,
     hedging: HedgingPolicy | None = None,
+    hedging_budget: RetryBudget | None = None,
 ) -> grpc.Channel:
     """A channel to ``target`` (secure if ``credentials`` is given) with the stack attached.
 
@@ -1280,5 +1285,6 @@ def resilient_channel(
         "sync",
         throttle=throttle,
         hedging=hedging,
+        hedging_budget=hedging_budget,
     )
     return _Channel(open_channel(grpc, target, credentials, options), stack)

@@ -123,23 +123,25 @@ class HedgedCall:
         code = "OK" if error is None else status_name(error)
         tel = self.telemetry
         tel.attempt(number, code, None)
-        opened = self._record(code, admission)
+        self._record_throttle(code)
         answer = state.on_answer(
             number, code, pushback=pushback_of(error) if error is not None else None
         )
         if error is not None:
             self._last_error = error
         if answer.verdict is Verdict.COMMIT:
+            self._record(code, admission)
             losers = self._cancel_others()
             self.over = True
             if error is None:
                 tel.end(code, attempts=state.sent, reason=Reason.SUCCESS)
                 return Actions(cancel=losers, done=True, winner=number)
             return Actions(cancel=losers, done=True, winner=number, error=self._give_up(error))
-        if opened:
-            state.stop(Reason.BREAKER_OPEN)
         if answer.verdict is Verdict.GIVE_UP:
+            self._count_failure(code, admission)
             return self._fail(number, answer.reason)
+        if self._count_failure(code, admission) and not self._may_hold():
+            state.stop(Reason.BREAKER_OPEN)  # else the next copy is held until it closes
         return self._hedge()
 
     def abandon(self) -> tuple[int, ...]:
@@ -154,6 +156,8 @@ class HedgedCall:
     # Internals -------------------------------------------------------------------------------
 
     _admission = REFUSED
+    #: Whether the breaker has been told of a failure of this call (see :meth:`_count_failure`).
+    _failure_counted = False
 
     def _admit(self) -> Reason | None:
         """Ask the throttle and the breaker for one more attempt (``None``: it may go)."""
@@ -173,6 +177,9 @@ class HedgedCall:
         state = self.state
         if not state.due():
             return self._settle()
+        if self._held_back():
+            state.hold()
+            return self._settle()
         refusal = self._admit()
         if refusal is not None:
             state.stop(refusal)
@@ -184,6 +191,27 @@ class HedgedCall:
             self._release(self._admission)
         return self._settle()
 
+    def _held_back(self) -> bool:
+        """Whether the failure copy that is due waits for the breaker to close.
+
+        Only with ``failure_backoff``: the breaker's state is read, not asked for an
+        admission, so a held copy never becomes one of an open breaker's probes (those are
+        for fresh calls) and adds no load while the backend is down.
+        """
+        breaker = self.stack.target_breaker
+        return (
+            breaker is not None
+            and self._may_hold()
+            and self.state.after_failure
+            and breaker.state != "closed"
+        )
+
+    def _may_hold(self) -> bool:
+        """Failure copies wait for a breaker to close only with ``failure_backoff`` and a
+        deadline (a call without one would wait as long as the outage lasts)."""
+        state = self.state
+        return bool(state.policy.failure_backoff) and state.deadline is not None
+
     def _settle(self) -> Actions:
         """Nothing to send now: wait, or fail if nothing is in flight and nothing will be."""
         answer = self.state.settle()
@@ -193,26 +221,62 @@ class HedgedCall:
 
     def _attempt(self, number: int) -> Attempt:
         metadata = self.metadata
+        timeout = self.state.attempt_timeout()
+        wait_for_ready = self.wait_for_ready
         if number > 1:
             metadata = (*metadata, (PREVIOUS_ATTEMPTS_HEADER, str(number - 1)))
-        return Attempt(number, self.state.attempt_timeout(), metadata, self.wait_for_ready)
+            if (
+                wait_for_ready is None
+                and timeout is not None
+                and self.stack.reconnect_wait is not None
+            ):
+                # A copy after a cut connection would fail at once while the channel
+                # reconnects (and a failure copy follows a failure): like a retry, it waits
+                # for the channel, bounded by the caller's own deadline.
+                wait_for_ready = True
+        return Attempt(number, timeout, metadata, wait_for_ready)
+
+    def _impatient(self, code: str) -> bool:
+        """The caller's own deadline says how patient it is, not how healthy the backend is."""
+        remaining = self.state.remaining()
+        return code == "DEADLINE_EXCEEDED" and remaining is not None and remaining <= 0
+
+    def _record_throttle(self, code: str) -> None:
+        """Feed a copy's answer to the throttle (it counts requests: every copy is one)."""
+        throttle = self.stack.throttle
+        if throttle is not None and not self._impatient(code):
+            throttle.record(code not in throttle.codes)
 
     def _record(self, code: str, admission: Admission) -> bool:
-        """Feed an answer to the throttle and the breaker; True if the breaker is open now."""
-        stack = self.stack
-        remaining = self.state.remaining()
-        # The caller's own deadline says how patient it is, not how healthy the backend is.
-        impatient = code == "DEADLINE_EXCEEDED" and remaining is not None and remaining <= 0
-        throttle = stack.throttle
-        if throttle is not None and not impatient:
-            throttle.record(code not in throttle.codes)
-        breaker = stack.target_breaker
+        """Feed an answer to the breaker; True if the breaker is open now."""
+        breaker = self.stack.target_breaker
         if breaker is None:
             return False
-        if impatient:
+        if self._impatient(code):
             breaker.release(admission)
             return False
-        return breaker.record(admission, code in stack.breaker_codes)
+        return breaker.record(admission, code in self.stack.breaker_codes)
+
+    def _count_failure(self, code: str, admission: Admission) -> bool:
+        """A copy failed with a non-fatal code: the breaker counts it if it is the call's first.
+
+        The breaker counts calls, not copies: one failure at most per call, when its first
+        copy fails (so a backend that is down opens the breaker as fast as with single
+        attempts), and the call's success if another copy then succeeds. One replica in three
+        answering UNAVAILABLE fails a third of the copies while every call succeeds on another
+        replica; counting every failed copy opened the breaker on a service that served every
+        call (issue 11's partial outage). A probe of an open or half-open breaker is always
+        recorded (the breaker waits for it). True if the breaker is open now.
+        """
+        breaker = self.stack.target_breaker
+        if breaker is None:
+            return False
+        failed = code in self.stack.breaker_codes
+        if failed and admission is ADMITTED:
+            if self._failure_counted:
+                return False  # counted already: a repeat is the same call failing
+            self._failure_counted = True
+        return self._record(code, admission)
 
     def _release(self, admission: Admission) -> None:
         breaker = self.stack.target_breaker
@@ -279,7 +343,8 @@ def begin_hedged(
         policy,
         hedgeable=key is not None or policy.is_idempotent(method),
         deadline=deadline_from_timeout(timeout),
-        budget=stack.hedging_budget,
+        budget=stack.hedge_failure_budget,
+        hedge_budget=stack.hedging_budget,
     )
     return HedgedCall(stack, method, key, call_metadata, wait_for_ready, state)
 

@@ -158,6 +158,7 @@ class ClientStack:
         owns_channel: bool = False,
         throttle: AdaptiveThrottle | None = None,
         hedging: HedgingPolicy | None = None,
+        hedging_budget: RetryBudget | None = None,
     ) -> None:
         _check_instance("retry", retry, RetryPolicy, "RetryPolicy")
         _check_instance("hedging", hedging, HedgingPolicy, "HedgingPolicy")
@@ -169,6 +170,7 @@ class ClientStack:
             )
         _check_instance("throttle", throttle, AdaptiveThrottle, "AdaptiveThrottle")
         _check_instance("budget", budget, RetryBudget, "RetryBudget")
+        _check_instance("hedging_budget", hedging_budget, RetryBudget, "RetryBudget")
         _check_instance("breaker", breaker, CircuitBreaker, "CircuitBreaker")
         _check_instance("idempotency", idempotency, IdempotencyKeys, "IdempotencyKeys")
         if target is not None and (not isinstance(target, str) or not target):
@@ -178,8 +180,14 @@ class ClientStack:
         self.policy = retry if retry is not None else _SINGLE_ATTEMPT
         self.budget = budget if retry is not None else None
         self.hedging = hedging
-        #: The budget hedges withdraw from (one withdrawal per hedge after the first attempt).
-        self.hedging_budget = budget if hedging is not None else None
+        #: The budget a hedged call's failure copies withdraw from (the retry budget), and
+        #: the one its latency hedges withdraw from (``hedging_budget``, else the same).
+        self.hedge_failure_budget = budget if hedging is not None else None
+        self.hedging_budget = (
+            (hedging_budget if hedging_budget is not None else budget)
+            if hedging is not None
+            else None
+        )
         self.breaker = breaker
         self.idempotency = idempotency
         self.target = target
@@ -205,6 +213,7 @@ class ClientStack:
         *,
         throttle: AdaptiveThrottle | None = None,
         hedging: HedgingPolicy | None = None,
+        hedging_budget: RetryBudget | None = None,
     ) -> ClientStack:
         """The stack of a channel the library builds: ``target`` is required."""
         if not isinstance(target, str) or not target:
@@ -220,6 +229,7 @@ class ClientStack:
             owns_channel=True,
             throttle=throttle,
             hedging=hedging,
+            hedging_budget=hedging_budget,
         )
 
     def hedges(self, method: str, *, stream: bool = False) -> bool:

@@ -134,3 +134,43 @@ def test_metrics_count_duplicates_lost_and_amplification() -> None:
     assert metrics.amplification_during == pytest.approx(5 / 3, abs=1e-3)
     assert metrics.amplification_after == pytest.approx(1.0)
     assert metrics.goodput == pytest.approx(0.5)
+
+
+@pytest.mark.timeout(120)
+def test_the_kill_variant_of_the_partial_outage_kills_and_restarts_replica_0(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "140"}
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--scale",
+            "0.25",
+            "--scenarios",
+            "partial-outage-kill",
+            "--policies",
+            "no-retry,full-stack",
+            "--no-plot",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:] + completed.stdout[-3000:]
+    document = json.loads((tmp_path / "compare_policies.json").read_text())
+    (scenario,) = document["scenarios"]
+    assert scenario["name"] == "partial-outage-kill"
+    assert "SIGKILL" in scenario["description"]
+    trials = document["results"]["partial-outage-kill"]
+    # no retry loses the calls in flight on the killed replica and those sent to it while down
+    assert trials["no-retry"]["succeeded"] < trials["no-retry"]["requests"]
+    full = trials["full-stack"]
+    assert full["duplicates"] == 0
+    # replica 0's log before the kill and after the restart are both counted
+    assert full["server_attempts"] >= full["requests"] > 0

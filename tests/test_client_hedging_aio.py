@@ -207,3 +207,118 @@ async def test_hedging_with_a_redis_breaker_runs_breaker_io_off_the_loop(
         assert await servicer.cancellations(1) == 1
     finally:
         client.close()
+
+
+# Issue 11: the breaker counts calls, a hedging budget, failure copies held for the breaker ------
+
+
+async def test_the_breaker_counts_one_failure_per_call_not_one_per_copy(
+    make_stub, hedge_ledger
+) -> None:
+    servicer, port = hedge_ledger
+    servicer.slow_first = False
+    breaker = CircuitBreaker(fail_max=2, reset_timeout=30, failure_rate=0)
+    stub = make_stub(
+        hedging=HedgingPolicy(max_attempts=3, delay=5.0),
+        breaker=breaker,
+        idempotency=IdempotencyKeys(),
+    )
+    target = breaker.for_target(f"127.0.0.1:{port}")
+    servicer.state.faults.fail_times(GET_BALANCE, 2)
+    assert (await stub.GetBalance(BALANCE_REQUEST, timeout=15)).account == "alice"
+    assert target.state == "closed"
+
+    servicer.state.faults.fail_times(GET_BALANCE, 3)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetBalance(BALANCE_REQUEST, timeout=15)
+    assert attempts_of(caught.value) == 3
+    assert target.state == "closed"
+    servicer.state.faults.fail_times(GET_BALANCE, 3)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.GetBalance(BALANCE_REQUEST, timeout=15)
+    assert target.state == "open"
+    # its first copy's failure was the call's one failure: it opened the breaker at once,
+    # which refused the other copies
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 3 + 3 + 1
+    servicer.state.faults.clear()
+
+
+async def test_latency_hedges_draw_on_the_hedging_budget_failure_copies_on_the_retry_budget(
+    make_stub, hedge_ledger
+) -> None:
+    servicer, _ = hedge_ledger
+    servicer.hold = 0.5
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0)
+    hedging_budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0)
+    stub = make_stub(
+        hedging=HEDGE, budget=budget, hedging_budget=hedging_budget, idempotency=IdempotencyKeys()
+    )
+    assert (await stub.GetBalance(BALANCE_REQUEST, timeout=15)).account == "alice"
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 2
+    assert budget.refused == 0
+
+    servicer.slow_first = False
+    servicer.state.faults.fail_times(GET_BALANCE, 1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetBalance(BALANCE_REQUEST, timeout=15)
+    assert reason_of(caught.value) is Reason.BUDGET_EXHAUSTED
+    assert budget.refused == 1
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 3
+
+
+async def test_a_failure_copy_waits_its_backoff_and_for_an_open_breaker_to_close(
+    make_stub, hedge_ledger
+) -> None:
+    servicer, port = hedge_ledger
+    servicer.slow_first = False
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=0.3, failure_rate=0, probe_every=None)
+    stub = make_stub(
+        hedging=HedgingPolicy(max_attempts=3, delay=5.0, failure_backoff=0.2),
+        breaker=breaker,
+        idempotency=IdempotencyKeys(),
+    )
+    servicer.state.faults.fail_times(GET_BALANCE, 1)
+    started = time.monotonic()
+    held = asyncio.ensure_future(stub.GetBalance(BALANCE_REQUEST, timeout=15))
+    await asyncio.sleep(0.5)
+    assert not held.done()
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 1
+    assert breaker.for_target(f"127.0.0.1:{port}").state == "open"
+    assert (await stub.GetBalance(BALANCE_REQUEST, timeout=15)).account == "alice"
+    assert (await asyncio.wait_for(held, 15)).account == "alice"
+    assert time.monotonic() - started >= 0.5
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 3
+
+
+async def test_without_a_failure_backoff_an_open_breaker_ends_the_call(
+    make_stub, hedge_ledger
+) -> None:
+    servicer, _ = hedge_ledger
+    servicer.slow_first = False
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=30, failure_rate=0, probe_every=None)
+    stub = make_stub(
+        hedging=HedgingPolicy(max_attempts=3, delay=5.0),
+        breaker=breaker,
+        idempotency=IdempotencyKeys(),
+    )
+    servicer.state.faults.fail_times(GET_BALANCE, 1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetBalance(BALANCE_REQUEST, timeout=15)
+    assert reason_of(caught.value) is Reason.BREAKER_OPEN
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 1
+
+
+async def test_a_winning_latency_hedge_gives_its_withdrawal_back(make_stub, hedge_ledger) -> None:
+    servicer, _ = hedge_ledger
+    servicer.hold = 0.5  # every first copy is slow: the hedge wins every call
+    hedging_budget = RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10.0)  # one hedge
+    stub = make_stub(
+        hedging=HedgingPolicy(max_attempts=2, delay=0.05, refund_wins=True),
+        hedging_budget=hedging_budget,
+        idempotency=IdempotencyKeys(),
+    )
+    for _ in range(3):  # the budget allows one hedge; refunded, it serves every call
+        assert (await stub.GetBalance(BALANCE_REQUEST, timeout=15)).account == "alice"
+    assert len(servicer.state.calls_to(GET_BALANCE)) == 6
+    assert hedging_budget.refused == 0
+    assert hedging_budget.balance == pytest.approx(1.0)

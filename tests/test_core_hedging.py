@@ -213,3 +213,149 @@ def test_methods_select_what_is_hedged() -> None:
     assert some.applies_to("/a.B/C") and some.applies_to("/x.Y/Z")
     assert not some.applies_to("/a.B/D")
     assert some.with_changes(delay=1.0).delay == 1.0
+
+
+# A hedging budget apart from the retry budget, and the failure backoff (issue 11) ---------------
+
+
+def test_latency_hedges_use_the_hedging_budget_and_failure_copies_the_retry_budget() -> None:
+    clock = FakeClock(100.0)
+    retry_budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0, clock=clock)
+    hedge_budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, clock=clock)
+    state = HedgingState(
+        HedgingPolicy(max_attempts=3, delay=0.1),
+        hedgeable=True,
+        budget=retry_budget,
+        hedge_budget=hedge_budget,
+        clock=clock,
+    )
+    state.begin()  # deposits into both
+    clock.now += 0.1
+    assert not state.after_failure
+    assert state.hedge() == 2  # a latency hedge: from the hedging budget (ratio 1)
+    assert hedge_budget.balance == pytest.approx(0.0)
+    state.on_answer(2, "UNAVAILABLE")
+    assert state.after_failure
+    assert state.hedge() is None  # a failure copy: the empty retry budget refuses it
+    assert state.stopped is Reason.BUDGET_EXHAUSTED
+    assert retry_budget.refused == 1 and hedge_budget.refused == 0
+
+
+def test_without_a_hedging_budget_every_copy_uses_the_retry_budget() -> None:
+    clock = FakeClock(100.0)
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, clock=clock)
+    state = HedgingState(
+        HedgingPolicy(max_attempts=3, delay=0.1), hedgeable=True, budget=budget, clock=clock
+    )
+    state.begin()
+    clock.now += 0.1
+    assert state.hedge() == 2
+    state.on_answer(2, "UNAVAILABLE")
+    assert state.hedge() is None  # the one deposit allowed one copy
+    assert budget.refused == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    backoff=st.floats(min_value=0.001, max_value=5.0),
+    failures=st.integers(min_value=1, max_value=40),
+    draw=st.floats(min_value=0.0, max_value=0.999999),
+)
+def test_failure_backoff_doubles_with_equal_jitter_and_a_cap(
+    backoff: float, failures: int, draw: float
+) -> None:
+    policy = HedgingPolicy(failure_backoff=backoff)
+    base = backoff * min(2.0 ** (failures - 1), 16.0)
+    wait = policy.backoff_after(failures, draw)
+    assert base / 2 - 1e-12 <= wait <= base + 1e-12
+    assert wait <= 16 * backoff + 1e-12
+
+
+@settings(max_examples=100, deadline=None)
+@given(draws=st.lists(st.floats(min_value=0.0, max_value=0.999999), min_size=3, max_size=3))
+def test_a_non_fatal_failure_plans_the_next_copy_one_backoff_later(draws: list[float]) -> None:
+    clock = FakeClock(100.0)
+    values = iter(draws)
+    policy = HedgingPolicy(max_attempts=3, delay=5.0, failure_backoff=0.2)
+    state = HedgingState(policy, hedgeable=True, clock=clock, draw=lambda: next(values))
+    state.begin()
+    clock.now += 0.01
+    assert state.on_answer(1, "UNAVAILABLE").verdict is Verdict.WAIT
+    first = policy.backoff_after(1, draws[0])
+    assert state.next_at == pytest.approx(clock.now + first)
+    assert not state.due()
+    clock.now += first
+    state.hold()  # the breaker is not closed: held one longer backoff
+    assert state.next_at == pytest.approx(clock.now + policy.backoff_after(2, draws[1]))
+    clock.now = state.next_at
+    assert state.hedge() == 2
+    assert not state.after_failure  # sent: the next one is a latency hedge again
+
+
+def test_a_held_copy_past_the_deadline_gives_the_call_up() -> None:
+    clock = FakeClock(100.0)
+    policy = HedgingPolicy(max_attempts=3, delay=5.0, failure_backoff=0.2)
+    state = HedgingState(policy, hedgeable=True, clock=clock, deadline=100.5, draw=lambda: 0.999)
+    state.begin()
+    state.on_answer(1, "UNAVAILABLE")
+    while not state.exhausted():
+        assert state.next_at is not None
+        clock.now = state.next_at
+        state.hold()
+    assert state.settle().verdict is Verdict.GIVE_UP
+    assert state.stopped is Reason.DEADLINE
+    assert state.sent == 1
+
+
+def test_hold_is_only_for_a_due_failure_copy_with_a_backoff() -> None:
+    state, _ = make(HedgingPolicy(max_attempts=3, delay=0.1))
+    state.begin()
+    with pytest.raises(RuntimeError):
+        state.hold()
+    with pytest.raises(ValueError, match="failure_backoff"):
+        HedgingPolicy(failure_backoff=-1.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(winner=st.integers(min_value=1, max_value=3), refund=st.booleans())
+def test_a_winning_latency_hedge_is_refunded_only_with_refund_wins(
+    winner: int, refund: bool
+) -> None:
+    clock = FakeClock(100.0)
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, window=10.0, clock=clock)
+    for _ in range(10):
+        budget.deposit()
+    state = HedgingState(
+        HedgingPolicy(max_attempts=3, delay=0.1, refund_wins=refund),
+        hedgeable=True,
+        budget=budget,
+        clock=clock,
+    )
+    state.begin()  # 11 deposits: 11 withdrawals allowed
+    for _ in range(2):
+        clock.now += 0.1
+        assert state.hedge() is not None
+    assert budget.balance == pytest.approx(9.0)
+    assert state.on_answer(winner, "OK").verdict is Verdict.COMMIT
+    refunded = refund and winner > 1  # the first attempt withdrew nothing
+    assert state.refunded is refunded
+    assert budget.balance == pytest.approx(10.0 if refunded else 9.0)
+
+
+def test_a_failure_copy_that_wins_is_not_refunded() -> None:
+    clock = FakeClock(100.0)
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, clock=clock)
+    state = HedgingState(
+        HedgingPolicy(max_attempts=3, delay=0.1, refund_wins=True),
+        hedgeable=True,
+        budget=budget,
+        clock=clock,
+    )
+    state.begin()
+    state.on_answer(1, "UNAVAILABLE")
+    assert state.hedge() == 2  # a failure copy: a retry, whatever it answers
+    state.on_answer(2, "OK")
+    assert not state.refunded
+    assert budget.balance == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="refund_wins"):
+        HedgingPolicy(refund_wins=1)  # type: ignore[arg-type]

@@ -790,6 +790,7 @@ def client_interceptors(
     reconnect_wait: float | None = DEFAULT_RECONNECT_WAIT,
     throttle: AdaptiveThrottle | None = None,
     hedging: HedgingPolicy | None = None,
+    hedging_budget: RetryBudget | None = None,
 ) -> list[Any]:
     """Interceptors for ``grpc.aio.insecure_channel(target, interceptors=...)``.
 
@@ -805,6 +806,7 @@ def client_interceptors(
         "aio",
         throttle=throttle,
         hedging=hedging,
+        hedging_budget=hedging_budget,
     )
     return [_UnaryUnaryInterceptor(stack), _UnaryStreamInterceptor(stack)]
 
@@ -822,6 +824,7 @@ def resilient_channel(
     throttle: AdaptiveThrottle | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     hedging: HedgingPolicy | None = None,
+    hedging_budget: RetryBudget | None = None,
 ) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel to ``target`` with the stack attached (outside ``interceptors``).
 
@@ -838,6 +841,7 @@ def resilient_channel(
         "aio",
         throttle=throttle,
         hedging=hedging,
+        hedging_budget=hedging_budget,
     )
     channel = open_channel(
         grpc.aio, target, credentials, options, interceptors=list(interceptors) or None

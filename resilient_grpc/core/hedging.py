@@ -14,6 +14,7 @@ go (``grpc-retry-pushback-ms``), a negative one stops hedging (attempts in fligh
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from resilient_grpc.core.service_config import (
 from resilient_grpc.core.validation import finite_number, whole_number
 
 Clock = Callable[[], float]
+#: The longest failure backoff, as a multiple of ``HedgingPolicy.failure_backoff``.
+MAX_BACKOFF_MULTIPLE = 16.0
 
 
 @dataclass(frozen=True, init=False)
@@ -55,6 +58,26 @@ class HedgingPolicy:
     its method is listed in ``idempotent_methods``; any other call is sent once.
     ``max_pushback`` caps a delay the server asks for. Bad values raise ``ValueError`` naming
     the field.
+
+    ``failure_backoff`` (seconds; default 0, gRFC A6): after the ``n``-th non-fatal failure of
+    a call the next copy waits ``failure_backoff * 2**(n-1)`` (at most 16 times
+    ``failure_backoff``), half of it fixed and half random (equal jitter), instead of going at
+    once. A deviation from A6 for what A6's "at once" costs: a copy sent at once after a cut
+    connection goes out on the channel that is still reconnecting and fails too, and a backend
+    that is down gets every copy of every call within milliseconds, before a breaker could
+    see the outage. With it, a failure copy that finds the call's breaker not closed is held
+    back (for the next backoff) rather than dropped, and goes out if a probe closes the breaker
+    before the call's deadline: a call that failed in the last moments of an outage is
+    answered after it, as a retry with backoff would be. It is not part of the service config.
+
+    ``refund_wins`` (default False): a latency hedge that wins the call (its OK is the first
+    answer) gives its budget withdrawal back. It did what hedging is for: the replica the
+    earlier copies went to was slow and another one was not. The budget then bounds only the
+    hedges that did not help, which is what an overloaded backend gets (every copy waits in
+    the same queue, and the earliest answers first), so a small hedging budget serves a slow
+    replica, where a third of the calls need a hedge, without letting the copies feed an
+    overload. The winners add at most ``max_attempts - 1`` copies per call. Neither this nor
+    ``failure_backoff`` is part of the service config (``to_service_config`` leaves them out).
     """
 
     max_attempts: int
@@ -63,6 +86,8 @@ class HedgingPolicy:
     methods: frozenset[str]
     idempotent_methods: frozenset[str]
     max_pushback: float
+    failure_backoff: float
+    refund_wins: bool
 
     def __init__(
         self,
@@ -73,6 +98,8 @@ class HedgingPolicy:
         methods: Iterable[str] = frozenset(),
         idempotent_methods: Iterable[str] = frozenset(),
         max_pushback: float = DEFAULT_MAX_PUSHBACK,
+        failure_backoff: float = 0.0,
+        refund_wins: bool = False,
     ) -> None:
         whole_number("max_attempts", max_attempts, at_least=1)
         object.__setattr__(self, "max_attempts", max_attempts)
@@ -94,6 +121,25 @@ class HedgingPolicy:
             "max_pushback",
             finite_number("max_pushback", max_pushback, above=0.0, unit=" of seconds"),
         )
+        object.__setattr__(
+            self,
+            "failure_backoff",
+            finite_number("failure_backoff", failure_backoff, at_least=0.0, unit=" of seconds"),
+        )
+
+        if not isinstance(refund_wins, bool):
+            raise ValueError(f"refund_wins must be True or False, got {refund_wins!r}")
+        object.__setattr__(self, "refund_wins", refund_wins)
+
+    def backoff_after(self, failures: int, draw: float) -> float:
+        """The wait before the copy that follows the ``failures``-th non-fatal failure.
+
+        ``draw`` is uniform in [0, 1): the random half of the wait (equal jitter).
+        """
+        if failures < 1:
+            raise ValueError(f"failures must be >= 1, got {failures!r}")
+        base = self.failure_backoff * min(2.0 ** (failures - 1), MAX_BACKOFF_MULTIPLE)
+        return base / 2 + base / 2 * draw
 
     def applies_to(self, method: str) -> bool:
         """Whether calls of ``method`` are hedged by this policy."""
@@ -174,10 +220,18 @@ class HedgingState:
     """The hedging bookkeeping of one logical call.
 
     ``deadline`` is absolute on ``clock`` (``None``: no deadline). The first attempt deposits
-    into ``budget``; every hedge after it is a retry withdrawal, and a refused withdrawal stops
+    into ``budget``; every copy after it is a withdrawal, and a refused withdrawal stops
     hedging (the attempts in flight go on). ``hedgeable=False`` (a call without key to a method
     not marked idempotent) makes a single-attempt call. Not thread-safe: the shell serializes
     the events of one call.
+
+    Two kinds of copies: a *latency hedge*, sent because ``delay`` passed while the copies in
+    flight have not answered, and a *failure copy*, sent because a copy failed with a non-fatal
+    code (a retry, in effect). With ``hedge_budget`` set, latency hedges withdraw from it and
+    failure copies from ``budget`` (the first attempt deposits into both): a slow replica needs
+    a latency hedge for a third of the calls, while a backend that is down needs no copy at all,
+    and one shared budget cannot allow the first without allowing the second
+    (:attr:`after_failure` says which kind the next copy is).
     """
 
     def __init__(
@@ -187,12 +241,25 @@ class HedgingState:
         hedgeable: bool,
         deadline: float | None = None,
         budget: RetryBudget | None = None,
+        hedge_budget: RetryBudget | None = None,
         clock: Clock = time.monotonic,
+        draw: Callable[[], float] = random.random,
     ) -> None:
         self.policy = policy
         self.deadline = deadline
         self.budget = budget
+        self.hedge_budget = hedge_budget
+        #: Whether the next copy, when it goes, follows a non-fatal failure (a failure copy)
+        #: rather than the hedge delay (a latency hedge).
+        self.after_failure = False
+        #: Non-fatal failures so far (they set the failure backoff).
+        self.failures = 0
+        #: The latency hedges sent, by number, with the budget each withdrew from.
+        self._latency_hedges: dict[int, RetryBudget | None] = {}
+        #: Whether the winner was a latency hedge whose withdrawal was given back.
+        self.refunded = False
         self._clock = clock
+        self._draw = draw
         self._limit = policy.max_attempts if hedgeable else 1
         #: How many attempts have been sent.
         self.sent = 0
@@ -217,13 +284,22 @@ class HedgingState:
             raise RuntimeError("begin() is called once per call")
         if self.budget is not None:
             self.budget.deposit()
+        if self.hedge_budget is not None and self.hedge_budget is not self.budget:
+            self.hedge_budget.deposit()
         return self._send(self._clock())
 
     def _send(self, now: float) -> int:
         self.sent += 1
         self.in_flight.add(self.sent)
         self.next_at = now + self.policy.delay if self.sent < self._limit else None
+        self.after_failure = False
         return self.sent
+
+    def _budget_of_next(self) -> RetryBudget | None:
+        """The budget the next copy withdraws from (see the class docstring)."""
+        if self.after_failure or self.hedge_budget is None:
+            return self.budget
+        return self.hedge_budget
 
     def attempt_timeout(self) -> float | None:
         """The timeout of an attempt sent now: the time left to the deadline."""
@@ -237,8 +313,9 @@ class HedgingState:
     def hedge(self) -> int | None:
         """Send the hedge that is due; return its number, or ``None`` when it may not go.
 
-        Asks the deadline and the budget (one withdrawal per hedge); a refusal stops hedging
-        and is remembered in :attr:`stopped`.
+        Asks the deadline and the budget (one withdrawal per hedge: from ``hedge_budget`` for
+        a latency hedge when it is set, else from ``budget``); a refusal stops hedging and is
+        remembered in :attr:`stopped`.
         """
         if not self.due():
             return None
@@ -246,10 +323,28 @@ class HedgingState:
         if self.deadline is not None and now >= self.deadline:
             self.stop(Reason.DEADLINE)
             return None
-        if self.budget is not None and not self.budget.try_withdraw():
+        budget = self._budget_of_next()
+        if budget is not None and not budget.try_withdraw():
             self.stop(Reason.BUDGET_EXHAUSTED)
             return None
-        return self._send(now)
+        latency = not self.after_failure
+        number = self._send(now)
+        if latency:
+            self._latency_hedges[number] = budget
+        return number
+
+    def _failure_wait(self) -> float:
+        if not self.policy.failure_backoff:
+            return 0.0
+        return self.policy.backoff_after(self.failures, self._draw())
+
+    def hold(self) -> None:
+        """The failure copy that is due may not go yet (the breaker is not closed): plan it
+        one failure backoff later (a longer one each time). Only with ``failure_backoff``."""
+        if not (self.policy.failure_backoff and self.after_failure and self._can_send_more()):
+            raise RuntimeError("hold() is for a due failure copy with failure_backoff set")
+        self.failures += 1
+        self.next_at = self._clock() + self._failure_wait()
 
     def stop(self, reason: Reason) -> None:
         """Send no more hedges (budget, breaker, throttle or a negative pushback said so)."""
@@ -269,6 +364,11 @@ class HedgingState:
         if code == "OK" or code not in self.policy.non_fatal_codes:
             self.committed = True
             self.next_at = None
+            if code == "OK" and self.policy.refund_wins and number in self._latency_hedges:
+                budget = self._latency_hedges[number]
+                if budget is not None:
+                    budget.refund()
+                    self.refunded = True
             reason = Reason.SUCCESS if code == "OK" else Reason.NOT_RETRYABLE_CODE
             return Answer(Verdict.COMMIT, reason)
         if pushback is not None:
@@ -277,7 +377,11 @@ class HedgingState:
             elif self._can_send_more() and pushback.delay is not None:
                 self.next_at = self._clock() + min(pushback.delay, self.policy.max_pushback)
         elif self._can_send_more():
-            self.next_at = self._clock()  # A6: a non-fatal failure sends the next hedge at once
+            # A6: a non-fatal failure sends the next hedge at once (unless failure_backoff)
+            self.failures += 1
+            self.next_at = self._clock() + self._failure_wait()
+        if self._can_send_more() and self.next_at is not None:
+            self.after_failure = True
         return self.settle()
 
     def exhausted(self) -> bool:
