@@ -140,27 +140,19 @@ def test_metrics_count_duplicates_lost_and_amplification() -> None:
 def test_the_kill_variant_of_the_partial_outage_kills_and_restarts_replica_0(
     tmp_path: Path,
 ) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "140"}
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--scale",
-            "0.25",
-            "--scenarios",
-            "partial-outage-kill",
-            "--policies",
-            "no-retry,full-stack",
-            "--no-plot",
-            "--output-dir",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    completed = run_module(
+        "benchmarks",
+        "--scale",
+        "0.25",
+        "--scenarios",
+        "partial-outage-kill",
+        "--policies",
+        "no-retry,full-stack",
+        "--no-plot",
+        "--output-dir",
+        str(tmp_path),
         timeout=110,
+        env={"COLUMNS": "140"},
     )
     assert completed.returncode == 0, completed.stderr[-3000:] + completed.stdout[-3000:]
     document = json.loads((tmp_path / "compare_policies.json").read_text())

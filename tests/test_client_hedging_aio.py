@@ -213,9 +213,9 @@ async def test_hedging_with_a_redis_breaker_runs_breaker_io_off_the_loop(
 
 
 async def test_the_breaker_counts_one_failure_per_call_not_one_per_copy(
-    make_stub, hedge_ledger
+    make_stub, aio_hedge_ledger
 ) -> None:
-    servicer, port = hedge_ledger
+    servicer, port = aio_hedge_ledger
     servicer.slow_first = False
     breaker = CircuitBreaker(fail_max=2, reset_timeout=30, failure_rate=0)
     stub = make_stub(
@@ -244,9 +244,9 @@ async def test_the_breaker_counts_one_failure_per_call_not_one_per_copy(
 
 
 async def test_latency_hedges_draw_on_the_hedging_budget_failure_copies_on_the_retry_budget(
-    make_stub, hedge_ledger
+    make_stub, aio_hedge_ledger
 ) -> None:
-    servicer, _ = hedge_ledger
+    servicer, _ = aio_hedge_ledger
     servicer.hold = 0.5
     budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0)
     hedging_budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0)
@@ -267,9 +267,9 @@ async def test_latency_hedges_draw_on_the_hedging_budget_failure_copies_on_the_r
 
 
 async def test_a_failure_copy_waits_its_backoff_and_for_an_open_breaker_to_close(
-    make_stub, hedge_ledger
+    make_stub, aio_hedge_ledger
 ) -> None:
-    servicer, port = hedge_ledger
+    servicer, port = aio_hedge_ledger
     servicer.slow_first = False
     breaker = CircuitBreaker(fail_max=1, reset_timeout=0.3, failure_rate=0, probe_every=None)
     stub = make_stub(
@@ -291,9 +291,9 @@ async def test_a_failure_copy_waits_its_backoff_and_for_an_open_breaker_to_close
 
 
 async def test_without_a_failure_backoff_an_open_breaker_ends_the_call(
-    make_stub, hedge_ledger
+    make_stub, aio_hedge_ledger
 ) -> None:
-    servicer, _ = hedge_ledger
+    servicer, _ = aio_hedge_ledger
     servicer.slow_first = False
     breaker = CircuitBreaker(fail_max=1, reset_timeout=30, failure_rate=0, probe_every=None)
     stub = make_stub(
@@ -308,8 +308,8 @@ async def test_without_a_failure_backoff_an_open_breaker_ends_the_call(
     assert len(servicer.state.calls_to(GET_BALANCE)) == 1
 
 
-async def test_a_winning_latency_hedge_gives_its_withdrawal_back(make_stub, hedge_ledger) -> None:
-    servicer, _ = hedge_ledger
+async def test_a_winning_latency_hedge_gives_its_withdrawal_back(make_stub, aio_hedge_ledger) -> None:
+    servicer, _ = aio_hedge_ledger
     servicer.hold = 0.5  # every first copy is slow: the hedge wins every call
     hedging_budget = RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10.0)  # one hedge
     stub = make_stub(
