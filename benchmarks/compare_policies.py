@@ -238,9 +238,16 @@ async def run_trial(
                 )
             )
 
-        records = await run_open_loop(
-            one, offsets, origin, drain_timeout=settings.deadline + 1.0, on_tick=on_tick
-        )
+        client_lags: list[tuple[float, float]] = []
+        watch = asyncio.create_task(_watch_loop(client_lags))
+        try:
+            records = await run_open_loop(
+                one, offsets, origin, drain_timeout=settings.deadline + 1.0, on_tick=on_tick
+            )
+        finally:
+            watch.cancel()
+            with suppress(asyncio.CancelledError):
+                await watch
     finally:
         await client.close()
     counters = (
@@ -250,8 +257,12 @@ async def run_trial(
     )
     attempts: list[tuple[float, str]] = []
     executions: list[tuple[float, str, bool]] = []
+    decisions: list[tuple[float, str, int, int, float]] = []
+    server_lags: list[tuple[float, float]] = []
     for server in replicas:
         logs = server.request(cmd="stop", drain_timeout=3.0)
+        decisions += [tuple(d) for d in logs.get("admission", ())]
+        server_lags += [(float(t), float(lag)) for t, lag in logs.get("lags", ())]
         attempts += [(float(t), str(code)) for t, code in logs["attempts"] if float(t) >= origin]
         executions += [
             (float(t), str(key), bool(late))
@@ -269,7 +280,43 @@ async def run_trial(
     )
     if counters is not None:
         result.proxy = {name: counters[name] for name in PROXY_COUNTERS}
+    span = len(result.series["t"]) * metrics_module.SERIES_BIN
+    if policy.server_protected:
+        result.admission = metrics_module.admission_summary(
+            sorted(decisions), origin=origin, trigger=scenario.trigger, span=span
+        )
+    result.stalls = {
+        "client_ms": metrics_module.stall_series(client_lags, origin=origin, span=span),
+        "server_ms": metrics_module.stall_series(sorted(server_lags), origin=origin, span=span),
+    }
     return result
+
+
+async def _watch_loop(lags: list[tuple[float, float]], tick: float = 0.01) -> None:
+    """Record how late a 10 ms sleep wakes up on the client's event loop, until cancelled."""
+    import gc
+
+    began: list[float] = []
+
+    def gc_pause(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began.append(time.monotonic())
+        elif began and info.get("generation") == 2:
+            print(f"client gc2 {time.monotonic() - began[-1]:.4f}", file=sys.stderr)
+
+    gc.callbacks.append(gc_pause)
+    try:
+        await _watch(lags, tick)
+    finally:
+        gc.callbacks.remove(gc_pause)
+
+
+async def _watch(lags: list[tuple[float, float]], tick: float) -> None:
+    while True:
+        before = time.monotonic()
+        await asyncio.sleep(tick)
+        now = time.monotonic()
+        lags.append((now, now - before - tick))
 
 
 async def _warm_up(client: Any, replicas: int) -> None:
