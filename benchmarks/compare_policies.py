@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import random
@@ -239,7 +240,8 @@ async def run_trial(
             )
 
         client_lags: list[tuple[float, float]] = []
-        watch = asyncio.create_task(_watch_loop(client_lags))
+        client_gc: list[tuple[float, float]] = []
+        watch = asyncio.create_task(_watch_loop(client_lags, client_gc))
         try:
             records = await run_open_loop(
                 one, offsets, origin, drain_timeout=settings.deadline + 1.0, on_tick=on_tick
@@ -288,35 +290,37 @@ async def run_trial(
     result.stalls = {
         "client_ms": metrics_module.stall_series(client_lags, origin=origin, span=span),
         "server_ms": metrics_module.stall_series(sorted(server_lags), origin=origin, span=span),
+        "client_gc2_ms": metrics_module.stall_series(client_gc, origin=origin, span=span),
     }
     return result
 
 
-async def _watch_loop(lags: list[tuple[float, float]], tick: float = 0.01) -> None:
-    """Record how late a 10 ms sleep wakes up on the client's event loop, until cancelled."""
-    import gc
-
+async def _watch_loop(
+    lags: list[tuple[float, float]], pauses: list[tuple[float, float]], tick: float = 0.01
+) -> None:
+    """Until cancelled, record how late a 10 ms sleep wakes up on the client's event loop
+    (``lags``) and how long each full (generation 2) garbage collection of the client process
+    took (``pauses``): (end time, seconds)."""
     began: list[float] = []
 
     def gc_pause(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             began.append(time.monotonic())
-        elif began and info.get("generation") == 2:
-            print(f"client gc2 {time.monotonic() - began[-1]:.4f}", file=sys.stderr)
+        elif began:
+            now = time.monotonic()
+            if info.get("generation") == 2:
+                pauses.append((now, now - began[-1]))
+            began.clear()
 
     gc.callbacks.append(gc_pause)
     try:
-        await _watch(lags, tick)
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            lags.append((now, now - before - tick))
     finally:
         gc.callbacks.remove(gc_pause)
-
-
-async def _watch(lags: list[tuple[float, float]], tick: float) -> None:
-    while True:
-        before = time.monotonic()
-        await asyncio.sleep(tick)
-        now = time.monotonic()
-        lags.append((now, now - before - tick))
 
 
 async def _warm_up(client: Any, replicas: int) -> None:

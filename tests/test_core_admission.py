@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from resilient_grpc.core.admission import (
     DEADLINE_MARGIN,
+    WARM_SAMPLES,
     AdmissionController,
     Admit,
     Shed,
@@ -49,6 +50,8 @@ def run(c: AdmissionController, clock: FakeClock, seconds: float, method: str = 
         ({"min_pushback": -1}, "min_pushback must be"),
         ({"min_pushback": 1.0, "max_pushback": 0.5}, "max_pushback must be"),
         ({"queue_interval": float("nan")}, "queue_interval must be"),
+        ({"deadline_share": -0.1}, "deadline_share must be"),
+        ({"deadline_share": 1.5}, "deadline_share must be <= 1"),
         ({"initial_limit": True}, "initial_limit must be an integer"),
     ],
 )
@@ -67,6 +70,8 @@ def test_deadline_rule_refuses_work_that_cannot_finish_in_time() -> None:
     c = controller(clock)
     run(c, clock, 0.030)
     assert c.service_time(M) == pytest.approx(0.030)
+    busy = c.decide(M, queued_for=0.0, deadline_remaining=None)  # the rule is for a busy server
+    assert isinstance(busy, Admit)
     # 30 ms usually: a call needs 1.5 x that left
     shed = c.decide(M, queued_for=0.0, deadline_remaining=0.040)
     assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
@@ -92,6 +97,71 @@ def test_deadline_rule_scales_the_estimate_with_the_concurrency_now() -> None:
     assert c.expected_time(M) == pytest.approx(0.030 * 9 / 1.5, rel=0.05)
     shed = c.decide(M, queued_for=0.0, deadline_remaining=0.1)
     assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
+
+
+def test_an_idle_server_admits_what_a_stale_estimate_would_refuse() -> None:
+    """A stall inflated the estimate to 250 ms; callers have 240 ms. Were every call refused,
+    nothing would run and the estimate would never come down: an idle server admits the call,
+    the executions teach the estimate its real time again, and calls are admitted as before."""
+    clock = FakeClock(100.0)
+    c = controller(clock, initial_limit=100)
+    for _ in range(WARM_SAMPLES):
+        run(c, clock, 0.028)
+    stalled = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(8)]
+    clock.now += 0.28  # eight executions caught in a 250 ms stall
+    for ticket in stalled:
+        c.finish(ticket)  # type: ignore[arg-type]
+    assert c.expected_time(M) is not None and c.expected_time(M) > 0.2  # type: ignore[operator]
+    probe = c.decide(M, queued_for=0.0, deadline_remaining=0.24)
+    assert isinstance(probe, Admit)  # nothing in flight: admitted despite the estimate
+    shed = c.decide(M, queued_for=0.0, deadline_remaining=0.24)  # busy: the rule applies
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
+    clock.now += 0.028
+    c.finish(probe)
+    for _ in range(5):  # a few idle-time admissions later the estimate is near the truth
+        ticket = c.decide(M, queued_for=0.0, deadline_remaining=0.24)
+        assert isinstance(ticket, Admit)
+        clock.now += 0.028
+        c.finish(ticket)
+    first = c.decide(M, queued_for=0.0, deadline_remaining=0.24)
+    assert isinstance(first, Admit)
+    assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=0.24), Admit)  # busy, fine
+
+
+def test_concurrency_scaling_waits_for_a_warm_estimate() -> None:
+    """The first executions ran alone while the server warmed up: their concurrency (1) says
+    nothing about later load, so the estimate is not scaled until WARM_SAMPLES executions."""
+    clock = FakeClock(100.0)
+    c = controller(clock, initial_limit=100)
+    run(c, clock, 0.030)
+    held = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(5)]
+    assert all(isinstance(ticket, Admit) for ticket in held)
+    assert c.expected_time(M) == pytest.approx(0.030)  # not 6 x 30 ms
+    assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=0.050), Admit)
+    for _ in range(WARM_SAMPLES):
+        run(c, clock, 0.030)
+    assert c.expected_time(M) > 0.030  # type: ignore[operator]
+
+
+def test_a_call_with_time_to_spare_may_wait_its_deadline_share() -> None:
+    """CoDel's allowance is 50 ms while overloaded; a call with a deadline may still wait up to
+    half its whole time (waited + remaining), so a pause in the arrivals followed by a burst
+    costs callers with time to spare nothing; deadline_share=0 is CoDel alone."""
+    for share, admitted in ((0.5, True), (0.0, False)):
+        clock = FakeClock(100.0)
+        c = controller(
+            clock, queue_target=0.05, queue_interval=0.2, deadline_share=share, initial_limit=1000
+        )
+        assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=None), Admit)
+        clock.now += 0.3
+        assert isinstance(c.decide(M, queued_for=0.06, deadline_remaining=None), Shed)
+        assert c.overloaded()
+        # waited 300 ms of its 1 s: within half of it
+        decision = c.decide(M, queued_for=0.3, deadline_remaining=0.7)
+        assert isinstance(decision, Admit) is admitted
+        # waited 300 ms of 500 ms: more than half, refused either way
+        shed = c.decide(M, queued_for=0.3, deadline_remaining=0.2)
+        assert isinstance(shed, Shed) and shed.reason is ShedReason.QUEUE
 
 
 def test_queue_rule_allows_a_burst_but_not_a_standing_queue() -> None:
@@ -215,7 +285,8 @@ def test_limit_does_not_grow_while_unused() -> None:
 def test_pushback_grows_with_the_shed_fraction_and_stays_in_bounds() -> None:
     clock = FakeClock(100.0)
     c = controller(clock, initial_limit=1, min_limit=1, max_limit=1, min_pushback=0.01)
-    run(c, clock, 0.040)
+    for _ in range(WARM_SAMPLES):
+        run(c, clock, 0.040)
     held = c.decide(M, queued_for=0.0, deadline_remaining=None)
     assert isinstance(held, Admit)
     pushbacks = []
@@ -270,11 +341,19 @@ def test_invariants_over_any_sequence(ops: list[tuple[Any, ...]], jitter: float)
                 # never admitted: expired, slower than the estimate allows, beyond the limit
                 # or after a wait longer than the longest allowance
                 assert remaining is None or remaining > 0
+                # (an idle server admits whatever has time left: its estimate may be stale)
                 assert (
-                    remaining is None or estimate is None or remaining >= DEADLINE_MARGIN * estimate
+                    remaining is None
+                    or estimate is None
+                    or in_flight == 0
+                    or remaining >= DEADLINE_MARGIN * estimate
                 )
                 assert in_flight < limit
-                assert queued_for is None or queued_for <= c.queue_interval
+                assert (
+                    queued_for is None
+                    or queued_for <= c.queue_interval
+                    or (remaining is not None and queued_for <= 0.5 * (queued_for + remaining))
+                )
             else:
                 assert c.min_pushback <= decision.pushback <= c.max_pushback
         assert c.in_flight == len(running)
