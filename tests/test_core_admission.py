@@ -303,6 +303,18 @@ def test_pushback_grows_with_the_shed_fraction_and_stays_in_bounds() -> None:
     assert Shed(ShedReason.LIMIT, 0.1234).pushback_ms == 123
 
 
+def test_pushback_leaves_the_caller_time_to_retry() -> None:
+    """A call refused after a 300 ms wait with 200 ms to go: a pushback of 300 ms or more (the
+    wait, times the pressure) would outlast its deadline; it gets at most half its time left."""
+    clock = FakeClock(100.0)
+    c = controller(clock, queue_target=0.05, queue_interval=0.2, deadline_share=0.5)
+    shed = c.decide(M, queued_for=0.3, deadline_remaining=0.2)
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.QUEUE
+    assert shed.pushback == pytest.approx(0.1)
+    shed = c.decide(M, queued_for=0.3, deadline_remaining=None)  # no deadline: the wait decides
+    assert isinstance(shed, Shed) and shed.pushback >= 0.3
+
+
 OPS = st.lists(
     st.one_of(
         st.tuples(

@@ -43,7 +43,8 @@ slow executions and shrink the limit).
 A refused call gets a pushback (seconds before a retry is worth it) scaled to the overload:
 the longer of the method's expected time and the wait the call saw, times the pressure
 1 / (1 - recent shed fraction), jittered by x0.5-1.5 so refused clients do not return together,
-and clamped to [``min_pushback``, ``max_pushback``].
+at most half the caller's remaining time (so that a retry still fits its deadline), and clamped
+to [``min_pushback``, ``max_pushback``].
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ BASELINE_DRIFT = 0.002
 SHED_WEIGHT = 0.02
 #: The pressure factor never exceeds this (a 90% shed fraction).
 MAX_PRESSURE = 10.0
+#: A pushback is at most this share of the refused caller's remaining time.
+PUSHBACK_SHARE = 0.5
 #: Executions a method needs before its expected time is scaled by concurrency: the first ones
 #: ran while the server warmed up, at a concurrency that says nothing about later load.
 WARM_SAMPLES = 10
@@ -309,6 +312,9 @@ class AdmissionController:
             pressure = min(MAX_PRESSURE, 1.0 / max(1e-9, 1.0 - self._shed_fraction))
             base = max(expected, queued_for or 0.0, self.min_pushback)
             delay = base * pressure * (0.5 + self._uniform())
+            if deadline_remaining is not None and deadline_remaining > 0:
+                # a pushback the caller cannot wait is no pushback: leave it time to retry
+                delay = min(delay, PUSHBACK_SHARE * deadline_remaining)
             return Shed(reason, min(self.max_pushback, max(self.min_pushback, delay)))
 
     def finish(self, ticket: Admit, *, executed: bool = True) -> None:
