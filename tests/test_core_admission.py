@@ -112,8 +112,12 @@ def test_an_idle_server_admits_what_a_stale_estimate_would_refuse() -> None:
     for ticket in stalled:
         c.finish(ticket)  # type: ignore[arg-type]
     assert c.expected_time(M) is not None and c.expected_time(M) > 0.2  # type: ignore[operator]
+    assert c.baseline_time(M) == pytest.approx(0.028, abs=0.005)  # the stall hardly moved it
+    # nothing in flight: judged by the baseline, so too little time for it is still refused
+    shed = c.decide(M, queued_for=0.0, deadline_remaining=0.04)
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
     probe = c.decide(M, queued_for=0.0, deadline_remaining=0.24)
-    assert isinstance(probe, Admit)  # nothing in flight: admitted despite the estimate
+    assert isinstance(probe, Admit)  # admitted despite the stalled estimate
     shed = c.decide(M, queued_for=0.0, deadline_remaining=0.24)  # busy: the rule applies
     assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
     clock.now += 0.028
@@ -346,6 +350,7 @@ def test_invariants_over_any_sequence(ops: list[tuple[Any, ...]], jitter: float)
         elif op[0] == "call":
             _, method, queued_for, remaining = op
             estimate = c.expected_time(method)
+            baseline = c.baseline_time(method)
             in_flight, limit = c.in_flight, c.limit
             decision = c.decide(method, queued_for=queued_for, deadline_remaining=remaining)
             if isinstance(decision, Admit):
@@ -353,13 +358,9 @@ def test_invariants_over_any_sequence(ops: list[tuple[Any, ...]], jitter: float)
                 # never admitted: expired, slower than the estimate allows, beyond the limit
                 # or after a wait longer than the longest allowance
                 assert remaining is None or remaining > 0
-                # (an idle server admits whatever has time left: its estimate may be stale)
-                assert (
-                    remaining is None
-                    or estimate is None
-                    or in_flight == 0
-                    or remaining >= DEADLINE_MARGIN * estimate
-                )
+                # (an idle server judges by the baseline: its estimate may be a stall's)
+                judged = estimate if in_flight else baseline
+                assert remaining is None or judged is None or remaining >= DEADLINE_MARGIN * judged
                 assert in_flight < limit
                 assert (
                     queued_for is None

@@ -13,7 +13,10 @@ checked in this order when a call is about to start:
   the estimate learns only from admitted calls, so after a stall (a garbage collection, a
   CPU-starved process) inflated it, a rule that refused every call would never see it fall
   again (measured: naive x3 with 250 ms timeouts refused for the rest of the run after one
-  240 ms stall). An idle server admits the call, and its execution time corrects the estimate.
+  240 ms stall). So while nothing executes, a call is judged by the method's baseline (its
+  lowest smoothed time, which a stall barely moves) instead: it runs, and its execution time
+  corrects the estimate, while a caller with too little time left for even the baseline is
+  still refused.
 * ``queue`` (CoDel, as in Facebook's "Fail at Scale"): the call waited in the server's queue
   longer than allowed. While the queue has not drained for a whole ``queue_interval`` (no call
   started after waiting less than a quarter of ``queue_target``), the server is overloaded and
@@ -269,6 +272,12 @@ class AdmissionController:
         with self._lock:
             return self._expected(method)
 
+    def baseline_time(self, method: str) -> float | None:
+        """The method's baseline execution time (the lowest its recent average has been,
+        drifting slowly up): what the deadline rule judges by while nothing executes."""
+        with self._lock:
+            return self._baseline(method) if method in self._methods else None
+
     def overloaded(self) -> bool:
         """True while the queue has not drained for a whole ``queue_interval``."""
         with self._lock:
@@ -293,9 +302,10 @@ class AdmissionController:
                 if queued_for < self.queue_target / 4 or self._last_empty is None:
                     self._last_empty = now
             reason: ShedReason | None = None
+            # while nothing executes, the recent average may be a stall's: judge by the baseline
+            judged = expected if self._in_flight > 0 else self._baseline(method)
             if deadline_remaining is not None and (
-                deadline_remaining <= 0
-                or (self._in_flight > 0 and deadline_remaining < DEADLINE_MARGIN * expected)
+                deadline_remaining <= 0 or deadline_remaining < DEADLINE_MARGIN * judged
             ):
                 reason = ShedReason.DEADLINE
             elif queued_for is not None and queued_for > self._allowed_wait(
@@ -351,6 +361,10 @@ class AdmissionController:
         if estimate.samples < WARM_SAMPLES:
             return estimate.recent
         return estimate.recent * max(1.0, (self._in_flight + 1) / estimate.concurrency)
+
+    def _baseline(self, method: str) -> float:
+        estimate = self._methods.get(method)
+        return estimate.baseline if estimate is not None and estimate.samples else 0.0
 
     def _overloaded(self, now: float) -> bool:
         return self._last_empty is not None and now - self._last_empty > self.queue_interval
