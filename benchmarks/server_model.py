@@ -181,7 +181,9 @@ class AdmissionLog:
         self._thread.start()
 
     def controller(self) -> Any:
-        """An ``AdmissionController`` (defaults) whose decisions land in this log."""
+        """An ``AdmissionController`` whose decisions land in this log: the defaults, or the
+        arguments in the ``BENCHMARK_ADMISSION`` environment variable (a JSON object, e.g.
+        ``{"deadline_share": 0}`` for CoDel alone), to compare settings."""
         from resilient_grpc.core.admission import AdmissionController, Shed
 
         log = self.decisions
@@ -198,7 +200,7 @@ class AdmissionLog:
                 log.append((time.monotonic(), outcome, self.limit, self.in_flight, expected))
                 return decision
 
-        return Recording()
+        return Recording(**json.loads(os.environ.get("BENCHMARK_ADMISSION") or "{}"))
 
     def _watch(self) -> None:
         while not self._stop.is_set():

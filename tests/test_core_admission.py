@@ -308,13 +308,18 @@ def test_pushback_grows_with_the_shed_fraction_and_stays_in_bounds() -> None:
 
 
 def test_pushback_leaves_the_caller_time_to_retry() -> None:
-    """A call refused after a 300 ms wait with 200 ms to go: a pushback of 300 ms or more (the
-    wait, times the pressure) would outlast its deadline; it gets at most half its time left."""
+    """A call refused after a 300 ms wait with 200 ms to go, the method taking 30 ms: a pushback
+    of 300 ms or more (the wait, times the pressure) would outlast its deadline; it gets one
+    that leaves its retry twice the expected time. With no room for that, no cap: the caller
+    had better not retry."""
     clock = FakeClock(100.0)
     c = controller(clock, queue_target=0.05, queue_interval=0.2, deadline_share=0.5)
+    run(c, clock, 0.030)
     shed = c.decide(M, queued_for=0.3, deadline_remaining=0.2)
     assert isinstance(shed, Shed) and shed.reason is ShedReason.QUEUE
-    assert shed.pushback == pytest.approx(0.1)
+    assert shed.pushback == pytest.approx(0.2 - 2 * 0.030)
+    shed = c.decide(M, queued_for=0.3, deadline_remaining=0.07)  # 70 ms: no room for a retry
+    assert isinstance(shed, Shed) and shed.pushback >= 0.3
     shed = c.decide(M, queued_for=0.3, deadline_remaining=None)  # no deadline: the wait decides
     assert isinstance(shed, Shed) and shed.pushback >= 0.3
 

@@ -46,7 +46,8 @@ slow executions and shrink the limit).
 A refused call gets a pushback (seconds before a retry is worth it) scaled to the overload:
 the longer of the method's expected time and the wait the call saw, times the pressure
 1 / (1 - recent shed fraction), jittered by x0.5-1.5 so refused clients do not return together,
-at most half the caller's remaining time (so that a retry still fits its deadline), and clamped
+short enough to leave the retry twice the expected time before the caller's deadline (when the
+deadline leaves room for that: else a retry would come too late anyway), and clamped
 to [``min_pushback``, ``max_pushback``].
 """
 
@@ -154,8 +155,8 @@ BASELINE_DRIFT = 0.002
 SHED_WEIGHT = 0.02
 #: The pressure factor never exceeds this (a 90% shed fraction).
 MAX_PRESSURE = 10.0
-#: A pushback is at most this share of the refused caller's remaining time.
-PUSHBACK_SHARE = 0.5
+#: A pushback leaves the refused caller's retry at least this multiple of the expected time.
+PUSHBACK_ROOM = 2.0
 #: Executions a method needs before its expected time is scaled by concurrency: the first ones
 #: ran while the server warmed up, at a concurrency that says nothing about later load.
 WARM_SAMPLES = 10
@@ -322,9 +323,12 @@ class AdmissionController:
             pressure = min(MAX_PRESSURE, 1.0 / max(1e-9, 1.0 - self._shed_fraction))
             base = max(expected, queued_for or 0.0, self.min_pushback)
             delay = base * pressure * (0.5 + self._uniform())
-            if deadline_remaining is not None and deadline_remaining > 0:
-                # a pushback the caller cannot wait is no pushback: leave it time to retry
-                delay = min(delay, PUSHBACK_SHARE * deadline_remaining)
+            if deadline_remaining is not None:
+                # a pushback the caller cannot wait is no pushback: leave its retry the time to
+                # be served; when there is not even that, the caller is better off not retrying
+                room = deadline_remaining - PUSHBACK_ROOM * expected
+                if room > self.min_pushback:
+                    delay = min(delay, room)
             return Shed(reason, min(self.max_pushback, max(self.min_pushback, delay)))
 
     def finish(self, ticket: Admit, *, executed: bool = True) -> None:
