@@ -6,8 +6,10 @@ checked in this order when a call is about to start:
 
 * ``deadline``: the caller's remaining time is shorter than 1.5 x the method's expected
   execution time (the margin covers the slower half): the answer would arrive after the caller
-  has gone, so the work would be wasted. Expected = the EWMA of its recent execution times,
-  scaled up by how many more calls are executing now than usually were when it ran (Little's
+  has gone, so the work would be wasted. Expected = the (lower) median of its last 16
+  execution times (not an average: a stall of the process, a garbage collection or a starved
+  CPU, lengthens every execution caught in it, and one 750 ms stall of the benchmark's server
+  lifted an average to ~1 s and refused 254 calls that would have made it), scaled up by how many more calls are executing now than usually were when it ran (Little's
   law: where calls share a resource, time grows with concurrency), so a sudden jump in
   concurrency is not judged by the times measured before it. Not while nothing is executing:
   the estimate learns only from admitted calls, so after a stall (a garbage collection, a
@@ -57,6 +59,7 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -157,17 +160,22 @@ SHED_WEIGHT = 0.02
 MAX_PRESSURE = 10.0
 #: A pushback leaves the refused caller's retry at least this multiple of the expected time.
 PUSHBACK_ROOM = 2.0
+#: Executions whose median is a method's typical time (what the deadline rule expects).
+WINDOW = 16
 #: Executions a method needs before its expected time is scaled by concurrency: the first ones
 #: ran while the server warmed up, at a concurrency that says nothing about later load.
 WARM_SAMPLES = 10
 
 
 class MethodEstimate:
-    """What one method costs: recent execution time (short EWMA) and its baseline (its low)."""
+    """What one method costs: recent execution time (short EWMA), its baseline (its low) and its
+    typical time (the lower median of the last ``WINDOW`` executions)."""
 
-    __slots__ = ("baseline", "concurrency", "recent", "samples")
+    __slots__ = ("baseline", "concurrency", "recent", "samples", "typical", "window")
 
     def __init__(self) -> None:
+        self.window: deque[float] = deque(maxlen=WINDOW)
+        self.typical = 0.0
         self.recent = 0.0
         self.baseline = 0.0
         self.concurrency = 1.0
@@ -176,6 +184,9 @@ class MethodEstimate:
     def add(self, seconds: float, concurrency: int = 1) -> None:
         """Fold in one execution time and the calls executing when it started (its own included)."""
         seconds = max(0.0, seconds)
+        self.window.append(seconds)
+        ordered = sorted(self.window)
+        self.typical = ordered[(len(ordered) - 1) // 2]
         if self.samples == 0:
             self.recent = self.baseline = seconds
             self.concurrency = float(max(1, concurrency))
@@ -268,7 +279,7 @@ class AdmissionController:
         return estimate.recent if estimate is not None and estimate.samples else None
 
     def expected_time(self, method: str) -> float | None:
-        """How long a call of ``method`` started now should take: its recent execution time,
+        """How long a call of ``method`` started now should take: its typical execution time,
         scaled by the concurrency it would start at over the concurrency it usually ran at."""
         with self._lock:
             return self._expected(method)
@@ -363,8 +374,8 @@ class AdmissionController:
         if estimate is None or not estimate.samples:
             return None
         if estimate.samples < WARM_SAMPLES:
-            return estimate.recent
-        return estimate.recent * max(1.0, (self._in_flight + 1) / estimate.concurrency)
+            return estimate.typical
+        return estimate.typical * max(1.0, (self._in_flight + 1) / estimate.concurrency)
 
     def _baseline(self, method: str) -> float:
         estimate = self._methods.get(method)
