@@ -6,19 +6,19 @@ checked in this order when a call is about to start:
 
 * ``deadline``: the caller's remaining time is shorter than 1.5 x the method's expected
   execution time (the margin covers the slower half): the answer would arrive after the caller
-  has gone, so the work would be wasted. Expected = the (lower) median of its last 16
-  execution times (not an average: a stall of the process, a garbage collection or a starved
-  CPU, lengthens every execution caught in it, and one 750 ms stall of the benchmark's server
-  lifted an average to ~1 s and refused 254 calls that would have made it), scaled up by how many more calls are executing now than usually were when it ran (Little's
-  law: where calls share a resource, time grows with concurrency), so a sudden jump in
-  concurrency is not judged by the times measured before it. Not while nothing is executing:
-  the estimate learns only from admitted calls, so after a stall (a garbage collection, a
-  CPU-starved process) inflated it, a rule that refused every call would never see it fall
-  again (measured: naive x3 with 250 ms timeouts refused for the rest of the run after one
-  240 ms stall). So while nothing executes, a call is judged by the method's baseline (its
-  lowest smoothed time, which a stall barely moves) instead: it runs, and its execution time
-  corrects the estimate, while a caller with too little time left for even the baseline is
-  still refused.
+  has gone, so the work would be wasted. Expected = the lower median of its last 16 execution
+  times, scaled up by how many more calls are executing now than usually were when it ran
+  (Little's law: where calls share a resource, time grows with concurrency), so a sudden jump
+  in concurrency is not judged by the times measured before it; not scaled before its 10th
+  execution (warm-up concurrency says nothing about load). A median, not an average: a stall
+  of the process (a garbage collection, a starved CPU) lengthens every execution caught in it,
+  and one 750 ms stall of the benchmark's server lifted an average to ~1 s and refused 254
+  calls that would have made it. While nothing executes, the method's baseline (its lowest
+  smoothed time, which a stall barely moves) stands in: the estimate learns only from admitted
+  calls, so one inflated by a stall long enough would otherwise refuse every call for good
+  (measured with the average: naive x3 with 250 ms timeouts refused for the rest of the run
+  after one 240 ms stall); a caller with too little time even for the baseline is still
+  refused.
 * ``queue`` (CoDel, as in Facebook's "Fail at Scale"): the call waited in the server's queue
   longer than allowed. While the queue has not drained for a whole ``queue_interval`` (no call
   started after waiting less than a quarter of ``queue_target``), the server is overloaded and
