@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import random
@@ -224,6 +225,11 @@ async def run_trial(
                 cmd="proxy", upstream=port, cut_probability=scenario.cut_probability, seed=seed
             )["port"]
         target = f"127.0.0.1:{port}"
+    # the driver's heap grows trial after trial; without this, its full garbage collections
+    # (measured: 36-255 ms in the later trials of a full run) land in whichever trial happens
+    # to be running and decide the p99 of neighbouring rows
+    gc.collect()
+    gc.freeze()
     offsets = poisson_schedule(scenario.phases, random.Random(seed))
     keys = [f"{scenario.name}-{policy.name}-{index}" for index in range(len(offsets))]
     client = policy.connect(target, settings, options)
@@ -256,6 +262,9 @@ async def run_trial(
             await asyncio.to_thread(victim.request, cmd="go", origin=origin)
 
         killer = asyncio.ensure_future(kill_and_restart()) if scenario.kill else None
+        client_lags: list[tuple[float, float]] = []
+        client_gc: list[tuple[float, float]] = []
+        watch = asyncio.create_task(_watch_loop(client_lags, client_gc))
         try:
             records = await run_open_loop(
                 one, offsets, origin, drain_timeout=settings.deadline + 1.0, on_tick=on_tick
@@ -263,6 +272,9 @@ async def run_trial(
         finally:
             if killer is not None:
                 await killer  # bounded: it ends at the trigger's end, inside the run
+            watch.cancel()
+            with suppress(asyncio.CancelledError):
+                await watch
     finally:
         await client.close()
     counters = (
@@ -272,11 +284,15 @@ async def run_trial(
     )
     attempts: list[tuple[float, str]] = []
     executions: list[tuple[float, str, bool]] = []
+    decisions: list[tuple[float, str, int, int, float]] = []
+    server_lags: list[tuple[float, float]] = []
     for index, server in enumerate(replicas):
         logs = server.request(cmd="stop", drain_timeout=3.0)
         if index == 0 and scenario.kill:  # what it saw before it was killed, then after
             logs["attempts"] = [*before_kill["attempts"], *logs["attempts"]]
             logs["executions"] = [*before_kill["executions"], *logs["executions"]]
+        decisions += [tuple(d) for d in logs.get("admission", ())]
+        server_lags += [(float(t), float(lag)) for t, lag in logs.get("lags", ())]
         attempts += [(float(t), str(code)) for t, code in logs["attempts"] if float(t) >= origin]
         executions += [
             (float(t), str(key), bool(late))
@@ -294,7 +310,45 @@ async def run_trial(
     )
     if counters is not None:
         result.proxy = {name: counters[name] for name in PROXY_COUNTERS}
+    span = len(result.series["t"]) * metrics_module.SERIES_BIN
+    if policy.server_protected:
+        result.admission = metrics_module.admission_summary(
+            sorted(decisions), origin=origin, trigger=scenario.trigger, span=span
+        )
+    result.stalls = {
+        "client_ms": metrics_module.stall_series(client_lags, origin=origin, span=span),
+        "server_ms": metrics_module.stall_series(sorted(server_lags), origin=origin, span=span),
+        "client_gc2_ms": metrics_module.stall_series(client_gc, origin=origin, span=span),
+    }
     return result
+
+
+async def _watch_loop(
+    lags: list[tuple[float, float]], pauses: list[tuple[float, float]], tick: float = 0.01
+) -> None:
+    """Until cancelled, record how late a 10 ms sleep wakes up on the client's event loop
+    (``lags``) and how long each full (generation 2) garbage collection of the client process
+    took (``pauses``): (end time, seconds)."""
+    began: list[float] = []
+
+    def gc_pause(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began.append(time.monotonic())
+        elif began:
+            now = time.monotonic()
+            if info.get("generation") == 2:
+                pauses.append((now, now - began[-1]))
+            began.clear()
+
+    gc.callbacks.append(gc_pause)
+    try:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            lags.append((now, now - before - tick))
+    finally:
+        gc.callbacks.remove(gc_pause)
 
 
 async def _warm_up(client: Any, replicas: int) -> None:

@@ -63,6 +63,13 @@ class TrialMetrics:
     server_status: dict[str, int]
     series: dict[str, list[float]] = field(default_factory=dict)
     proxy: dict[str, int] | None = None
+    #: A protected server's admission decisions by outcome (``admit`` or the shed reason), over
+    #: the run and during the trigger, and per bin: decisions by outcome, the lowest limit,
+    #: the most calls in flight; ``None`` for an unprotected server.
+    admission: dict[str, Any] | None = None
+    #: The longest stall (ms) per bin of the client's event loop and of the server process
+    #: (a 10 ms timer's lateness): what a busy machine or a garbage collection costs the run.
+    stalls: dict[str, list[float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,6 +191,60 @@ def compute(
         server_status=dict(collections.Counter(code for _t, code in attempts)),
         series=_series(records, attempts, executions, origin, span),
     )
+
+
+def _bins(span: float) -> int:
+    return max(1, math.ceil(span / SERIES_BIN))
+
+
+def _bin(t: float, origin: float, bins: int) -> int | None:
+    index = int((t - origin) / SERIES_BIN)
+    return index if 0 <= index < bins else None
+
+
+def admission_summary(
+    decisions: Sequence[tuple[float, str, int, int, float]],
+    *,
+    origin: float,
+    trigger: tuple[float, float],
+    span: float,
+) -> dict[str, Any]:
+    """A protected server's decisions (time, outcome, limit, in flight, expected s) summed up."""
+    bins = _bins(span)
+    start, end = origin + trigger[0], origin + trigger[1]
+    outcomes = sorted({outcome for _t, outcome, *_rest in decisions})
+    per_bin = {outcome: [0.0] * bins for outcome in outcomes}
+    limit_min: list[float | None] = [None] * bins
+    in_flight_max = [0.0] * bins
+    expected_max = [0.0] * bins
+    for t, outcome, limit, in_flight, expected in decisions:
+        index = _bin(t, origin, bins)
+        if index is None:
+            continue
+        per_bin[outcome][index] += 1 / SERIES_BIN
+        current = limit_min[index]
+        limit_min[index] = limit if current is None else min(current, limit)
+        in_flight_max[index] = max(in_flight_max[index], in_flight)
+        expected_max[index] = max(expected_max[index], round(expected * 1000, 1))
+    return {
+        "total": dict(collections.Counter(o for t, o, *_ in decisions if t >= origin)),
+        "during": dict(collections.Counter(o for t, o, *_ in decisions if start <= t < end)),
+        "per_s": {outcome: [round(v, 1) for v in values] for outcome, values in per_bin.items()},
+        "limit_min": limit_min,
+        "in_flight_max": in_flight_max,
+        "expected_ms_max": expected_max,
+    }
+
+
+def stall_series(lags: Sequence[tuple[float, float]], *, origin: float, span: float) -> list[float]:
+    """The longest lag (ms) per bin of (time, lag seconds) samples."""
+    bins = _bins(span)
+    worst = [0.0] * bins
+    for t, lag in lags:
+        index = _bin(t, origin, bins)
+        if index is not None:
+            worst[index] = max(worst[index], round(lag * 1000, 1))
+    return worst
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:

@@ -165,6 +165,55 @@ class CapacityInterceptor(grpc.ServerInterceptor):
         )
 
 
+class AdmissionLog:
+    """What a protected server's admission did, for the benchmark's JSON: every decision (time,
+    outcome: ``admit`` or the shed reason, the limit and the calls in flight then, the expected
+    service time) and how late a 10 ms timer thread woke up (the server process's own stalls:
+    GIL contention, garbage collection, a busy machine)."""
+
+    TICK = 0.01
+
+    def __init__(self) -> None:
+        self.decisions: list[tuple[float, str, int, int, float]] = []
+        self.lags: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="lag-watch", daemon=True)
+        self._thread.start()
+
+    def controller(self) -> Any:
+        """An ``AdmissionController`` whose decisions land in this log: the defaults, or the
+        arguments in the ``BENCHMARK_ADMISSION`` environment variable (a JSON object, e.g.
+        ``{"deadline_share": 0}`` for CoDel alone), to compare settings."""
+        from resilient_grpc.core.admission import AdmissionController, Shed
+
+        log = self.decisions
+
+        class Recording(AdmissionController):
+            def decide(
+                self, method: str, *, queued_for: float | None, deadline_remaining: float | None
+            ) -> Any:
+                decision = super().decide(
+                    method, queued_for=queued_for, deadline_remaining=deadline_remaining
+                )
+                outcome = decision.reason.value if isinstance(decision, Shed) else "admit"
+                expected = self.expected_time(method) or 0.0
+                log.append((time.monotonic(), outcome, self.limit, self.in_flight, expected))
+                return decision
+
+        return Recording(**json.loads(os.environ.get("BENCHMARK_ADMISSION") or "{}"))
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            before = time.monotonic()
+            time.sleep(self.TICK)
+            now = time.monotonic()
+            self.lags.append((now, now - before - self.TICK))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
+
+
 class ModelLedger(ledger_pb2_grpc.LedgerServicer):
     """The ledger's ``Transfer`` with a service time, ignoring cancellation, logging executions."""
 
@@ -200,6 +249,7 @@ class _Running:
             delay=float(command.get("delay", 0.0)),
         )
         self.log = ServerLog()
+        self.admission = AdmissionLog()
         protected = bool(command.get("protected"))
         if protected:
             from resilient_grpc import OverloadExecutor
@@ -219,7 +269,7 @@ class _Running:
         if protected:
             from resilient_grpc import OverloadInterceptor
 
-            interceptors.append(OverloadInterceptor())
+            interceptors.append(OverloadInterceptor(self.admission.controller()))
         if command.get("dedup"):
             from resilient_grpc import DedupInterceptor, MemoryStore
 
@@ -241,9 +291,10 @@ class _Running:
             self.store = store
             interceptors.append(DedupInterceptor(store))
         threads = self.config.workers + self.config.queue + 32
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=threads), interceptors=interceptors
-        )
+        # grpc.server does not shut its pool down on stop: stop() does, so that trial after
+        # trial the process does not collect idle threads
+        self.pool = futures.ThreadPoolExecutor(max_workers=threads)
+        self.server = grpc.server(self.pool, interceptors=interceptors)
         ledger_pb2_grpc.add_LedgerServicer_to_server(
             ModelLedger(self.config.service_time, self.log), self.server
         )
@@ -262,8 +313,12 @@ class _Running:
             time.sleep(0.01)
         result = self.log.snapshot()
         result["undrained"] = self.capacity.in_system
+        self.admission.close()
+        result["admission"] = list(self.admission.decisions)
+        result["lags"] = list(self.admission.lags)
         self.server.stop(0).wait(5)
         self.workers.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
         if self.store is not None:
             self.store.close()
         if self.redis is not None:

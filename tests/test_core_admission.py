@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from resilient_grpc.core.admission import (
     DEADLINE_MARGIN,
+    WARM_SAMPLES,
+    WINDOW,
     AdmissionController,
     Admit,
     Shed,
@@ -49,6 +51,8 @@ def run(c: AdmissionController, clock: FakeClock, seconds: float, method: str = 
         ({"min_pushback": -1}, "min_pushback must be"),
         ({"min_pushback": 1.0, "max_pushback": 0.5}, "max_pushback must be"),
         ({"queue_interval": float("nan")}, "queue_interval must be"),
+        ({"deadline_share": -0.1}, "deadline_share must be"),
+        ({"deadline_share": 1.5}, "deadline_share must be <= 1"),
         ({"initial_limit": True}, "initial_limit must be an integer"),
     ],
 )
@@ -67,6 +71,8 @@ def test_deadline_rule_refuses_work_that_cannot_finish_in_time() -> None:
     c = controller(clock)
     run(c, clock, 0.030)
     assert c.service_time(M) == pytest.approx(0.030)
+    busy = c.decide(M, queued_for=0.0, deadline_remaining=None)  # the rule is for a busy server
+    assert isinstance(busy, Admit)
     # 30 ms usually: a call needs 1.5 x that left
     shed = c.decide(M, queued_for=0.0, deadline_remaining=0.040)
     assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
@@ -92,6 +98,95 @@ def test_deadline_rule_scales_the_estimate_with_the_concurrency_now() -> None:
     assert c.expected_time(M) == pytest.approx(0.030 * 9 / 1.5, rel=0.05)
     shed = c.decide(M, queued_for=0.0, deadline_remaining=0.1)
     assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
+
+
+def test_a_stall_caught_by_a_few_executions_does_not_move_the_expected_time() -> None:
+    """Eight executions caught in a 250 ms stall (a GC, a starved CPU) among 28 ms ones: the
+    expected time is the median of the last WINDOW executions, so it stays 28 ms (an average
+    would jump to ~200 ms and refuse callers with 240 ms to go)."""
+    clock = FakeClock(100.0)
+    c = controller(clock, initial_limit=100)
+    for _ in range(WARM_SAMPLES):
+        run(c, clock, 0.028)
+    stalled = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(8)]
+    clock.now += 0.28
+    for ticket in stalled:
+        c.finish(ticket)  # type: ignore[arg-type]
+    assert c.service_time(M) > 0.2  # type: ignore[operator]  # the average did jump
+    assert c.expected_time(M) == pytest.approx(0.028)
+    busy = c.decide(M, queued_for=0.0, deadline_remaining=None)
+    assert isinstance(busy, Admit)
+    assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=0.24), Admit)
+
+
+def test_an_idle_server_admits_what_a_stale_estimate_would_refuse() -> None:
+    """A stall caught a whole window of executions: the estimate is 280 ms; callers have 240 ms.
+    Were every call refused, nothing would run and the estimate would never come down: an idle
+    server judges by the baseline, the executions teach the estimate its real time again, and
+    calls are admitted as before."""
+    clock = FakeClock(100.0)
+    c = controller(clock, initial_limit=100)
+    for _ in range(WARM_SAMPLES):
+        run(c, clock, 0.028)
+    stalled = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(WINDOW)]
+    clock.now += 0.28  # a window of executions caught in a 250 ms stall
+    for ticket in stalled:
+        c.finish(ticket)  # type: ignore[arg-type]
+    assert c.expected_time(M) is not None and c.expected_time(M) > 0.2  # type: ignore[operator]
+    assert c.baseline_time(M) == pytest.approx(0.028, abs=0.01)  # the stall hardly moved it
+    # nothing in flight: judged by the baseline, so too little time for it is still refused
+    shed = c.decide(M, queued_for=0.0, deadline_remaining=0.04)
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
+    probe = c.decide(M, queued_for=0.0, deadline_remaining=0.24)
+    assert isinstance(probe, Admit)  # admitted despite the stalled estimate
+    shed = c.decide(M, queued_for=0.0, deadline_remaining=0.24)  # busy: the rule applies
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.DEADLINE
+    clock.now += 0.028
+    c.finish(probe)
+    for _ in range(WINDOW // 2 - 1):  # idle-time admissions until half the window is real
+        ticket = c.decide(M, queued_for=0.0, deadline_remaining=0.24)
+        assert isinstance(ticket, Admit)
+        clock.now += 0.028
+        c.finish(ticket)
+    first = c.decide(M, queued_for=0.0, deadline_remaining=0.24)
+    assert isinstance(first, Admit)
+    assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=0.24), Admit)  # busy, fine
+
+
+def test_concurrency_scaling_waits_for_a_warm_estimate() -> None:
+    """The first executions ran alone while the server warmed up: their concurrency (1) says
+    nothing about later load, so the estimate is not scaled until WARM_SAMPLES executions."""
+    clock = FakeClock(100.0)
+    c = controller(clock, initial_limit=100)
+    run(c, clock, 0.030)
+    held = [c.decide(M, queued_for=0.0, deadline_remaining=None) for _ in range(5)]
+    assert all(isinstance(ticket, Admit) for ticket in held)
+    assert c.expected_time(M) == pytest.approx(0.030)  # not 6 x 30 ms
+    assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=0.050), Admit)
+    for _ in range(WARM_SAMPLES):
+        run(c, clock, 0.030)
+    assert c.expected_time(M) > 0.030  # type: ignore[operator]
+
+
+def test_a_call_with_time_to_spare_may_wait_its_deadline_share() -> None:
+    """CoDel's allowance is 50 ms while overloaded; a call with a deadline may still wait up to
+    half its whole time (waited + remaining), so a pause in the arrivals followed by a burst
+    costs callers with time to spare nothing; deadline_share=0 is CoDel alone."""
+    for share, admitted in ((0.5, True), (0.0, False)):
+        clock = FakeClock(100.0)
+        c = controller(
+            clock, queue_target=0.05, queue_interval=0.2, deadline_share=share, initial_limit=1000
+        )
+        assert isinstance(c.decide(M, queued_for=0.0, deadline_remaining=None), Admit)
+        clock.now += 0.3
+        assert isinstance(c.decide(M, queued_for=0.06, deadline_remaining=None), Shed)
+        assert c.overloaded()
+        # waited 300 ms of its 1 s: within half of it
+        decision = c.decide(M, queued_for=0.3, deadline_remaining=0.7)
+        assert isinstance(decision, Admit) is admitted
+        # waited 300 ms of 500 ms: more than half, refused either way
+        shed = c.decide(M, queued_for=0.3, deadline_remaining=0.2)
+        assert isinstance(shed, Shed) and shed.reason is ShedReason.QUEUE
 
 
 def test_queue_rule_allows_a_burst_but_not_a_standing_queue() -> None:
@@ -215,7 +310,8 @@ def test_limit_does_not_grow_while_unused() -> None:
 def test_pushback_grows_with_the_shed_fraction_and_stays_in_bounds() -> None:
     clock = FakeClock(100.0)
     c = controller(clock, initial_limit=1, min_limit=1, max_limit=1, min_pushback=0.01)
-    run(c, clock, 0.040)
+    for _ in range(WARM_SAMPLES):
+        run(c, clock, 0.040)
     held = c.decide(M, queued_for=0.0, deadline_remaining=None)
     assert isinstance(held, Admit)
     pushbacks = []
@@ -230,6 +326,23 @@ def test_pushback_grows_with_the_shed_fraction_and_stays_in_bounds() -> None:
     assert pushbacks[-1] > 1.5 * pushbacks[0]
     assert all(0.01 <= p <= 2.0 for p in pushbacks)
     assert Shed(ShedReason.LIMIT, 0.1234).pushback_ms == 123
+
+
+def test_pushback_leaves_the_caller_time_to_retry() -> None:
+    """A call refused after a 300 ms wait with 200 ms to go, the method taking 30 ms: a pushback
+    of 300 ms or more (the wait, times the pressure) would outlast its deadline; it gets one
+    that leaves its retry twice the expected time. With no room for that, no cap: the caller
+    had better not retry."""
+    clock = FakeClock(100.0)
+    c = controller(clock, queue_target=0.05, queue_interval=0.2, deadline_share=0.5)
+    run(c, clock, 0.030)
+    shed = c.decide(M, queued_for=0.3, deadline_remaining=0.2)
+    assert isinstance(shed, Shed) and shed.reason is ShedReason.QUEUE
+    assert shed.pushback == pytest.approx(0.2 - 2 * 0.030)
+    shed = c.decide(M, queued_for=0.3, deadline_remaining=0.07)  # 70 ms: no room for a retry
+    assert isinstance(shed, Shed) and shed.pushback >= 0.3
+    shed = c.decide(M, queued_for=0.3, deadline_remaining=None)  # no deadline: the wait decides
+    assert isinstance(shed, Shed) and shed.pushback >= 0.3
 
 
 OPS = st.lists(
@@ -263,6 +376,7 @@ def test_invariants_over_any_sequence(ops: list[tuple[Any, ...]], jitter: float)
         elif op[0] == "call":
             _, method, queued_for, remaining = op
             estimate = c.expected_time(method)
+            baseline = c.baseline_time(method)
             in_flight, limit = c.in_flight, c.limit
             decision = c.decide(method, queued_for=queued_for, deadline_remaining=remaining)
             if isinstance(decision, Admit):
@@ -270,11 +384,15 @@ def test_invariants_over_any_sequence(ops: list[tuple[Any, ...]], jitter: float)
                 # never admitted: expired, slower than the estimate allows, beyond the limit
                 # or after a wait longer than the longest allowance
                 assert remaining is None or remaining > 0
-                assert (
-                    remaining is None or estimate is None or remaining >= DEADLINE_MARGIN * estimate
-                )
+                # (an idle server judges by the baseline: its estimate may be a stall's)
+                judged = estimate if in_flight else baseline
+                assert remaining is None or judged is None or remaining >= DEADLINE_MARGIN * judged
                 assert in_flight < limit
-                assert queued_for is None or queued_for <= c.queue_interval
+                assert (
+                    queued_for is None
+                    or queued_for <= c.queue_interval
+                    or (remaining is not None and queued_for <= 0.5 * (queued_for + remaining))
+                )
             else:
                 assert c.min_pushback <= decision.pushback <= c.max_pushback
         assert c.in_flight == len(running)

@@ -240,7 +240,8 @@ def test_resilient_server_knows_how_long_a_call_queued() -> None:
     allowance and is refused (reason ``queue``) when it finally reaches the worker."""
     log = Log()
     release = threading.Event()
-    controller = AdmissionController(queue_target=0.02, queue_interval=0.05)
+    # deadline_share=0: CoDel alone (else a call with 10 s to go may queue for 5 s)
+    controller = AdmissionController(queue_target=0.02, queue_interval=0.05, deadline_share=0)
     server = resilient_server(1, overload=OverloadInterceptor(controller))
     ledger_pb2_grpc.add_LedgerServicer_to_server(SyncWork(log, release), server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -6,15 +6,29 @@ checked in this order when a call is about to start:
 
 * ``deadline``: the caller's remaining time is shorter than 1.5 x the method's expected
   execution time (the margin covers the slower half): the answer would arrive after the caller
-  has gone, so the work would be wasted. Expected = the EWMA of its recent execution times,
-  scaled up by how many more calls are executing now than usually were when it ran (Little's
-  law: where calls share a resource, time grows with concurrency), so a sudden jump in
-  concurrency is not judged by the times measured before it.
+  has gone, so the work would be wasted. Expected = the lower median of its last 16 execution
+  times, scaled up by how many more calls are executing now than usually were when it ran
+  (Little's law: where calls share a resource, time grows with concurrency), so a sudden jump
+  in concurrency is not judged by the times measured before it; not scaled before its 10th
+  execution (warm-up concurrency says nothing about load). A median, not an average: a stall
+  of the process (a garbage collection, a starved CPU) lengthens every execution caught in it,
+  and one 750 ms stall of the benchmark's server lifted an average to ~1 s and refused 254
+  calls that would have made it. While nothing executes, the method's baseline (its lowest
+  smoothed time, which a stall barely moves) stands in: the estimate learns only from admitted
+  calls, so one inflated by a stall long enough would otherwise refuse every call for good
+  (measured with the average: naive x3 with 250 ms timeouts refused for the rest of the run
+  after one 240 ms stall); a caller with too little time even for the baseline is still
+  refused.
 * ``queue`` (CoDel, as in Facebook's "Fail at Scale"): the call waited in the server's queue
   longer than allowed. While the queue has not drained for a whole ``queue_interval`` (no call
   started after waiting less than a quarter of ``queue_target``), the server is overloaded and
   the allowance is ``queue_target``; otherwise it is ``queue_interval``. A standing queue is
   thus kept short (latency stays low for the admitted calls) while a burst is still absorbed.
+  A call with a deadline may always wait ``deadline_share`` of its whole time (what it waited
+  plus what remains): a caller with time to spare keeps its place. Without that, a short
+  CoDel allowance turns any pause in the arrivals (a client's garbage collection, a CPU-starved
+  process) into idle workers and then refuses, as the queue re-forms, calls that would still
+  have finished in time; their callers come back after a pushback, often too late.
 * ``limit``: the calls already executing reach the adaptive concurrency limit. The limit follows
   the latency gradient (Netflix concurrency-limits' Gradient2, Envoy's adaptive concurrency):
   each finished call compares its method's recent execution time (a short EWMA) with the
@@ -34,7 +48,9 @@ slow executions and shrink the limit).
 A refused call gets a pushback (seconds before a retry is worth it) scaled to the overload:
 the longer of the method's expected time and the wait the call saw, times the pressure
 1 / (1 - recent shed fraction), jittered by x0.5-1.5 so refused clients do not return together,
-and clamped to [``min_pushback``, ``max_pushback``].
+short enough to leave the retry twice the expected time before the caller's deadline (when the
+deadline leaves room for that: else a retry would come too late anyway), and clamped
+to [``min_pushback``, ``max_pushback``].
 """
 
 from __future__ import annotations
@@ -43,6 +59,7 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -141,14 +158,24 @@ BASELINE_DRIFT = 0.002
 SHED_WEIGHT = 0.02
 #: The pressure factor never exceeds this (a 90% shed fraction).
 MAX_PRESSURE = 10.0
+#: A pushback leaves the refused caller's retry at least this multiple of the expected time.
+PUSHBACK_ROOM = 2.0
+#: Executions whose median is a method's typical time (what the deadline rule expects).
+WINDOW = 16
+#: Executions a method needs before its expected time is scaled by concurrency: the first ones
+#: ran while the server warmed up, at a concurrency that says nothing about later load.
+WARM_SAMPLES = 10
 
 
 class MethodEstimate:
-    """What one method costs: recent execution time (short EWMA) and its baseline (its low)."""
+    """What one method costs: recent execution time (short EWMA), its baseline (its low) and its
+    typical time (the lower median of the last ``WINDOW`` executions)."""
 
-    __slots__ = ("baseline", "concurrency", "recent", "samples")
+    __slots__ = ("baseline", "concurrency", "recent", "samples", "typical", "window")
 
     def __init__(self) -> None:
+        self.window: deque[float] = deque(maxlen=WINDOW)
+        self.typical = 0.0
         self.recent = 0.0
         self.baseline = 0.0
         self.concurrency = 1.0
@@ -157,6 +184,9 @@ class MethodEstimate:
     def add(self, seconds: float, concurrency: int = 1) -> None:
         """Fold in one execution time and the calls executing when it started (its own included)."""
         seconds = max(0.0, seconds)
+        self.window.append(seconds)
+        ordered = sorted(self.window)
+        self.typical = ordered[(len(ordered) - 1) // 2]
         if self.samples == 0:
             self.recent = self.baseline = seconds
             self.concurrency = float(max(1, concurrency))
@@ -174,7 +204,8 @@ class AdmissionController:
     """Admission decisions for one server, shared by all its methods; thread-safe.
 
     ``queue_target`` / ``queue_interval`` (seconds): the CoDel queue allowances (see the module
-    docstring). ``initial_limit``, ``min_limit``, ``max_limit``: the concurrency limit's start
+    docstring); ``deadline_share`` (0..1): the part of its whole deadline a call may always
+    spend queued (0: CoDel alone). ``initial_limit``, ``min_limit``, ``max_limit``: the concurrency limit's start
     and bounds; ``tolerance``: how much slower than its baseline a method may run before the limit
     shrinks; ``min_pushback`` / ``max_pushback`` (seconds): bounds of the retry delay sent with
     a refusal. ``clock`` (monotonic seconds) and ``uniform`` (a [0, 1) source for the pushback
@@ -186,6 +217,7 @@ class AdmissionController:
         *,
         queue_target: float = 0.05,
         queue_interval: float = 0.2,
+        deadline_share: float = 0.5,
         initial_limit: int = 32,
         min_limit: int = 2,
         max_limit: int = 1000,
@@ -201,6 +233,9 @@ class AdmissionController:
         self.queue_interval = finite_number(
             "queue_interval", queue_interval, at_least=self.queue_target, unit=" of seconds"
         )
+        self.deadline_share = finite_number("deadline_share", deadline_share, at_least=0.0)
+        if self.deadline_share > 1.0:
+            raise ValueError(f"deadline_share must be <= 1, got {deadline_share!r}")
         self.min_limit = whole_number("min_limit", min_limit, at_least=1)
         self.max_limit = whole_number("max_limit", max_limit, at_least=self.min_limit)
         initial = whole_number("initial_limit", initial_limit, at_least=self.min_limit)
@@ -244,10 +279,16 @@ class AdmissionController:
         return estimate.recent if estimate is not None and estimate.samples else None
 
     def expected_time(self, method: str) -> float | None:
-        """How long a call of ``method`` started now should take: its recent execution time,
+        """How long a call of ``method`` started now should take: its typical execution time,
         scaled by the concurrency it would start at over the concurrency it usually ran at."""
         with self._lock:
             return self._expected(method)
+
+    def baseline_time(self, method: str) -> float | None:
+        """The method's baseline execution time (the lowest its recent average has been,
+        drifting slowly up): what the deadline rule judges by while nothing executes."""
+        with self._lock:
+            return self._baseline(method) if method in self._methods else None
 
     def overloaded(self) -> bool:
         """True while the queue has not drained for a whole ``queue_interval``."""
@@ -273,11 +314,15 @@ class AdmissionController:
                 if queued_for < self.queue_target / 4 or self._last_empty is None:
                     self._last_empty = now
             reason: ShedReason | None = None
+            # while nothing executes, the recent average may be a stall's: judge by the baseline
+            judged = expected if self._in_flight > 0 else self._baseline(method)
             if deadline_remaining is not None and (
-                deadline_remaining <= 0 or deadline_remaining < DEADLINE_MARGIN * expected
+                deadline_remaining <= 0 or deadline_remaining < DEADLINE_MARGIN * judged
             ):
                 reason = ShedReason.DEADLINE
-            elif queued_for is not None and queued_for > self._allowed_wait(now):
+            elif queued_for is not None and queued_for > self._allowed_wait(
+                now, queued_for, deadline_remaining
+            ):
                 reason = ShedReason.QUEUE
             elif self._in_flight >= self.limit:
                 reason = ShedReason.LIMIT
@@ -289,6 +334,12 @@ class AdmissionController:
             pressure = min(MAX_PRESSURE, 1.0 / max(1e-9, 1.0 - self._shed_fraction))
             base = max(expected, queued_for or 0.0, self.min_pushback)
             delay = base * pressure * (0.5 + self._uniform())
+            if deadline_remaining is not None:
+                # a pushback the caller cannot wait is no pushback: leave its retry the time to
+                # be served; when there is not even that, the caller is better off not retrying
+                room = deadline_remaining - PUSHBACK_ROOM * expected
+                if room > self.min_pushback:
+                    delay = min(delay, room)
             return Shed(reason, min(self.max_pushback, max(self.min_pushback, delay)))
 
     def finish(self, ticket: Admit, *, executed: bool = True) -> None:
@@ -322,10 +373,19 @@ class AdmissionController:
         estimate = self._methods.get(method)
         if estimate is None or not estimate.samples:
             return None
-        return estimate.recent * max(1.0, (self._in_flight + 1) / estimate.concurrency)
+        if estimate.samples < WARM_SAMPLES:
+            return estimate.typical
+        return estimate.typical * max(1.0, (self._in_flight + 1) / estimate.concurrency)
+
+    def _baseline(self, method: str) -> float:
+        estimate = self._methods.get(method)
+        return estimate.baseline if estimate is not None and estimate.samples else 0.0
 
     def _overloaded(self, now: float) -> bool:
         return self._last_empty is not None and now - self._last_empty > self.queue_interval
 
-    def _allowed_wait(self, now: float) -> float:
-        return self.queue_target if self._overloaded(now) else self.queue_interval
+    def _allowed_wait(self, now: float, queued_for: float, remaining: float | None) -> float:
+        allowed = self.queue_target if self._overloaded(now) else self.queue_interval
+        if remaining is not None:
+            allowed = max(allowed, self.deadline_share * (queued_for + remaining))
+        return allowed
