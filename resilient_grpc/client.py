@@ -665,6 +665,8 @@ class RetryingStream(grpc.Call):
                 return
             self._started = True
             try:
+                if self._cancelled.is_set():
+                    raise LocallyCancelled
                 _drive(self._logical.steps(), self._attempt, self._wait_ready, self._pause)
             except grpc.RpcError as error:
                 self._error = error
@@ -837,7 +839,12 @@ class HedgedFuture(RetryingFuture):
                 actions = call.on_done(number, outcome.exception())
                 if actions.done and actions.winner == number:
                     self._last = outcome
-            self._apply(actions)
+            try:
+                self._apply(actions)
+            except Exception as error:  # a copy could not be sent (say, the channel closed)
+                for number in call.abandon():
+                    self._cancel_attempt(number)
+                self._complete(error)
         self._run_callbacks()
 
     def _apply(self, actions: Actions) -> None:

@@ -155,12 +155,6 @@ def _client_tasks(before: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
 # Before the call starts -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review9: a resilient_channel call cancelled before its first await deposits into "
-    "the retry budget when it is then awaited (the driver's first step runs before the "
-    "cancelled flag is read), although nothing was sent",
-)
 async def test_a_call_cancelled_before_it_starts_is_not_traffic(channel_setup: Setup) -> None:
     stack = Stack()
     stub = channel_setup.stub(stack)
@@ -173,11 +167,6 @@ async def test_a_call_cancelled_before_it_starts_is_not_traffic(channel_setup: S
     assert stack.budget.balance == before  # nothing was sent: no deposit
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review9: an aio stream cancelled before its first read deposits into the retry "
-    "budget on that read (the driver's first step runs before the cancelled flag is read)",
-)
 async def test_a_stream_cancelled_before_its_first_read_is_not_traffic(
     channel_setup: Setup,
 ) -> None:
@@ -329,16 +318,7 @@ async def _first(call: Any) -> Any:
     "how",
     [
         "cancel",
-        pytest.param(
-            "wait_for",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="review9: cancelling the task that reads an aio stream before it commits "
-                "(asyncio.wait_for) leaves the attempt's RPC running on the server: "
-                "RetryingAioStream._attempt does not cancel its call on CancelledError "
-                "(plain grpc.aio does)",
-            ),
-        ),
+        "wait_for",
     ],
 )
 async def test_a_stream_stopped_before_it_commits_is_cancelled_on_the_server(
@@ -439,12 +419,6 @@ async def test_a_hedged_call_cancelled_during_the_hedge_delay_sends_nothing_more
     await loop_errors.check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review9: a hedged aio call cancelled before its first await runs anyway when "
-    "awaited: HedgedAioCall._drive never reads the cancelled flag (and makes a new waker), "
-    "so its copies are sent and the call answers",
-)
 async def test_a_hedged_call_cancelled_before_it_starts_sends_nothing(
     channel_setup: Setup,
 ) -> None:
@@ -499,7 +473,7 @@ async def test_done_callbacks_run_once_when_a_call_is_cancelled_in_backoff(
 
 async def test_an_intercepted_call_cancelled_before_it_starts_is_not_traffic() -> None:
     """Through ``client_interceptors`` grpc.aio cancels the interceptor task before it runs
-    (the ``resilient_channel`` version is an xfail test above)."""
+    (the ``resilient_channel`` version is above)."""
     server, port, servicer = await serve_aio()
     setup = Setup(servicer, f"127.0.0.1:{port}", "interceptors")
     try:

@@ -351,12 +351,6 @@ def test_a_stream_cancelled_before_it_commits_is_cancelled_on_the_server(
     assert stack.budget.balance == 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review9: a sync stream cancelled before its first read deposits into the retry "
-    "budget on that read (the driver's first step, with the deposit, runs before "
-    "RetryingStream._attempt reads the cancelled flag), although nothing is sent",
-)
 def test_a_stream_cancelled_before_its_first_read_sends_nothing(setup: Setup) -> None:
     stack = Stack()
     stub = setup.stub(stack)
@@ -398,14 +392,6 @@ def test_a_hedged_future_cancelled_during_the_hedge_delay_sends_nothing_more(
     assert stack.budget.balance == 1.0 - (copies - 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review9: a hedged sync future whose next copy cannot be sent (the channel was "
-    "closed during a pushback wait: the send raises ValueError on the timer thread) never "
-    "finishes: the exception escapes HedgedFuture._pump with _pumping left True, so every "
-    "later event is queued and never handled, and result() without timeout hangs for ever "
-    "(a RetryingFuture ends with the ValueError)",
-)
 def test_a_hedged_future_whose_next_copy_cannot_be_sent_still_finishes(setup: Setup) -> None:
     stub = setup.stub(Stack(retry=None, hedging=HedgingPolicy(max_attempts=3, delay=5.0)))
     setup.servicer.state.faults.add(GET_BALANCE, Fault(pushback_ms="200"))

@@ -105,6 +105,8 @@ class _Interruptible:
 
     async def _drive(self, attempt: Callable[[Attempt], Awaitable[BaseException | None]]) -> None:
         """Run the logical call's steps in this task: return after success, raise when giving up."""
+        if self._cancelled:
+            raise asyncio.CancelledError
         steps = self._logical.steps()
         try:
             step: Any = next(steps)  # one of the Step classes, told apart by their exact class
@@ -409,6 +411,9 @@ class HedgedAioCall(ResilientUnaryCall):
     async def _drive(self, attempt: Callable[[Attempt], Awaitable[BaseException | None]]) -> None:
         """Run the hedged call in this task (``attempt`` is not used: attempts are tasks)."""
         hedged = self._hedged
+        if self._cancelled:
+            hedged.abandon()
+            raise asyncio.CancelledError
         waker = self._waker = asyncio.get_running_loop().create_future()
         tasks: dict[int, asyncio.Task[Any]] = {}
         calls: dict[int, Any] = {}
@@ -496,6 +501,10 @@ class RetryingAioStream(_Interruptible, _FinishedCall, grpc.aio.UnaryStreamCall)
             self._logical.first = END_OF_STREAM
         except grpc.aio.AioRpcError as error:
             return error
+        except asyncio.CancelledError:
+            if self._call is not None:
+                self._call.cancel()
+            raise
         return None
 
     async def _start(self) -> None:
