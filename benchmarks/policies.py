@@ -373,19 +373,19 @@ POLICIES: tuple[Policy, ...] = (
     ),
     Policy(
         "full-stack",
-        "full stack (hedging + breaker + dedup)",
-        f"ours: {FULL_STACK}; server DedupInterceptor",
-        True,
-        _ours(**FULL_STACK_CONFIG),
-    ),
-    Policy(
-        "full-stack-protected",
-        "full stack + protected server",
+        "full stack (hedging + breaker + dedup + protected server)",
         f"ours: {FULL_STACK}; server OverloadInterceptor() then DedupInterceptor, on an "
         "OverloadExecutor",
         True,
         _ours(**FULL_STACK_CONFIG),
         server_protected=True,
+    ),
+    Policy(
+        "full-stack-unprotected",
+        "full stack, unprotected server",
+        f"ours: {FULL_STACK}; server DedupInterceptor only",
+        True,
+        _ours(**FULL_STACK_CONFIG),
     ),
     Policy(
         "grpc-native",
