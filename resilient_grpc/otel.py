@@ -24,6 +24,7 @@ Nothing here ever receives an idempotency key, metadata or a message.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 import threading
@@ -463,13 +464,41 @@ def _admission_instruments() -> tuple[Any, Any]:
     return cached[1], cached[2]
 
 
-#: Providers that record nothing: with one of each, a call is not watched. The API's meter
-#: provider before an SDK is installed has a private class: it is read off the API.
-_INERT_TRACERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
-_INERT_METERS: tuple[type, ...] = (
-    metrics.NoOpMeterProvider,
-    type(getattr(metrics._internal, "_PROXY_METER_PROVIDER", metrics.NoOpMeterProvider())),
+#: Provider classes that record nothing (``NoneType``: no global provider set yet): with one of
+#: each, a call is not watched. The API's meter provider before an SDK is installed has a
+#: private class: it is read off the API.
+_INERT_PROVIDERS: frozenset[type] = frozenset(
+    {
+        type(None),
+        trace.ProxyTracerProvider,
+        trace.NoOpTracerProvider,
+        metrics.NoOpMeterProvider,
+        type(getattr(metrics._internal, "_PROXY_METER_PROVIDER", None)),
+    }
 )
+
+
+def _global_providers_reader() -> Any:
+    """The cheapest way to read the global (tracer, meter) providers, ``None`` while unset.
+
+    ``trace.get_tracer_provider()`` and ``metrics.get_meter_provider()`` look up an environment
+    variable on every call until a provider is set (about a third of the stack's per-call cost
+    without an SDK). The API keeps the providers in module globals that are set once; read
+    those, unless the environment names a provider for the API to load or the API moved them.
+    """
+    from opentelemetry.metrics import _internal as metrics_api
+
+    names = ("OTEL_PYTHON_TRACER_PROVIDER", "OTEL_PYTHON_METER_PROVIDER")
+    if (
+        any(name in os.environ for name in names)
+        or not hasattr(trace, "_TRACER_PROVIDER")
+        or not hasattr(metrics_api, "_METER_PROVIDER")
+    ):
+        return lambda: (trace.get_tracer_provider(), metrics.get_meter_provider())
+    return lambda: (trace._TRACER_PROVIDER, metrics_api._METER_PROVIDER)
+
+
+_global_providers = _global_providers_reader()
 
 
 def _attempt_event(
@@ -613,15 +642,15 @@ class OtelHook:
 
     def watching(self) -> bool:
         settings = _settings
-        tracers = settings.tracer_provider
-        if tracers is None:
-            tracers = trace.get_tracer_provider()
-        if not isinstance(tracers, _INERT_TRACERS):
-            return True
-        meters = settings.meter_provider
-        if meters is None:
-            meters = metrics.get_meter_provider()
-        return not isinstance(meters, _INERT_METERS)
+        tracers, meters = settings.tracer_provider, settings.meter_provider
+        if tracers is None or meters is None:
+            global_tracers, global_meters = _global_providers()
+            if tracers is None:
+                tracers = global_tracers
+            if meters is None:
+                meters = global_meters
+        inert = _INERT_PROVIDERS
+        return tracers.__class__ not in inert or meters.__class__ not in inert
 
     def start_call(self, event: CallStarted) -> _OtelCall:
         return _OtelCall(event)
