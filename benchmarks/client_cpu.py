@@ -67,10 +67,10 @@ def _run_sync(variant: str, calls: int, warmup: int) -> None:
     stub = ledger_pb2_grpc.LedgerStub(channel)
     request = ledger_pb2.BalanceRequest(account="alice")
     for _ in range(warmup):
-        stub.GetBalance(request, timeout=5)
+        stub.GetBalance(request, timeout=60)
     os.getppid()  # callgrind: zero the counters here
     for _ in range(calls):
-        stub.GetBalance(request, timeout=5)
+        stub.GetBalance(request, timeout=60)
     os.getpgrp()  # callgrind: dump the counters here
     channel.close()
     server.stop(None)
@@ -100,10 +100,10 @@ async def _run_aio(variant: str, calls: int, warmup: int) -> None:
     stub = ledger_pb2_grpc.LedgerStub(channel)
     request = ledger_pb2.BalanceRequest(account="alice")
     for _ in range(warmup):
-        await stub.GetBalance(request, timeout=5)
+        await stub.GetBalance(request, timeout=60)
     os.getppid()
     for _ in range(calls):
-        await stub.GetBalance(request, timeout=5)
+        await stub.GetBalance(request, timeout=60)
     os.getpgrp()
     await channel.close()
     await server.stop(None)

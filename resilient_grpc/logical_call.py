@@ -555,9 +555,6 @@ class CallArguments:
         self.wait_for_ready = wait_for_ready
         self.compression = compression
 
-    def begin(self, stack: ClientStack, method: str, *, stream: bool) -> LogicalCall:
-        return stack.begin(method, self.timeout, self.metadata, self.wait_for_ready, stream=stream)
-
     def send(self, inner: Callable[..., Any], step: Attempt) -> Any:
         """Make one attempt through ``inner`` with the attempt's timeout/metadata/wait_for_ready."""
         return inner(
@@ -597,7 +594,13 @@ class StubMethod:
         ``via`` is the underlying callable to send through (default: the method itself).
         """
         arguments = CallArguments(request, *args, **kwargs)
-        call = arguments.begin(self._stack, self._method, stream=stream)
+        call = self._stack.begin(
+            self._method,
+            arguments.timeout,
+            arguments.metadata,
+            arguments.wait_for_ready,
+            stream=stream,
+        )
         return call, partial(arguments.send, self._inner if via is None else via)
 
 

@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import _internal as _metrics_api
 from opentelemetry.util.types import AttributeValue
 
 from resilient_grpc.core.codes import code_number, name_and_number
@@ -473,32 +474,22 @@ _INERT_PROVIDERS: frozenset[type] = frozenset(
         trace.ProxyTracerProvider,
         trace.NoOpTracerProvider,
         metrics.NoOpMeterProvider,
-        type(getattr(metrics._internal, "_PROXY_METER_PROVIDER", None)),
+        type(getattr(_metrics_api, "_PROXY_METER_PROVIDER", None)),
     }
 )
 
 
-def _global_providers_reader() -> Any:
-    """The cheapest way to read the global (tracer, meter) providers, ``None`` while unset.
-
-    ``trace.get_tracer_provider()`` and ``metrics.get_meter_provider()`` look up an environment
-    variable on every call until a provider is set (about a third of the stack's per-call cost
-    without an SDK). The API keeps the providers in module globals that are set once; read
-    those, unless the environment names a provider for the API to load or the API moved them.
-    """
-    from opentelemetry.metrics import _internal as metrics_api
-
-    names = ("OTEL_PYTHON_TRACER_PROVIDER", "OTEL_PYTHON_METER_PROVIDER")
-    if (
-        any(name in os.environ for name in names)
-        or not hasattr(trace, "_TRACER_PROVIDER")
-        or not hasattr(metrics_api, "_METER_PROVIDER")
-    ):
-        return lambda: (trace.get_tracer_provider(), metrics.get_meter_provider())
-    return lambda: (trace._TRACER_PROVIDER, metrics_api._METER_PROVIDER)
-
-
-_global_providers = _global_providers_reader()
+#: ``trace.get_tracer_provider()`` and ``metrics.get_meter_provider()`` look up an environment
+#: variable on every call until a provider is set (about a third of the stack's per-call cost
+#: without an SDK). The API keeps the global providers in module globals that are set once:
+#: the hook reads those, unless the environment names a provider for the API to load, or the
+#: API moved them.
+_READ_GLOBALS = (
+    "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ
+    and "OTEL_PYTHON_METER_PROVIDER" not in os.environ
+    and hasattr(trace, "_TRACER_PROVIDER")
+    and hasattr(_metrics_api, "_METER_PROVIDER")
+)
 
 
 def _attempt_event(
@@ -642,15 +633,15 @@ class OtelHook:
 
     def watching(self) -> bool:
         settings = _settings
-        tracers, meters = settings.tracer_provider, settings.meter_provider
-        if tracers is None or meters is None:
-            global_tracers, global_meters = _global_providers()
-            if tracers is None:
-                tracers = global_tracers
-            if meters is None:
-                meters = global_meters
-        inert = _INERT_PROVIDERS
-        return tracers.__class__ not in inert or meters.__class__ not in inert
+        tracers: object = settings.tracer_provider
+        if tracers is None:
+            tracers = trace._TRACER_PROVIDER if _READ_GLOBALS else trace.get_tracer_provider()
+        if tracers.__class__ not in _INERT_PROVIDERS:
+            return True
+        meters: object = settings.meter_provider
+        if meters is None:
+            meters = _metrics_api._METER_PROVIDER if _READ_GLOBALS else metrics.get_meter_provider()
+        return meters.__class__ not in _INERT_PROVIDERS
 
     def start_call(self, event: CallStarted) -> _OtelCall:
         return _OtelCall(event)
