@@ -5,9 +5,11 @@ Each variant runs in its own process under ``valgrind --tool=callgrind``: a warm
 ``--calls`` unary calls (GetBalance) to an in-process ledger server over loopback. Counting
 starts when the loop starts and stops when it ends (callgrind's ``--zero-before`` /
 ``--dump-before`` on two libc functions the loop is wrapped in: ``getppid``, ``getpgrp``), so
-interpreter start-up, imports and the warm-up are left out. The count covers every thread of
-the process (client and server): the same server work is in every variant, so the difference
-between a variant and ``bare`` is what the client-side stack costs.
+interpreter start-up, imports and the warm-up are left out. Only the main thread is counted,
+the one making the calls: for sync calls that is the client side of the call (gRPC's server
+and polling threads are left out: their work varies with timing), for aio the event loop
+that runs both the client and the in-process server (the same server work in every variant).
+The difference between a variant and ``bare`` is what the client-side stack costs.
 
 Variants (each with every feature on: retry, budget, breaker, idempotency key):
 ``bare``, ``noop_interceptor`` (gRPC's interceptor machinery alone), ``resilient_channel``,
@@ -120,6 +122,7 @@ def _measure(variant: str, aio: bool, calls: int, warmup: int) -> int:
             "--zero-before=getppid",
             "--dump-before=getpgrp",
             "--dump-instr=no",
+            "--separate-threads=yes",
             sys.executable,
             "-m",
             "benchmarks.client_cpu",
@@ -135,8 +138,9 @@ def _measure(variant: str, aio: bool, calls: int, warmup: int) -> int:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
         if done.returncode != 0:
             raise RuntimeError(f"{variant} failed under callgrind:\n{done.stderr[-3000:]}")
-        # The first dump (.1) holds the loop: counters zeroed at getppid, dumped at getpgrp.
-        dumps = sorted(Path(folder).glob("callgrind.out.*.1"))
+        # The first dump (.1) holds the loop: counters zeroed at getppid, dumped at getpgrp;
+        # thread 01 is the main thread, the one making the calls.
+        dumps = sorted(Path(folder).glob("callgrind.out.*.1-01"))
         if not dumps:
             raise RuntimeError("callgrind wrote no dump for the loop")
         text = dumps[0].read_text()

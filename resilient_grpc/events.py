@@ -124,6 +124,21 @@ class CallHook(Protocol):
         """The call is over and neither finished nor abandoned was reported: release it."""
 
 
+class CallHookBase:
+    """A :class:`CallHook` with nothing to make current and nothing to release (subclass it)."""
+
+    __slots__ = ()
+
+    def attach(self) -> object:
+        return None
+
+    def detach(self, token: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Hook(Protocol):
     """A telemetry subscriber (see the module docstring)."""
 
@@ -146,6 +161,7 @@ __all__ = [
     "CallEvent",
     "CallFinished",
     "CallHook",
+    "CallHookBase",
     "CallShed",
     "CallStarted",
     "DedupOutcome",

@@ -2,9 +2,9 @@
 
 :class:`LogHook` is one of the two default hooks of :mod:`resilient_grpc.telemetry` (the other
 is OpenTelemetry's): the interceptors never log the events on their own, so the sync and aio
-shells say exactly the same things. It watches a call only while ``resilient_grpc.client`` or
-``resilient_grpc.breaker`` logs DEBUG; otherwise it hears only a failed call's end (for the
-give-up WARNING). What is logged, and where:
+shells say exactly the same things. It watches a call only while ``resilient_grpc.client`` logs
+DEBUG; otherwise it hears only a failed call's end (for the give-up WARNING, and the breaker's
+DEBUG line for a call it failed fast). What is logged, and where:
 
 * ``resilient_grpc.client``: WARNING once when a call gives up on a failure it would have
   retried (attempts made, last status, why it stopped, method, target); DEBUG for every attempt
@@ -40,6 +40,7 @@ from resilient_grpc.events import (
     BreakerStateChanged,
     CallEvent,
     CallFinished,
+    CallHookBase,
     CallStarted,
     DedupOutcome,
     Event,
@@ -223,7 +224,7 @@ def _dedup_outcome(method: str, outcome: str, detail: str = "") -> None:
         server_logger.debug("%s: dedup %s", method, outcome, extra=extra)
 
 
-class _CallLog:
+class _CallLog(CallHookBase):
     """The log lines of one watched call."""
 
     __slots__ = ("method", "target")
@@ -240,29 +241,20 @@ class _CallLog:
         elif isinstance(event, BreakerRejected):
             _breaker_rejected(self.method, self.target)
 
-    def attach(self) -> object:
-        return None
-
-    def detach(self, token: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
 
 class LogHook:
     """Log lines for the stack's events (see the module docstring)."""
 
     def watching(self) -> bool:
-        return client_logger.isEnabledFor(logging.DEBUG) or breaker_logger.isEnabledFor(
-            logging.DEBUG
-        )
+        return client_logger.isEnabledFor(logging.DEBUG)
 
     def start_call(self, event: CallStarted) -> _CallLog:
         return _CallLog(event)
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, CallFinished):
+        if isinstance(event, CallFinished):  # a failed call this hook did not watch
+            if event.reason is Reason.BREAKER_OPEN and event.attempts == 0:
+                _breaker_rejected(event.method, event.target)
             _call_finished(event)
         elif isinstance(event, BreakerStateChanged):
             _breaker_changed(*event)

@@ -35,6 +35,7 @@ from resilient_grpc.events import (
     CallEvent,
     CallFinished,
     CallHook,
+    CallHookBase,
     CallShed,
     CallStarted,
     DedupOutcome,
@@ -253,7 +254,7 @@ def call_shed(method: str, reason: str) -> None:
     _emit(CallShed(method, reason))
 
 
-class Recorder:
+class Recorder(CallHookBase):
     """A hook that watches every call and keeps every event, for tests (see :func:`capture`)."""
 
     def __init__(self) -> None:
@@ -272,15 +273,6 @@ class Recorder:
 
     def on_event(self, event: Event) -> None:
         self.events.append(event)
-
-    def attach(self) -> object:
-        return None
-
-    def detach(self, token: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @contextlib.contextmanager
