@@ -35,21 +35,10 @@ from typing import Any
 VARIANTS = ("bare", "noop_interceptor", "resilient_channel", "client_interceptors")
 
 
-def _stack() -> dict[str, Any]:
-    from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
-
-    return {
-        "retry": RetryPolicy(),
-        "budget": RetryBudget(),
-        "breaker": CircuitBreaker(),
-        "idempotency": IdempotencyKeys(),
-    }
-
-
 def _run_sync(variant: str, calls: int, warmup: int) -> None:
     import grpc
 
-    from benchmarks.overhead import _NoOpInterceptor
+    from benchmarks.overhead import _NoOpInterceptor, _stack
     from protos import ledger_pb2, ledger_pb2_grpc
     from protos.ledger_service import serve
     from resilient_grpc.client import client_interceptors, resilient_channel
@@ -81,7 +70,7 @@ def _run_sync(variant: str, calls: int, warmup: int) -> None:
 async def _run_aio(variant: str, calls: int, warmup: int) -> None:
     import grpc.aio
 
-    from benchmarks.overhead import _AioNoOpInterceptor
+    from benchmarks.overhead import _AioNoOpInterceptor, _stack
     from protos import ledger_pb2, ledger_pb2_grpc
     from protos.ledger_service import serve_aio
     from resilient_grpc.aio.client import client_interceptors, resilient_channel
