@@ -23,7 +23,8 @@ is freed and a retry granted by the budget but never sent is refunded.
 The generator returns after a success and raises the error to give the caller when it gives up:
 the last real error (with :func:`~resilient_grpc.errors.attempts_of` set) or
 :class:`~resilient_grpc.errors.BreakerOpenError`. Every retry decision comes from
-:class:`~resilient_grpc.core.retry.RetryState`; telemetry goes through :mod:`resilient_grpc.telemetry`.
+:class:`~resilient_grpc.core.retry.RetryState`; telemetry goes through :mod:`resilient_grpc.telemetry`
+(nothing is built for it when no hook watches the call).
 """
 
 from __future__ import annotations
@@ -339,12 +340,11 @@ class LogicalCall:
         """
         stack = self.stack
         stream = self.stream
-        tel = telemetry.start_client_call(
-            self.method, target=stack.target, transport=stack.transport
-        )
+        # None when no telemetry hook watches the call: then it reports nothing but a failure.
+        tel = telemetry.start_call(self.method, target=stack.target, transport=stack.transport)
         if stream:
             self.telemetry = tel
-        token = tel.make_current()
+        token = tel.make_current() if tel is not None else None
         try:
             breaker = stack.target_breaker
             throttle = stack.throttle
@@ -409,25 +409,29 @@ class LogicalCall:
                         breaker.release(admission)
                     raise
                 if error is None:
-                    tel.attempt(state.attempts, code, None)
-                    if not stream:
-                        tel.end(code, attempts=state.attempts, reason=Reason.SUCCESS)
+                    if tel is not None:
+                        tel.attempt(state.attempts, code, None)
+                        if not stream:
+                            tel.end(code, attempts=state.attempts, reason=Reason.SUCCESS)
                     return
                 last_error = error
                 decision = state.breaker_open() if opened else self._decide(code, error)
-                tel.attempt(state.attempts, code, decision)
+                if tel is not None:
+                    tel.attempt(state.attempts, code, decision)
                 if not decision.retry:
                     self._give_up(tel, error, decision)
                 yield Pause(decision.delay)
         except BaseException as failure:
             if isinstance(failure, GeneratorExit):  # the caller cancelled: charge nothing
                 self.state.abandon()
-            tel.abandon(failure)
+            if tel is not None:
+                tel.abandon(failure)
             raise
         finally:
-            tel.restore(token)
-            if not stream:
-                tel.close()
+            if tel is not None:
+                tel.restore(token)
+                if not stream:
+                    tel.close()
 
     def _reconnect_wait(self) -> float | None:
         """How long a retry may wait for a reconnect (``None``: do not wait)."""
@@ -461,34 +465,37 @@ class LogicalCall:
     def finish_stream(self, error: BaseException | None) -> None:
         """A committed stream ended: cleanly (``None``), with an error, or abandoned (GeneratorExit)."""
         tel = self.telemetry
-        if tel is None or tel.ended:
+        if tel is None:
+            if error is not None and not isinstance(error, GeneratorExit):
+                self._end(None, status_name(error), self.state.attempts, Reason.NOT_RETRYABLE_CODE)
+            return
+        if tel.ended:
             return
         if isinstance(error, GeneratorExit):
             tel.abandon(error)
         elif error is None:
             tel.end("OK", attempts=self.state.attempts, reason=Reason.SUCCESS)
         else:  # a committed call (headers received) is not retried
-            tel.end(
-                status_name(error), attempts=self.state.attempts, reason=Reason.NOT_RETRYABLE_CODE
-            )
+            self._end(tel, status_name(error), self.state.attempts, Reason.NOT_RETRYABLE_CODE)
 
     def _refused(
         self,
-        tel: telemetry.CallTelemetry,
+        tel: telemetry.CallTelemetry | None,
         breaker: TargetBreaker,
         last_error: BaseException | None,
     ) -> NoReturn:
         """The breaker refused an attempt: fail fast, or give up with the last real error."""
-        tel.breaker_rejected()
+        if tel is not None:
+            tel.breaker_rejected()
         if last_error is not None:
             self._give_up(tel, last_error, self.state.breaker_open())
         rejected = BreakerOpenError(self.stack.target or "default", breaker.rejected_until)
-        tel.end("UNAVAILABLE", attempts=0, reason=Reason.BREAKER_OPEN)
+        self._end(tel, "UNAVAILABLE", 0, Reason.BREAKER_OPEN)
         raise rejected
 
     def _throttled(
         self,
-        tel: telemetry.CallTelemetry,
+        tel: telemetry.CallTelemetry | None,
         throttle: AdaptiveThrottle,
         last_error: BaseException | None,
     ) -> NoReturn:
@@ -496,7 +503,7 @@ class LogicalCall:
         if last_error is not None:
             self._give_up(tel, last_error, self.state.throttled())
         rejected = ThrottledError(self.stack.target or "default", throttle.rejection_probability)
-        tel.end("UNAVAILABLE", attempts=0, reason=Reason.THROTTLED)
+        self._end(tel, "UNAVAILABLE", 0, Reason.THROTTLED)
         raise rejected
 
     def _decide(self, code: str, error: BaseException) -> RetryDecision:
@@ -511,11 +518,20 @@ class LogicalCall:
         )
 
     def _give_up(
-        self, tel: telemetry.CallTelemetry, error: BaseException, decision: RetryDecision
+        self, tel: telemetry.CallTelemetry | None, error: BaseException, decision: RetryDecision
     ) -> NoReturn:
-        tel.end(status_name(error), attempts=self.state.attempts, reason=decision.reason)
+        self._end(tel, status_name(error), self.state.attempts, decision.reason)
         mark_gave_up(error, self.state.attempts, decision.reason)
         raise error
+
+    def _end(
+        self, tel: telemetry.CallTelemetry | None, code: str, attempts: int, reason: Reason
+    ) -> None:
+        """Report the failed end of the call, watched (``tel``) or not."""
+        if tel is not None:
+            tel.end(code, attempts=attempts, reason=reason)
+        else:
+            telemetry.call_failed(self.method, self.stack.target, code, attempts, reason)
 
 
 class CallArguments:
@@ -538,9 +554,6 @@ class CallArguments:
         self.credentials = credentials
         self.wait_for_ready = wait_for_ready
         self.compression = compression
-
-    def begin(self, stack: ClientStack, method: str, *, stream: bool) -> LogicalCall:
-        return stack.begin(method, self.timeout, self.metadata, self.wait_for_ready, stream=stream)
 
     def send(self, inner: Callable[..., Any], step: Attempt) -> Any:
         """Make one attempt through ``inner`` with the attempt's timeout/metadata/wait_for_ready."""
@@ -581,7 +594,13 @@ class StubMethod:
         ``via`` is the underlying callable to send through (default: the method itself).
         """
         arguments = CallArguments(request, *args, **kwargs)
-        call = arguments.begin(self._stack, self._method, stream=stream)
+        call = self._stack.begin(
+            self._method,
+            arguments.timeout,
+            arguments.metadata,
+            arguments.wait_for_ready,
+            stream=stream,
+        )
         return call, partial(arguments.send, self._inner if via is None else via)
 
 

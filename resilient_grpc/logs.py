@@ -1,7 +1,10 @@
-"""The log lines of the resilience stack: stdlib ``logging`` under the ``resilient_grpc`` logger.
+"""The logging subscriber: stdlib ``logging`` lines under the ``resilient_grpc`` logger.
 
-Only :mod:`resilient_grpc.telemetry` calls this module, so the interceptors never log on their
-own and the sync and aio shells say exactly the same things. What is logged, and where:
+:class:`LogHook` is one of the two default hooks of :mod:`resilient_grpc.telemetry` (the other
+is OpenTelemetry's): the interceptors never log the events on their own, so the sync and aio
+shells say exactly the same things. It watches a call only while ``resilient_grpc.client`` logs
+DEBUG; otherwise it hears only a failed call's end (for the give-up WARNING, and the breaker's
+DEBUG line for a call it failed fast). What is logged, and where:
 
 * ``resilient_grpc.client``: WARNING once when a call gives up on a failure it would have
   retried (attempts made, last status, why it stopped, method, target); DEBUG for every attempt
@@ -31,6 +34,17 @@ import threading
 import time
 
 from resilient_grpc.core.retry import Reason, RetryDecision
+from resilient_grpc.events import (
+    AttemptFinished,
+    BreakerRejected,
+    BreakerStateChanged,
+    CallEvent,
+    CallFinished,
+    CallHookBase,
+    CallStarted,
+    DedupOutcome,
+    Event,
+)
 
 logger = logging.getLogger("resilient_grpc")
 logger.addHandler(logging.NullHandler())
@@ -80,7 +94,7 @@ SERVER_WARNING_OUTCOMES: frozenset[str] = frozenset(SERVER_WARNINGS)
 SERVER_WARNING_INTERVAL = 10.0
 
 
-def attempt_finished(method: str, attempt: int, code: str, decision: RetryDecision | None) -> None:
+def _attempt_finished(method: str, attempt: int, code: str, decision: RetryDecision | None) -> None:
     """DEBUG: one attempt ended with ``code``, and what the stack decided next."""
     if not client_logger.isEnabledFor(logging.DEBUG):
         return
@@ -109,10 +123,9 @@ def attempt_finished(method: str, attempt: int, code: str, decision: RetryDecisi
         )
 
 
-def call_finished(
-    method: str, code: str, *, attempts: int, reason: Reason, target: str | None
-) -> None:
+def _call_finished(event: CallFinished) -> None:
     """WARNING when the call gave up on a retryable failure; DEBUG for any other end."""
+    method, target, code, attempts, reason = event
     # A call the breaker refused before any attempt is not a give-up: the breaker's opening was
     # already logged once, and one WARNING per refused call would flood the log.
     gave_up = code != "OK" and reason in GIVE_UP_REASONS and attempts > 0
@@ -141,7 +154,7 @@ def call_finished(
     )
 
 
-def breaker_rejected(method: str, target: str | None) -> None:
+def _breaker_rejected(method: str, target: str | None) -> None:
     """DEBUG: an open breaker failed a call fast."""
     if breaker_logger.isEnabledFor(logging.DEBUG):
         breaker_logger.debug(
@@ -152,7 +165,7 @@ def breaker_rejected(method: str, target: str | None) -> None:
         )
 
 
-def breaker_changed(name: str, old: str, new: str) -> None:
+def _breaker_changed(name: str, old: str, new: str) -> None:
     """WARNING when a breaker opens; INFO for its other transitions."""
     extra = {"breaker": name, "breaker_from": old, "breaker_to": new}
     if new == "open":
@@ -195,7 +208,7 @@ class _Throttle:
 _server_throttle = _Throttle(SERVER_WARNING_INTERVAL)
 
 
-def dedup_outcome(method: str, outcome: str, detail: str = "") -> None:
+def _dedup_outcome(method: str, outcome: str, detail: str = "") -> None:
     """DEBUG per dedup outcome; a throttled WARNING when the store could not be used as it
     should (see :data:`SERVER_WARNINGS`), with ``detail`` (e.g. the store's error message)."""
     extra = {"rpc_method": method, "dedup_outcome": outcome}
@@ -209,3 +222,41 @@ def dedup_outcome(method: str, outcome: str, detail: str = "") -> None:
             return
     if server_logger.isEnabledFor(logging.DEBUG):
         server_logger.debug("%s: dedup %s", method, outcome, extra=extra)
+
+
+class _CallLog(CallHookBase):
+    """The log lines of one watched call."""
+
+    __slots__ = ("method", "target")
+
+    def __init__(self, started: CallStarted) -> None:
+        self.method = started.method
+        self.target = started.target
+
+    def on_call_event(self, event: CallEvent) -> None:
+        if isinstance(event, AttemptFinished):
+            _attempt_finished(self.method, *event)
+        elif isinstance(event, CallFinished):
+            _call_finished(event)
+        elif isinstance(event, BreakerRejected):
+            _breaker_rejected(self.method, self.target)
+
+
+class LogHook:
+    """Log lines for the stack's events (see the module docstring)."""
+
+    def watching(self) -> bool:
+        return client_logger.isEnabledFor(logging.DEBUG)
+
+    def start_call(self, event: CallStarted) -> _CallLog:
+        return _CallLog(event)
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, CallFinished):  # a failed call this hook did not watch
+            if event.reason is Reason.BREAKER_OPEN and event.attempts == 0:
+                _breaker_rejected(event.method, event.target)
+            _call_finished(event)
+        elif isinstance(event, BreakerStateChanged):
+            _breaker_changed(*event)
+        elif isinstance(event, DedupOutcome):
+            _dedup_outcome(*event)

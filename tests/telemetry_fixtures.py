@@ -18,6 +18,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from resilient_grpc import telemetry
+from resilient_grpc.events import Transport
+from resilient_grpc.telemetry import CallTelemetry
 
 
 @dataclass
@@ -65,6 +67,27 @@ class Otel:
         if data is not None:
             parts.append(data.to_json())
         return "\n".join(parts)
+
+
+@contextmanager
+def client_call(
+    method: str, *, target: str | None = None, transport: Transport | None = None
+) -> Iterator[CallTelemetry]:
+    """Report one logical call the way the client driver does, current while the block runs.
+
+    A block that leaves by an exception abandons the call (its span ends with the exception's
+    type); a block that reported no end closes it.
+    """
+    call = telemetry.start_client_call(method, target=target, transport=transport)
+    token = call.make_current()
+    try:
+        yield call
+    except BaseException as error:
+        call.abandon(error)
+        raise
+    finally:
+        call.restore(token)
+        call.close()
 
 
 @contextmanager

@@ -166,3 +166,21 @@ def test_the_kill_variant_of_the_partial_outage_kills_and_restarts_replica_0(
     assert full["duplicates"] == 0
     # replica 0's log before the kill and after the restart are both counted
     assert full["server_attempts"] >= full["requests"] > 0
+
+
+@pytest.mark.parametrize("flavour", [(), ("--aio",)], ids=["sync", "aio"])
+def test_client_cpu_loop_runs_every_variant(flavour: tuple[str, ...]) -> None:
+    """The loop ``benchmarks.client_cpu`` runs under callgrind (here without it)."""
+    for variant in ("bare", "noop_interceptor", "resilient_channel", "client_interceptors"):
+        completed = run_module(
+            "benchmarks.client_cpu",
+            "--run",
+            variant,
+            "--calls",
+            "3",
+            "--warmup",
+            "1",
+            *flavour,
+            timeout=60,
+        )
+        assert completed.returncode == 0, completed.stderr[-2000:]

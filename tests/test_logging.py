@@ -17,6 +17,7 @@ from resilient_grpc import aio as rg_aio
 from resilient_grpc.client import resilient_channel
 from resilient_grpc.core.retry import DelaySource, Reason, RetryDecision
 from tests.helpers import FAST
+from tests.telemetry_fixtures import client_call
 
 REQUEST = ledger_pb2.TransferRequest(from_account="alice", to_account="bob", amount=5)
 KEY = "idem-3b1f-secret-key-value"
@@ -55,7 +56,7 @@ def test_give_up_is_one_warning_with_attempts_code_reason_and_method(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="resilient_grpc")
-    with telemetry.client_call(TRANSFER, target="127.0.0.1:5051") as call:
+    with client_call(TRANSFER, target="127.0.0.1:5051") as call:
         call.attempt(1, "UNAVAILABLE", retry(1, 0.05))
         call.attempt(2, "UNAVAILABLE", retry(2, 1.5, DelaySource.PUSHBACK))
         call.attempt(3, "UNAVAILABLE", RetryDecision(False, Reason.MAX_ATTEMPTS, attempt=3))
@@ -87,7 +88,7 @@ def test_give_up_is_one_warning_with_attempts_code_reason_and_method(
 )
 def test_every_give_up_reason_warns_once(reason: Reason, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="resilient_grpc")
-    with telemetry.client_call(TRANSFER) as call:
+    with client_call(TRANSFER) as call:
         call.attempt(1, "UNAVAILABLE", RetryDecision(False, reason, attempt=1))
         call.end("UNAVAILABLE", attempts=1, reason=reason)
     (warning,) = lines(caplog, logging.WARNING)
@@ -107,7 +108,7 @@ def test_other_ends_are_debug_only(
     code: str, reason: Reason, attempts: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="resilient_grpc")
-    with telemetry.client_call(TRANSFER) as call:
+    with client_call(TRANSFER) as call:
         if attempts == 0:
             call.breaker_rejected()
         call.end(code, attempts=attempts, reason=reason)

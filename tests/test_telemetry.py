@@ -12,9 +12,10 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
+from resilient_grpc import otel as otel_hook
 from resilient_grpc import telemetry
 from resilient_grpc.core.retry import DelaySource, Reason, RetryDecision
-from tests.telemetry_fixtures import Otel
+from tests.telemetry_fixtures import Otel, client_call
 
 TRANSFER = "/ledger.v1.Ledger/Transfer"
 
@@ -27,7 +28,7 @@ def test_logical_call_span_has_rpc_attributes_and_nests_under_the_current_span(o
     app = otel.tracer_provider.get_tracer("app")
     with (
         app.start_as_current_span("checkout") as parent,
-        telemetry.client_call(TRANSFER, target="127.0.0.1:5051") as call,
+        client_call(TRANSFER, target="127.0.0.1:5051") as call,
     ):
         call.attempt(1, "OK", None)
         call.end("OK", attempts=1, reason=Reason.SUCCESS)
@@ -65,7 +66,7 @@ def test_attempt_events_say_which_backoff_was_chosen_and_why(otel: Otel) -> None
         RetryDecision(True, Reason.RETRY, 0.75, DelaySource.RETRY_INFO, 3),
         RetryDecision(False, Reason.MAX_ATTEMPTS, attempt=4),
     ]
-    with telemetry.client_call(TRANSFER) as call:
+    with client_call(TRANSFER) as call:
         for number, decision in enumerate(decisions, start=1):
             call.attempt(number, "UNAVAILABLE", decision)
         call.end("UNAVAILABLE", attempts=4, reason=Reason.MAX_ATTEMPTS)
@@ -99,7 +100,7 @@ def test_attempt_events_say_which_backoff_was_chosen_and_why(otel: Otel) -> None
 
 
 def test_backoff_histogram_records_each_granted_delay(otel: Otel) -> None:
-    with telemetry.client_call(TRANSFER) as call:
+    with client_call(TRANSFER) as call:
         call.attempt(
             1, "UNAVAILABLE", RetryDecision(True, Reason.RETRY, 0.2, DelaySource.COMPUTED, 1)
         )
@@ -117,13 +118,13 @@ def test_backoff_histogram_records_each_granted_delay(otel: Otel) -> None:
         "rpc.method": "Transfer",
         "resilient_grpc.backoff_source": "computed",
     }
-    assert tuple(point.explicit_bounds) == telemetry.BACKOFF_BUCKETS
+    assert tuple(point.explicit_bounds) == otel_hook.BACKOFF_BUCKETS
     assert otel.total("resilient_grpc.client.calls", resilient_grpc__outcome="success") == 1
 
 
 def test_budget_refusal_is_an_event_and_a_counter(otel: Otel) -> None:
     refused = RetryDecision(False, Reason.BUDGET_EXHAUSTED, 0.1, DelaySource.COMPUTED, 1)
-    with telemetry.client_call(TRANSFER) as call:
+    with client_call(TRANSFER) as call:
         call.attempt(1, "UNAVAILABLE", refused)
         call.end("UNAVAILABLE", attempts=1, reason=Reason.BUDGET_EXHAUSTED)
 
@@ -138,7 +139,7 @@ def test_budget_refusal_is_an_event_and_a_counter(otel: Otel) -> None:
 
 
 def test_breaker_fast_failure_is_an_event_and_a_counter(otel: Otel) -> None:
-    with telemetry.client_call(TRANSFER) as call:
+    with client_call(TRANSFER) as call:
         call.breaker_rejected()
         call.end("UNAVAILABLE", attempts=0, reason=Reason.BREAKER_OPEN)
 
@@ -155,7 +156,7 @@ def test_span_that_leaves_by_an_exception_records_only_its_type(otel: Otel) -> N
     class Secret(Exception):
         pass
 
-    with pytest.raises(Secret), telemetry.client_call(TRANSFER):
+    with pytest.raises(Secret), client_call(TRANSFER):
         raise Secret("key-123 must not leak")
 
     (span,) = otel.spans()
@@ -165,7 +166,7 @@ def test_span_that_leaves_by_an_exception_records_only_its_type(otel: Otel) -> N
 
 
 def test_end_then_exception_keeps_the_reported_status(otel: Otel) -> None:
-    with pytest.raises(RuntimeError), telemetry.client_call(TRANSFER) as call:
+    with pytest.raises(RuntimeError), client_call(TRANSFER) as call:
         call.end("NOT_FOUND", attempts=1, reason=Reason.NOT_RETRYABLE_CODE)
         raise RuntimeError("the final error, raised after end()")
 
@@ -176,7 +177,7 @@ def test_end_then_exception_keeps_the_reported_status(otel: Otel) -> None:
 
 def test_driver_closed_early_ends_the_span_as_abandoned(otel: Otel) -> None:
     def steps():  # the shape of the client's step generator
-        with telemetry.client_call(TRANSFER) as call:
+        with client_call(TRANSFER) as call:
             yield call
 
     generator = steps()
@@ -191,7 +192,7 @@ def test_driver_closed_early_ends_the_span_as_abandoned(otel: Otel) -> None:
 def test_started_call_ends_once_and_use_makes_it_current(otel: Otel) -> None:
     call = telemetry.start_client_call(TRANSFER, target="dns:///ledger.example:443")
     with call.use():
-        assert trace.get_current_span() is call.span
+        assert trace.get_current_span().name == "ledger.v1.Ledger/Transfer"  # type: ignore[attr-defined]
     call.end("OK", attempts=1, reason=Reason.SUCCESS)
     call.end("UNAVAILABLE", attempts=2, reason=Reason.MAX_ATTEMPTS)  # ignored
 
@@ -207,10 +208,10 @@ def test_span_kind_settings(otel: Otel) -> None:
         meter_provider=otel.meter_provider,
         span_kind="internal",
     )
-    with telemetry.client_call(TRANSFER) as call:
+    with client_call(TRANSFER) as call:
         call.end("OK", attempts=1, reason=Reason.SUCCESS)
     telemetry.configure(tracer_provider=otel.tracer_provider, span_kind="client")
-    with telemetry.client_call(TRANSFER) as call:
+    with client_call(TRANSFER) as call:
         call.end("OK", attempts=1, reason=Reason.SUCCESS)
 
     assert [s.kind for s in otel.spans()] == [SpanKind.INTERNAL, SpanKind.CLIENT]
@@ -219,7 +220,7 @@ def test_span_kind_settings(otel: Otel) -> None:
 
 
 def test_breaker_transitions_counter_and_event_on_the_current_span(otel: Otel) -> None:
-    with telemetry.client_call(TRANSFER) as call:
+    with client_call(TRANSFER) as call:
         telemetry.breaker_state_changed("resilient_grpc:127.0.0.1:1", "closed", "open")
         call.end("UNAVAILABLE", attempts=1, reason=Reason.BREAKER_OPEN)
     telemetry.breaker_state_changed("resilient_grpc:127.0.0.1:1", "open", "half-open")
@@ -260,7 +261,7 @@ def test_breaker_state_gauge_follows_registered_breakers(otel: Otel) -> None:
     strong = _SlottedBreaker("b", "open")  # no weak references: held until unregistered
     telemetry.register_breaker(weak)
     telemetry.register_breaker(strong)
-    telemetry._instruments()  # the gauge exists once the facade has been used
+    otel_hook._instruments()  # the gauge exists once the facade has been used
 
     assert gauge(otel) == {
         ("a", "closed"): 1,
@@ -275,8 +276,8 @@ def test_breaker_state_gauge_follows_registered_breakers(otel: Otel) -> None:
 
     del weak
     gc.collect()
-    telemetry.unregister_breaker(strong)
-    assert telemetry.registered_breakers() == []
+    otel_hook._unregister_breaker(strong)
+    assert otel_hook._registered_breakers() == []
 
 
 def test_a_breaker_whose_state_cannot_be_read_is_skipped(otel: Otel) -> None:
@@ -290,7 +291,7 @@ def test_a_breaker_whose_state_cannot_be_read_is_skipped(otel: Otel) -> None:
     broken = Broken()
     telemetry.register_breaker(broken)
     telemetry.register_breaker(ok := _Breaker("ok", "closed"))
-    telemetry._instruments()
+    otel_hook._instruments()
     assert {name for name, _ in gauge(otel)} == {"ok"}
     del broken, ok
 
@@ -333,7 +334,7 @@ def test_dedup_outcomes_are_counted_with_small_attributes(otel: Otel) -> None:
     ],
 )
 def test_server_attributes_from_targets(target: str | None, expected: dict[str, object]) -> None:
-    assert telemetry._server_attributes(target) == expected
+    assert otel_hook._server_attributes(target) == expected
 
 
 def test_sdk_installed_after_import_still_receives_spans_and_metrics() -> None:
@@ -343,9 +344,7 @@ def test_sdk_installed_after_import_still_receives_spans_and_metrics() -> None:
         import json
         from resilient_grpc import telemetry
         from resilient_grpc.core.retry import Reason
-        with telemetry.client_call("/a.B/C") as call:  # before any SDK: a no-op
-            call.attempt(1, "OK", None)
-            call.end("OK", attempts=1, reason=Reason.SUCCESS)
+        assert telemetry.start_call("/a.B/C") is None  # before any SDK: not watched
 
         from opentelemetry import metrics, trace
         from opentelemetry.sdk.metrics import MeterProvider
@@ -359,9 +358,9 @@ def test_sdk_installed_after_import_still_receives_spans_and_metrics() -> None:
         trace.set_tracer_provider(provider)
         metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 
-        with telemetry.client_call("/a.B/C") as call:
-            call.attempt(1, "OK", None)
-            call.end("OK", attempts=1, reason=Reason.SUCCESS)
+        call = telemetry.start_call("/a.B/C")
+        call.attempt(1, "OK", None)
+        call.end("OK", attempts=1, reason=Reason.SUCCESS)
         names = [m.name for rm in reader.get_metrics_data().resource_metrics
                  for sm in rm.scope_metrics for m in sm.metrics]
         print(json.dumps({"spans": [s.name for s in exporter.get_finished_spans()],
@@ -375,22 +374,3 @@ def test_sdk_installed_after_import_still_receives_spans_and_metrics() -> None:
     assert out["spans"] == ["a.B/C"]
     assert "resilient_grpc.client.attempts" in out["metrics"]
     assert "resilient_grpc.client.calls" in out["metrics"]
-
-
-def test_attempt_spans_hint_makes_the_logical_span_internal(otel: Otel) -> None:
-    class Ours:
-        pass
-
-    class TheirClientInterceptor:
-        pass
-
-    TheirClientInterceptor.__module__ = "opentelemetry.instrumentation.grpc._aio_client"
-    assert telemetry.makes_attempt_spans([Ours(), TheirClientInterceptor()])
-    assert not telemetry.makes_attempt_spans([Ours()])
-
-    with telemetry.client_call(TRANSFER, attempt_spans=True) as call:
-        call.end("OK", attempts=1, reason=Reason.SUCCESS)
-    telemetry.configure(tracer_provider=otel.tracer_provider, span_kind="client")
-    with telemetry.client_call(TRANSFER, attempt_spans=True) as call:  # explicit setting wins
-        call.end("OK", attempts=1, reason=Reason.SUCCESS)
-    assert [s.kind for s in otel.spans()] == [SpanKind.INTERNAL, SpanKind.CLIENT]

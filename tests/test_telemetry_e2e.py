@@ -29,6 +29,7 @@ from resilient_grpc import (
     telemetry,
 )
 from resilient_grpc import aio as rg_aio
+from resilient_grpc import otel as otel_hook
 from resilient_grpc.client import resilient_channel
 from resilient_grpc.errors import BreakerOpenError
 from tests.helpers import FAST, aio_stub_maker, stub_maker
@@ -210,7 +211,7 @@ def check_breaker_open(otel: Otel, breaker: CircuitBreaker) -> None:
         )
         == 1
     )
-    if not telemetry.registered_breakers():  # until the breaker registers itself
+    if not otel_hook._registered_breakers():  # until the breaker registers itself
         for target_breaker in breaker._targets.values():
             telemetry.register_breaker(target_breaker)
     assert breaker_gauge(otel) == {"closed": 0, "open": 1, "half-open": 0}

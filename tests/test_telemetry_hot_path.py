@@ -14,10 +14,13 @@ import textwrap
 from pathlib import Path
 
 from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from resilient_grpc import telemetry
 from resilient_grpc.core.retry import Reason
+from tests.telemetry_fixtures import client_call
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,20 +146,30 @@ def test_sdk_installed_later_gets_recording_current_spans_and_per_call_attribute
         assert point["attributes"]["rpc.method"] == "GetBalance"
 
 
-def test_no_op_span_leaves_a_propagated_parent_current() -> None:
-    """Without an SDK our span is the current non-recording span: the context stays as it was."""
+def test_without_a_recording_provider_the_propagated_parent_stays_current() -> None:
+    """No SDK: the call is not watched. Metrics only: our span is the current non-recording
+    span, so the context stays as it was and the parent is still current."""
     remote = NonRecordingSpan(
         SpanContext(trace_id=0x1234, span_id=0x5678, is_remote=True, trace_flags=TraceFlags(1))
     )
     telemetry.configure(tracer_provider=trace.NoOpTracerProvider())
+    meters = MeterProvider(metric_readers=[reader := InMemoryMetricReader()])
     try:
+        assert telemetry.start_call("/a.B/C", target="h:1") is None
+        telemetry.configure(tracer_provider=trace.NoOpTracerProvider(), meter_provider=meters)
         with trace.use_span(remote):
-            with telemetry.client_call("/a.B/C", target="h:1") as call:
+            with client_call("/a.B/C", target="h:1") as call:
                 assert trace.get_current_span() is remote
-                assert call.span.get_span_context() == remote.get_span_context()
                 call.attempt(1, "OK", None)
                 call.end("OK", attempts=1, reason=Reason.SUCCESS)
             assert trace.get_current_span() is remote
         assert not trace.get_current_span().get_span_context().is_valid
+        data = reader.get_metrics_data()
+        assert data is not None
+        names = {
+            m.name for r in data.resource_metrics for sm in r.scope_metrics for m in sm.metrics
+        }
+        assert "resilient_grpc.client.calls" in names
     finally:
         telemetry.configure()
+        meters.shutdown()

@@ -69,8 +69,14 @@ class RetryBudget:
         """Record one logical call (call it once per call, not per attempt)."""
         with self._lock:
             now = self._clock()
-            self._expire(now)
-            self._deposits.append(now)
+            deposits = self._deposits
+            # Once per call: expire only when something is due (the common case: nothing).
+            horizon = now - self.window
+            if (deposits and deposits[0] <= horizon) or (
+                self._withdrawals and self._withdrawals[0] <= horizon
+            ):
+                self._expire(now)
+            deposits.append(now)
 
     def try_withdraw(self) -> bool:
         """Take one retry from the budget; ``False`` (and counted as refused) if none is left."""

@@ -72,6 +72,22 @@ class RetryState:
     thread or task.
     """
 
+    __slots__ = (
+        "_attempt_bound",
+        "_attempt_deadline",
+        "_backoff_retries",
+        "_clock",
+        "_previous_delay",
+        "_uniform",
+        "_unsent_retry",
+        "attempts",
+        "budget",
+        "deadline",
+        "has_key",
+        "method",
+        "policy",
+    )
+
     def __init__(
         self,
         policy: RetryPolicy,
@@ -89,7 +105,7 @@ class RetryState:
         self.deadline = deadline
         self.budget = budget
         self._clock = clock
-        self._uniform = uniform or default_uniform()
+        self._uniform = uniform  # None: the process-wide source, looked up when needed
         self.attempts = 0
         self._previous_delay: float | None = None
         #: Computed backoffs since the start or since the last server-requested delay.
@@ -193,7 +209,9 @@ class RetryState:
             delay, source = min(retry_info_delay, policy.max_pushback), DelaySource.RETRY_INFO
         else:
             retry_number = self._backoff_retries + 1
-            delay = jittered_backoff(policy, retry_number, self._previous_delay, self._uniform)
+            delay = jittered_backoff(
+                policy, retry_number, self._previous_delay, self._uniform or default_uniform()
+            )
             source = DelaySource.COMPUTED
         if self.deadline is not None and self._clock() + delay >= self.deadline:
             return RetryDecision(False, Reason.DEADLINE, delay, source, attempt)
