@@ -422,8 +422,9 @@ class LogicalCall:
                     self._give_up(tel, error, decision)
                 yield Pause(decision.delay)
         except BaseException as failure:
-            if isinstance(failure, GeneratorExit):  # the caller cancelled: charge nothing
-                self.state.abandon()
+            # A retry the budget granted but that was never sent (the caller cancelled, or the
+            # breaker refused it after its backoff) is refunded: only what was sent is traffic.
+            self.state.abandon()
             if tel is not None:
                 tel.abandon(failure)
             raise

@@ -530,13 +530,6 @@ async def test_aio_refused_streams_and_hedged_calls_do_not_feed_the_budget(
     assert stack.budget.balance == balance
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review9: a retry the budget granted and the breaker then refused (another call "
-    "opened it during the backoff) was never sent, yet its withdrawal is kept: "
-    "LogicalCall.steps refunds only on GeneratorExit (a hedge asks the breaker before it "
-    "withdraws, so hedging does not have this)",
-)
 def test_a_retry_refused_by_the_breaker_after_its_backoff_is_refunded(
     sync_side: SyncSide,
 ) -> None:

@@ -156,7 +156,8 @@ class RetryState:
         return self._attempt_bound
 
     def abandon(self) -> None:
-        """The caller gave up on the call (cancelled it): refund a retry granted but not sent."""
+        """The call ended before its granted retry was sent (cancelled, or refused by the
+        breaker or throttle after its backoff): refund that retry."""
         if self._unsent_retry and self.budget is not None:
             self._unsent_retry = False
             self.budget.refund()
