@@ -29,6 +29,7 @@ from resilient_grpc import telemetry
 from resilient_grpc.core.admission import AdmissionController, Admit, Shed, record_call
 from resilient_grpc.core.methods import method_matches, method_patterns
 from resilient_grpc.core.pushback import PUSHBACK_HEADER
+from resilient_grpc.handlers import WrappedHandlers
 
 __all__ = [
     "SHED_DETAILS",
@@ -98,8 +99,12 @@ class OverloadBase:
         self.controller = controller if controller is not None else AdmissionController()
         self.name = name
         self.exempt_methods = method_patterns(exempt_methods, field="exempt_methods")
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        self._handlers = WrappedHandlers(self._wrap)
         telemetry.register_limit(self)
+
+    def _wrap(self, method: str, handler: Any) -> Any:
+        """The handler that admits calls of ``method`` before ``handler`` runs (per shell)."""
+        raise NotImplementedError
 
     @property
     def limit(self) -> int:
@@ -109,13 +114,6 @@ class OverloadBase:
     def protects(self, method: str) -> bool:
         """Whether calls of ``method`` go through admission (not listed in ``exempt_methods``)."""
         return not method_matches(self.exempt_methods, method)
-
-    def _cached(self, method: str, handler: Any, wrap: Callable[[str, Any], Any]) -> Any:
-        cached = self._wrapped.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = (handler, wrap(method, handler))
-            self._wrapped[method] = cached
-        return cached[1]
 
     def decide(self, method: str, context: Any, queued_for: float | None) -> Admit | Shed:
         """Ask the controller; count the outcome; on a refusal set the pushback trailer."""
@@ -172,7 +170,7 @@ class OverloadInterceptor(OverloadBase, _ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not self.protects(method):
             return handler
-        wrapped: _Handler = self._cached(method, handler, self._wrap)
+        wrapped: _Handler = self._handlers.get(method, handler)
         return wrapped
 
     def _wrap(self, method: str, handler: _Handler) -> _Handler:

@@ -114,6 +114,7 @@ from resilient_grpc.core.keys import (
 )
 from resilient_grpc.core.methods import method_matches, method_patterns
 from resilient_grpc.core.validation import finite_number, whole_number
+from resilient_grpc.handlers import WrappedHandlers
 from resilient_grpc.stores.base import (
     AsyncStore,
     CommitFailedError,
@@ -815,18 +816,14 @@ class DedupBase:
             max_pushback=max_pushback,
         )
         self._attach(store)
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        self._handlers = WrappedHandlers(self._wrap)
 
     def _attach(self, store: Store | AsyncStore) -> None:
         raise NotImplementedError
 
-    def _cached(self, method: str, handler: Any, wrap: Callable[[str, Any], Any]) -> Any:
-        """The wrapped handler of ``method`` (built once per handler object)."""
-        cached = self._wrapped.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = (handler, wrap(method, handler))
-            self._wrapped[method] = cached
-        return cached[1]
+    def _wrap(self, method: str, handler: Any) -> Any:
+        """The handler that deduplicates calls of ``method`` around ``handler`` (per shell)."""
+        raise NotImplementedError
 
     def store_call(self, store: Store | AsyncStore, key: str, effect: Effect) -> Any:
         """The store call an effect asks for (a value, or a coroutine for an :class:`AsyncStore`)."""
@@ -949,7 +946,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         method = handler_call_details.method
         if not self.settings.wants(method, handler_call_details.invocation_metadata):
             return handler
-        wrapped: grpc.RpcMethodHandler[Any, Any] = self._cached(method, handler, self._wrap)
+        wrapped: grpc.RpcMethodHandler[Any, Any] = self._handlers.get(method, handler)
         return wrapped
 
     # -- handler wrappers

@@ -49,7 +49,7 @@ class OverloadInterceptor(OverloadBase, _ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not self.protects(method):
             return handler
-        wrapped: _Handler = self._cached(method, handler, self._wrap)
+        wrapped: _Handler = self._handlers.get(method, handler)
         return wrapped
 
     def _wrap(self, method: str, handler: _Handler) -> _Handler:

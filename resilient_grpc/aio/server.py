@@ -172,7 +172,7 @@ class DedupInterceptor(DedupBase, _ServerInterceptor):
         method = handler_call_details.method
         if not self.settings.wants(method, handler_call_details.invocation_metadata):
             return handler
-        wrapped: _Handler = self._cached(method, handler, self._wrap)
+        wrapped: _Handler = self._handlers.get(method, handler)
         return wrapped
 
     # -- handler wrappers

@@ -14,6 +14,7 @@ go (``grpc-retry-pushback-ms``), a negative one stops hedging (attempts in fligh
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -151,9 +152,7 @@ class HedgingPolicy:
 
     def with_changes(self, **changes: Any) -> HedgingPolicy:
         """A copy with some fields replaced (validated like the constructor)."""
-        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        values.update(changes)
-        return HedgingPolicy(**values)
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_service_config(

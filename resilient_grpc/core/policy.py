@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -140,9 +141,7 @@ class RetryPolicy:
 
     def with_changes(self, **changes: Any) -> RetryPolicy:
         """A copy with some fields replaced (validated like the constructor)."""
-        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        values.update(changes)
-        return RetryPolicy(**values)
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_service_config(
