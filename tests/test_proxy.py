@@ -25,9 +25,9 @@ def server() -> Iterator[tuple[SyncLedger, int]]:
     grpc_server.stop(None)
 
 
-def _call(stub: ledger_pb2_grpc.LedgerStub) -> str:
+def _call(stub: ledger_pb2_grpc.LedgerStub, *, wait_for_ready: bool | None = None) -> str:
     try:
-        stub.Transfer(REQUEST, timeout=5)
+        stub.Transfer(REQUEST, timeout=5, wait_for_ready=wait_for_ready)
         return "OK"
     except grpc.RpcError as error:
         return error.code().name
@@ -103,7 +103,9 @@ def test_cut_all_resets_open_calls_and_the_channel_recovers(server: tuple[SyncLe
         assert proxy.cut_all() == 1
         assert slow.exception(timeout=5) is not None
         assert slow.code() == grpc.StatusCode.UNAVAILABLE
-        assert _call(stub) == "OK"
+        # The channel reconnects through the proxy (a call right after the cut may still see
+        # the channel in TRANSIENT_FAILURE: wait for it to be ready, within the call's 5 s).
+        assert _call(stub, wait_for_ready=True) == "OK"
         counters = proxy.counters
     assert counters.connections_cut == 1
     assert counters.collateral_calls == 1
