@@ -282,13 +282,6 @@ class StalledStorage(pybreaker.CircuitMemoryStorage):
         pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review9: RetryingFuture holds its lock across a step's breaker I/O (and the send), "
-    "and result(timeout)/exception(timeout)/cancel()/add_done_callback take that lock first: "
-    "while a shared breaker store stalls, result(timeout=0.2) blocks for the whole stall and "
-    "cancel() cannot stop the call (grpc's own futures honour the timeout)",
-)
 def test_result_timeout_and_cancel_are_honoured_while_a_breaker_round_trip_stalls(
     setup: Setup,
 ) -> None:
