@@ -448,15 +448,16 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
     def _advance(self, value: Any, *, first: bool = False) -> None:
         """Run steps until one has to wait; finish the call if it ended.
 
-        Runs in the pumping thread, without the lock. Once the call is cancelled it takes no
-        further step: the ``_CANCEL`` event that ``cancel()`` queued closes the driver.
+        Runs in the pumping thread, without the lock. A call cancelled while a step ran (a
+        send, a breaker round trip) is stopped right after it, as the aio shell does: what the
+        step returned is not fed to the driver, and the ``_CANCEL`` event that ``cancel()``
+        queued closes the driver at that step (it gives back an admission the step took and
+        refunds a retry not sent).
         """
         steps = self._steps
         try:
             step = next(steps) if first else steps.send(value)
-            while True:
-                if self._cancelled:
-                    return
+            while not self._cancelled:
                 kind = step.__class__
                 if kind is Attempt:
                     outcome = self._send(cast(Attempt, step))
@@ -477,6 +478,8 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
                     value = None
                 else:
                     value = cast(BreakerIO, step).run()
+                if self._cancelled:
+                    return
                 step = steps.send(value)
         except StopIteration:
             with self._lock:
