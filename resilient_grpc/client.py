@@ -351,12 +351,19 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
     (run by gRPC) takes the next step, and backoff pauses run on a shared timer thread, so the
     retries block nobody and hold no thread. ``result``/``exception``/``traceback`` and the
     ``grpc.Call`` methods (``code``, ``details``, metadata) block until the call is over, like
-    gRPC's own futures. ``cancel()`` stops it in every state (attempt in flight, backoff,
-    waiting for a reconnect): nothing more is sent and neither the retry budget nor the breaker
-    is charged for it. Steps run in whichever thread moves the call on (the caller's for the
-    first attempt, gRPC's callback thread, the timer thread or, with a Redis-backed breaker,
-    a worker of a small pool, so a stalled store holds up no other future); the breaker's
-    round trips run there too.
+    gRPC's own futures, and honour their ``timeout``. ``cancel()`` stops it in every state
+    (attempt in flight, backoff, waiting for a reconnect): nothing more is sent and neither the
+    retry budget nor the breaker is charged for it.
+
+    Like :class:`HedgedFuture`, the events that move the call on (its start, an attempt's
+    answer, a timer) are handled one at a time, outside the lock, by whichever thread posts one
+    while none is being handled: the caller's for the first attempt, gRPC's callback thread,
+    the timer thread or, with a Redis-backed breaker, a worker of a small pool (so a stalled
+    store holds up no other future). The breaker's round trips and the sends run there too,
+    never under the lock, so a stalled store delays neither ``result(timeout)`` nor
+    ``cancel()``: the future is cancelled and done when ``cancel()`` returns, and the thread
+    taking a step stops the call after it (cancels an attempt it sent meanwhile, closes the
+    driver, which gives back what it took).
     """
 
     def __init__(
@@ -374,10 +381,14 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
         breaker = call.stack.target_breaker
         #: Its steps do breaker storage I/O: its delayed steps run off the shared timer thread.
         self._blocking = breaker is not None and breaker.blocking
-        self._lock = threading.RLock()  # callbacks may run inline, in the thread holding it
+        self._lock = threading.RLock()  # held only to read or change the state below, briefly
         self._finished = threading.Condition(self._lock)
-        #: What the call is waiting for now: an attempt's future, a ready future or a timer.
+        #: What the call is waiting for now: an attempt's future or a timer (backoff, reconnect).
         self._waiting: Any = None
+        #: Events not handled yet; ``_pumping`` while a thread handles them (and so owns the
+        #: driver: no two threads are ever in its generator at once).
+        self._events: collections.deque[tuple[int, Any]] = collections.deque()
+        self._pumping = False
         self._last: Any = None  # the last attempt's Call-Future
         self._error: BaseException | None = None
         self._done = False
@@ -389,23 +400,64 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
 
     def _start(self, in_flight: Any = None) -> RetryingFuture:
         """Take the first step (or wait for ``in_flight``, an attempt already sent)."""
-        with self._lock:
-            if in_flight is None:
-                self._advance(None, first=True)
-            else:
-                self._await_attempt(in_flight)
-        self._run_callbacks()
+        self._post(_START, in_flight)
         return self
 
+    def _post(self, kind: int, value: Any) -> None:
+        """Queue one event; handle the queue unless another thread is handling it."""
+        with self._lock:
+            self._events.append((kind, value))
+            if self._pumping:
+                return
+            self._pumping = True
+        self._pump()
+
+    def _pump(self) -> None:
+        """Handle the queued events in this thread, the lock released while each one runs."""
+        while True:
+            with self._lock:
+                if not self._events:
+                    self._pumping = False
+                    break
+                kind, value = self._events.popleft()
+                if kind in (_DONE, _TIMER, _POLL):
+                    waiting = self._waiting
+                    if self._done or (
+                        waiting is not value if kind == _DONE else waiting.__class__ is not _Timer
+                    ):
+                        continue  # cancelled meanwhile
+                    self._waiting = None
+            if kind == _START:
+                if value is None:
+                    self._advance(None, first=True)
+                else:
+                    self._await_attempt(value)
+            elif kind == _DONE:
+                if value.cancelled():
+                    self._abandon()
+                else:
+                    self._advance(value.exception())
+            elif kind == _TIMER:
+                self._advance(None)
+            elif kind == _POLL:
+                self._poll(value)
+            else:  # _CANCEL: cancel() has finished the future; close the driver
+                self._steps.close()
+        self._run_callbacks()
+
     def _advance(self, value: Any, *, first: bool = False) -> None:
-        """Run steps (holding the lock) until one has to wait; finish the call if it ended."""
+        """Run steps until one has to wait; finish the call if it ended.
+
+        Runs in the pumping thread, without the lock. A call cancelled while a step ran (a
+        send, a breaker round trip) is stopped right after it, as the aio shell does: what the
+        step returned is not fed to the driver, and the ``_CANCEL`` event that ``cancel()``
+        queued closes the driver at that step (it gives back an admission the step took and
+        refunds a retry not sent).
+        """
         steps = self._steps
         try:
             step = next(steps) if first else steps.send(value)
-            while True:
-                if self._cancelled:
-                    self._abandon()
-                    return
+            while not self._cancelled:
                 kind = step.__class__
                 if kind is Attempt:
                     outcome = self._send(cast(Attempt, step))
@@ -415,86 +467,66 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
                     self._last = outcome
                     value = outcome.exception()
                 elif kind is Pause:
-                    self._waiting = _TIMERS.call_later(
-                        cast(Pause, step).seconds, self._resume, blocking=self._blocking
-                    )
+                    self._arm(cast(Pause, step).seconds, _TIMER, None)
                     return
                 elif kind is WaitReady:
-                    if self._channel is not None and self._await_ready(
-                        cast(WaitReady, step).seconds
-                    ):
+                    seconds = cast(WaitReady, step).seconds
+                    if self._channel is not None and not _is_ready(self._channel):
+                        deadline = time.monotonic() + seconds
+                        self._arm(min(READY_POLL_INTERVAL, seconds), _POLL, deadline)
                         return
                     value = None
                 else:
                     value = cast(BreakerIO, step).run()
+                if self._cancelled:
+                    return
                 step = steps.send(value)
         except StopIteration:
-            self._finish(None)
+            with self._lock:
+                self._finish(None)
         except BaseException as error:  # the error the stack gave up with, or a failing step
             steps.close()  # a no-op if the driver raised it; else ends its span
-            self._finish(error)
+            with self._lock:
+                self._finish(error)
 
     def _await_attempt(self, outcome: Any) -> None:
-        self._waiting = outcome
-        self._last = outcome
-        outcome.add_done_callback(self._attempt_done)
-
-    def _attempt_done(self, outcome: Any) -> None:
+        """Wait for an attempt in flight; cancel it instead if the call was cancelled."""
         with self._lock:
-            if self._waiting is outcome:
-                self._waiting = None
-                if self._cancelled or outcome.cancelled():
-                    self._abandon()
-                else:
-                    self._advance(outcome.exception())
-        self._run_callbacks()
+            self._last = outcome
+            cancelled = self._cancelled
+            if not cancelled:
+                self._waiting = outcome
+        if cancelled:
+            outcome.cancel()  # sent while cancel() ran: the server sees it cancelled
+            return
+        outcome.add_done_callback(partial(self._post, _DONE))  # maybe inline: then queued
 
-    def _resume(self) -> None:
+    def _arm(self, seconds: float, kind: int, value: Any) -> None:
+        """Post ``(kind, value)`` in ``seconds`` (unless the call is cancelled first)."""
         with self._lock:
-            if self._waiting is not None and self._waiting.__class__ is _Timer:
-                self._waiting = None
-                self._advance(None)
-        self._run_callbacks()
+            if not self._cancelled:
+                self._waiting = _TIMERS.call_later(
+                    seconds, partial(self._post, kind, value), blocking=self._blocking
+                )
 
-    def _await_ready(self, seconds: float) -> bool:
-        """Wait (polling on the timer thread) up to ``seconds`` for the channel to be READY.
-
-        ``False`` if it is READY now: nothing to wait for.
-        """
-        channel = cast(grpc.Channel, self._channel)
-        if _is_ready(channel):
-            return False
-        deadline = time.monotonic() + seconds
-        current: list[_Timer] = []
-
-        def poll() -> None:
-            with self._lock:
-                if self._waiting is not current[0]:
-                    return  # cancelled meanwhile
-                left = deadline - time.monotonic()
-                if left > 0 and not _is_ready(channel):
-                    self._waiting = _TIMERS.call_later(
-                        min(READY_POLL_INTERVAL, left), poll, blocking=self._blocking
-                    )
-                    current[0] = self._waiting
-                    return
-                self._waiting = None
-                self._advance(None)  # ready, or the wait is over: send the attempt
-            self._run_callbacks()
-
-        self._waiting = _TIMERS.call_later(
-            min(READY_POLL_INTERVAL, seconds), poll, blocking=self._blocking
-        )
-        current.append(self._waiting)  # the one timer of this wait that is live now
-        return True
+    def _poll(self, deadline: float) -> None:
+        """Waiting for a reconnect: poll again, or send the attempt if READY or out of time."""
+        left = deadline - time.monotonic()
+        if left > 0 and not _is_ready(cast(grpc.Channel, self._channel)):
+            self._arm(min(READY_POLL_INTERVAL, left), _POLL, deadline)
+        else:
+            self._advance(None)
 
     def _abandon(self) -> None:
-        """The caller cancelled: close the driver (it refunds and frees what it held)."""
-        self._cancelled = True
+        """The attempt was cancelled under us: close the driver (it refunds what it held)."""
+        with self._lock:
+            self._cancelled = True
         self._steps.close()
-        self._finish(None)
+        with self._lock:
+            self._finish(None)
 
     def _finish(self, error: BaseException | None) -> None:
+        """End the future (holding the lock); the first end wins."""
         if self._done:
             return
         self._error = error
@@ -515,22 +547,20 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
     # grpc.Future ----------------------------------------------------------------------------
 
     def cancel(self) -> bool:
-        """Stop the call now, whatever it is doing; ``False`` if it has already ended."""
+        """Stop the call now, whatever it is doing; ``False`` if it has already ended.
+
+        The future is cancelled and done when this returns, even if another thread is taking
+        a step (a breaker round trip, a send): that thread stops the call after it.
+        """
         with self._lock:
             if self._done:
                 return False
             self._cancelled = True
             waiting = self._waiting
-            if waiting is None or waiting.__class__ is _Timer:
-                if waiting is not None:
-                    waiting.cancel()
-                self._waiting = None
-                self._abandon()
-            else:
-                waiting.cancel()  # its callback (maybe inline) closes the driver
-                if not self._done and waiting.done():
-                    self._waiting = None
-                    self._abandon()
+            self._finish(None)
+        if waiting is not None:
+            waiting.cancel()  # an attempt (the server sees it cancelled) or a timer
+        self._post(_CANCEL, None)
         self._run_callbacks()
         return True
 
@@ -934,6 +964,7 @@ class HedgedFuture(RetryingFuture):
 
 
 _START, _TIMER, _DONE, _CANCEL = range(4)
+_POLL = 4  # RetryingFuture: poll the channel while waiting for a reconnect
 
 
 # Interceptors (for grpc.intercept_channel) -------------------------------------------------------

@@ -247,13 +247,6 @@ class StalledStorage(pybreaker.CircuitMemoryStorage):
         pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review9: RetryingFuture holds its lock across a step's breaker I/O (and the send), "
-    "and result(timeout)/exception(timeout)/cancel()/add_done_callback take that lock first: "
-    "while a shared breaker store stalls, result(timeout=0.2) blocks for the whole stall and "
-    "cancel() cannot stop the call (grpc's own futures honour the timeout)",
-)
 def test_result_timeout_and_cancel_are_honoured_while_a_breaker_round_trip_stalls(
     setup: Setup,
 ) -> None:
@@ -279,6 +272,111 @@ def test_result_timeout_and_cancel_are_honoured_while_a_breaker_round_trip_stall
         storage.gate.set()
     assert waited < 0.6, f"result(timeout=0.2) returned after {waited:.2f} s"
     assert cancelled and took < 0.5, f"cancel() took {took:.2f} s"
+
+
+def test_a_future_cancelled_during_a_stalled_breaker_round_trip_stops_after_it(
+    setup: Setup,
+) -> None:
+    """The thread stuck in the retry's admission stops the call once the round trip is over:
+    the retry is not sent, the budget gets it back, the done callback runs once."""
+    storage = StalledStorage()
+    stack = Stack(
+        retry=RetryPolicy(max_attempts=3, initial_backoff=0.05, max_backoff=0.05, jitter="none"),
+        breaker=CircuitBreaker(storage=lambda _target: storage, failure_rate=0.0),
+    )
+    stub = setup.stub(stack)
+    setup.servicer.state.faults.fail_times(GET_BALANCE, 1)
+    seen: list[object] = []
+    future = stub.GetBalance.future(BALANCE_REQUEST, timeout=20)
+    future.add_done_callback(seen.append)
+    storage.armed = True
+    try:
+        assert storage.entered.wait(5)
+        assert future.cancel() is True
+        assert future.cancelled() and future.done() and seen == [future]  # at once
+        with pytest.raises(grpc.FutureCancelledError):
+            future.result(timeout=0.1)
+        assert future.code() == grpc.StatusCode.CANCELLED
+    finally:
+        storage.armed = False
+        storage.gate.set()
+    _wait_until(lambda: stack.budget.balance == 1.0)  # the retry granted, then refunded
+    time.sleep(0.1)
+    assert seen == [future]
+    assert setup.calls() == 1
+    assert stack.throttle.counts == (1, 0)
+    assert stack.failures(setup.target) == 1
+
+
+class FailThenHold(Hold):
+    """GetBalance answers a fault when one is queued, else holds the attempt like Hold."""
+
+    def GetBalance(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.state.record(GET_BALANCE, context.invocation_metadata())
+        self._fault(GET_BALANCE, context)
+        self._hold(context)
+        return self.state.balance(request.account)
+
+
+class StalledSend(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Below the stack: once armed, an attempt's send hangs until the gate opens, then goes
+    out; ``sent`` keeps what it returned."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.sent: list[Any] = []
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        if self.armed:
+            self.entered.set()
+            self.gate.wait(3.0)
+        outcome = continuation(details, request)
+        self.sent.append(outcome)
+        return outcome
+
+
+def test_a_future_cancelled_while_its_retry_is_being_sent_cancels_that_attempt() -> None:
+    servicer = FailThenHold()
+    server, port, _ = serve(servicer)
+    target = f"127.0.0.1:{port}"
+    stack = Stack(retry=FAST)
+    stall = StalledSend()
+    channel = grpc.intercept_channel(
+        grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)]),
+        *client_interceptors(target=target, **stack.kwargs()),
+        stall,
+    )
+    try:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        servicer.state.faults.fail_times(GET_BALANCE, 1)
+        seen: list[object] = []
+        future = stub.GetBalance.future(BALANCE_REQUEST, timeout=20)
+        future.add_done_callback(seen.append)
+        stall.armed = True  # the retry's send hangs
+        try:
+            assert stall.entered.wait(5)
+            started = time.monotonic()
+            with pytest.raises(grpc.FutureTimeoutError):
+                future.result(timeout=0.2)
+            assert time.monotonic() - started < 0.6
+            assert future.cancel() is True
+            assert future.cancelled() and seen == [future]
+        finally:
+            stall.gate.set()
+        _wait_until(lambda: len(stall.sent) == 2 and stall.sent[1].done())
+        assert stall.sent[1].cancelled()  # the retry sent meanwhile was cancelled at once
+        assert stall.sent[1].code() == grpc.StatusCode.CANCELLED
+        time.sleep(0.1)
+        assert seen == [future]
+        assert len(servicer.state.calls_to(GET_BALANCE)) <= 2
+        assert stack.throttle.counts == (1, 0)  # only the first attempt's failure recorded
+        assert stack.failures(target) == 1
+        assert stack.budget.balance == 0.0  # the retry went out: it was traffic
+    finally:
+        channel.close()
+        server.stop(None)
 
 
 # Streams -----------------------------------------------------------------------------------------
