@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.child_process import REPO, run_module
 
 
 def test_the_aio_subpackage_is_reachable_as_an_attribute() -> None:
@@ -55,21 +55,14 @@ def test_mypy_strict_catches_typos_and_accepts_what_the_runtime_accepts(tmp_path
     )
     bad = tmp_path / "bad.py"
     bad.write_text("import resilient_grpc\n\nresilient_grpc.RetryPolicyy()\n")
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--strict",
-            "--no-error-summary",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            str(good),
-            str(bad),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    completed = run_module(
+        "mypy",
+        "--strict",
+        "--no-error-summary",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        str(good),
+        str(bad),
         timeout=170,
     )
     errors = completed.stdout.strip().splitlines()

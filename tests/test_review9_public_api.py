@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.child_process import REPO, run_module
 
 
 def test_every_exported_name_resolves_in_a_fresh_interpreter() -> None:
@@ -81,20 +81,13 @@ EXPECTED = [
 def test_mypy_strict_sees_real_types_through_the_aio_subpackage(tmp_path: Path) -> None:
     user = tmp_path / "user.py"
     user.write_text(USER_CODE)
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--strict",
-            "--no-error-summary",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            str(user),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    completed = run_module(
+        "mypy",
+        "--strict",
+        "--no-error-summary",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        str(user),
         timeout=170,
     )
     errors = completed.stdout.strip().splitlines()
