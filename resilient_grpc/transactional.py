@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 
-
 class TransactionUnavailableError(RuntimeError):
     """``transaction(context)`` was called where no transaction can be given (a programming error)."""
 

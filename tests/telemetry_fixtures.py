@@ -105,4 +105,3 @@ def fresh_otel() -> Iterator[Otel]:
         telemetry._reset_for_tests()
         tracer_provider.shutdown()
         meter_provider.shutdown()
-

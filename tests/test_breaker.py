@@ -495,9 +495,9 @@ def test_an_open_breaker_lets_one_call_in_n_through_and_closes_when_it_succeeds(
 def test_admit_says_how_an_attempt_goes_as_an_admission() -> None:
     """Closed: ADMITTED; open: REFUSED, and every ``probe_every``-th refusal a SAMPLE; after
     ``reset_timeout``: one PROBE at a time. No admission is a bare int tested by truthiness."""
-    target = CircuitBreaker(
-        fail_max=1, reset_timeout=30, failure_rate=0, probe_every=2
-    ).for_target("t")
+    target = CircuitBreaker(fail_max=1, reset_timeout=30, failure_rate=0, probe_every=2).for_target(
+        "t"
+    )
     admission = target.admit()
     assert admission is Admission.ADMITTED
     assert target.record(admission, failed=True)  # opened
@@ -539,7 +539,9 @@ def simulate_breaker_outage(probe_every: int | None) -> tuple[float, int]:
     for index in range(1200):
         now[0] = index / 100
         down = 200 <= index < 700
-        state = RetryState(policy, method="/a.B/C", has_key=True, budget=budget, clock=lambda: now[0])
+        state = RetryState(
+            policy, method="/a.B/C", has_key=True, budget=budget, clock=lambda: now[0]
+        )
         ok = False
         while True:
             admission = target.admit()
@@ -558,9 +560,7 @@ def simulate_breaker_outage(probe_every: int | None) -> tuple[float, int]:
     return sent_during / 500, failed_after
 
 
-def test_recovery_after_an_outage_is_bounded_by_probe_every_and_the_outage_not_amplified() -> (
-    None
-):
+def test_recovery_after_an_outage_is_bounded_by_probe_every_and_the_outage_not_amplified() -> None:
     amplification, failed_after = simulate_breaker_outage(probe_every=20)
     assert amplification <= 1.1
     assert failed_after <= 20  # at most probe_every calls after the backend is back
@@ -573,6 +573,8 @@ def test_probe_every_is_validated() -> None:
     for bad in (0, -1, 2.5, "20"):
         with pytest.raises(ValueError, match="probe_every must be an integer >= 1"):
             CircuitBreaker(probe_every=bad)  # type: ignore[arg-type]
+
+
 def test_redis_storage_on_a_cluster_shares_an_open_breaker(
     ledger, ledger_target, redis_cluster
 ) -> None:

@@ -138,7 +138,9 @@ def test_non_fatal_failures_send_the_next_copy_at_once_and_give_up_at_max_attemp
 ) -> None:
     servicer, _ = hedge_ledger
     servicer.slow_first = False
-    stub = make_stub(hedging=HedgingPolicy(max_attempts=3, delay=5.0), idempotency=IdempotencyKeys())
+    stub = make_stub(
+        hedging=HedgingPolicy(max_attempts=3, delay=5.0), idempotency=IdempotencyKeys()
+    )
     servicer.state.faults.fail_times(GET_BALANCE, 3)
 
     started = time.monotonic()
@@ -244,7 +246,9 @@ def test_a_delayed_copy_of_a_blocking_intercepted_call_is_sent_by_the_caller(
 
 def test_cancelling_a_hedged_future_cancels_every_copy(make_stub, hedge_ledger) -> None:
     servicer, _ = hedge_ledger
-    stub = make_stub(hedging=HedgingPolicy(max_attempts=2, delay=0.05), idempotency=IdempotencyKeys())
+    stub = make_stub(
+        hedging=HedgingPolicy(max_attempts=2, delay=0.05), idempotency=IdempotencyKeys()
+    )
     servicer.state.faults.add(GET_BALANCE, Fault(code=None, delay=3.0))  # the copy is slow too
 
     future = stub.GetBalance.future(BALANCE_REQUEST, timeout=15)

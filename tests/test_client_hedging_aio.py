@@ -125,7 +125,9 @@ async def test_no_hedges_while_the_breaker_probes_and_none_at_all_when_open(
 async def test_non_fatal_failures_send_the_next_copy_at_once(make_stub, aio_hedge_ledger) -> None:
     servicer, _ = aio_hedge_ledger
     servicer.slow_first = False
-    stub = make_stub(hedging=HedgingPolicy(max_attempts=3, delay=5.0), idempotency=IdempotencyKeys())
+    stub = make_stub(
+        hedging=HedgingPolicy(max_attempts=3, delay=5.0), idempotency=IdempotencyKeys()
+    )
     servicer.state.faults.fail_times(GET_BALANCE, 3)
 
     started = time.monotonic()
@@ -143,7 +145,9 @@ async def test_cancel_cancels_every_attempt_in_flight(make_stub, aio_hedge_ledge
     servicer, _ = aio_hedge_ledger
     servicer.slow_first = True
     # every attempt is slow: attempt 1 holds, later ones hold too
-    stub = make_stub(hedging=HedgingPolicy(max_attempts=2, delay=0.05), idempotency=IdempotencyKeys())
+    stub = make_stub(
+        hedging=HedgingPolicy(max_attempts=2, delay=0.05), idempotency=IdempotencyKeys()
+    )
     servicer.state.faults.add(GET_BALANCE, Fault(code=None, delay=10.0))
 
     call = stub.GetBalance(BALANCE_REQUEST, timeout=15)
@@ -200,7 +204,9 @@ async def test_hedging_with_a_redis_breaker_runs_breaker_io_off_the_loop(
             breaker=CircuitBreaker.redis(client, namespace="hedge-test"),
             idempotency=IdempotencyKeys(),
         ) as channel:
-            reply = await ledger_pb2_grpc.LedgerStub(channel).GetBalance(BALANCE_REQUEST, timeout=15)
+            reply = await ledger_pb2_grpc.LedgerStub(channel).GetBalance(
+                BALANCE_REQUEST, timeout=15
+            )
         assert reply.account == "alice"
         assert len(admit_threads) >= 2  # the first copy and at least one hedge
         assert loop_thread not in admit_threads
@@ -308,7 +314,9 @@ async def test_without_a_failure_backoff_an_open_breaker_ends_the_call(
     assert len(servicer.state.calls_to(GET_BALANCE)) == 1
 
 
-async def test_a_winning_latency_hedge_gives_its_withdrawal_back(make_stub, aio_hedge_ledger) -> None:
+async def test_a_winning_latency_hedge_gives_its_withdrawal_back(
+    make_stub, aio_hedge_ledger
+) -> None:
     servicer, _ = aio_hedge_ledger
     servicer.hold = 0.5  # every first copy is slow: the hedge wins every call
     hedging_budget = RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10.0)  # one hedge

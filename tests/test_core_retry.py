@@ -18,7 +18,6 @@ from tests.helpers import FakeClock
 TRANSFER = "/ledger.v1.Ledger/Transfer"
 
 
-
 def state(policy: RetryPolicy | None = None, **kwargs: object) -> RetryState:
     kwargs.setdefault("has_key", True)
     return RetryState(policy or RetryPolicy(), method=TRANSFER, **kwargs)  # type: ignore[arg-type]

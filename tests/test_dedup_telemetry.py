@@ -70,7 +70,9 @@ def test_an_undecodable_record_is_counted_apart_from_an_unreachable_store(
     """A record the store cannot decode (corrupt, or a newer version's format) fails closed like
     an outage, but is counted as ``store_undecodable`` so an operator can tell the two apart."""
     path = tmp_path / "dedup.sqlite3"
-    server, port, _ = serve(SlowLedger(delay=0.0), interceptors=[DedupInterceptor(SQLiteStore(path))])
+    server, port, _ = serve(
+        SlowLedger(delay=0.0), interceptors=[DedupInterceptor(SQLiteStore(path))]
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = ledger_pb2_grpc.LedgerStub(channel)

@@ -62,9 +62,13 @@ def test_defaults_cap_and_the_default_entry() -> None:
 
 
 def test_a_retried_method_is_refused_and_an_unconfigured_one_is_sent_once() -> None:
-    with pytest.raises(ValueError, match=r"methodConfig\[1\]\.retryPolicy: method /r\.R/M is retried"):
+    with pytest.raises(
+        ValueError, match=r"methodConfig\[1\]\.retryPolicy: method /r\.R/M is retried"
+    ):
         hedging_policy_from_service_config(CONFIG, method="/r.R/M")
-    with pytest.raises(ValueError, match=r"methodConfig\[0\]\.hedgingPolicy: method /h\.H/M is hedged"):
+    with pytest.raises(
+        ValueError, match=r"methodConfig\[0\]\.hedgingPolicy: method /h\.H/M is hedged"
+    ):
         retry_policy_from_service_config(CONFIG, method="/h.H/M")
     once = hedging_policy_from_service_config(CONFIG, method="/z.Z/M")
     assert once.max_attempts == 1 and once.applies_to("/z.Z/M")
@@ -138,9 +142,7 @@ IDENT = st.from_regex(r"[a-z][a-z0-9]{0,6}(\.[A-Z][a-z0-9]{0,6})?", fullmatch=Tr
 @st.composite
 def hedging_policies(draw: st.DrawFn) -> HedgingPolicy:
     services = draw(st.lists(IDENT, min_size=1, max_size=3, unique=True))
-    methods = [
-        f"/{service}/{draw(st.sampled_from(['*', 'Get', 'Put']))}" for service in services
-    ]
+    methods = [f"/{service}/{draw(st.sampled_from(['*', 'Get', 'Put']))}" for service in services]
     return HedgingPolicy(
         max_attempts=draw(st.integers(2, 5)),
         delay=draw(st.integers(0, 10**10)) / 10**9,

@@ -306,7 +306,9 @@ class SQLiteStore(Store):
                 )
             now = self._clock()
             ttl = self.ttl if ttl is None else ttl
-            entry = Entry(RecordState.COMPLETED, existing.fingerprint, token, now, now + ttl, outcome)
+            entry = Entry(
+                RecordState.COMPLETED, existing.fingerprint, token, now, now + ttl, outcome
+            )
             connection.execute(_UPSERT, _row(key, entry))
             connection.execute("COMMIT")
             committed = True
