@@ -4,8 +4,10 @@ server that dies while starting is reported at once, not after the start timeout
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from resilient_grpc.testing.servers import (
     PostgresServer,
     RedisServer,
     ServerUnavailableError,
+    postgres_binaries,
     wait_until,
 )
 from tests.private_servers import ExternalServer, unavailable
@@ -93,3 +96,33 @@ def test_postgres_server_crashes_and_recovers_its_data(
         rows = connection.execute("SELECT n FROM servers_test").fetchall()
         connection.execute("DROP TABLE servers_test")
     assert rows == [(7,)]
+
+
+def test_an_initdb_killed_by_a_signal_is_run_once_more() -> None:
+    """initdb died once in CI with SIGSEGV (the same binary passed before and after): the
+    launcher runs it once more from an empty directory; a second crash is an error."""
+    real = postgres_binaries()
+    if real is None:
+        unavailable("PostgreSQL", "initdb and postgres are not installed")
+    # Readable and writable by the postgres user initdb runs as under root.
+    fake = Path(tempfile.mkdtemp(prefix="fake-initdb-"))
+    try:
+        fake.chmod(0o777)
+        marker = fake / "crashed"
+        script = fake / "initdb"
+        script.write_text(
+            "#!/bin/sh\n"
+            f'if [ ! -e "{marker}" ]; then touch "{marker}"; kill -SEGV $$; fi\n'
+            f'exec "{real / "initdb"}" "$@"\n'
+        )
+        script.chmod(0o755)
+        (fake / "postgres").symlink_to(real / "postgres")
+        with PostgresServer(binaries=fake) as server:
+            assert marker.exists()  # the first run crashed
+            assert (server.data / "PG_VERSION").exists()  # the second made the cluster
+        marker.unlink()
+        script.write_text("#!/bin/sh\nkill -SEGV $$\n")
+        with pytest.raises(subprocess.CalledProcessError):
+            PostgresServer(binaries=fake)
+    finally:
+        shutil.rmtree(fake, ignore_errors=True)

@@ -293,19 +293,31 @@ class PostgresServer(_Owned):
         self.data = self.directory / "data"
         if self._user is not None:
             os.chown(self.directory, self._uid, self._gid)
-        subprocess.run(
-            [
-                str(found / "initdb"),
-                *("-D", str(self.data), "-U", "postgres", "--locale=C", "-E", "UTF8"),
-                *("--auth=trust", "--no-sync"),
-            ],
-            user=self._user,
-            check=True,
-            env=_clean_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            cwd=self.directory,
-        )
+        arguments = [
+            str(found / "initdb"),
+            *("-D", str(self.data), "-U", "postgres", "--locale=C", "-E", "UTF8"),
+            *("--auth=trust", "--no-sync"),
+        ]
+        for attempt in range(2):
+            completed = subprocess.run(
+                arguments,
+                user=self._user,
+                env=_clean_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                cwd=self.directory,
+            )
+            if completed.returncode == 0:
+                break
+            if completed.returncode < 0 and attempt == 0:
+                # initdb killed by a signal (seen once in CI: SIGSEGV, on a busy machine, while
+                # the same binary passed before and after): once more, from an empty directory.
+                shutil.rmtree(self.data, ignore_errors=True)
+                continue
+            self.close()  # removes the directory if it made it
+            raise subprocess.CalledProcessError(
+                completed.returncode, arguments, stderr=completed.stderr
+            )
 
     @property
     def url(self) -> str:
