@@ -836,15 +836,6 @@ class HedgedFuture(RetryingFuture):
         """Whether ``outcome`` is attempt ``number`` still in play (not a cancelled loser)."""
         return not outcome.cancelled() and self._attempts.get(number) is outcome
 
-    def _post(self, kind: int, value: Any) -> None:
-        """Queue one event; handle the queue unless another thread is handling it."""
-        with self._lock:
-            self._events.append((kind, value))
-            if self._pumping:
-                return
-            self._pumping = True
-        self._pump()
-
     def _pump(self) -> None:
         call = self._hedged
         while True:
