@@ -382,6 +382,7 @@ class LogicalCall:
                         and not stack.owns_channel
                     ):
                         wait_for_ready = True  # bounded by the caller's own deadline
+                recording: BreakerIO | None = None
                 try:
                     error = yield Attempt(state.attempts, timeout, metadata, wait_for_ready)
                     code = "OK" if error is None else status_name(error)
@@ -399,13 +400,15 @@ class LogicalCall:
                             breaker.release(admission)
                         else:
                             failed = code in stack.breaker_codes
-                            opened = (
-                                (yield BreakerIO(breaker.record, admission, failed))
-                                if breaker.blocking
-                                else breaker.record(admission, failed)
-                            )
+                            if breaker.blocking:
+                                recording = BreakerIO(breaker.record, admission, failed)
+                                opened = yield recording
+                            else:
+                                opened = breaker.record(admission, failed)
                 except GeneratorExit:  # abandoned mid-attempt: free the probe slot
-                    if breaker is not None:
+                    # ... unless the outcome was recorded (that freed it): a second release
+                    # could free the slot of another call's probe, letting two probes out.
+                    if breaker is not None and (recording is None or recording.result is None):
                         breaker.release(admission)
                     raise
                 if error is None:
