@@ -12,7 +12,8 @@ that runs both the client and the in-process server (the same server work in eve
 The difference between a variant and ``bare`` is what the client-side stack costs.
 
 Variants (each with every feature on: retry, budget, breaker, idempotency key):
-``bare``, ``noop_interceptor`` (gRPC's interceptor machinery alone), ``resilient_channel``,
+``bare``, ``noop_interceptor`` (gRPC's interceptor machinery alone), ``key_interceptor`` (that
+machinery plus a fresh idempotency key in the metadata), ``resilient_channel``,
 ``client_interceptors`` (on ``grpc.intercept_channel``), sync or ``--aio``.
 
 Run: ``python -m benchmarks.client_cpu`` (all variants, sync and aio: a few minutes) or
@@ -32,13 +33,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("bare", "noop_interceptor", "resilient_channel", "client_interceptors")
+VARIANTS = (
+    "bare",
+    "noop_interceptor",
+    "key_interceptor",
+    "resilient_channel",
+    "client_interceptors",
+)
 
 
 def _run_sync(variant: str, calls: int, warmup: int) -> None:
     import grpc
 
-    from benchmarks.overhead import _NoOpInterceptor, _stack
+    from benchmarks.overhead import _KeyInterceptor, _NoOpInterceptor, _stack
     from protos import ledger_pb2, ledger_pb2_grpc
     from protos.ledger_service import serve
     from resilient_grpc.client import client_interceptors, resilient_channel
@@ -49,6 +56,8 @@ def _run_sync(variant: str, calls: int, warmup: int) -> None:
         channel = grpc.insecure_channel(target)
     elif variant == "noop_interceptor":
         channel = grpc.intercept_channel(grpc.insecure_channel(target), _NoOpInterceptor())
+    elif variant == "key_interceptor":
+        channel = grpc.intercept_channel(grpc.insecure_channel(target), _KeyInterceptor())
     elif variant == "resilient_channel":
         channel = resilient_channel(target, **_stack())
     else:
@@ -70,7 +79,7 @@ def _run_sync(variant: str, calls: int, warmup: int) -> None:
 async def _run_aio(variant: str, calls: int, warmup: int) -> None:
     import grpc.aio
 
-    from benchmarks.overhead import _AioNoOpInterceptor, _stack
+    from benchmarks.overhead import _AioKeyInterceptor, _AioNoOpInterceptor, _stack
     from protos import ledger_pb2, ledger_pb2_grpc
     from protos.ledger_service import serve_aio
     from resilient_grpc.aio.client import client_interceptors, resilient_channel
@@ -82,6 +91,8 @@ async def _run_aio(variant: str, calls: int, warmup: int) -> None:
         channel = grpc.aio.insecure_channel(target)
     elif variant == "noop_interceptor":
         channel = grpc.aio.insecure_channel(target, interceptors=[_AioNoOpInterceptor()])
+    elif variant == "key_interceptor":
+        channel = grpc.aio.insecure_channel(target, interceptors=[_AioKeyInterceptor()])
     elif variant == "resilient_channel":
         channel = resilient_channel(target, **_stack())
     else:

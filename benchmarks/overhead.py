@@ -1,11 +1,13 @@
 """Per-call overhead of the client stack on a loopback unary call (GetBalance), sync and aio.
 
-Six clients call the same in-process ledger server, side by side in alternating rounds (in a
+Seven clients call the same in-process ledger server, side by side in alternating rounds (in a
 new random order every round, so drift in machine load hits them all alike): a bare channel, a
-no-op interceptor, our full stack (retry + budget + breaker + idempotency key, no faults) as
-``resilient_channel`` and as ``client_interceptors`` on a plain channel, gRPC's native retry
-(service config) and tenacity around the stub. Prints a table of median per-call latencies and their ratio to the
-bare channel, and writes ``benchmarks/results/overhead.json``.
+no-op interceptor, a no-op interceptor that only adds a fresh idempotency key (the floor of any
+key-sending interceptor: gRPC's interceptor machinery plus one metadata entry), our full stack
+(retry + budget + breaker + idempotency key, no faults) as ``resilient_channel`` and as
+``client_interceptors`` on a plain channel, gRPC's native retry (service config) and tenacity
+around the stub. Prints a table of median per-call latencies and their ratio to the bare
+channel, and writes ``benchmarks/results/overhead.json``.
 
 Run: ``python -m benchmarks.overhead`` (about 30-40 s) or ``python -m benchmarks.overhead --quick``
 (a few seconds). Numbers are medians of every call; ratios are to the bare channel of the same run.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import random
 import statistics
@@ -38,12 +41,14 @@ from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPo
 from resilient_grpc.aio.client import client_interceptors as aio_client_interceptors
 from resilient_grpc.aio.client import resilient_channel as aio_resilient_channel
 from resilient_grpc.client import client_interceptors, resilient_channel
+from resilient_grpc.core.keys import DEFAULT_HEADER, new_key
 
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 REQUEST = ledger_pb2.BalanceRequest(account="alice")
 VARIANTS = (
     "bare",
     "noop_interceptor",
+    "key_interceptor",
     "resilient_grpc",
     "resilient_grpc_interceptors",
     "native_retry",
@@ -92,6 +97,55 @@ class _NoOpInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 class _AioNoOpInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(details, request)
+
+
+class _KeyDetails(
+    collections.namedtuple(
+        "_KeyDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """The least an interceptor that sends idempotency keys does: add a fresh one, call on.
+
+    A reference row, not a product: what gRPC's interceptor machinery plus one new metadata
+    entry cost (the client sends it, the server parses it), before any retry logic.
+    """
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = (*(details.metadata or ()), (DEFAULT_HEADER, new_key()))
+        return continuation(
+            _KeyDetails(
+                details.method,
+                details.timeout,
+                metadata,
+                details.credentials,
+                details.wait_for_ready,
+                details.compression,
+            ),
+            request,
+        )
+
+
+class _AioKeyInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """:class:`_KeyInterceptor` for ``grpc.aio``."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), (DEFAULT_HEADER, new_key()))
+        return await continuation(
+            grpc.aio.ClientCallDetails(
+                details.method,
+                details.timeout,
+                metadata,
+                details.credentials,
+                details.wait_for_ready,
+            ),
+            request,
+        )
 
 
 Samples = dict[str, list[list[float]]]  # variant -> rounds -> per-call seconds
@@ -154,6 +208,7 @@ def run_sync(rounds: int, calls: int) -> dict[str, dict[str, float]]:
         "noop_interceptor": grpc.intercept_channel(
             grpc.insecure_channel(target), _NoOpInterceptor()
         ),
+        "key_interceptor": grpc.intercept_channel(grpc.insecure_channel(target), _KeyInterceptor()),
         "resilient_grpc": resilient_channel(target, **_stack()),
         "resilient_grpc_interceptors": grpc.intercept_channel(
             grpc.insecure_channel(target), *client_interceptors(target=target, **_stack())
@@ -196,6 +251,7 @@ async def run_aio(rounds: int, calls: int) -> dict[str, dict[str, float]]:
     channels = {
         "bare": grpc.aio.insecure_channel(target),
         "noop_interceptor": grpc.aio.insecure_channel(target, interceptors=[_AioNoOpInterceptor()]),
+        "key_interceptor": grpc.aio.insecure_channel(target, interceptors=[_AioKeyInterceptor()]),
         "resilient_grpc": aio_resilient_channel(target, **_stack()),
         "resilient_grpc_interceptors": grpc.aio.insecure_channel(
             target, interceptors=aio_client_interceptors(target=target, **_stack())

@@ -1059,7 +1059,12 @@ class _Interceptor(
                 ),
                 _continuation_sender(continuation, client_call_details, request),
             )._begin()
-        call = self._begin(client_call_details, stream=False)
+        call = stack.begin(
+            client_call_details.method,
+            client_call_details.timeout,
+            client_call_details.metadata,
+            getattr(client_call_details, "wait_for_ready", None),
+        )
         send = _continuation_sender(continuation, client_call_details, request)
         steps = call.steps()
         outcome: Any = None

@@ -29,6 +29,7 @@ the last real error (with :func:`~resilient_grpc.errors.attempts_of` set) or
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
 from functools import partial
@@ -45,7 +46,6 @@ from resilient_grpc.core.throttle import AdaptiveThrottle
 from resilient_grpc.core.validation import finite_number
 from resilient_grpc.errors import BreakerOpenError, ThrottledError, mark_gave_up
 from resilient_grpc.finished_call import (
-    deadline_from_timeout,
     metadata_value,
     pushback_of,
     retry_info_delay,
@@ -247,7 +247,7 @@ class ClientStack:
         idempotency = self.idempotency
         if idempotency is not None:
             header = idempotency.header
-            present = metadata_value(call_metadata, header)
+            present = metadata_value(call_metadata, header) if call_metadata else None
             key = key_for_call(method, present, generate=idempotency.applies_to(method))
             if key is not None and present is None:
                 call_metadata = (*call_metadata, (header, key))
@@ -279,7 +279,7 @@ class ClientStack:
             policy,
             method=method,
             has_key=key is not None,
-            deadline=deadline_from_timeout(timeout),
+            deadline=None if timeout is None else time.monotonic() + timeout,
             budget=self.budget if policy is self.policy else None,
         )
         return LogicalCall(self, method, key, call_metadata, wait_for_ready, state, stream)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import client_cpu
 from benchmarks.load import Phase, RequestRecord, poisson_schedule
 from benchmarks.metrics import compute, time_to_recover
 from benchmarks.policies import POLICY_NAMES
@@ -171,7 +172,7 @@ def test_the_kill_variant_of_the_partial_outage_kills_and_restarts_replica_0(
 @pytest.mark.parametrize("flavour", [(), ("--aio",)], ids=["sync", "aio"])
 def test_client_cpu_loop_runs_every_variant(flavour: tuple[str, ...]) -> None:
     """The loop ``benchmarks.client_cpu`` runs under callgrind (here without it)."""
-    for variant in ("bare", "noop_interceptor", "resilient_channel", "client_interceptors"):
+    for variant in client_cpu.VARIANTS:
         completed = run_module(
             "benchmarks.client_cpu",
             "--run",
