@@ -485,24 +485,22 @@ def test_a_retrying_future_whose_next_attempt_cannot_be_sent_ends_with_the_error
 def test_a_probe_cancelled_in_flight_gives_the_probe_slot_back(hold_setup: Setup) -> None:
     breaker = CircuitBreaker(fail_max=1, reset_timeout=0.2, failure_rate=0.0, probe_every=None)
     stub = hold_setup.stub(Stack(retry=None, breaker=breaker))
-    cut = RetryPolicy(max_attempts=1, per_attempt_timeout=0.05)  # a cut attempt counts
-    opener = hold_setup.stub(Stack(retry=cut, breaker=breaker))
     servicer = hold_setup.servicer
     assert isinstance(servicer, Hold)
     target = breaker.for_target(hold_setup.target)
-    with pytest.raises(grpc.RpcError):
-        opener.GetBalance(BALANCE_REQUEST)  # the handler holds: cut, and the breaker opens
+    # Opened by hand, not by a cut call: on a loaded machine the server may see a call cut
+    # after 50 ms late or not at all, and the counts below would include it or not.
+    target.record(target.admit(), failed=True)
     assert target.state == "open"
-    _wait_until(lambda: servicer.cancelled == 1)  # the server saw the cut attempt end
     time.sleep(0.25)  # past reset_timeout: the next call is the probe
     probe = stub.GetBalance.future(BALANCE_REQUEST)
-    _wait_until(lambda: hold_setup.calls() == 2)
+    _wait_until(lambda: hold_setup.calls() == 1)
     assert probe.cancel() is True
-    _wait_until(lambda: servicer.cancelled == 2)  # the server saw the probe cancelled
+    _wait_until(lambda: servicer.cancelled == 1)  # the server saw the probe cancelled
     # the slot is free: the next call is the probe again (it goes out, it is not refused)
     again = stub.GetBalance.future(BALANCE_REQUEST)
     assert not again.done(), f"refused: {again.exception()!r}"
-    _wait_until(lambda: hold_setup.calls() == 3)
+    _wait_until(lambda: hold_setup.calls() == 2)
     again.cancel()
 
 
