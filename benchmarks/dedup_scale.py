@@ -188,7 +188,7 @@ def run_configuration(
 
 @contextmanager
 def _cluster() -> Iterator[str]:
-    from tests.redis_cluster import make_redis_cluster
+    from resilient_grpc.testing.cluster import make_redis_cluster
 
     cluster = make_redis_cluster()
     if cluster is None:
@@ -196,7 +196,7 @@ def _cluster() -> Iterator[str]:
     try:
         yield cluster.startup_url
     finally:
-        cluster.stop()
+        cluster.close()
 
 
 def main(argv: list[str] | None = None) -> None:
