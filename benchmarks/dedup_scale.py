@@ -125,7 +125,7 @@ def load(target: str, seconds: float, concurrency: int, duplicate_share: float) 
                 latencies.append((time.perf_counter() - started) * 1e6)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        await channel.close()
+        await channel.close(None)
         return {"latencies_us": latencies, "errors": dict(errors)}
 
     print(json.dumps(asyncio.run(main())), flush=True)
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                         rows[kind] = [
                             run_configuration(f"{kind}:{url}", 2, clients, concurrency, seconds)
                         ]
-    report = {
+    report: dict[str, Any] = {
         "meta": {
             **environment(),
             "cpus": os.cpu_count(),
