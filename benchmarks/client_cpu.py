@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 VARIANTS = (
     "bare",
@@ -90,9 +90,13 @@ async def _run_aio(variant: str, calls: int, warmup: int) -> None:
     if variant == "bare":
         channel = grpc.aio.insecure_channel(target)
     elif variant == "noop_interceptor":
-        channel = grpc.aio.insecure_channel(target, interceptors=[_AioNoOpInterceptor()])
+        channel = grpc.aio.insecure_channel(
+            target, interceptors=[cast(grpc.aio.ClientInterceptor, _AioNoOpInterceptor())]
+        )
     elif variant == "key_interceptor":
-        channel = grpc.aio.insecure_channel(target, interceptors=[_AioKeyInterceptor()])
+        channel = grpc.aio.insecure_channel(
+            target, interceptors=[cast(grpc.aio.ClientInterceptor, _AioKeyInterceptor())]
+        )
     elif variant == "resilient_channel":
         channel = resilient_channel(target, **_stack())
     else:

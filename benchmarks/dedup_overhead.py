@@ -84,7 +84,7 @@ class ServerTimes:
         return samples
 
 
-class _Timing(grpc.ServerInterceptor):  # type: ignore[misc]
+class _Timing(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Outermost: times the handler stack, doing the (de)serialization inside the timed region."""
 
     def __init__(self, times: ServerTimes) -> None:
@@ -107,7 +107,7 @@ class _Timing(grpc.ServerInterceptor):  # type: ignore[misc]
         return grpc.unary_unary_rpc_method_handler(timed)
 
 
-class _AioTiming(grpc.aio.ServerInterceptor):
+class _AioTiming(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """The aio twin of :class:`_Timing`."""
 
     def __init__(self, times: ServerTimes) -> None:
@@ -180,7 +180,7 @@ def run_sync(rounds: int, per_round: int, directory: Path, url: str) -> dict[str
     stubs: dict[str, ledger_pb2_grpc.LedgerStub] = {}
     channels: list[grpc.Channel] = []
     for kind in times:
-        interceptors: list[grpc.ServerInterceptor] = [_Timing(times[kind])]
+        interceptors: list[grpc.ServerInterceptor[Any, Any]] = [_Timing(times[kind])]
         if kind != "none":
             interceptors.append(DedupInterceptor(make_store(kind, directory, url)))
         server, port, _ = serve(interceptors=interceptors, max_workers=4)
@@ -251,7 +251,7 @@ def run_aio(rounds: int, per_round: int, directory: Path, url: str) -> dict[str,
         channels: list[grpc.aio.Channel] = []
         stubs: dict[str, ledger_pb2_grpc.LedgerStub] = {}
         for kind in times:
-            interceptors: list[grpc.aio.ServerInterceptor] = [_AioTiming(times[kind])]
+            interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [_AioTiming(times[kind])]
             if kind != "none":
                 interceptors.append(AioDedupInterceptor(make_store(kind, directory, url)))
             server, port, _ = await serve_aio(interceptors=interceptors)
@@ -265,7 +265,7 @@ def run_aio(rounds: int, per_round: int, directory: Path, url: str) -> dict[str,
 
         results = await _measure(call, times, rounds, per_round, url)
         for channel in channels:
-            await channel.close()
+            await channel.close(None)
         for server in servers:
             await server.stop(None)
         return results

@@ -291,7 +291,7 @@ def run_aio(
             return await _measure(call, times, trips, rounds, per_round)
         finally:
             for channel in channels:
-                await channel.close()
+                await channel.close(None)
             for server in servers:
                 await server.stop(None)
             await store.aclose()

@@ -125,7 +125,7 @@ def load(target: str, seconds: float, concurrency: int, duplicate_share: float) 
                 latencies.append((time.perf_counter() - started) * 1e6)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        await channel.close()
+        await channel.close(None)
         return {"latencies_us": latencies, "errors": dict(errors)}
 
     print(json.dumps(asyncio.run(main())), flush=True)
@@ -188,7 +188,7 @@ def run_configuration(
 
 @contextmanager
 def _cluster() -> Iterator[str]:
-    from tests.redis_cluster import make_redis_cluster
+    from resilient_grpc.testing.cluster import make_redis_cluster
 
     cluster = make_redis_cluster()
     if cluster is None:
@@ -196,7 +196,7 @@ def _cluster() -> Iterator[str]:
     try:
         yield cluster.startup_url
     finally:
-        cluster.stop()
+        cluster.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                         rows[kind] = [
                             run_configuration(f"{kind}:{url}", 2, clients, concurrency, seconds)
                         ]
-    report = {
+    report: dict[str, Any] = {
         "meta": {
             **environment(),
             "cpus": os.cpu_count(),

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -89,12 +89,12 @@ def _stack() -> dict[str, Any]:
     }
 
 
-class _NoOpInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class _NoOpInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return continuation(details, request)
 
 
-class _AioNoOpInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+class _AioNoOpInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(details, request)
 
@@ -109,7 +109,7 @@ class _KeyDetails(
     pass
 
 
-class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     """The least an interceptor that sends idempotency keys does: add a fresh one, call on.
 
     A reference row, not a product: what gRPC's interceptor machinery plus one new metadata
@@ -131,7 +131,7 @@ class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         )
 
 
-class _AioKeyInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+class _AioKeyInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     """:class:`_KeyInterceptor` for ``grpc.aio``."""
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
@@ -219,7 +219,7 @@ def run_sync(rounds: int, calls: int) -> dict[str, dict[str, float]]:
     stubs = {name: ledger_pb2_grpc.LedgerStub(channel) for name, channel in channels.items()}
     retrying = tenacity.Retrying(**TENACITY_SETTINGS)
     tenacity_stub = stubs["tenacity"]
-    calls_by_name: dict[str, Callable[[], Any]] = {
+    calls_by_name: dict[str, Callable[..., Any]] = {
         name: (lambda stub=stub: stub.GetBalance(REQUEST, timeout=5))
         for name, stub in stubs.items()
     }
@@ -250,8 +250,12 @@ async def run_aio(rounds: int, calls: int) -> dict[str, dict[str, float]]:
     target = f"127.0.0.1:{port}"
     channels = {
         "bare": grpc.aio.insecure_channel(target),
-        "noop_interceptor": grpc.aio.insecure_channel(target, interceptors=[_AioNoOpInterceptor()]),
-        "key_interceptor": grpc.aio.insecure_channel(target, interceptors=[_AioKeyInterceptor()]),
+        "noop_interceptor": grpc.aio.insecure_channel(
+            target, interceptors=[cast(grpc.aio.ClientInterceptor, _AioNoOpInterceptor())]
+        ),
+        "key_interceptor": grpc.aio.insecure_channel(
+            target, interceptors=[cast(grpc.aio.ClientInterceptor, _AioKeyInterceptor())]
+        ),
         "resilient_grpc": aio_resilient_channel(target, **_stack()),
         "resilient_grpc_interceptors": grpc.aio.insecure_channel(
             target, interceptors=aio_client_interceptors(target=target, **_stack())
@@ -269,7 +273,7 @@ async def run_aio(rounds: int, calls: int) -> dict[str, dict[str, float]]:
     async def with_tenacity() -> Any:
         return await retrying(one_call)
 
-    calls_by_name: dict[str, Callable[[], Awaitable[Any]]] = {
+    calls_by_name: dict[str, Callable[..., Awaitable[Any]]] = {
         name: (lambda stub=stub: stub.GetBalance(REQUEST, timeout=5))
         for name, stub in stubs.items()
     }
@@ -287,7 +291,7 @@ async def run_aio(rounds: int, calls: int) -> dict[str, dict[str, float]]:
                 bucket.append(time.perf_counter() - started)
     finally:
         for channel in channels.values():
-            await channel.close()
+            await channel.close(None)
         await server.stop(None)
     return _summary(samples)
 
@@ -304,11 +308,11 @@ def render(results: dict[str, dict[str, dict[str, float]]], console: Console) ->
         table.add_column(f"{flavour} x bare", justify="right", no_wrap=True)
     for name in VARIANTS:
         row = [name]
-        for flavour in results.values():
+        for measured in results.values():
             row += [
-                f"{flavour[name]['median_us']:.0f}",
-                f"{flavour[name]['p90_us']:.0f}",
-                f"{flavour[name]['ratio_to_bare']:.2f}",
+                f"{measured[name]['median_us']:.0f}",
+                f"{measured[name]['p90_us']:.0f}",
+                f"{measured[name]['ratio_to_bare']:.2f}",
             ]
         table.add_row(*row)
     console.print(table)

@@ -91,7 +91,7 @@ class ServerLog:
         return {"attempts": list(self.attempts), "executions": list(self.executions)}
 
 
-class CapacityInterceptor(grpc.ServerInterceptor):
+class CapacityInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """The outermost interceptor: logs each ``Transfer`` attempt, plays the outage, admits
     it into the bounded queue, and runs everything inside (overload protection, dedup,
     handler) on a worker of ``workers``: a FIFO pool of ``config.workers`` threads (an
@@ -116,9 +116,9 @@ class CapacityInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method != TRANSFER:
             return handler
@@ -263,7 +263,7 @@ class _Running:
             if command.get("outage")
             else None
         )
-        interceptors: list[grpc.ServerInterceptor] = [self.capacity]
+        interceptors: list[grpc.ServerInterceptor[Any, Any]] = [self.capacity]
         self.redis: Any = None
         self.store: Any = None
         if protected:

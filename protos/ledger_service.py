@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -145,7 +145,7 @@ def fault_status(fault: Fault) -> tuple[grpc.Status | None, tuple[tuple[str, str
     trailers: list[tuple[str, str | bytes]] = []
     if fault.pushback_ms is not None:
         trailers.append(("grpc-retry-pushback-ms", fault.pushback_ms))
-    if fault.retry_info is None:
+    if fault.retry_info is None or fault.code is None:
         return None, tuple(trailers)
     info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration())
     info.retry_delay.FromNanoseconds(int(fault.retry_info * 1e9))
@@ -198,9 +198,14 @@ class SyncLedger(ledger_pb2_grpc.LedgerServicer):
         self.state.record(WATCH, context.invocation_metadata())
         fault = self.state.faults.next(WATCH)
         for index in range(max(request.count, 1)):
-            if fault is not None and index == fault.after_messages:
+            if fault is not None and fault.code is not None and index == fault.after_messages:
                 context.abort(fault.code, fault.details)
             yield self.state.balance(request.account)
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> Sequence[tuple[str, Any]]:
+    """The call's metadata: (key, value) pairs at run time (grpc-stubs declares a Mapping)."""
+    return cast("Sequence[tuple[str, Any]]", context.invocation_metadata() or ())
 
 
 class AioLedger(ledger_pb2_grpc.LedgerServicer):
@@ -230,30 +235,30 @@ class AioLedger(ledger_pb2_grpc.LedgerServicer):
     async def Transfer(
         self, request: ledger_pb2.TransferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ledger_pb2.TransferReply:
-        key = self.state.record(TRANSFER, context.invocation_metadata() or ())
+        key = self.state.record(TRANSFER, _metadata(context))
         await self._fault(TRANSFER, context, applied=lambda: self.state.transfer(request, key))
         return self.state.transfer(request, key)
 
     async def GetBalance(
         self, request: ledger_pb2.BalanceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ledger_pb2.BalanceReply:
-        self.state.record(GET_BALANCE, context.invocation_metadata() or ())
+        self.state.record(GET_BALANCE, _metadata(context))
         await self._fault(GET_BALANCE, context)
         return self.state.balance(request.account)
 
     async def Watch(
         self, request: ledger_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[ledger_pb2.BalanceReply]:
-        self.state.record(WATCH, context.invocation_metadata() or ())
+        self.state.record(WATCH, _metadata(context))
         fault = self.state.faults.next(WATCH)
         for index in range(max(request.count, 1)):
-            if fault is not None and index == fault.after_messages:
+            if fault is not None and fault.code is not None and index == fault.after_messages:
                 await context.abort(fault.code, fault.details)
             yield self.state.balance(request.account)
 
 
 @dataclass
-class _StatusWithTrailers(grpc.Status):  # type: ignore[misc]
+class _StatusWithTrailers(grpc.Status):
     code: grpc.StatusCode
     details: str
     trailing_metadata: tuple[tuple[str, str | bytes], ...] = field(default_factory=tuple)
@@ -268,7 +273,7 @@ def _with_trailers(
 def serve(
     servicer: SyncLedger | None = None,
     *,
-    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
     max_workers: int = 16,
     port: int = 0,
 ) -> tuple[grpc.Server, int, SyncLedger]:
@@ -286,7 +291,7 @@ def serve(
 async def serve_aio(
     servicer: AioLedger | None = None,
     *,
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
     port: int = 0,
 ) -> tuple[grpc.aio.Server, int, AioLedger]:
     """Start a ``grpc.aio`` server on ``127.0.0.1``; returns it, its port and the servicer."""

@@ -22,7 +22,7 @@ import redis.cluster
 
 from resilient_grpc.core.dedup import Outcome, RecordState, fingerprint
 from resilient_grpc.stores import RedisStore, StoreUnavailableError
-from tests.redis_cluster import RedisCluster
+from resilient_grpc.testing.cluster import RedisCluster
 
 FP = fingerprint(b"transfer")
 OUTCOME = Outcome(responses=(b"done",))
@@ -157,7 +157,7 @@ def main() -> None:
     import argparse
     import json
 
-    from tests.redis_cluster import make_redis_cluster
+    from resilient_grpc.testing.cluster import make_redis_cluster
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--failovers", type=int, default=10)
@@ -183,10 +183,10 @@ def main() -> None:
                 "operations_per_second": round(run.operations / (time.monotonic() - started), 1),
             }
     except BaseException:
-        cluster.stop(keep_files=True)
+        cluster.stop()  # keeps the nodes' files
         print(f"node logs kept in {cluster.directory}", flush=True)
         raise
-    cluster.stop()
+    cluster.close()
     print(json.dumps(report, indent=2))
 
 

@@ -9,10 +9,10 @@ import pytest
 
 from protos import ledger_pb2_grpc
 from protos.ledger_service import AioLedger, SyncLedger, serve, serve_aio
+from resilient_grpc.testing.cluster import RedisCluster, make_redis_cluster
 from resilient_grpc.testing.servers import PostgresServer, RedisServer
 from tests.hedging_fixtures import AioHedgeLedger, HedgeLedger
 from tests.private_servers import ExternalServer, ensure_running, session_server, unavailable
-from tests.redis_cluster import RedisCluster, make_redis_cluster
 from tests.telemetry_fixtures import Otel, fresh_otel
 
 
@@ -92,7 +92,7 @@ def redis_cluster_session() -> Iterator[RedisCluster]:
     if cluster is None:
         unavailable("Redis", "redis-server and redis-cli must be on PATH for Redis Cluster tests")
     yield cluster
-    cluster.stop()
+    cluster.close()
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from resilient_grpc import RetryPolicy
 from resilient_grpc.server import SHARED_SCOPE, DedupInterceptor
 from resilient_grpc.stores import RedisStore
 from resilient_grpc.testing import FaultProxy
+from resilient_grpc.testing.cluster import RedisCluster
 from tests.dedup_fixtures import transfer_in_parallel
-from tests.redis_cluster import RedisCluster
 
 RETRY = RetryPolicy(max_attempts=30, initial_backoff=0.002, max_backoff=0.05, jitter="full")
 BALANCED = [("grpc.lb_policy_name", "round_robin"), ("grpc.use_local_subchannel_pool", 1)]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from resilient_grpc.testing.cluster import RedisCluster
 from tests.cluster_failover import run_failovers
-from tests.redis_cluster import RedisCluster
 
 
 @pytest.mark.timeout(120)

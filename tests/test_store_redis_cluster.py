@@ -13,8 +13,8 @@ import redis.cluster
 
 from resilient_grpc.core.dedup import Outcome, fingerprint, scoped_key
 from resilient_grpc.stores import RedisStore, StoreUnavailableError
+from resilient_grpc.testing.cluster import RedisCluster
 from resilient_grpc.testing.servers import free_port
-from tests.redis_cluster import RedisCluster
 from tests.test_store_contract import Blocking
 
 FP = fingerprint(b"request")

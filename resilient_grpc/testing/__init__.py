@@ -1,5 +1,6 @@
 """Test helpers that inject real faults: a TCP proxy that loses gRPC responses after the server
-committed them, private Redis and PostgreSQL servers a test may crash and restart, and Redis
+committed them, private Redis and PostgreSQL servers a test may crash and restart (and a Redis Cluster of
+them, :mod:`resilient_grpc.testing.cluster`, which needs the ``redis`` extra), and Redis
 round-trip counters for benchmarks."""
 
 from __future__ import annotations

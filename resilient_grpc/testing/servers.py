@@ -16,6 +16,9 @@ Both listen on ``127.0.0.1`` only, keep their files in a directory of their own 
 directory unless one is given, removed by :meth:`~RedisServer.close`), and raise
 :class:`ServerUnavailableError` when their binaries are missing, so a test suite can skip.
 
+:class:`~resilient_grpc.testing.cluster.RedisCluster` joins six :class:`RedisServer` into a Redis
+Cluster.
+
 PostgreSQL: Debian installs ``initdb`` and ``postgres`` off ``PATH`` (``/usr/lib/postgresql/*/bin``)
 and is looked up there too. ``initdb`` refuses to run as root, so as root both run as the
 ``postgres`` user. The postmaster is our own child (not daemonized by ``pg_ctl``), and
