@@ -442,8 +442,17 @@ class RetryingFuture(grpc.Call, grpc.Future):  # type: ignore[type-arg]
         return self
 
     def _post(self, kind: int, value: Any) -> None:
-        """Queue one event; handle the queue unless another thread is handling it."""
+        """Queue one event; handle the queue unless another thread is handling it.
+
+        An attempt's answer or a timer arriving once the future is over (say, the answer of
+        the attempt ``cancel()`` just cancelled) can change nothing and is dropped here, not
+        queued: the thread bringing it must not take the queue from ``cancel()``, whose
+        ``_CANCEL`` would then close the driver, and give back what it holds (the breaker's
+        probe slot), only after ``cancel()`` returned.
+        """
         with self._lock:
+            if self._done and kind in (_DONE, _TIMER, _POLL):
+                return
             self._events.append((kind, value))
             if self._pumping:
                 return

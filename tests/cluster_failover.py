@@ -36,6 +36,7 @@ class FailoverRun:
     executions: collections.Counter[str] = field(default_factory=collections.Counter)
     store_errors: int = 0
     gave_up: int = 0  # duplicates that found the key in progress until their bound
+    resumed: int = 0  # executions after the last failover (the cluster healthy again)
     failovers: int = 0
     unavailable_seconds: float = 0.0
 
@@ -45,7 +46,13 @@ class FailoverRun:
 
 
 def _attempt(
-    store: RedisStore, key: str, run: FailoverRun, lock: threading.Lock, *, until: float
+    store: RedisStore,
+    key: str,
+    run: FailoverRun,
+    lock: threading.Lock,
+    *,
+    until: float,
+    recovered: threading.Event,
 ) -> None:
     """One attempt of an operation, retried on store errors, until it executed, replayed or
     ``until`` passed."""
@@ -60,6 +67,7 @@ def _attempt(
         if claim.token is not None:
             with lock:
                 run.executions[key] += 1
+                run.resumed += recovered.is_set()
             try:
                 store.complete(key, claim.token, OUTCOME)
             except StoreUnavailableError:
@@ -97,6 +105,7 @@ def run_failovers(
     run = FailoverRun()
     lock = threading.Lock()
     stop = threading.Event()
+    recovered = threading.Event()  # every failover is over
     ids = itertools.count()
     tag = f"{time.monotonic_ns()}"
 
@@ -105,8 +114,10 @@ def run_failovers(
             key = f"op-{tag}-{next(ids)}"
             with lock:
                 run.operations += 1
-            _attempt(store, key, run, lock, until=time.monotonic() + 30)
-            _attempt(store, key, run, lock, until=time.monotonic() + duplicate_bound)
+            _attempt(store, key, run, lock, until=time.monotonic() + 30, recovered=recovered)
+            _attempt(
+                store, key, run, lock, until=time.monotonic() + duplicate_bound, recovered=recovered
+            )
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
     for thread in threads:
@@ -123,6 +134,7 @@ def run_failovers(
             cluster.restart(victim)
             cluster.wait_until_ok(timeout=30)
             run.failovers += 1
+        recovered.set()
         time.sleep(settle)
     finally:
         stop.set()

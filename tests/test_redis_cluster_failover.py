@@ -22,8 +22,15 @@ def test_a_failover_duplicates_nothing_with_replica_acks(
         print(
             f"{name}: {run.operations} operations, {run.failovers} failover(s), "
             f"{run.duplicates} duplicate executions, {run.store_errors} store errors, "
-            f"{run.gave_up} duplicates gave up, {run.unavailable_seconds:.1f} s to promote"
+            f"{run.gave_up} duplicates gave up, {run.unavailable_seconds:.1f} s to promote, "
+            f"{run.resumed} executions after it"
         )
         assert run.failovers == 1 and run.operations > 50
-        assert run.store_errors > 0  # the calls to the dead master failed closed, then resumed
+        assert run.resumed > 0  # executions went on once the cluster was healthy again
+    # With replica_acks=1 every claim on the promoted master fails closed until the killed node
+    # is back as its replica and in sync: hundreds of store errors. Without it, only the calls
+    # that redis-py gives up on before the promotion are errors (those in flight at the kill;
+    # later ones wait for the new slot map): a handful, and none at all when no call happens to
+    # be on its way to the killed master then, which a loaded machine makes likely. Reported.
+    assert durable.store_errors > 0
     assert durable.duplicates == 0
