@@ -259,17 +259,31 @@ class _SucceededCall(FinishedCallFuture):
 
 
 class _Timer:
-    """A callback :class:`_Timers` runs later, unless cancelled first."""
+    """A callback :class:`_Timers` runs later, unless cancelled first.
 
-    __slots__ = ("blocking", "callback", "cancelled")
+    Cancelling drops the callback at once (with it the future its closure holds: a cancelled
+    future waiting out a long backoff is not kept alive by the timer heap until its time).
+    """
+
+    __slots__ = ("_timers", "blocking", "callback", "cancelled")
 
     def __init__(self, callback: Callable[[], None], blocking: bool) -> None:
         self.callback = callback
         self.blocking = blocking
         self.cancelled = False
+        #: The timers whose heap holds this one (``None`` once it is out of the heap).
+        self._timers: _Timers | None = None
+
+    @staticmethod
+    def _nothing() -> None:
+        """The callback of a cancelled timer (for a thread that read it just before)."""
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.callback = _Timer._nothing
+        timers = self._timers
+        if timers is not None:
+            timers._forget(self)
 
 
 class _Timers:
@@ -279,8 +293,12 @@ class _Timers:
     each. Callbacks run on this thread must not block (they start the next attempt, which only
     enqueues it). A ``blocking`` callback (a call whose breaker keeps its state in Redis does a
     round trip in it) runs on a worker of a pool instead: a stalled store must not hold up
-    every other future's retries and hedges past their deadlines.
+    every other future's retries and hedges past their deadlines. Cancelled timers leave the
+    heap when they are due, or all at once when they are most of it.
     """
+
+    #: Fewer cancelled entries than this are never swept (popping them when due is cheaper).
+    _SWEEP_AT = 64
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
@@ -288,12 +306,15 @@ class _Timers:
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
+        #: Cancelled timers still in the heap.
+        self._stale = 0
 
     def call_later(
         self, seconds: float, callback: Callable[[], None], *, blocking: bool = False
     ) -> _Timer:
         timer = _Timer(callback, blocking)
         with self._condition:
+            timer._timers = self
             heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._order), timer))
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -302,6 +323,20 @@ class _Timers:
                 self._thread.start()
             self._condition.notify()
         return timer
+
+    def _forget(self, timer: _Timer) -> None:
+        """``timer`` was cancelled: count it, and sweep the heap when most of it is cancelled."""
+        with self._condition:
+            if timer._timers is None:
+                return  # out of the heap already (running, or counted)
+            timer._timers = None
+            self._stale += 1
+            heap = self._heap
+            if self._stale >= self._SWEEP_AT and self._stale * 2 > len(heap):
+                # Drop the counted ones (one whose cancel() is on its way here is counted later).
+                heap[:] = [entry for entry in heap if entry[2]._timers is not None]
+                heapq.heapify(heap)
+                self._stale = 0
 
     def _run(self) -> None:
         while True:
@@ -315,6 +350,9 @@ class _Timers:
                         self._condition.wait(wait)
                         continue
                     timer = heapq.heappop(self._heap)[2]
+                    if timer._timers is None:
+                        self._stale -= 1  # cancelled, and counted by _forget
+                    timer._timers = None
                     break
             if timer.cancelled:
                 continue

@@ -76,9 +76,10 @@ class HedgedCall:
         self.metadata = metadata
         self.wait_for_ready = wait_for_ready
         self.state = state
-        self.telemetry = telemetry.start_client_call(
-            method, target=stack.target, transport=stack.transport
-        )
+        tel = telemetry.start_call(method, target=stack.target, transport=stack.transport)
+        #: The call's telemetry; :data:`telemetry.UNWATCHED` (it builds and reports nothing)
+        #: when no hook watches the call: then only a failed end is reported (see :meth:`_end`).
+        self.telemetry = telemetry.UNWATCHED if tel is None else tel
         #: Breaker admissions of the attempts in flight (to record or release each).
         self._admissions: dict[int, Admission] = {}
         self._last_error: BaseException | None = None
@@ -122,7 +123,8 @@ class HedgedCall:
             return _NOTHING
         code = "OK" if error is None else status_name(error)
         tel = self.telemetry
-        tel.attempt(number, code, None)
+        if tel is not telemetry.UNWATCHED:
+            tel.attempt(number, code, None)
         self._record_throttle(code)
         answer = state.on_answer(
             number, code, pushback=pushback_of(error) if error is not None else None
@@ -134,7 +136,8 @@ class HedgedCall:
             losers = self._cancel_others()
             self.over = True
             if error is None:
-                tel.end(code, attempts=state.sent, reason=Reason.SUCCESS)
+                if tel is not telemetry.UNWATCHED:
+                    tel.end(code, attempts=state.sent, reason=Reason.SUCCESS)
                 return Actions(cancel=losers, done=True, winner=number)
             return Actions(cancel=losers, done=True, winner=number, error=self._give_up(error))
         if answer.verdict is Verdict.GIVE_UP:
@@ -150,7 +153,8 @@ class HedgedCall:
             return ()
         self.over = True
         losers = self._cancel_others()
-        self.telemetry.abandon(GeneratorExit())
+        if self.telemetry is not telemetry.UNWATCHED:
+            self.telemetry.abandon(GeneratorExit())
         return losers
 
     # Internals -------------------------------------------------------------------------------
@@ -286,15 +290,17 @@ class HedgedCall:
     def _cancel_others(self) -> tuple[int, ...]:
         state = self.state
         losers = tuple(sorted(state.in_flight))
+        watched = self.telemetry is not telemetry.UNWATCHED
         for number in losers:
             state.cancelled(number)
             self._release(self._admissions.pop(number, REFUSED))
-            self.telemetry.attempt(number, "CANCELLED", None)
+            if watched:
+                self.telemetry.attempt(number, "CANCELLED", None)
         return losers
 
     def _give_up(self, error: BaseException) -> BaseException:
         reason = Reason.NOT_RETRYABLE_CODE  # a fatal code: the call's answer
-        self.telemetry.end(status_name(error), attempts=self.state.sent, reason=reason)
+        self._end(status_name(error), self.state.sent, reason)
         mark_gave_up(error, self.state.sent, reason)
         return error
 
@@ -305,7 +311,7 @@ class HedgedCall:
         if error is None:  # nothing answered (refused before the first attempt): impossible
             raise RuntimeError("a hedged call failed without any answer")
         reason = reason or Reason.MAX_ATTEMPTS
-        self.telemetry.end(status_name(error), attempts=self.state.sent, reason=reason)
+        self._end(status_name(error), self.state.sent, reason)
         mark_gave_up(error, self.state.sent, reason)
         return Actions(done=True, winner=number, error=error)
 
@@ -317,14 +323,23 @@ class HedgedCall:
         target = stack.target or "default"
         error: BaseException
         if refusal is Reason.BREAKER_OPEN:
-            tel.breaker_rejected()
+            if tel is not telemetry.UNWATCHED:
+                tel.breaker_rejected()
             breaker: TargetBreaker | None = stack.target_breaker
             error = BreakerOpenError(target, breaker.rejected_until if breaker else None)
         else:
             throttle = stack.throttle
             error = ThrottledError(target, throttle.rejection_probability if throttle else 1.0)
-        tel.end("UNAVAILABLE", attempts=0, reason=refusal)
+        self._end("UNAVAILABLE", 0, refusal)
         return Actions(done=True, error=error)
+
+    def _end(self, code: str, attempts: int, reason: Reason) -> None:
+        """Report the failed end of the call, watched or not (like a plain call)."""
+        tel = self.telemetry
+        if tel is not telemetry.UNWATCHED:
+            tel.end(code, attempts=attempts, reason=reason)
+        else:
+            telemetry.call_failed(self.method, self.stack.target, code, attempts, reason)
 
 
 def begin_hedged(

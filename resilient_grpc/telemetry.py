@@ -125,7 +125,8 @@ class CallTelemetry:
 
     def attempt(self, attempt: int, code: str, decision: RetryDecision | None) -> None:
         """One attempt ended with status ``code`` (a name) and ``decision`` was taken after it."""
-        self._emit(AttemptFinished(attempt, code, decision))
+        if self._watchers:  # nothing built for nobody
+            self._emit(AttemptFinished(attempt, code, decision))
 
     def breaker_rejected(self) -> None:
         """The breaker was open: the call fails fast without touching the network."""
@@ -136,6 +137,8 @@ class CallTelemetry:
         if self.ended:
             return
         self.ended = True
+        if not self._watchers and (code == "OK" or not self._idle):
+            return  # nobody to tell
         event = CallFinished(self.method, self.target, code, attempts, reason)
         self._emit(event)
         if code != "OK":
@@ -160,6 +163,8 @@ class CallTelemetry:
         watchers = self._watchers
         if len(watchers) == 1:
             return watchers[0].attach()
+        if not watchers:
+            return None
         return [watcher.attach() for watcher in watchers]
 
     def restore(self, token: Any) -> None:
@@ -168,17 +173,34 @@ class CallTelemetry:
         if len(watchers) == 1:
             watchers[0].detach(token)
             return
+        if not watchers:
+            return
         for watcher, one in zip(reversed(watchers), reversed(token), strict=True):
             watcher.detach(one)
 
-    @contextlib.contextmanager
-    def use(self) -> Iterator[CallTelemetry]:
+    def use(self) -> contextlib.AbstractContextManager[CallTelemetry]:
         """Make the call current inside the block (for an attempt of a call that outlives it)."""
+        if self is UNWATCHED:
+            return _UNWATCHED_USE
+        if not self._watchers:
+            return contextlib.nullcontext(self)
+        return self._use()
+
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[CallTelemetry]:
         token = self.make_current()
         try:
             yield self
         finally:
             self.restore(token)
+
+
+#: The telemetry of a call no hook watches, for a driver that wants one (hedged calls): it
+#: reports nothing, not even a failed end (the driver reports that with :func:`call_failed`),
+#: and builds nothing. Shared by every such call.
+UNWATCHED = CallTelemetry("", None, (), ())
+UNWATCHED.ended = True
+_UNWATCHED_USE = contextlib.nullcontext(UNWATCHED)
 
 
 def start_call(
@@ -205,9 +227,10 @@ def start_call(
 def start_client_call(
     method: str, *, target: str | None = None, transport: Transport | None = None
 ) -> CallTelemetry:
-    """:func:`start_call` for a driver that always wants a :class:`CallTelemetry` (hedged calls).
+    """:func:`start_call` for a driver that always wants a :class:`CallTelemetry` of its own.
 
-    When no hook watches, it reports to none and passes a failed end to every hook.
+    When no hook watches, it reports to none and passes a failed end to every hook. (Hedged
+    calls use :func:`start_call` and :data:`UNWATCHED`, which build nothing per call.)
     """
     call = start_call(method, target=target, transport=transport)
     if call is None:

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
 
 from protos import ledger_pb2
 from protos.ledger_service import GET_BALANCE, WATCH, Fault, SyncLedger
-from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
+from resilient_grpc import (
+    CircuitBreaker,
+    HedgingPolicy,
+    IdempotencyKeys,
+    RetryBudget,
+    RetryPolicy,
+)
+from resilient_grpc.client import _Timer, _Timers
 from resilient_grpc.errors import attempts_of
 from tests.helpers import BALANCE_REQUEST, FAST, RETRIES_OFF, MakeStub, stub_maker, wait_for
 
@@ -152,3 +162,65 @@ def test_a_stream_cancelled_during_backoff_stops_at_once(make_stub, ledger) -> N
     assert call.code() == grpc.StatusCode.CANCELLED
     time.sleep(0.8)
     assert len(servicer.state.calls_to(WATCH)) == 1
+
+
+def _collected(ref: weakref.ref[Any]) -> bool:
+    for _ in range(3):  # a cycle through a gRPC callback may need more than one pass
+        gc.collect()
+        if ref() is None:
+            return True
+    return False
+
+
+def _backing_off(ref: weakref.ref[Any]) -> bool:
+    future = ref()
+    return future is not None and future._waiting.__class__ is _Timer
+
+
+def test_a_future_cancelled_during_a_long_backoff_is_collectable_at_once(make_stub, ledger) -> None:
+    servicer = ledger[0]
+    stub = make_stub(
+        retry=RetryPolicy(max_attempts=3, initial_backoff=30.0, max_backoff=30.0, jitter="none"),
+        idempotency=IdempotencyKeys(),
+    )
+    servicer.state.faults.fail_times(GET_BALANCE, 10)
+    future = stub.GetBalance.future(BALANCE_REQUEST, timeout=60)
+    wait_for(lambda: len(servicer.state.calls_to(GET_BALANCE)) == 1, "the call on the server", 5.0)
+    ref = weakref.ref(future)
+    wait_for(lambda: _backing_off(ref), "the future backing off", 5.0)
+    assert future.cancel() is True
+    del future
+    assert _collected(ref)  # not held by its timer for the 30 s backoff
+
+
+def test_a_hedged_future_done_before_its_next_hedge_is_collectable_at_once(
+    make_stub, ledger
+) -> None:
+    stub = make_stub(
+        hedging=HedgingPolicy(max_attempts=2, delay=30.0), idempotency=IdempotencyKeys()
+    )
+    future = stub.GetBalance.future(BALANCE_REQUEST, timeout=60)
+    assert future.result(timeout=5).balance >= 0
+    ref = weakref.ref(future)
+    del future
+    assert _collected(ref)  # not held by the 30 s hedge timer it no longer needs
+
+
+def test_cancelled_timers_are_swept_from_the_heap_when_they_are_most_of_it() -> None:
+    timers = _Timers()
+    fired = threading.Event()
+    far = [timers.call_later(60.0, fired.set) for _ in range(200)]
+    soon = timers.call_later(0.05, fired.set)
+    for timer in far[:150]:
+        timer.cancel()
+        timer.cancel()  # counted once
+    live = [entry[2] for entry in timers._heap if not entry[2].cancelled]
+    assert len(live) == 51 and soon in live
+    assert timers._stale == len(timers._heap) - 51  # every cancelled one left is counted
+    assert len(timers._heap) < 151  # swept: the 101st cancellation was most of the heap
+    assert all(timer.callback is not fired.set for timer in far[:150])  # dropped at once
+    assert fired.wait(5.0)  # the live timer still fires after the sweep
+    wait_for(lambda: soon not in [entry[2] for entry in timers._heap], "the timer popped", 5.0)
+    assert timers._stale == len(timers._heap) - 50
+    for timer in far[150:]:
+        timer.cancel()

@@ -359,3 +359,28 @@ def test_a_failure_copy_that_wins_is_not_refunded() -> None:
     assert budget.balance == pytest.approx(0.0)
     with pytest.raises(ValueError, match="refund_wins"):
         HedgingPolicy(refund_wins=1)  # type: ignore[arg-type]
+
+
+def test_a_winning_hedge_refunds_its_own_withdrawal_not_a_later_hedge_s() -> None:
+    clock = FakeClock(100.0)
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, window=10.0, clock=clock)
+    state = HedgingState(
+        HedgingPolicy(max_attempts=3, delay=0.1, refund_wins=True),
+        hedgeable=True,
+        budget=budget,
+        clock=clock,
+    )
+    budget.deposit()
+    state.begin()  # 2 calls: 2 hedges allowed
+    clock.now = 100.1
+    assert state.hedge() == 2
+    clock.now = 100.2
+    assert state.hedge() == 3
+    assert state.on_answer(2, "OK").verdict is Verdict.COMMIT
+    assert state.refunded
+    clock.now = 110.15  # the calls and hedge 2's withdrawal have left the window, not hedge 3's
+    budget.deposit()
+    budget.deposit()
+    assert budget.balance == pytest.approx(1.0)  # 2 calls - hedge 3, which was sent
+    clock.now = 110.25
+    assert budget.balance == pytest.approx(2.0)

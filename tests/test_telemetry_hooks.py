@@ -12,7 +12,7 @@ from opentelemetry import metrics, trace
 
 from protos import ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, AioLedger, Fault, SyncLedger
-from resilient_grpc import IdempotencyKeys, idempotency_key, otel, telemetry
+from resilient_grpc import HedgingPolicy, IdempotencyKeys, idempotency_key, otel, telemetry
 from resilient_grpc import aio as rg_aio
 from resilient_grpc.client import client_interceptors, resilient_channel
 from resilient_grpc.core.retry import Reason
@@ -175,3 +175,99 @@ def test_a_call_the_breaker_failed_fast_is_logged_on_the_breaker_logger_when_unw
             f"{GET_BALANCE} to h:1: circuit breaker open, failing fast",
         )
     ]
+
+
+class _Counted:
+    """Counts the telemetry objects made while it is installed (see ``counting``)."""
+
+    def __init__(self) -> None:
+        self.made: list[str] = []
+
+
+@pytest.fixture
+def counting(monkeypatch: pytest.MonkeyPatch) -> _Counted:
+    counted = _Counted()
+    for name in ("AttemptFinished", "CallFinished", "CallAbandoned", "CallStarted"):
+        original = getattr(telemetry, name)
+
+        def make(*args: Any, _original: Any = original, _name: str = name) -> Any:
+            counted.made.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(telemetry, name, make)
+    original_init = telemetry.CallTelemetry.__init__
+
+    def init(self: telemetry.CallTelemetry, *args: Any) -> None:
+        counted.made.append("CallTelemetry")
+        original_init(self, *args)
+
+    monkeypatch.setattr(telemetry.CallTelemetry, "__init__", init)
+    return counted
+
+
+@pytest.mark.parametrize("how", ["channel", "interceptors"])
+def test_an_unwatched_hedged_call_builds_nothing_and_reports_only_a_failure(
+    ledger: tuple[SyncLedger, int], counting: _Counted, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    servicer, port = ledger
+    spy = Spy()
+    telemetry.set_hooks(spy)
+
+    def boom(*args: Any) -> Any:
+        raise AssertionError("telemetry touched for an unwatched call")
+
+    monkeypatch.setattr(otel, "_tracer", boom)
+    monkeypatch.setattr(otel, "_instruments", boom)
+    target = f"127.0.0.1:{port}"
+    hedging = HedgingPolicy(max_attempts=3, delay=30.0)  # only failure copies
+    channel = (
+        resilient_channel(target, hedging=hedging, idempotency=IdempotencyKeys())
+        if how == "channel"
+        else grpc.intercept_channel(
+            grpc.insecure_channel(target),
+            *client_interceptors(target=target, hedging=hedging, idempotency=IdempotencyKeys()),
+        )
+    )
+    with channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        servicer.state.faults.fail_times(GET_BALANCE, 1)  # a failure copy, then OK
+        stub.GetBalance.future(BALANCE_REQUEST, timeout=5).result(timeout=5)
+        assert counting.made == []  # no event, no CallTelemetry: nothing for nobody
+        _not_found_next(servicer)
+        with pytest.raises(grpc.RpcError):
+            stub.GetBalance.future(BALANCE_REQUEST, timeout=5).result(timeout=5)
+    assert spy.started == []
+    assert spy.recorder.events == []
+    assert counting.made == ["CallFinished"]  # the failed end, for the hooks' on_event
+    assert spy.events == [
+        CallFinished(GET_BALANCE, target, "NOT_FOUND", 1, Reason.NOT_RETRYABLE_CODE)
+    ]
+
+
+def test_a_watched_hedged_call_reports_every_attempt_and_its_end(
+    ledger: tuple[SyncLedger, int],
+) -> None:
+    servicer, port = ledger
+    spy = Spy(on=True)
+    telemetry.set_hooks(spy)
+    target = f"127.0.0.1:{port}"
+    hedging = HedgingPolicy(max_attempts=3, delay=30.0)  # only failure copies
+    with resilient_channel(target, hedging=hedging, idempotency=IdempotencyKeys()) as channel:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        servicer.state.faults.fail_times(GET_BALANCE, 1)
+        stub.GetBalance.future(BALANCE_REQUEST, timeout=5).result(timeout=5)
+        _not_found_next(servicer)
+        with pytest.raises(grpc.RpcError):
+            stub.GetBalance.future(BALANCE_REQUEST, timeout=5).result(timeout=5)
+    started = CallStarted(GET_BALANCE, target, "sync")
+    assert spy.started == [started, started]
+    assert spy.recorder.events == [
+        started,
+        AttemptFinished(1, "UNAVAILABLE", None),
+        AttemptFinished(2, "OK", None),
+        CallFinished(GET_BALANCE, target, "OK", 2, Reason.SUCCESS),
+        started,
+        AttemptFinished(1, "NOT_FOUND", None),
+        CallFinished(GET_BALANCE, target, "NOT_FOUND", 1, Reason.NOT_RETRYABLE_CODE),
+    ]
+    assert spy.events == []  # a watching hook gets the failed end once, as a call event

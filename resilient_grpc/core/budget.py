@@ -80,21 +80,46 @@ class RetryBudget:
 
     def try_withdraw(self) -> bool:
         """Take one retry from the budget; ``False`` (and counted as refused) if none is left."""
+        return self.withdraw() is not None
+
+    def withdraw(self) -> float | None:
+        """:meth:`try_withdraw` that returns the withdrawal's time on the budget's clock
+        (``None``: refused), to give to :meth:`refund` if the retry is never sent."""
         with self._lock:
             now = self._clock()
             self._expire(now)
             # Small epsilon: 0.1 * 30 must allow 3 retries despite binary floating point.
             if len(self._withdrawals) + 1 <= self._allowance() + 1e-9:
                 self._withdrawals.append(now)
-                return True
+                return now
             self._refused += 1
-            return False
+            return None
 
-    def refund(self) -> None:
-        """Give back the latest retry taken: it was granted but never sent (the call was cancelled)."""
+    def refund(self, at: float | None = None) -> None:
+        """Give back a retry taken but never sent (the call was cancelled).
+
+        ``at`` is the time :meth:`withdraw` returned: that withdrawal is removed, so the
+        budget keeps counting every other call's withdrawal until its own time leaves the
+        window (removing a newer one instead would let the older one expire early and allow
+        one retry more than the ratio for a while). If it has left the window already there
+        is nothing to give back. Without ``at``, the latest withdrawal is removed.
+        """
         with self._lock:
-            if self._withdrawals:
-                self._withdrawals.pop()
+            withdrawals = self._withdrawals
+            if at is None:
+                if withdrawals:
+                    withdrawals.pop()
+                return
+            if not withdrawals or withdrawals[0] > at:
+                return  # expired (or refunded) already
+            # Times are in order and a refund is usually of a recent retry: search from the end.
+            for index in range(len(withdrawals) - 1, -1, -1):
+                taken = withdrawals[index]
+                if taken == at:
+                    del withdrawals[index]
+                    return
+                if taken < at:
+                    return
 
     @property
     def balance(self) -> float:

@@ -253,8 +253,8 @@ class HedgingState:
         self.after_failure = False
         #: Non-fatal failures so far (they set the failure backoff).
         self.failures = 0
-        #: The latency hedges sent, by number, with the budget each withdrew from.
-        self._latency_hedges: dict[int, RetryBudget | None] = {}
+        #: The latency hedges sent, by number, with the budget each withdrew from and when.
+        self._latency_hedges: dict[int, tuple[RetryBudget, float] | None] = {}
         #: Whether the winner was a latency hedge whose withdrawal was given back.
         self.refunded = False
         self._clock = clock
@@ -323,13 +323,17 @@ class HedgingState:
             self.stop(Reason.DEADLINE)
             return None
         budget = self._budget_of_next()
-        if budget is not None and not budget.try_withdraw():
-            self.stop(Reason.BUDGET_EXHAUSTED)
-            return None
+        withdrawal: tuple[RetryBudget, float] | None = None
+        if budget is not None:
+            taken = budget.withdraw()
+            if taken is None:
+                self.stop(Reason.BUDGET_EXHAUSTED)
+                return None
+            withdrawal = (budget, taken)
         latency = not self.after_failure
         number = self._send(now)
         if latency:
-            self._latency_hedges[number] = budget
+            self._latency_hedges[number] = withdrawal
         return number
 
     def _failure_wait(self) -> float:
@@ -364,9 +368,10 @@ class HedgingState:
             self.committed = True
             self.next_at = None
             if code == "OK" and self.policy.refund_wins and number in self._latency_hedges:
-                budget = self._latency_hedges[number]
-                if budget is not None:
-                    budget.refund()
+                withdrawal = self._latency_hedges[number]
+                if withdrawal is not None:
+                    budget, taken = withdrawal
+                    budget.refund(taken)  # this hedge's withdrawal, not the latest one
                     self.refunded = True
             reason = Reason.SUCCESS if code == "OK" else Reason.NOT_RETRYABLE_CODE
             return Answer(Verdict.COMMIT, reason)

@@ -110,7 +110,8 @@ class RetryState:
         self._previous_delay: float | None = None
         #: Computed backoffs since the start or since the last server-requested delay.
         self._backoff_retries = 0
-        self._unsent_retry = False
+        #: When the budget granted the retry not sent yet (``None``: there is none).
+        self._unsent_retry: float | None = None
         self._attempt_deadline: float | None = None
         self._attempt_bound: TimeoutCause | None = None
 
@@ -124,7 +125,7 @@ class RetryState:
             if self.budget is not None:
                 self.budget.deposit()
         else:
-            self._unsent_retry = False
+            self._unsent_retry = None
         self.attempts = attempts + 1
         timeout = self.policy.per_attempt_timeout
         deadline = self.deadline
@@ -158,9 +159,10 @@ class RetryState:
     def abandon(self) -> None:
         """The call ended before its granted retry was sent (cancelled, or refused by the
         breaker or throttle after its backoff): refund that retry."""
-        if self._unsent_retry and self.budget is not None:
-            self._unsent_retry = False
-            self.budget.refund()
+        taken = self._unsent_retry
+        if taken is not None and self.budget is not None:
+            self._unsent_retry = None
+            self.budget.refund(taken)  # this call's withdrawal, not the latest one
 
     def remaining(self) -> float | None:
         """Seconds left before the call's deadline (``None``: no deadline)."""
@@ -217,9 +219,10 @@ class RetryState:
         if self.deadline is not None and self._clock() + delay >= self.deadline:
             return RetryDecision(False, Reason.DEADLINE, delay, source, attempt)
         if self.budget is not None:
-            if not self.budget.try_withdraw():
+            taken = self.budget.withdraw()
+            if taken is None:
                 return RetryDecision(False, Reason.BUDGET_EXHAUSTED, delay, source, attempt)
-            self._unsent_retry = True
+            self._unsent_retry = taken
         if source is DelaySource.COMPUTED:
             self._backoff_retries += 1
             self._previous_delay = delay
