@@ -844,6 +844,11 @@ class HedgedFuture(RetryingFuture):
                     self._pumping = False
                     break
                 kind, value = self._events.popleft()
+                if self._cancelled and kind != _CANCEL:
+                    # cancel() has ended the call: an answer or a hedge timer queued before
+                    # its _CANCEL must not send a copy (the _CANCEL event gives back the
+                    # admissions of the attempts in flight, answered or not).
+                    continue
             if kind == _START:
                 actions = call.start()
             elif kind == _TIMER:
