@@ -814,6 +814,8 @@ class HedgedFuture(RetryingFuture):
         self._lock = threading.RLock()
         self._finished = threading.Condition(self._lock)
         self._attempts: dict[int, Any] = {}
+        #: The attempts handed to ``send`` (a copy granted after cancel() is never sent).
+        self._sent: set[int] = set()
         self._events: collections.deque[tuple[int, Any]] = collections.deque()
         self._pumping = False
         #: Set once an attempt came back already finished (a blocking interceptor
@@ -854,7 +856,7 @@ class HedgedFuture(RetryingFuture):
             elif kind == _TIMER:
                 actions = call.on_timer()
             elif kind == _CANCEL:
-                for number in call.abandon():
+                for number in call.abandon(self._sent):  # refunds a copy never sent
                     self._cancel_attempt(number)
                 self._complete(None, cancelled=True)
                 continue
@@ -881,6 +883,9 @@ class HedgedFuture(RetryingFuture):
             return
         with self._hedged.telemetry.use():
             for attempt in actions.send:
+                if self._cancelled:  # cancel() returned meanwhile: its _CANCEL event refunds it
+                    return
+                self._sent.add(attempt.number)
                 self._track(attempt.number, self._send(attempt))
         self._arm_timer()
 

@@ -24,7 +24,7 @@ from resilient_grpc.core.hedging import HedgingPolicy
 from resilient_grpc.hedged_call import begin_hedged
 from resilient_grpc.logical_call import Attempt, CallArguments, ClientStack
 from tests.hedging_fixtures import attempt_number
-from tests.helpers import BALANCE_REQUEST, wait_for
+from tests.helpers import BALANCE_REQUEST, GatedStorage, wait_for
 
 WAIT = 5.0  # the bound of every wait on the server or a gate
 
@@ -270,3 +270,38 @@ def test_a_retrying_future_cancelled_mid_send_frees_its_probe_once(
 
 class _Shared(pybreaker.CircuitMemoryStorage):
     """Memory storage posing as shared storage (the breaker runs it as BreakerIO steps)."""
+
+
+def test_a_hedged_future_cancelled_during_a_hedges_breaker_round_trip_sends_and_charges_nothing(
+    scripted: tuple[_Scripted, grpc.Channel],
+) -> None:
+    """cancel() while the hedge timer's event waits on a stalled breaker store: the copy that
+    event then grants is not sent, its budget withdrawal is refunded and its admission given
+    back (as RetryingFuture does for a retry)."""
+    servicer, channel = scripted
+    storage = GatedStorage()
+    budget = _budget()
+    stack = ClientStack.for_channel(
+        "127.0.0.1:1",
+        hedging=HedgingPolicy(max_attempts=2, delay=0.05),
+        budget=budget,
+        breaker=CircuitBreaker(storage=lambda _t: storage),
+        idempotency=IdempotencyKeys(),
+    )
+    send = _GatedSend(channel, gated=None)
+    future = HedgedFuture(begin_hedged(stack, GET_BALANCE, 10.0, None, None), send)._begin()
+    wait_for(lambda: servicer.calls() == 1, "copy 1 on the server")
+    balance = budget.balance
+    storage.armed = True  # the hedge's admission stalls in the store
+    assert storage.entered.wait(WAIT)
+    assert future.cancel()
+    send.cancel_returned = True
+    storage.gate.set()
+    with pytest.raises(grpc.FutureCancelledError):
+        future.result(timeout=WAIT)
+    wait_for(lambda: not future._pumping, "the events handled")
+    assert send.sent_after_cancel == []
+    assert budget.balance == balance, "the copy never sent was charged to the budget"
+    servicer.release_first.set()
+    time.sleep(0.05)
+    assert servicer.calls() == 1

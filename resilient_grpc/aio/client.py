@@ -394,8 +394,9 @@ class HedgedAioCall(ResilientUnaryCall):
             return await _in_thread(handler, *args)
         return handler(*args)
 
-    async def _one(self, step: Attempt, calls: dict[int, Any]) -> Any:
+    async def _one(self, step: Attempt, calls: dict[int, Any], sent: set[int]) -> Any:
         """Make one attempt: return ``(response, None)`` or ``(None, error)``."""
+        sent.add(step.number)
         call = self._send(step)
         if self._send_is_async:
             call = await call
@@ -417,10 +418,13 @@ class HedgedAioCall(ResilientUnaryCall):
         waker = self._waker = asyncio.get_running_loop().create_future()
         tasks: dict[int, asyncio.Task[Any]] = {}
         calls: dict[int, Any] = {}
+        sent: set[int] = set()  # the attempts whose send began (a task may never start)
         over = False
         try:
             actions = await self._event(hedged.start)
             while True:
+                if waker.done():  # cancelled while the event ran (in a worker thread)
+                    raise asyncio.CancelledError
                 for number in actions.cancel:
                     tasks.pop(number).cancel()
                 if actions.done:
@@ -432,7 +436,7 @@ class HedgedAioCall(ResilientUnaryCall):
                     return
                 with hedged.telemetry.use():
                     for step in actions.send:
-                        tasks[step.number] = asyncio.ensure_future(self._one(step, calls))
+                        tasks[step.number] = asyncio.ensure_future(self._one(step, calls, sent))
                 wake = hedged.wake_at()
                 timeout = None if wake is None else max(wake - time.monotonic(), 0.0)
                 done, _ = await asyncio.wait(
@@ -451,7 +455,7 @@ class HedgedAioCall(ResilientUnaryCall):
                 actions = await self._event(hedged.on_done, number, error)
         except BaseException:
             if not over:
-                hedged.abandon()
+                hedged.abandon(sent)  # refunds a copy granted but never sent
             raise
         finally:
             self._waker = None
