@@ -215,3 +215,37 @@ async def test_wait_for_on_code_cancels_the_call_it_started_and_charges_nothing(
     await asyncio.sleep(0.1)
     assert send.sent == [1] and _calls(servicer) == 1
     assert budget.balance == balance + 1.0  # the call's deposit only
+
+
+async def test_a_hedged_aio_call_whose_task_is_cancelled_during_a_hedges_round_trip_refunds_it(
+    server: tuple[AioHedgeLedger, grpc.aio.Channel],
+) -> None:
+    """The awaiting task itself is cancelled (asyncio.wait_for) while the hedge timer's event
+    runs in a worker thread: the copy that event granted is lost with the cancellation, never
+    sent, and its withdrawal is refunded; its admission is given back."""
+    servicer, channel = server
+    storage = GatedStorage()
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=1.0, window=60.0)
+    stack = ClientStack.for_channel(
+        "127.0.0.1:1",
+        hedging=HedgingPolicy(max_attempts=2, delay=0.05),
+        budget=budget,
+        breaker=CircuitBreaker(storage=lambda _t: storage),
+        idempotency=IdempotencyKeys(),
+        transport="aio",
+    )
+    send = _Send(channel)
+    call = HedgedAioCall(begin_hedged(stack, GET_BALANCE, 10.0, None, None), send, False)
+    task = asyncio.ensure_future(call._run())
+    await until(lambda: _calls(servicer) == 1, "copy 1 on the server")
+    balance = budget.balance
+    storage.armed = True
+    assert await asyncio.to_thread(storage.entered.wait, WAIT)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    storage.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT)
+    assert send.sent == [1]
+    assert budget.balance == balance, "the copy never sent was charged to the budget"
+    assert await servicer.cancellations(1) == 1
