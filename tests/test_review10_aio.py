@@ -15,10 +15,10 @@ import grpc
 import grpc.aio
 import pytest
 
-from protos import ledger_pb2
+from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, serve_aio
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
-from resilient_grpc.aio.client import HedgedAioCall, ResilientUnaryCall
+from resilient_grpc.aio.client import HedgedAioCall, ResilientUnaryCall, resilient_channel
 from resilient_grpc.breaker import PROBE, REFUSED
 from resilient_grpc.core.hedging import HedgingPolicy
 from resilient_grpc.hedged_call import begin_hedged
@@ -35,6 +35,7 @@ async def server() -> AsyncIterator[tuple[AioHedgeLedger, grpc.aio.Channel]]:
     servicer = AioHedgeLedger(hold=WAIT)
     aio_server, port, _ = await serve_aio(servicer)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    servicer.port = port  # type: ignore[attr-defined]
     try:
         yield servicer, channel
     finally:
@@ -249,3 +250,38 @@ async def test_a_hedged_aio_call_whose_task_is_cancelled_during_a_hedges_round_t
     assert send.sent == [1]
     assert budget.balance == balance, "the copy never sent was charged to the budget"
     assert await servicer.cancellations(1) == 1
+
+
+@pytest.mark.parametrize("kind", ["unary", "hedged", "stream"])
+async def test_a_call_cancelled_before_it_starts_is_done_and_runs_its_callbacks(
+    server: tuple[AioHedgeLedger, grpc.aio.Channel], kind: str
+) -> None:
+    """grpc.aio: a cancelled call is done and its done callbacks run, awaited or not. A call
+    of the resilient channel cancelled before anything awaited it must be too (else a
+    callback waiting for its end never runs, and cancel() keeps returning True)."""
+    servicer, _channel = server
+    port = servicer.port  # type: ignore[attr-defined]
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=1.0, window=60.0)
+    stack: dict[str, Any] = {"budget": budget, "idempotency": IdempotencyKeys()}
+    if kind == "hedged":
+        stack["hedging"] = HedgingPolicy(max_attempts=2, delay=0.05)
+    else:
+        stack["retry"] = RetryPolicy(max_attempts=3)
+    async with resilient_channel(f"127.0.0.1:{port}", **stack) as resilient:
+        stub = ledger_pb2_grpc.LedgerStub(resilient)
+        if kind == "stream":
+            call: Any = stub.Watch(ledger_pb2.WatchRequest(account="alice", count=2))
+        else:
+            call = stub.GetBalance(BALANCE_REQUEST)
+        seen: list[object] = []
+        call.add_done_callback(seen.append)
+        assert call.cancel() is True
+        await asyncio.sleep(0.05)
+        assert call.done() and call.cancelled()
+        assert seen == [call]
+        assert call.cancel() is False
+        assert await asyncio.wait_for(call.code(), WAIT) is grpc.StatusCode.CANCELLED
+        call.add_done_callback(seen.append)  # after the end: at once
+        assert seen == [call, call]
+    assert _calls(servicer) == 0 and len(servicer.state.calls_to("/ledger.v1.Ledger/Watch")) == 0
+    assert budget.balance == 60.0  # no deposit: nothing was sent

@@ -292,13 +292,19 @@ class ResilientUnaryCall(_Interruptible, _FinishedCall, grpc.aio.UnaryUnaryCall)
             self._error = error
             raise
         finally:
-            self._finished = True
-            if self._waiter is not None and not self._waiter.done():
-                self._waiter.set_result(None)
-            callbacks, self._callbacks = self._callbacks, []
-            for callback in callbacks:
-                callback(self)
+            self._end()
         return self._response
+
+    def _end(self) -> None:
+        self._finished = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def _abandon_unstarted(self) -> None:
+        """Cancelled before anything awaited it: nothing was sent, nothing is charged."""
 
     async def _run_quietly(self) -> None:
         with contextlib.suppress(BaseException):  # the outcome is kept on self
@@ -350,9 +356,20 @@ class ResilientUnaryCall(_Interruptible, _FinishedCall, grpc.aio.UnaryUnaryCall)
         await self._settled()
 
     def cancel(self) -> bool:
-        """Cancel the call now, whatever it is doing; ``False`` if it has already ended."""
+        """Cancel the call now, whatever it is doing; ``False`` if it has already ended.
+
+        A call nothing has awaited yet ends here (done, its callbacks run), as a ``grpc.aio``
+        call does when cancelled: nothing was sent.
+        """
         if self._finished:
             return False
+        if not self._started:
+            self._started = True
+            self._cancelled = True
+            self._error = asyncio.CancelledError()
+            self._abandon_unstarted()
+            self._end()
+            return True
         self._interrupt()
         return True
 
@@ -387,6 +404,9 @@ class HedgedAioCall(ResilientUnaryCall):
     ) -> None:
         super().__init__(call, send, send_is_async, channel)  # type: ignore[arg-type]
         self._hedged = call
+
+    def _abandon_unstarted(self) -> None:
+        self._hedged.abandon()  # ends its span; nothing was sent or taken
 
     async def _event(self, handler: Callable[..., Actions], *args: Any) -> Actions:
         """Run one event of the driver (off the loop if it does breaker I/O)."""
@@ -591,9 +611,20 @@ class RetryingAioStream(_Interruptible, _FinishedCall, grpc.aio.UnaryStreamCall)
         await self._call.wait_for_connection()
 
     def cancel(self) -> bool:
-        """Cancel the call now, whatever it is doing; ``False`` if it has already ended."""
+        """Cancel the call now, whatever it is doing; ``False`` if it has already ended.
+
+        A stream nothing has read yet ends here (done, its callbacks run): nothing was sent.
+        """
         if self.done():
             return False
+        if not self._started:
+            self._started = True
+            self._cancelled = True
+            self._error = asyncio.CancelledError()
+            callbacks, self._done_callbacks = self._done_callbacks, []
+            for callback in callbacks:
+                callback(self)
+            return True
         self._interrupt()
         return True
 
