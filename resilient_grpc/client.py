@@ -775,10 +775,21 @@ class RetryingStream(grpc.Call):
     def cancel(self) -> bool:
         """Cancel the call: the attempt in flight, a backoff pause, or the attempts to come.
 
-        Once the call has committed, this is the committed call's own ``cancel()``.
+        Once the call has committed, this is the committed call's own ``cancel()``. A call
+        nothing has read yet ends here (its callbacks run), as a cancelled gRPC call does.
         """
         if self._error is not None:
             return False
+        if not self._started and self._lock.acquire(blocking=False):
+            try:
+                if not self._started:  # nothing sent: it ends now
+                    self._started = True
+                    self._cancelled.set()
+                    self._error = LocallyCancelled()
+                    self._run_pending_callbacks()
+                    return True
+            finally:
+                self._lock.release()
         call = self._call
         if self._started and call is not None and not self._lock.locked():
             return bool(call.cancel())  # committed (or over): gRPC's own answer

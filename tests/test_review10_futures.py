@@ -15,11 +15,11 @@ import grpc
 import pybreaker
 import pytest
 
-from protos import ledger_pb2
-from protos.ledger_service import GET_BALANCE, SyncLedger, serve
+from protos import ledger_pb2, ledger_pb2_grpc
+from protos.ledger_service import GET_BALANCE, WATCH, SyncLedger, serve
 from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
 from resilient_grpc.breaker import PROBE, REFUSED
-from resilient_grpc.client import HedgedFuture, RetryingFuture
+from resilient_grpc.client import HedgedFuture, RetryingFuture, resilient_channel
 from resilient_grpc.core.hedging import HedgingPolicy
 from resilient_grpc.hedged_call import begin_hedged
 from resilient_grpc.logical_call import Attempt, CallArguments, ClientStack
@@ -305,3 +305,32 @@ def test_a_hedged_future_cancelled_during_a_hedges_breaker_round_trip_sends_and_
     servicer.release_first.set()
     time.sleep(0.05)
     assert servicer.calls() == 1
+
+
+def test_a_stream_cancelled_before_its_first_read_ends_and_runs_its_callbacks() -> None:
+    """gRPC's own stream, cancelled before anything read it, runs its callbacks at once and
+    says it cannot be cancelled again. The resilient stream did neither until someone read it."""
+    server, port, servicer = serve()
+    channel = resilient_channel(
+        f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=3), idempotency=IdempotencyKeys()
+    )
+    try:
+        stub = ledger_pb2_grpc.LedgerStub(channel)
+        call = stub.Watch(ledger_pb2.WatchRequest(account="alice", count=2))
+        seen: list[int] = []
+        assert call.add_callback(lambda: seen.append(1))
+        assert call.cancel() is True
+        assert seen == [1]
+        assert not call.is_active()
+        assert call.cancel() is False
+        assert call.code() is grpc.StatusCode.CANCELLED
+        with pytest.raises(grpc.RpcError) as raised:
+            next(call)
+        assert raised.value.code() is grpc.StatusCode.CANCELLED
+        assert not call.add_callback(lambda: seen.append(2))
+        assert seen == [1]
+        time.sleep(0.05)
+        assert len(servicer.state.calls_to(WATCH)) == 0
+    finally:
+        channel.close()
+        server.stop(None)
