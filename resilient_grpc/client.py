@@ -822,10 +822,21 @@ class RetryingStream(grpc.Call):
     def cancel(self) -> bool:
         """Cancel the call: the attempt in flight, a backoff pause, or the attempts to come.
 
-        Once the call has committed, this is the committed call's own ``cancel()``.
+        Once the call has committed, this is the committed call's own ``cancel()``. A call
+        nothing has read yet ends here (its callbacks run), as a cancelled gRPC call does.
         """
         if self._error is not None:
             return False
+        if not self._started and self._lock.acquire(blocking=False):
+            try:
+                if not self._started:  # nothing sent: it ends now
+                    self._started = True
+                    self._cancelled.set()
+                    self._error = LocallyCancelled()
+                    self._run_pending_callbacks()
+                    return True
+            finally:
+                self._lock.release()
         call = self._call
         if self._started and call is not None and not self._lock.locked():
             return bool(call.cancel())  # committed (or over): gRPC's own answer
@@ -861,6 +872,8 @@ class HedgedFuture(RetryingFuture):
         self._lock = threading.RLock()
         self._finished = threading.Condition(self._lock)
         self._attempts: dict[int, Any] = {}
+        #: The attempts handed to ``send`` (a copy granted after cancel() is never sent).
+        self._sent: set[int] = set()
         self._events: collections.deque[tuple[int, Any]] = collections.deque()
         self._pumping = False
         #: Set once an attempt came back already finished (a blocking interceptor
@@ -891,12 +904,17 @@ class HedgedFuture(RetryingFuture):
                     self._pumping = False
                     break
                 kind, value = self._events.popleft()
+                if self._cancelled and kind != _CANCEL:
+                    # cancel() has ended the call: an answer or a hedge timer queued before
+                    # its _CANCEL must not send a copy (the _CANCEL event gives back the
+                    # admissions of the attempts in flight, answered or not).
+                    continue
             if kind == _START:
                 actions = call.start()
             elif kind == _TIMER:
                 actions = call.on_timer()
             elif kind == _CANCEL:
-                for number in call.abandon():
+                for number in call.abandon(self._sent):  # refunds a copy never sent
                     self._cancel_attempt(number)
                 self._complete(None, cancelled=True)
                 continue
@@ -923,6 +941,9 @@ class HedgedFuture(RetryingFuture):
             return
         with self._hedged.telemetry.use():
             for attempt in actions.send:
+                if self._cancelled:  # cancel() returned meanwhile: its _CANCEL event refunds it
+                    return
+                self._sent.add(attempt.number)
                 self._track(attempt.number, self._send(attempt))
         self._arm_timer()
 

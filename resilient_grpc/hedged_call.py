@@ -19,7 +19,7 @@ the events of one call (one task, or one thread at a time).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from resilient_grpc import telemetry
@@ -147,11 +147,20 @@ class HedgedCall:
             state.stop(Reason.BREAKER_OPEN)  # else the next copy is held until it closes
         return self._hedge()
 
-    def abandon(self) -> tuple[int, ...]:
-        """The caller cancelled the call: return the attempts to cancel; nothing is charged."""
+    def abandon(self, sent: Collection[int] | None = None) -> tuple[int, ...]:
+        """The caller cancelled the call: return the attempts to cancel; nothing is charged.
+
+        ``sent``: the numbers of the attempts the shell sent (``None``: every one it was
+        asked to). A copy granted but never sent (the caller cancelled first) has its budget
+        withdrawal refunded: only what was sent is traffic.
+        """
         if self.over:
             return ()
         self.over = True
+        if sent is not None:
+            for number in sorted(self.state.in_flight):
+                if number not in sent:
+                    self.state.unsent(number)
         losers = self._cancel_others()
         if self.telemetry is not telemetry.UNWATCHED:
             self.telemetry.abandon(GeneratorExit())

@@ -292,13 +292,19 @@ class ResilientUnaryCall(_Interruptible, _FinishedCall, grpc.aio.UnaryUnaryCall)
             self._error = error
             raise
         finally:
-            self._finished = True
-            if self._waiter is not None and not self._waiter.done():
-                self._waiter.set_result(None)
-            callbacks, self._callbacks = self._callbacks, []
-            for callback in callbacks:
-                callback(self)
+            self._end()
         return self._response
+
+    def _end(self) -> None:
+        self._finished = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def _abandon_unstarted(self) -> None:
+        """Cancelled before anything awaited it: nothing was sent, nothing is charged."""
 
     async def _run_quietly(self) -> None:
         with contextlib.suppress(BaseException):  # the outcome is kept on self
@@ -350,9 +356,20 @@ class ResilientUnaryCall(_Interruptible, _FinishedCall, grpc.aio.UnaryUnaryCall)
         await self._settled()
 
     def cancel(self) -> bool:
-        """Cancel the call now, whatever it is doing; ``False`` if it has already ended."""
+        """Cancel the call now, whatever it is doing; ``False`` if it has already ended.
+
+        A call nothing has awaited yet ends here (done, its callbacks run), as a ``grpc.aio``
+        call does when cancelled: nothing was sent.
+        """
         if self._finished:
             return False
+        if not self._started:
+            self._started = True
+            self._cancelled = True
+            self._error = asyncio.CancelledError()
+            self._abandon_unstarted()
+            self._end()
+            return True
         self._interrupt()
         return True
 
@@ -388,14 +405,18 @@ class HedgedAioCall(ResilientUnaryCall):
         super().__init__(call, send, send_is_async, channel)  # type: ignore[arg-type]
         self._hedged = call
 
+    def _abandon_unstarted(self) -> None:
+        self._hedged.abandon()  # ends its span; nothing was sent or taken
+
     async def _event(self, handler: Callable[..., Actions], *args: Any) -> Actions:
         """Run one event of the driver (off the loop if it does breaker I/O)."""
         if self._hedged.blocking:
             return await _in_thread(handler, *args)
         return handler(*args)
 
-    async def _one(self, step: Attempt, calls: dict[int, Any]) -> Any:
+    async def _one(self, step: Attempt, calls: dict[int, Any], sent: set[int]) -> Any:
         """Make one attempt: return ``(response, None)`` or ``(None, error)``."""
+        sent.add(step.number)
         call = self._send(step)
         if self._send_is_async:
             call = await call
@@ -417,10 +438,13 @@ class HedgedAioCall(ResilientUnaryCall):
         waker = self._waker = asyncio.get_running_loop().create_future()
         tasks: dict[int, asyncio.Task[Any]] = {}
         calls: dict[int, Any] = {}
+        sent: set[int] = set()  # the attempts whose send began (a task may never start)
         over = False
         try:
             actions = await self._event(hedged.start)
             while True:
+                if waker.done():  # cancelled while the event ran (in a worker thread)
+                    raise asyncio.CancelledError
                 for number in actions.cancel:
                     tasks.pop(number).cancel()
                 if actions.done:
@@ -432,7 +456,7 @@ class HedgedAioCall(ResilientUnaryCall):
                     return
                 with hedged.telemetry.use():
                     for step in actions.send:
-                        tasks[step.number] = asyncio.ensure_future(self._one(step, calls))
+                        tasks[step.number] = asyncio.ensure_future(self._one(step, calls, sent))
                 wake = hedged.wake_at()
                 timeout = None if wake is None else max(wake - time.monotonic(), 0.0)
                 done, _ = await asyncio.wait(
@@ -451,7 +475,7 @@ class HedgedAioCall(ResilientUnaryCall):
                 actions = await self._event(hedged.on_done, number, error)
         except BaseException:
             if not over:
-                hedged.abandon()
+                hedged.abandon(sent)  # refunds a copy granted but never sent
             raise
         finally:
             self._waker = None
@@ -587,9 +611,20 @@ class RetryingAioStream(_Interruptible, _FinishedCall, grpc.aio.UnaryStreamCall)
         await self._call.wait_for_connection()
 
     def cancel(self) -> bool:
-        """Cancel the call now, whatever it is doing; ``False`` if it has already ended."""
+        """Cancel the call now, whatever it is doing; ``False`` if it has already ended.
+
+        A stream nothing has read yet ends here (done, its callbacks run): nothing was sent.
+        """
         if self.done():
             return False
+        if not self._started:
+            self._started = True
+            self._cancelled = True
+            self._error = asyncio.CancelledError()
+            callbacks, self._done_callbacks = self._done_callbacks, []
+            for callback in callbacks:
+                callback(self)
+            return True
         self._interrupt()
         return True
 

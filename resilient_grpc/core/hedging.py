@@ -255,6 +255,8 @@ class HedgingState:
         self.failures = 0
         #: The latency hedges sent, by number, with the budget each withdrew from and when.
         self._latency_hedges: dict[int, tuple[RetryBudget, float] | None] = {}
+        #: Every copy after the first, by number, with the budget it withdrew from and when.
+        self._withdrawals: dict[int, tuple[RetryBudget, float] | None] = {}
         #: Whether the winner was a latency hedge whose withdrawal was given back.
         self.refunded = False
         self._clock = clock
@@ -332,6 +334,7 @@ class HedgingState:
             withdrawal = (budget, taken)
         latency = not self.after_failure
         number = self._send(now)
+        self._withdrawals[number] = withdrawal
         if latency:
             self._latency_hedges[number] = withdrawal
         return number
@@ -358,6 +361,16 @@ class HedgingState:
     def cancelled(self, number: int) -> None:
         """Attempt ``number`` was cancelled by the shell (it lost, or the caller gave up)."""
         self.in_flight.discard(number)
+
+    def unsent(self, number: int) -> None:
+        """Copy ``number`` was granted but never sent (the caller cancelled the call first):
+        its withdrawal is given back, once (the shell still reports it :meth:`cancelled`).
+        Only what was sent is traffic."""
+        withdrawal = self._withdrawals.pop(number, None)
+        self._latency_hedges.pop(number, None)
+        if withdrawal is not None:
+            budget, taken = withdrawal
+            budget.refund(taken)  # this copy's withdrawal, not the latest one
 
     def on_answer(self, number: int, code: str, *, pushback: Pushback | None = None) -> Answer:
         """Attempt ``number`` answered with status ``code`` (its name): what now?"""
