@@ -384,3 +384,28 @@ def test_a_winning_hedge_refunds_its_own_withdrawal_not_a_later_hedge_s() -> Non
     assert budget.balance == pytest.approx(1.0)  # 2 calls - hedge 3, which was sent
     clock.now = 110.25
     assert budget.balance == pytest.approx(2.0)
+
+
+def test_an_unsent_copy_refunds_its_own_withdrawal_not_a_later_copy_s() -> None:
+    clock = FakeClock(100.0)
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0.0, window=10.0, clock=clock)
+    state = HedgingState(
+        HedgingPolicy(max_attempts=3, delay=0.1),
+        hedgeable=True,
+        budget=budget,
+        clock=clock,
+    )
+    budget.deposit()
+    state.begin()  # 2 calls: 2 hedges allowed
+    clock.now = 100.1
+    assert state.hedge() == 2  # granted, then the caller cancels before it is sent
+    clock.now = 100.2
+    assert state.hedge() == 3  # sent
+    state.unsent(2)
+    state.unsent(2)  # once only
+    clock.now = 110.15  # the calls have left the window; hedge 3's withdrawal has not
+    budget.deposit()
+    budget.deposit()
+    assert budget.balance == pytest.approx(1.0)  # 2 calls - hedge 3, which was sent
+    clock.now = 110.25
+    assert budget.balance == pytest.approx(2.0)
