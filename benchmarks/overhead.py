@@ -1,9 +1,10 @@
 """Per-call overhead of the client stack on a loopback unary call (GetBalance), sync and aio.
 
-Seven clients call the same in-process ledger server, side by side in alternating rounds (in a
-new random order every round, so drift in machine load hits them all alike): a bare channel, a
-no-op interceptor, a no-op interceptor that only adds a fresh idempotency key (the floor of any
-key-sending interceptor: gRPC's interceptor machinery plus one metadata entry), our full stack
+Eight clients call the same in-process ledger server, side by side in alternating rounds (in a
+new random order every round, so drift in machine load hits them all alike): a bare channel, the
+bare channel with a fresh idempotency key passed by the caller (the floor of any client that
+sends keys), a no-op interceptor, a no-op interceptor that only adds a fresh key (the floor of
+any key-sending interceptor: gRPC's interceptor machinery plus one metadata entry), our full stack
 (retry + budget + breaker + idempotency key, no faults) as ``resilient_channel`` and as
 ``client_interceptors`` on a plain channel, gRPC's native retry (service config) and tenacity
 around the stub. Prints a table of median per-call latencies and their ratio to the bare
@@ -47,6 +48,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 REQUEST = ledger_pb2.BalanceRequest(account="alice")
 VARIANTS = (
     "bare",
+    "bare_with_key",
     "noop_interceptor",
     "key_interceptor",
     "resilient_grpc",
@@ -205,6 +207,7 @@ def run_sync(rounds: int, calls: int) -> dict[str, dict[str, float]]:
     target = f"127.0.0.1:{port}"
     channels = {
         "bare": grpc.insecure_channel(target),
+        "bare_with_key": grpc.insecure_channel(target),
         "noop_interceptor": grpc.intercept_channel(
             grpc.insecure_channel(target), _NoOpInterceptor()
         ),
@@ -224,6 +227,10 @@ def run_sync(rounds: int, calls: int) -> dict[str, dict[str, float]]:
         for name, stub in stubs.items()
     }
     calls_by_name["tenacity"] = lambda: retrying(tenacity_stub.GetBalance, REQUEST, timeout=5)
+    keyed_stub = stubs["bare_with_key"]
+    calls_by_name["bare_with_key"] = lambda: keyed_stub.GetBalance(
+        REQUEST, timeout=5, metadata=((DEFAULT_HEADER, new_key()),)
+    )
     samples: Samples = {name: [] for name in VARIANTS}
     try:
         for call in calls_by_name.values():  # warm up connections and code paths
@@ -250,6 +257,7 @@ async def run_aio(rounds: int, calls: int) -> dict[str, dict[str, float]]:
     target = f"127.0.0.1:{port}"
     channels = {
         "bare": grpc.aio.insecure_channel(target),
+        "bare_with_key": grpc.aio.insecure_channel(target),
         "noop_interceptor": grpc.aio.insecure_channel(
             target, interceptors=[cast(grpc.aio.ClientInterceptor, _AioNoOpInterceptor())]
         ),
@@ -278,6 +286,10 @@ async def run_aio(rounds: int, calls: int) -> dict[str, dict[str, float]]:
         for name, stub in stubs.items()
     }
     calls_by_name["tenacity"] = with_tenacity
+    keyed_stub = stubs["bare_with_key"]
+    calls_by_name["bare_with_key"] = lambda: keyed_stub.GetBalance(
+        REQUEST, timeout=5, metadata=((DEFAULT_HEADER, new_key()),)
+    )
     samples: Samples = {name: [] for name in VARIANTS}
     try:
         for call in calls_by_name.values():
