@@ -71,7 +71,7 @@ class Rig:
         if policy == "retry":
             kwargs["retry"] = retry or RetryPolicy(max_attempts=2)
         else:
-            kwargs["hedging"] = HedgingPolicy(max_attempts=2, delay=0.5)
+            kwargs["hedging"] = HedgingPolicy(max_attempts=2, delay=2.0)  # no hedge in these tests
         if how == "channel":
             self.channel = resilient_channel(self.target, **kwargs)
         else:
@@ -176,10 +176,10 @@ async def test_a_call_cancelled_during_a_stalled_record_ends_at_once(
         calls = rig.calls()
         balance = rig.budget.balance
         ended = ends(recorder)
-        rig.servicer.state.faults.add(GET_BALANCE, Fault(code=None, delay=0.1))  # answers OK
+        rig.servicer.state.faults.add(GET_BALANCE, Fault(code=None, delay=0.3))  # answers OK
 
         waiting = asyncio.ensure_future(
-            gives_up_promptly(rig.stub.GetBalance(BALANCE, timeout=10), 0.6)
+            gives_up_promptly(rig.stub.GetBalance(BALANCE, timeout=10), 0.8)
         )
         await until(lambda: rig.calls() == calls + 1, "the probe reached the server")
         rig.store.armed = True  # admitted already: the next state read is the record's
@@ -203,17 +203,17 @@ async def test_a_retry_cancelled_during_its_stalled_admission_is_refunded(
     aio_ledger: tuple[AioLedger, int], rigs: list[Rig]
 ) -> None:
     servicer, port = aio_ledger
-    retry = RetryPolicy(max_attempts=2, initial_backoff=0.3, jitter="none")
+    retry = RetryPolicy(max_attempts=2, initial_backoff=0.5, jitter="none")
     rig = Rig(servicer, port, "retry", fail_max=5, retry=retry)  # the breaker stays closed
     rigs.append(rig)
     with telemetry.capture() as recorder:
         await rig.stub.GetBalance(BALANCE, timeout=10)  # makes the breaker and its store
         calls = rig.calls()
         balance = rig.budget.balance
-        servicer.state.faults.fail_times(GET_BALANCE, 1)  # UNAVAILABLE: retried after 0.3 s
+        servicer.state.faults.fail_times(GET_BALANCE, 1)  # UNAVAILABLE: retried after 0.5 s
 
         waiting = asyncio.ensure_future(
-            gives_up_promptly(rig.stub.GetBalance(BALANCE, timeout=10), 0.8)
+            gives_up_promptly(rig.stub.GetBalance(BALANCE, timeout=10), 1.0)
         )
         # the retry was granted (withdrawn) and is in its backoff: its admission will stall
         await until(lambda: rig.budget.balance < balance, "the retry was granted")
