@@ -21,9 +21,9 @@ that do I/O (Redis storage) in a worker thread.
 * ``cancel()`` stops a call at once in every state (attempt in flight, backoff, waiting for a
   reconnect, breaker I/O in a worker thread, not started yet): the awaiting task gets
   ``CancelledError``, nothing more is sent, and neither the retry budget nor the breaker is
-  charged for it (what a stalled breaker round trip took is given back once it returns). A call started by awaiting
-  its ``code()``/metadata runs in a task of its own that is cancelled when the last such
-  awaiter is (e.g. by ``asyncio.wait_for``).
+  charged for it (what a stalled breaker round trip took is given back once it returns).
+  A call started by awaiting its ``code()``/metadata runs in a task of its own that is
+  cancelled when the last such awaiter is (e.g. by ``asyncio.wait_for``).
 * stream-unary and stream-stream calls pass through.
 * with ``hedging=``, a hedged method's unary-unary calls run as a :class:`HedgedAioCall` (one
   owned task per attempt, the first good answer wins, the others are cancelled); its
@@ -108,13 +108,14 @@ class _Interruptible:
     _cancelled: bool
     _call: Any
     _waker: asyncio.Future[None] | None
+    #: Set when the call was cancelled during breaker I/O: the driver is closed once it is over.
+    _handed_over = False
 
     async def _drive(self, attempt: Callable[[Attempt], Awaitable[BaseException | None]]) -> None:
         """Run the logical call's steps in this task: return after success, raise when giving up."""
         if self._cancelled:
             raise asyncio.CancelledError
         steps = self._logical.steps()
-        handed_over: list[bool] = []  # the driver is closed when a worker thread is done
         try:
             step: Any = next(steps)  # one of the Step classes, told apart by their exact class
             while True:
@@ -130,16 +131,16 @@ class _Interruptible:
                     await self._wait_ready(step.seconds)
                     result = None
                 else:  # breaker storage I/O (Redis): off the event loop
-                    result = await self._breaker_io(step, steps, handed_over)
+                    result = await self._breaker_io(step, steps)
                 step = steps.send(result)
         except StopIteration:
             return
         except BaseException:
-            if not handed_over:
+            if not self._handed_over:
                 steps.close()  # cancelled or a failing step: frees, refunds, ends the span
             raise
 
-    async def _breaker_io(self, step: BreakerIO, steps: Steps, handed_over: list[bool]) -> Any:
+    async def _breaker_io(self, step: BreakerIO, steps: Steps) -> Any:
         """Run ``step`` in a worker thread; if the call is cancelled first, stop waiting at once.
 
         Then the driver is closed from the event loop once the thread is done (so it gives back
@@ -150,7 +151,7 @@ class _Interruptible:
         logical = self._logical
 
         def hand_over(work: asyncio.Future[Any]) -> None:
-            handed_over.append(True)
+            self._handed_over = True
             logical.leave()
             work.add_done_callback(partial(_after_thread, steps.close))
 
@@ -240,7 +241,7 @@ async def _off_loop(
 
 
 def _after_thread(abandon: Callable[[], object], work: asyncio.Future[Any]) -> None:
-    """Done-callback of breaker I/O whose caller left: the operation is over, give back what it took."""
+    """Done-callback of breaker I/O whose caller left: it is over, give back what it took."""
     if not work.cancelled():
         work.exception()  # nobody awaits it any more (an error here took nothing)
     abandon()
@@ -462,7 +463,7 @@ class HedgedAioCall(ResilientUnaryCall):
         handler: Callable[..., Actions],
         *args: Any,
     ) -> Actions:
-        """Run one event of the driver (off the loop if it does breaker I/O: see :func:`_off_loop`)."""
+        """Run one event of the driver (off the loop if it does breaker I/O: :func:`_off_loop`)."""
         if self._hedged.blocking:
             return await _off_loop(partial(handler, *args), waker, hand_over)
         return handler(*args)
