@@ -100,8 +100,9 @@ class WaitReady:
 class BreakerIO:
     """Run a breaker operation that does I/O (Redis storage); send back its result.
 
-    ``result`` keeps what it returned, so a driver closed while the operation ran (an aio task
-    cancelled meanwhile: the shell lets the thread finish first) can give back what it took.
+    ``result`` keeps what it returned, so a driver closed after the caller left during the
+    operation can give back what it took: the aio shell stops waiting at once when its task is
+    cancelled and closes the driver only once the worker thread has run the operation.
     """
 
     __slots__ = ("args", "function", "result")
@@ -299,6 +300,7 @@ class LogicalCall:
     """One logical call: its fixed parts and the driver of its attempts (:meth:`steps`)."""
 
     __slots__ = (
+        "_restore",
         "first",
         "key",
         "metadata",
@@ -331,6 +333,20 @@ class LogicalCall:
         #: A unary-stream call's first message, read by the attempt that committed the call
         #: (the shell sets it; :data:`END_OF_STREAM` if the stream had none).
         self.first: Any = NO_MESSAGE
+        #: Undoes what :meth:`steps` made current (``None``: nothing, or undone already).
+        self._restore: Callable[[], None] | None = None
+
+    def leave(self) -> None:
+        """Undo now what :meth:`steps` made current (the call's span), in the caller's context.
+
+        For a shell that stops driving without closing the driver yet (an aio task cancelled
+        while breaker I/O runs in a thread: the driver is closed when the thread is done, from
+        the event loop): the caller's context must not keep the call's span meanwhile, and
+        closing the driver later does not undo it again.
+        """
+        restore, self._restore = self._restore, None
+        if restore is not None:
+            restore()
 
     def steps(self) -> Steps:
         """Drive the attempts (see the module docstring for the protocol).
@@ -344,7 +360,8 @@ class LogicalCall:
         tel = telemetry.start_call(self.method, target=stack.target, transport=stack.transport)
         if stream:
             self.telemetry = tel
-        token = tel.make_current() if tel is not None else None
+        if tel is not None:
+            self._restore = partial(tel.restore, tel.make_current())
         try:
             breaker = stack.target_breaker
             throttle = stack.throttle
@@ -433,7 +450,7 @@ class LogicalCall:
             raise
         finally:
             if tel is not None:
-                tel.restore(token)
+                self.leave()
                 if not stream:
                     tel.close()
 

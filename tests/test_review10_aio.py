@@ -17,10 +17,11 @@ import pytest
 
 from protos import ledger_pb2, ledger_pb2_grpc
 from protos.ledger_service import GET_BALANCE, serve_aio
-from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy
+from resilient_grpc import CircuitBreaker, IdempotencyKeys, RetryBudget, RetryPolicy, telemetry
 from resilient_grpc.aio.client import HedgedAioCall, ResilientUnaryCall, resilient_channel
 from resilient_grpc.breaker import PROBE, REFUSED
 from resilient_grpc.core.hedging import HedgingPolicy
+from resilient_grpc.events import CallAbandoned
 from resilient_grpc.hedged_call import begin_hedged
 from resilient_grpc.logical_call import Attempt, CallArguments, ClientStack
 from tests.hedging_fixtures import AioHedgeLedger
@@ -222,8 +223,9 @@ async def test_a_hedged_aio_call_whose_task_is_cancelled_during_a_hedges_round_t
     server: tuple[AioHedgeLedger, grpc.aio.Channel],
 ) -> None:
     """The awaiting task itself is cancelled (asyncio.wait_for) while the hedge timer's event
-    runs in a worker thread: the copy that event granted is lost with the cancellation, never
-    sent, and its withdrawal is refunded; its admission is given back."""
+    runs in a worker thread: the task ends at once (the store stalls), the copy that event
+    grants is lost with the cancellation, never sent, and once the event is over (the store
+    answered) its withdrawal is refunded and its admission given back."""
     servicer, channel = server
     storage = GatedStorage()
     budget = RetryBudget(ratio=1.0, min_retries_per_second=1.0, window=60.0)
@@ -236,17 +238,19 @@ async def test_a_hedged_aio_call_whose_task_is_cancelled_during_a_hedges_round_t
         transport="aio",
     )
     send = _Send(channel)
-    call = HedgedAioCall(begin_hedged(stack, GET_BALANCE, 10.0, None, None), send, False)
+    with telemetry.capture() as recorder:
+        call = HedgedAioCall(begin_hedged(stack, GET_BALANCE, 10.0, None, None), send, False)
     task = asyncio.ensure_future(call._run())
     await until(lambda: _calls(servicer) == 1, "copy 1 on the server")
     balance = budget.balance
     storage.armed = True
     assert await asyncio.to_thread(storage.entered.wait, WAIT)
     task.cancel()
-    await asyncio.sleep(0.05)
-    storage.gate.set()
     with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, WAIT)
+        await asyncio.wait_for(task, 1.0)  # at once: it does not wait for the stalled store
+    assert not any(isinstance(e, CallAbandoned) for e in recorder.events)  # not yet
+    storage.gate.set()  # the event runs on: it grants copy 2 (a withdrawal), then is abandoned
+    await until(lambda: any(isinstance(e, CallAbandoned) for e in recorder.events), "abandoned")
     assert send.sent == [1]
     assert budget.balance == balance, "the copy never sent was charged to the budget"
     assert await servicer.cancellations(1) == 1

@@ -19,10 +19,11 @@ that do I/O (Redis storage) in a worker thread.
 * unary-stream calls are retried until they commit (response headers with metadata, or the
   first message: gRFC A6); the attempts start on the first read (or ``code()``/metadata).
 * ``cancel()`` stops a call at once in every state (attempt in flight, backoff, waiting for a
-  reconnect, not started yet): the awaiting task gets ``CancelledError``, nothing more is sent,
-  and neither the retry budget nor the breaker is charged for it. A call started by awaiting
-  its ``code()``/metadata runs in a task of its own that is cancelled when the last such
-  awaiter is (e.g. by ``asyncio.wait_for``).
+  reconnect, breaker I/O in a worker thread, not started yet): the awaiting task gets
+  ``CancelledError``, nothing more is sent, and neither the retry budget nor the breaker is
+  charged for it (what a stalled breaker round trip took is given back once it returns).
+  A call started by awaiting its ``code()``/metadata runs in a task of its own that is
+  cancelled when the last such awaiter is (e.g. by ``asyncio.wait_for``).
 * stream-unary and stream-stream calls pass through.
 * with ``hedging=``, a hedged method's unary-unary calls run as a :class:`HedgedAioCall` (one
   owned task per attempt, the first good answer wins, the others are cancelled); its
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from functools import partial
@@ -57,10 +59,12 @@ from resilient_grpc.logical_call import (
     END_OF_STREAM,
     NO_MESSAGE,
     Attempt,
+    BreakerIO,
     CallArguments,
     ClientStack,
     LogicalCall,
     Pause,
+    Steps,
     StubMethod,
     WaitReady,
     open_channel,
@@ -90,9 +94,11 @@ class _Interruptible:
     """What both call types share: running the steps so that ``cancel()`` stops any of them.
 
     The steps run in the task that awaits the call. An attempt in flight is stopped by
-    cancelling its ``grpc.aio`` call; a pause or a reconnect wait awaits a future that
-    ``cancel()`` cancels. Either way the awaiting task gets ``CancelledError`` (without being
-    cancelled itself), and closing the driver frees the breaker slot and refunds the budget.
+    cancelling its ``grpc.aio`` call; a pause, a reconnect wait or breaker I/O in a worker
+    thread awaits a future that ``cancel()`` cancels. Either way the awaiting task gets
+    ``CancelledError`` (without being cancelled itself), and closing the driver frees the
+    breaker slot and refunds the budget: at once, or, when the call was cancelled during
+    breaker I/O, from the event loop once the worker thread has run it (see :func:`_off_loop`).
     """
 
     _logical: LogicalCall
@@ -102,6 +108,8 @@ class _Interruptible:
     _cancelled: bool
     _call: Any
     _waker: asyncio.Future[None] | None
+    #: Set when the call was cancelled during breaker I/O: the driver is closed once it is over.
+    _handed_over = False
 
     async def _drive(self, attempt: Callable[[Attempt], Awaitable[BaseException | None]]) -> None:
         """Run the logical call's steps in this task: return after success, raise when giving up."""
@@ -123,13 +131,34 @@ class _Interruptible:
                     await self._wait_ready(step.seconds)
                     result = None
                 else:  # breaker storage I/O (Redis): off the event loop
-                    result = await _in_thread(step.run)
+                    result = await self._breaker_io(step, steps)
                 step = steps.send(result)
         except StopIteration:
             return
         except BaseException:
-            steps.close()  # cancelled or a failing step: frees, refunds, ends the span
+            if not self._handed_over:
+                steps.close()  # cancelled or a failing step: frees, refunds, ends the span
             raise
+
+    async def _breaker_io(self, step: BreakerIO, steps: Steps) -> Any:
+        """Run ``step`` in a worker thread; if the call is cancelled first, stop waiting at once.
+
+        Then the driver is closed from the event loop once the thread is done (so it gives back
+        what the step took, exactly once), and the call's span stops being current here now.
+        """
+        loop = asyncio.get_running_loop()
+        waker = self._waker = loop.create_future()
+        logical = self._logical
+
+        def hand_over(work: asyncio.Future[Any]) -> None:
+            self._handed_over = True
+            logical.leave()
+            work.add_done_callback(partial(_after_thread, steps.close))
+
+        try:
+            return await _off_loop(step.run, waker, hand_over)
+        finally:
+            self._waker = None
 
     async def _sleep(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -182,21 +211,40 @@ class _Interruptible:
             call.cancel()
 
 
-async def _in_thread(function: Callable[..., _T], *args: Any) -> _T:
-    """Run blocking breaker I/O in a worker thread, to its end even if the task is cancelled.
+async def _off_loop(
+    function: Callable[[], _T],
+    waker: asyncio.Future[None],
+    hand_over: Callable[[asyncio.Future[Any]], None],
+) -> _T:
+    """Run blocking breaker I/O in a worker thread (in a copy of this context); return its result.
 
-    A thread cannot be stopped: the cancellation goes on once the operation is over, so the
-    driver knows what it took (a probe slot, given back when it is closed) and the events of
-    one call never overlap.
+    A thread cannot be stopped, and a stalled store (redis-py waits forever by default) must
+    not hold a cancelled caller. When the task is cancelled, or ``waker`` is (the call's
+    ``cancel()``), before the thread is done, this raises ``CancelledError`` at once, after
+    ``hand_over(work)``: the caller makes ``work``'s done-callback (run on the event loop once
+    the operation is over) give back what it took, so the events of one call never overlap
+    and nothing is given back before it was taken. No task is left behind: ``work`` is the
+    executor's future.
     """
-    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    loop = asyncio.get_running_loop()
+    work = loop.run_in_executor(None, contextvars.copy_context().run, function)
     try:
-        return await asyncio.shield(work)
+        await asyncio.wait((work, waker), return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        while not work.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait((work,))
+        if not work.done():
+            hand_over(work)
         raise
+    if not work.done():  # cancel() was called
+        hand_over(work)
+        raise asyncio.CancelledError
+    return work.result()
+
+
+def _after_thread(abandon: Callable[[], object], work: asyncio.Future[Any]) -> None:
+    """Done-callback of breaker I/O whose caller left: it is over, give back what it took."""
+    if not work.cancelled():
+        work.exception()  # nobody awaits it any more (an error here took nothing)
+    abandon()
 
 
 def _wake(waker: asyncio.Future[None]) -> None:
@@ -408,10 +456,16 @@ class HedgedAioCall(ResilientUnaryCall):
     def _abandon_unstarted(self) -> None:
         self._hedged.abandon()  # ends its span; nothing was sent or taken
 
-    async def _event(self, handler: Callable[..., Actions], *args: Any) -> Actions:
-        """Run one event of the driver (off the loop if it does breaker I/O)."""
+    async def _event(
+        self,
+        hand_over: Callable[[asyncio.Future[Any]], None],
+        waker: asyncio.Future[None],
+        handler: Callable[..., Actions],
+        *args: Any,
+    ) -> Actions:
+        """Run one event of the driver (off the loop if it does breaker I/O: :func:`_off_loop`)."""
         if self._hedged.blocking:
-            return await _in_thread(handler, *args)
+            return await _off_loop(partial(handler, *args), waker, hand_over)
         return handler(*args)
 
     async def _one(self, step: Attempt, calls: dict[int, Any], sent: set[int]) -> Any:
@@ -440,8 +494,17 @@ class HedgedAioCall(ResilientUnaryCall):
         calls: dict[int, Any] = {}
         sent: set[int] = set()  # the attempts whose send began (a task may never start)
         over = False
+
+        def hand_over(work: asyncio.Future[Any]) -> None:
+            # cancelled while an event runs in a worker thread: the call is abandoned (what
+            # the event took given back, a copy it granted refunded) once the event is over
+            nonlocal over
+            over = True
+            work.add_done_callback(partial(_after_thread, partial(hedged.abandon, sent)))
+
+        event = partial(self._event, hand_over, waker)
         try:
-            actions = await self._event(hedged.start)
+            actions = await event(hedged.start)
             while True:
                 if waker.done():  # cancelled while the event ran (in a worker thread)
                     raise asyncio.CancelledError
@@ -466,16 +529,16 @@ class HedgedAioCall(ResilientUnaryCall):
                     raise asyncio.CancelledError
                 finished = [n for n, task in tasks.items() if task in done]
                 if not finished:
-                    actions = await self._event(hedged.on_timer)
+                    actions = await event(hedged.on_timer)
                     continue
                 number = min(finished)
                 response, error = tasks.pop(number).result()
                 if error is None:
                     self._response = response
-                actions = await self._event(hedged.on_done, number, error)
+                actions = await event(hedged.on_done, number, error)
         except BaseException:
             if not over:
-                hedged.abandon(sent)  # refunds a copy granted but never sent
+                hedged.abandon(sent)  # refunds a copy granted but never sent (else handed over)
             raise
         finally:
             self._waker = None
