@@ -32,13 +32,13 @@ def test_a_stopped_cluster_starts_again_and_close_removes_its_directory() -> Non
         cluster = RedisCluster()
     except ServerUnavailableError as error:
         unavailable("Redis", str(error))
-    assert not any(node.running for node in cluster.nodes)
+    assert not any(node.running for node in cluster.nodes) and not cluster.running
     with cluster:
-        assert all(node.running for node in cluster.nodes)
+        assert all(node.running for node in cluster.nodes) and cluster.running
         before = cluster.masters()
         assert len(before) == 3
         cluster.stop()  # every node crashes at once: files kept
-        assert not any(node.running for node in cluster.nodes)
+        assert not any(node.running for node in cluster.nodes) and not cluster.running
         assert all((node.directory / "nodes.conf").is_file() for node in cluster.nodes)
         cluster.start()  # no second "redis-cli --cluster create": the nodes rejoin
         assert sorted(cluster.masters().values()) == sorted(before.values())

@@ -26,10 +26,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 try:
@@ -39,7 +37,13 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
         "RedisCluster needs the redis client: pip install 'resilient-grpc[redis]'"
     ) from error
 
-from resilient_grpc.testing.servers import HOST, RedisServer, ServerUnavailableError, free_port
+from resilient_grpc.testing.servers import (
+    HOST,
+    Launcher,
+    RedisServer,
+    ServerUnavailableError,
+    free_port,
+)
 
 __all__ = ["RedisCluster", "make_redis_cluster"]
 
@@ -66,7 +70,7 @@ def _port_of(address: str) -> int:
     return int(address.split("@")[0].rsplit(":", 1)[1])
 
 
-class RedisCluster:
+class RedisCluster(Launcher):
     """Six ``redis-server`` nodes we own (3 masters, 3 replicas) on 127.0.0.1.
 
     Constructing does not start it: :meth:`start` or ``with`` does (the first start creates the
@@ -97,12 +101,8 @@ class RedisCluster:
         self.node_timeout_ms = node_timeout_ms
         #: seconds :meth:`start` waits for the cluster to be created and healthy
         self.start_timeout = start_timeout
-        self._made_directory = directory is None
-        #: the nodes' directories (``node-0`` ... ``node-5``: data, ``nodes.conf``, ``redis.log``)
-        self.directory = Path(
-            tempfile.mkdtemp(prefix="resilient-grpc-cluster-") if directory is None else directory
-        )
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # the nodes' directories in it: ``node-0`` ... ``node-5`` (data, nodes.conf, redis.log)
+        super().__init__(directory, "resilient-grpc-cluster-")
         self._created = False
         #: the six nodes, each a :class:`RedisServer` on a port of its own
         self.nodes = [self._node(self.directory / f"node-{index}") for index in range(6)]
@@ -264,24 +264,10 @@ class RedisCluster:
         for node in self.nodes:
             node.stop()
 
-    def close(self) -> None:
-        """Stop every node and remove :attr:`directory` if the cluster made it."""
-        self.stop()
-        if self._made_directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> RedisCluster:
-        if any(node.process is None for node in self.nodes):
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
+    @property
+    def running(self) -> bool:
+        """Whether every node was started and not stopped (one may have died since)."""
+        return all(node.process is not None for node in self.nodes)
 
 
 def make_redis_cluster() -> RedisCluster | None:

@@ -41,8 +41,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 __all__ = [
+    "Launcher",
     "PostgresServer",
     "RedisServer",
     "ServerUnavailableError",
@@ -99,34 +101,70 @@ def _kill(process: subprocess.Popen[bytes] | None) -> None:
         process.wait(timeout=10)
 
 
-class _Owned(ABC):
-    """The lifecycle both servers share: a port, a directory, a process; ``close()`` and ``with``."""
+class Launcher(ABC):
+    """What every launcher here shares: a directory of its own files, :meth:`start` /
+    :meth:`stop`, and :meth:`close` / ``with`` (start if not running; stop and remove the
+    directory if the launcher made it)."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None, prefix: str) -> None:
+        self._made_directory = directory is None
+        #: the launcher's own files (data, logs)
+        self.directory = Path(tempfile.mkdtemp(prefix=prefix) if directory is None else directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    @abstractmethod
+    def running(self) -> bool:
+        """Whether it was started and not stopped (a process may have died since)."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start and wait until it serves."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Kill what runs (a crash), keeping the files for the next :meth:`start`."""
+
+    def close(self) -> None:
+        """Stop, and remove :attr:`directory` if the launcher made it."""
+        self.stop()
+        if self._made_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self: _L) -> _L:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+_L = TypeVar("_L", bound=Launcher)
+
+
+class _Owned(Launcher):
+    """The lifecycle both servers share: a port, a directory and one process."""
 
     process: subprocess.Popen[bytes] | None
     #: seconds :meth:`start` waits for the server to serve
     start_timeout: float
 
     def __init__(self, directory: str | os.PathLike[str] | None, prefix: str) -> None:
+        super().__init__(directory, prefix)
         #: the listening port, the same across restarts
         self.port = free_port()
-        self._made_directory = directory is None
-        #: the server's own files (data, logs)
-        self.directory = Path(tempfile.mkdtemp(prefix=prefix) if directory is None else directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.process = None
 
     @property
     def running(self) -> bool:
         """Whether the server process was started and not stopped (it may have died since)."""
         return self.process is not None
-
-    @abstractmethod
-    def start(self) -> None:
-        """Start the server process and wait until it serves."""
-
-    @abstractmethod
-    def stop(self) -> None:
-        """Kill the server process (a crash), keeping its files for the next :meth:`start`."""
 
     def _wait_ready(self, ready: Callable[[], bool], name: str, interval: float) -> None:
         """After spawning: wait for ``ready()``, or stop the process and raise."""
@@ -141,25 +179,6 @@ class _Owned(ABC):
         except BaseException:
             self.stop()
             raise
-
-    def close(self) -> None:
-        """Stop the server and remove its directory if it made it."""
-        self.stop()
-        if self._made_directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> _Owned:
-        if self.process is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class RedisServer(_Owned):
