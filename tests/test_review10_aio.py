@@ -81,14 +81,7 @@ async def test_a_hedged_aio_call_cancelled_during_a_breaker_round_trip_sends_no_
     servicer, channel = server
     storage = GatedStorage()
     budget = RetryBudget(ratio=1.0, min_retries_per_second=1.0, window=60.0)
-    stack = ClientStack.for_channel(
-        "127.0.0.1:1",
-        hedging=HedgingPolicy(max_attempts=2, delay=0.05),
-        budget=budget,
-        breaker=CircuitBreaker(storage=lambda _t: storage),
-        idempotency=IdempotencyKeys(),
-        transport="aio",
-    )
+    stack = _hedged_stack(storage, budget)
     send = _Send(channel)
     call = HedgedAioCall(begin_hedged(stack, GET_BALANCE, 10.0, None, None), send, False)
     task = asyncio.ensure_future(call._run())
@@ -115,13 +108,7 @@ async def test_a_hedged_aio_call_cancelled_during_its_start_round_trip_sends_not
 ) -> None:
     servicer, channel = server
     storage = GatedStorage()
-    stack = ClientStack.for_channel(
-        "127.0.0.1:1",
-        hedging=HedgingPolicy(max_attempts=2, delay=0.05),
-        breaker=CircuitBreaker(storage=lambda _t: storage),
-        idempotency=IdempotencyKeys(),
-        transport="aio",
-    )
+    stack = _hedged_stack(storage)
     send = _Send(channel)
     call = HedgedAioCall(begin_hedged(stack, GET_BALANCE, 10.0, None, None), send, False)
     storage.armed = True
@@ -135,6 +122,18 @@ async def test_a_hedged_aio_call_cancelled_during_its_start_round_trip_sends_not
     assert send.sent == []
     await asyncio.sleep(0.05)
     assert _calls(servicer) == 0
+
+
+def _hedged_stack(storage: GatedStorage, budget: RetryBudget | None = None) -> ClientStack:
+    """Two copies 50 ms apart, a breaker kept in ``storage`` (which may stall), keys."""
+    return ClientStack.for_channel(
+        "127.0.0.1:1",
+        hedging=HedgingPolicy(max_attempts=2, delay=0.05),
+        budget=budget,
+        breaker=CircuitBreaker(storage=lambda _t: storage),
+        idempotency=IdempotencyKeys(),
+        transport="aio",
+    )
 
 
 def _retry_stack(**kwargs: Any) -> ClientStack:
@@ -229,14 +228,7 @@ async def test_a_hedged_aio_call_whose_task_is_cancelled_during_a_hedges_round_t
     servicer, channel = server
     storage = GatedStorage()
     budget = RetryBudget(ratio=1.0, min_retries_per_second=1.0, window=60.0)
-    stack = ClientStack.for_channel(
-        "127.0.0.1:1",
-        hedging=HedgingPolicy(max_attempts=2, delay=0.05),
-        budget=budget,
-        breaker=CircuitBreaker(storage=lambda _t: storage),
-        idempotency=IdempotencyKeys(),
-        transport="aio",
-    )
+    stack = _hedged_stack(storage, budget)
     send = _Send(channel)
     with telemetry.capture() as recorder:
         call = HedgedAioCall(begin_hedged(stack, GET_BALANCE, 10.0, None, None), send, False)
