@@ -298,3 +298,20 @@ async def test_the_call_span_is_not_left_current_in_the_task_that_gave_up(
         await until(lambda: len(otel.spans()) == spans + 1, "the call's span ended")
         assert trace.get_current_span() is caller
     assert not [r for r in caplog.records if "detach" in r.getMessage().lower()]
+
+
+async def test_an_error_of_breaker_io_whose_caller_left_is_logged_and_the_call_abandoned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nobody awaits breaker I/O once its caller has left: its error is logged, not lost, and
+    the driver is still closed (what the step took, nothing here, is given back)."""
+    from resilient_grpc.aio.client import _after_thread
+
+    abandoned: list[bool] = []
+    work: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    work.set_exception(RuntimeError("store exploded"))
+    with caplog.at_level(logging.ERROR, logger="resilient_grpc.aio.client"):
+        _after_thread(lambda: abandoned.append(True), work)
+    assert abandoned == [True]
+    (record,) = [r for r in caplog.records if "cancelled call failed" in r.getMessage()]
+    assert record.exc_info is not None and "store exploded" in str(record.exc_info[1])

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from functools import partial
@@ -85,6 +86,7 @@ _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
 _T = TypeVar("_T")
+_log = logging.getLogger(__name__)
 
 #: The details gRPC gives a call the application cancelled.
 CANCELLED_DETAILS = "Locally cancelled by application!"
@@ -241,9 +243,15 @@ async def _off_loop(
 
 
 def _after_thread(abandon: Callable[[], object], work: asyncio.Future[Any]) -> None:
-    """Done-callback of breaker I/O whose caller left: it is over, give back what it took."""
+    """Done-callback of breaker I/O whose caller left: it is over, give back what it took.
+
+    Nobody awaits ``work`` any more, so an error it raised (it took nothing then) is logged
+    here rather than lost.
+    """
     if not work.cancelled():
-        work.exception()  # nobody awaits it any more (an error here took nothing)
+        error = work.exception()
+        if error is not None:
+            _log.error("resilient_grpc: breaker I/O of a cancelled call failed", exc_info=error)
     abandon()
 
 
