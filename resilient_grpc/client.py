@@ -1127,12 +1127,7 @@ class _Interceptor(
                 ),
                 _continuation_sender(continuation, client_call_details, request),
             )._begin()
-        call = stack.begin(
-            client_call_details.method,
-            client_call_details.timeout,
-            client_call_details.metadata,
-            getattr(client_call_details, "wait_for_ready", None),
-        )
+        call = self._begin(client_call_details, stream=False)
         send = _continuation_sender(continuation, client_call_details, request)
         steps = call.steps()
         outcome: Any = None

@@ -77,8 +77,8 @@ class HedgedCall:
         self.wait_for_ready = wait_for_ready
         self.state = state
         tel = telemetry.start_call(method, target=stack.target, transport=stack.transport)
-        #: The call's telemetry; :data:`telemetry.UNWATCHED` (it builds and reports nothing)
-        #: when no hook watches the call: then only a failed end is reported (see :meth:`_end`).
+        #: The call's telemetry; :data:`telemetry.UNWATCHED` (its reports are no-ops that build
+        #: nothing) when no hook watches the call: then only a failed end is reported (:meth:`_end`).
         self.telemetry = telemetry.UNWATCHED if tel is None else tel
         #: Breaker admissions of the attempts in flight (to record or release each).
         self._admissions: dict[int, Admission] = {}
@@ -123,8 +123,7 @@ class HedgedCall:
             return _NOTHING
         code = "OK" if error is None else status_name(error)
         tel = self.telemetry
-        if tel is not telemetry.UNWATCHED:
-            tel.attempt(number, code, None)
+        tel.attempt(number, code, None)
         self._record_throttle(code)
         answer = state.on_answer(
             number, code, pushback=pushback_of(error) if error is not None else None
@@ -136,8 +135,7 @@ class HedgedCall:
             losers = self._cancel_others()
             self.over = True
             if error is None:
-                if tel is not telemetry.UNWATCHED:
-                    tel.end(code, attempts=state.sent, reason=Reason.SUCCESS)
+                tel.end(code, attempts=state.sent, reason=Reason.SUCCESS)
                 return Actions(cancel=losers, done=True, winner=number)
             return Actions(cancel=losers, done=True, winner=number, error=self._give_up(error))
         if answer.verdict is Verdict.GIVE_UP:
@@ -162,8 +160,7 @@ class HedgedCall:
                 if number not in sent:
                     self.state.unsent(number)
         losers = self._cancel_others()
-        if self.telemetry is not telemetry.UNWATCHED:
-            self.telemetry.abandon(GeneratorExit())
+        self.telemetry.abandon(GeneratorExit())
         return losers
 
     # Internals -------------------------------------------------------------------------------
@@ -299,12 +296,10 @@ class HedgedCall:
     def _cancel_others(self) -> tuple[int, ...]:
         state = self.state
         losers = tuple(sorted(state.in_flight))
-        watched = self.telemetry is not telemetry.UNWATCHED
         for number in losers:
             state.cancelled(number)
             self._release(self._admissions.pop(number, REFUSED))
-            if watched:
-                self.telemetry.attempt(number, "CANCELLED", None)
+            self.telemetry.attempt(number, "CANCELLED", None)
         return losers
 
     def _give_up(self, error: BaseException) -> BaseException:
@@ -332,8 +327,7 @@ class HedgedCall:
         target = stack.target or "default"
         error: BaseException
         if refusal is Reason.BREAKER_OPEN:
-            if tel is not telemetry.UNWATCHED:
-                tel.breaker_rejected()
+            tel.breaker_rejected()
             breaker: TargetBreaker | None = stack.target_breaker
             error = BreakerOpenError(target, breaker.rejected_until if breaker else None)
         else:

@@ -29,7 +29,6 @@ the last real error (with :func:`~resilient_grpc.errors.attempts_of` set) or
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
 from functools import partial
@@ -46,6 +45,7 @@ from resilient_grpc.core.throttle import AdaptiveThrottle
 from resilient_grpc.core.validation import finite_number
 from resilient_grpc.errors import BreakerOpenError, ThrottledError, mark_gave_up
 from resilient_grpc.finished_call import (
+    deadline_from_timeout,
     metadata_value,
     pushback_of,
     retry_info_delay,
@@ -280,7 +280,7 @@ class ClientStack:
             policy,
             method=method,
             has_key=key is not None,
-            deadline=None if timeout is None else time.monotonic() + timeout,
+            deadline=deadline_from_timeout(timeout),
             budget=self.budget if policy is self.policy else None,
         )
         return LogicalCall(self, method, key, call_metadata, wait_for_ready, state, stream)
